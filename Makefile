@@ -1,0 +1,41 @@
+# TaskForge: `make dev` runs the whole stack locally, `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test bench chaos migrate services lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt -e .
+	touch $(STAMP)
+
+services:
+	bash infra/services.sh
+
+migrate: $(STAMP) services
+	$(BIN)/taskforge migrate
+
+## Run the whole stack in the foreground (Ctrl-C stops it).
+dev: $(STAMP) services
+	$(BIN)/taskforge migrate
+	$(BIN)/taskforge dev
+
+## Run the test suite against the real PostgreSQL, Redis and RabbitMQ.
+test: $(STAMP) services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) services
+	$(BIN)/pip install -q -r bench/requirements.txt
+	$(BIN)/python -m bench $(if $(BENCH),--mode $(BENCH),)
+
+chaos: $(STAMP) services
+	$(BIN)/python -m pytest tests/reliability -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

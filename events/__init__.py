@@ -1,0 +1,1 @@
+"""The event catalogue and the pure CloudEvent codecs (HTTP and AMQP). No I/O here."""

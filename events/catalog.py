@@ -1,0 +1,40 @@
+"""Every CloudEvent type TaskForge produces or consumes (DESIGN §4)."""
+from __future__ import annotations
+
+PREFIX = "com.taskforge"
+SPECVERSION = "1.0"
+SCHEMA_BASE = "https://taskforge.dev/schemas/events"
+
+TASK_TYPES: tuple[str, ...] = ("resize-image", "compress-video", "generate-pdf")
+
+TASK_SUCCEEDED = f"{PREFIX}.task.succeeded"
+TASK_FAILED = f"{PREFIX}.task.failed"
+TASK_SUBMITTED = f"{PREFIX}.task.submitted"
+TASK_ACCEPTED = f"{PREFIX}.task.accepted"
+TASK_REJECTED = f"{PREFIX}.task.rejected"
+OUTBOX_SWEEP = f"{PREFIX}.outbox.sweep"
+PING = "dev.knative.sources.ping"
+
+
+def requested_type(task_type: str) -> str:
+    """The event type that asks a worker to run a task of ``task_type``."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"unknown task type {task_type!r}")
+    return f"{PREFIX}.{task_type}.requested"
+
+
+def task_type_of(event_type: str) -> str | None:
+    """The task type a ``*.requested`` event type asks for, or None."""
+    for t in TASK_TYPES:
+        if event_type == f"{PREFIX}.{t}.requested":
+            return t
+    return None
+
+
+def source_of(function_name: str) -> str:
+    """The CloudEvent ``source`` of events produced by a function."""
+    return f"/taskforge/{function_name}"
+
+
+def dataschema_of(event_type: str) -> str:
+    return f"{SCHEMA_BASE}/{event_type}.json"

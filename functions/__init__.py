@@ -1,0 +1,1 @@
+"""One folder per function; each ``main.py`` is a thin adapter over a core in ``shared``."""

@@ -1,0 +1,1 @@
+"""The library the TaskForge functions share (settings, database, auth, storage, ...)."""

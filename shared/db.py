@@ -1,0 +1,122 @@
+"""PostgreSQL access: one connection pool per process, plus the migrations runner.
+
+Rows come back as dicts. The pool is opened lazily so importing a function module costs
+no connection (cold start), and ``close_pool`` lets tests and shutdown hooks release it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import psycopg.conninfo
+import psycopg.sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from shared.errors import ServiceUnavailable
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "migrations"
+_MIGRATION_LOCK = 0x7A5F0001  # advisory lock key shared by every migrator
+
+_pools: dict[str, ConnectionPool] = {}
+_lock = threading.Lock()
+
+
+def get_pool(settings: Settings) -> ConnectionPool:
+    """The process's pool for ``settings.database_url`` (opened on first use)."""
+    pool = _pools.get(settings.database_url)
+    if pool is None:
+        with _lock:
+            pool = _pools.get(settings.database_url)
+            if pool is None:
+                pool = ConnectionPool(
+                    settings.database_url,
+                    min_size=settings.db_pool_min,
+                    max_size=settings.db_pool_max,
+                    kwargs={"row_factory": dict_row, "autocommit": False},
+                    open=True,
+                    timeout=10.0,
+                    name=f"taskforge-{settings.function_name}",
+                )
+                _pools[settings.database_url] = pool
+    return pool
+
+
+@contextmanager
+def connection(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A pooled connection inside a transaction (committed on success, rolled back on error).
+
+    Connection failures surface as ``ServiceUnavailable`` (retryable).
+    """
+    try:
+        with get_pool(settings).connection() as conn:
+            yield conn
+    except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+        raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+    except PoolTimeout as exc:
+        raise ServiceUnavailable("database pool exhausted") from exc
+
+
+def close_pools() -> None:
+    with _lock:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()
+
+
+def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply every ``*.sql`` file in ``directory`` not yet applied, in name order.
+
+    Runs under a PostgreSQL advisory lock so concurrent migrators (several pods, a
+    migration Job racing ``make dev``) apply each file exactly once. Each file runs in
+    its own transaction with its row in ``schema_migrations``. Returns the applied names.
+    A file whose content changed after being applied is an error.
+    """
+    applied: list[str] = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, checksum text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0]: r[1] for r in conn.execute("SELECT name, checksum FROM schema_migrations")}
+            for path in sorted(directory.glob("*.sql")):
+                sql = path.read_text(encoding="utf-8")
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if path.name in done:
+                    if done[path.name] != checksum:
+                        raise RuntimeError(f"migration {path.name} changed after it was applied")
+                    continue
+                with conn.transaction():
+                    conn.execute(sql)  # type: ignore[arg-type]
+                    conn.execute(
+                        "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
+                        (path.name, checksum),
+                    )
+                log.info("applied migration %s", path.name)
+                applied.append(path.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+def ensure_database(database_url: str) -> bool:
+    """Create the database named in ``database_url`` if it is missing. True if created."""
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    name = info.get("dbname") or "postgres"
+    admin = psycopg.conninfo.make_conninfo(database_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+        return True

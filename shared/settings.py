@@ -1,0 +1,192 @@
+"""The one settings object, built from ``TASKFORGE_*`` environment variables.
+
+Nothing else in the project reads ``os.environ``. Every field ``x`` is read from
+``TASKFORGE_X``; a secret may instead come from the file named by ``TASKFORGE_X_FILE``
+(how Kubernetes and OpenFaaS mount secrets). Units are in the names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+from shared.errors import TaskForgeError
+
+DEV_SECRET = "dev-insecure-secret-change-me-0123456789"
+
+
+class SettingsError(TaskForgeError):
+    code = "bad_settings"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- mode ---
+    env: str = "dev"  # "dev" | "test" | "production"
+    function_name: str = "taskforge"
+    log_level: str = "INFO"
+    # --- services ---
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/taskforge"
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "taskforge"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    broker_name: str = "taskforge"  # exchange / queue name prefix
+    k_sink: str = ""  # HTTP ingress of the broker (Knative SinkBinding injects K_SINK)
+    # --- auth ---
+    jwt_secret: str = DEV_SECRET
+    jwt_algorithm: str = "HS256"  # HS256 or RS256
+    jwt_private_key: str = ""  # PEM, RS256 only
+    jwt_public_key: str = ""  # PEM, RS256 only
+    jwt_issuer: str = "taskforge"
+    jwt_audience: str = "taskforge-api"
+    access_token_ttl_s: int = 900
+    refresh_token_ttl_s: int = 7 * 24 * 3600
+    admin_emails: tuple[str, ...] = ()
+    login_rate_per_min: int = 10
+    submit_rate_per_min: int = 600
+    max_tasks_in_flight: int = 1000
+    # --- limits ---
+    max_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 200 * 1024 * 1024
+    max_batch_items: int = 100
+    # --- storage ---
+    storage_backend: str = "local"  # "local" | "s3"
+    storage_dir: str = "var/storage"
+    s3_bucket: str = "taskforge"
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    signed_url_ttl_s: int = 300
+    public_base_url: str = "http://127.0.0.1:8080"
+    status_stream_url: str = "http://127.0.0.1:8081"
+    # --- fetching source URLs (SSRF guard) ---
+    fetch_allow_cidrs: tuple[str, ...] = ()  # e.g. ("127.0.0.0/8",) for local demos
+    fetch_max_bytes: int = 100 * 1024 * 1024
+    fetch_timeout_s: float = 30.0
+    fetch_max_redirects: int = 5
+    # --- workers ---
+    lease_s: int = 60
+    max_attempts: int = 4  # must match the trigger's retry + 1
+    max_image_pixels: int = 100_000_000
+    max_video_duration_s: float = 600.0
+    video_timeout_s: float = 540.0
+    pdf_timeout_s: float = 60.0
+    chromium_path: str = "/usr/bin/chromium"
+    wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf"
+    # --- outbox ---
+    outbox_batch: int = 1000
+    outbox_budget_s: float = 20.0
+    outbox_retention_s: int = 3600
+    eager_relay: bool = True
+    # --- status stream ---
+    status_stream_maxlen: int = 10_000
+    sse_heartbeat_s: float = 15.0
+    sse_max_streams: int = 18_000
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    def key(self, *parts: str) -> str:
+        """A namespaced Redis key: ``<prefix>:<part>:<part>``."""
+        return ":".join((self.redis_prefix, *parts))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+_SECRETS = {"jwt_secret", "jwt_private_key", "jwt_public_key", "database_url", "amqp_url", "redis_url"}
+
+
+def _coerce(name: str, raw: str, typ: Any) -> Any:
+    try:
+        if typ is bool:
+            if raw.strip().lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.strip().lower() in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+        if typ == tuple[str, ...]:
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"TASKFORGE_{name.upper()}: cannot read {raw!r} as {typ}") from exc
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from the environment (``os.environ`` by default).
+
+    Raises ``SettingsError`` for unreadable values, and in production mode when a
+    secret still has its development default.
+    """
+    env = os.environ if environ is None else environ
+    hints = get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        upper = f.name.upper()
+        raw = env.get(f"TASKFORGE_{upper}")
+        path = env.get(f"TASKFORGE_{upper}_FILE")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    raw = fh.read().strip()
+            except OSError as exc:
+                raise SettingsError(f"TASKFORGE_{upper}_FILE: cannot read {path}") from exc
+        if raw is not None:
+            values[f.name] = _coerce(f.name, raw, hints[f.name])
+    # Knative's SinkBinding and the OpenFaaS/Knative runtime contract use plain names.
+    if "k_sink" not in values and env.get("K_SINK"):
+        values["k_sink"] = env["K_SINK"]
+    if "function_name" not in values and env.get("K_SERVICE"):
+        values["function_name"] = env["K_SERVICE"]
+    values.update(overrides)
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if s.jwt_algorithm not in {"HS256", "RS256"}:
+        raise SettingsError("TASKFORGE_JWT_ALGORITHM must be HS256 or RS256")
+    if s.jwt_algorithm == "RS256" and not (s.jwt_private_key and s.jwt_public_key):
+        raise SettingsError("RS256 needs TASKFORGE_JWT_PRIVATE_KEY and TASKFORGE_JWT_PUBLIC_KEY")
+    if s.storage_backend not in {"local", "s3"}:
+        raise SettingsError("TASKFORGE_STORAGE_BACKEND must be local or s3")
+    if s.production:
+        if s.jwt_algorithm == "HS256" and (s.jwt_secret == DEV_SECRET or len(s.jwt_secret) < 32):
+            raise SettingsError("production mode refuses the default or a short TASKFORGE_JWT_SECRET")
+        if "guest:guest@" in s.amqp_url:
+            raise SettingsError("production mode refuses RabbitMQ's default guest credentials")
+
+
+def redacted(s: Settings) -> dict[str, Any]:
+    """Settings as a dict safe to log: secrets are masked."""
+    out = dataclasses.asdict(s)
+    for k in _SECRETS:
+        if out.get(k):
+            out[k] = "***"
+    return out
+
+
+_cached: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment at the entry point."""
+    global _cached
+    if _cached is None:
+        _cached = load_settings()
+    return _cached
+
+
+def set_settings(s: Settings | None) -> None:
+    """Replace the process-wide settings (tests, CLI)."""
+    global _cached
+    _cached = s

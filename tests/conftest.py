@@ -1,0 +1,83 @@
+"""Shared fixtures. Tests run against the real PostgreSQL, Redis and RabbitMQ on loopback.
+
+Each test session gets its own database, Redis key prefix and broker name, so several
+sessions (and a running ``make dev``) never see each other's data. A missing service is
+a hard failure, never a skip.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from shared import db
+from shared.settings import Settings, load_settings, set_settings
+
+RUN_ID = uuid.uuid4().hex[:10]
+PG_ADMIN = os.environ.get("TASKFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _require(host: str, port: int, name: str) -> None:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:  # fail, never skip: CI must notice a missing service
+        pytest.fail(f"{name} is not reachable on {host}:{port} ({exc}); run `make services`", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    _require("127.0.0.1", 5432, "PostgreSQL")
+    name = f"tf_test_{RUN_ID}"
+    url = psycopg.conninfo.make_conninfo(PG_ADMIN, dbname=name)
+    db.ensure_database(url)
+    db.migrate(url)
+    yield url
+    db.close_pools()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def base_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    _require("127.0.0.1", 6379, "Redis")
+    _require("127.0.0.1", 5672, "RabbitMQ")
+    storage = tmp_path_factory.mktemp("storage")
+    return load_settings(
+        {},
+        env="test",
+        database_url=database_url,
+        redis_prefix=f"tftest:{RUN_ID}",
+        broker_name=f"tftest-{RUN_ID}",
+        storage_dir=str(storage),
+        login_rate_per_min=1000,
+        admin_emails=("admin@example.com",),
+    )
+
+
+TABLES = ("dead_letters", "outbox", "tasks", "uploads", "api_keys", "revoked_access_tokens",
+          "refresh_tokens", "refresh_families", "users")
+
+
+@pytest.fixture()
+def settings(base_settings: Settings) -> Iterator[Settings]:
+    """Per-test settings over a clean database; installed as the process-wide settings."""
+    with psycopg.connect(base_settings.database_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE " + ", ".join(TABLES) + " CASCADE")
+    set_settings(base_settings)
+    yield base_settings
+    set_settings(None)
+
+
+@pytest.fixture()
+def conn(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A direct autocommit connection for assertions on the database."""
+    with psycopg.connect(settings.database_url, autocommit=True, row_factory=psycopg.rows.dict_row) as c:
+        yield c
+
+
+ROOT = Path(__file__).resolve().parent.parent
