@@ -1,0 +1,60 @@
+"""JSON log lines with the task, event and trace ids of whatever is being handled.
+
+``bind(task_id=..., event_id=..., trace_id=...)`` sets context for the current thread or
+asyncio task; every record logged inside carries it. Secrets never reach the formatter:
+log ids and codes, never tokens, passwords or keys.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("taskforge_log_context", default={})
+_FIELDS = ("task_id", "event_id", "trace_id", "user_id", "function")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(_context.get())
+        for key in _FIELDS:
+            if key in record.__dict__:
+                line[key] = record.__dict__[key]
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup(function_name: str, level: str = "INFO") -> None:
+    """Send JSON lines to stderr (idempotent; called once at a function's entry point)."""
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    _context.set({"function": function_name})
+    for noisy in ("pika", "botocore", "urllib3", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every log line emitted inside the block."""
+    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)

@@ -1,0 +1,37 @@
+"""Every custom Prometheus metric TaskForge exports (HTTP metrics come from
+prometheus-flask-exporter). Dashboards and alert rules use only these names; a test checks.
+
+Metric objects live in the default registry; with gunicorn multiprocess mode set
+``PROMETHEUS_MULTIPROC_DIR`` and the exporter aggregates.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+TASKS_SUBMITTED = Counter("taskforge_tasks_submitted_total", "Tasks accepted by the gateway", ["type"])
+TASKS_COMPLETED = Counter("taskforge_tasks_completed_total", "Tasks that reached a terminal state",
+                          ["type", "outcome"])
+TASK_DURATION = Histogram("taskforge_task_duration_seconds", "Time a worker spent on one attempt",
+                          ["type", "outcome"], buckets=DURATION_BUCKETS)
+TASK_ATTEMPTS = Counter("taskforge_task_attempts_total", "Worker attempts by result", ["type", "result"])
+
+OUTBOX_PENDING = Gauge("taskforge_outbox_pending_rows", "Outbox rows not yet dispatched")
+OUTBOX_OLDEST_AGE = Gauge("taskforge_outbox_oldest_pending_age_seconds", "Age of the oldest undispatched row")
+OUTBOX_PUBLISHED = Counter("taskforge_outbox_published_total", "Outbox rows published and confirmed", ["via"])
+OUTBOX_PUBLISH_ERRORS = Counter("taskforge_outbox_publish_errors_total", "Failed outbox publish attempts", ["via"])
+PUBLISH_LATENCY = Histogram("taskforge_publish_latency_seconds", "Publish-to-confirm latency of one batch",
+                            buckets=FAST_BUCKETS)
+
+DEAD_LETTERS = Counter("taskforge_dead_letters_total", "Events recorded by the dead-letter function", ["type"])
+DELIVERIES = Counter("taskforge_deliveries_total", "Dispatcher deliveries by trigger and outcome",
+                     ["trigger", "outcome"])
+
+SSE_CONNECTIONS = Gauge("taskforge_sse_connections", "Open Server-Sent Events streams")
+SSE_EVENTS_SENT = Counter("taskforge_sse_events_sent_total", "Task events written to SSE streams")
+
+COLD_STARTS = Counter("taskforge_cold_starts_total", "Function processes that handled their first request",
+                      ["function"])
+BREAKER_STATE = Gauge("taskforge_circuit_breaker_open", "1 while a circuit breaker is open", ["breaker"])
