@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("taskforge_log_context", default={})
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("taskforge_log_context")
 _FIELDS = ("task_id", "event_id", "trace_id", "user_id", "function")
 
 
@@ -27,7 +27,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        line.update(_context.get())
+        line.update(_context.get({}))
         for key in _FIELDS:
             if key in record.__dict__:
                 line[key] = record.__dict__[key]
@@ -53,7 +53,7 @@ def setup(function_name: str, level: str = "INFO") -> None:
 @contextmanager
 def bind(**fields: Any) -> Iterator[None]:
     """Add ``fields`` to every log line emitted inside the block."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _context.set({**_context.get({}), **{k: v for k, v in fields.items() if v is not None}})
     try:
         yield
     finally:
