@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test bench chaos migrate services lint clean
+.PHONY: dev test bench chaos migrate services system-deps lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,16 +15,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 services:
 	bash infra/services.sh
 
+system-deps:
+	bash infra/system-deps.sh
+
 migrate: $(STAMP) services
 	$(BIN)/taskforge migrate
 
 ## Run the whole stack in the foreground (Ctrl-C stops it).
-dev: $(STAMP) services
+dev: $(STAMP) system-deps services
 	$(BIN)/taskforge migrate
 	$(BIN)/taskforge dev
 
 ## Run the test suite against the real PostgreSQL, Redis and RabbitMQ.
-test: $(STAMP) services
+test: $(STAMP) system-deps services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) services
