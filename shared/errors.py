@@ -86,6 +86,12 @@ class ServiceUnavailable(RetryableError):
     status, code = 503, "unavailable"
 
 
+class Cancelled(TaskForgeError):
+    """A media core saw ``should_cancel()`` turn true and stopped: record ``cancelled``, answer 2xx."""
+
+    status, code = 409, "cancelled"
+
+
 def http_status(exc: BaseException) -> int:
     """The HTTP status an exception maps to (500 for anything unexpected)."""
     return exc.status if isinstance(exc, TaskForgeError) else 500
