@@ -71,7 +71,9 @@ class Settings:
     # --- fetching source URLs (SSRF guard) ---
     fetch_allow_cidrs: tuple[str, ...] = ()  # e.g. ("127.0.0.0/8",) for local demos
     fetch_max_bytes: int = 100 * 1024 * 1024
-    fetch_timeout_s: float = 30.0
+    fetch_timeout_s: float = 30.0  # total, redirects included
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 15.0  # silence allowed between two reads
     fetch_max_redirects: int = 5
     # --- workers ---
     lease_s: int = 60
@@ -79,6 +81,7 @@ class Settings:
     max_image_pixels: int = 100_000_000
     max_video_duration_s: float = 600.0
     video_timeout_s: float = 540.0
+    max_video_input_bytes: int = 500 * 1024 * 1024
     pdf_timeout_s: float = 60.0
     chromium_path: str = "/usr/bin/chromium"
     wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf"
