@@ -79,6 +79,11 @@ class Settings:
     lease_s: int = 60
     max_attempts: int = 4  # must match the trigger's retry + 1
     max_image_pixels: int = 100_000_000
+    claim_wait_s: float = 75.0  # a duplicate delivery waits this long for a dead worker's lease to expire
+    cancel_poll_s: float = 1.0  # how often a running worker checks for a cancel request
+    progress_interval_s: float = 1.0  # at most one progress write per task per interval
+    breaker_fail_max: int = 5  # consecutive dependency failures that open a circuit breaker
+    breaker_reset_s: float = 30.0  # an open breaker lets one trial call through after this
     max_video_duration_s: float = 600.0
     video_timeout_s: float = 540.0
     max_video_input_bytes: int = 500 * 1024 * 1024

@@ -1,0 +1,99 @@
+"""Status fan-out (shared/status.py): Redis streams per user, catch-up after Redis outages."""
+from __future__ import annotations
+
+import json
+
+from shared import db, state, status
+
+
+def entries(redis_client, settings, user_id):
+    return [(json.loads(f["task"]), int(f["version"]))
+            for _id, f in redis_client.xrange(status.stream_key(settings, user_id))]
+
+
+def test_publish_rows_appends_public_json_and_marks_published(settings, make_task, redis_client, conn):
+    t = make_task(status="pending")
+    with db.connection(settings) as c:
+        rows = state.mark_queued(c, [t["id"]])
+    assert status.publish_rows(settings, rows) == 1
+    got = entries(redis_client, settings, str(t["user_id"]))
+    assert len(got) == 1
+    task, version = got[0]
+    assert task["id"] == str(t["id"]) and task["status"] == "queued" and version == rows[0]["status_version"]
+    assert set(task) == {"id", "type", "status", "progress", "payload", "result", "error", "attempts",
+                         "created_at", "updated_at"}
+    row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s", (t["id"],)).fetchone()
+    assert row["published_version"] == row["status_version"]
+
+
+def test_streams_are_per_user_and_bounded(settings, make_task, make_user, redis_client):
+    small = settings.replace(status_stream_maxlen=10)
+    a, b = make_user(), make_user()
+    tb = make_task(b)
+    for _ in range(300):
+        assert status.publish(small, {"id": "x", "status": "running"}, user_id=a)
+    status.publish(small, {"id": str(tb["id"]), "status": "queued"}, user_id=b)
+    assert redis_client.xlen(status.stream_key(settings, a)) < 300  # approximate MAXLEN trims
+    assert [e[0]["id"] for e in entries(redis_client, settings, b)] == [str(tb["id"])]
+
+
+def test_older_or_repeated_versions_are_not_appended(settings, make_task, redis_client):
+    t = make_task(status="pending")
+    tid, uid = str(t["id"]), str(t["user_id"])
+    with db.connection(settings) as c:
+        queued = state.mark_queued(c, [tid])[0]
+        running = state.claim(c, tid, "w", 30).row
+    status.publish_rows(settings, [running])
+    status.publish_rows(settings, [queued, running])  # a late replay of older state
+    assert [e[0]["status"] for e in entries(redis_client, settings, uid)] == ["running"]
+
+
+def test_redis_down_change_lands_in_postgres_and_stream_catches_up(settings, make_task, redis_client, conn):
+    down = settings.replace(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    t = make_task(status="pending")
+    tid, uid = str(t["id"]), str(t["user_id"])
+    with db.connection(down) as c:
+        rows = state.mark_queued(c, [tid])
+    assert status.publish_rows(down, rows) == 0  # never raises
+    with db.connection(down) as c:
+        claimed = state.claim(c, tid, "w", 30).row
+    assert status.publish_rows(down, [claimed]) == 0
+    row = conn.execute("SELECT status, published_version, status_version FROM tasks WHERE id = %s",
+                       (tid,)).fetchone()
+    assert row["status"] == "running" and row["published_version"] < row["status_version"]
+    assert entries(redis_client, settings, uid) == []
+
+    # Redis is back (the real URL): the catch-up appends the current state once.
+    assert status.catch_up(settings, min_age_s=0) == 1
+    got = entries(redis_client, settings, uid)
+    assert [(e[0]["status"], e[1]) for e in got] == [("running", row["status_version"])]
+    assert status.catch_up(settings, min_age_s=0) == 0
+    row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s", (tid,)).fetchone()
+    assert row["published_version"] == row["status_version"]
+
+
+def test_next_successful_publish_replays_the_backlog(settings, make_task, make_user, redis_client, conn):
+    down = settings.replace(redis_url="redis://127.0.0.1:1/0")
+    uid = make_user()
+    missed = make_task(uid, status="pending")
+    with db.connection(settings) as c:
+        rows = state.mark_queued(c, [missed["id"]])
+    status.publish_rows(down, rows)
+    conn.execute("UPDATE tasks SET updated_at = now() - interval '5 seconds' WHERE id = %s", (missed["id"],))
+    later = make_task(uid, status="pending")
+    with db.connection(settings) as c:
+        rows = state.mark_queued(c, [later["id"]])
+    status.publish_rows(settings, rows)  # Redis works again: this process replays what it missed
+    assert sorted(e[0]["id"] for e in entries(redis_client, settings, uid)) == \
+        sorted([str(missed["id"]), str(later["id"])])
+
+
+def test_redis_breaker_opens_and_publishing_fails_fast(settings, make_task):
+    from shared import breakers
+
+    down = settings.replace(redis_url="redis://127.0.0.1:1/0")
+    t = make_task(status="pending")
+    for _ in range(breakers.DEFAULT_FAIL_MAX + 1):
+        assert status.publish_rows(down, [t]) == 0
+    assert breakers.is_open("redis", down.redis_url)
+    assert not breakers.is_open("redis", settings.redis_url)
