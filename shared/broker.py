@@ -17,6 +17,7 @@ Names of everything in RabbitMQ (contract 5) are defined here, next to the publi
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import threading
 import time
@@ -25,11 +26,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
-import pybreaker
 from cloudevents.http import CloudEvent
 
 from events import codec
-from shared import metrics
+from shared import breakers, metrics
 from shared.errors import PermanentError, RetryableError, ServiceUnavailable
 from shared.settings import Settings
 
@@ -196,47 +196,6 @@ class HttpSinkBroker:
         self._pool.shutdown(wait=True)
 
 
-# --- circuit breaker ---------------------------------------------------------------
-class _BreakerGauge(pybreaker.CircuitBreakerListener):
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
-        metrics.BREAKER_STATE.labels(self.name).set(1 if new_state.name == pybreaker.STATE_OPEN else 0)
-
-
-class BreakerBroker:
-    """Wraps a broker in a circuit breaker so a dead broker fails fast.
-
-    After ``fail_max`` consecutive failed publishes the breaker opens: calls raise
-    ``ServiceUnavailable`` at once (no connect timeout paid per request) until
-    ``reset_s`` have passed, then one trial call decides. ``Rejected`` does not count as
-    a failure: the broker answered.
-    """
-
-    def __init__(self, inner: Broker, *, fail_max: int, reset_s: float, name: str = "broker") -> None:
-        self.inner = inner
-        self.breaker = pybreaker.CircuitBreaker(
-            fail_max=fail_max, reset_timeout=reset_s, exclude=[Rejected], listeners=[_BreakerGauge(name)],
-            name=name,
-        )
-
-    def publish(self, events: Sequence[CloudEvent]) -> None:
-        if not events:
-            return
-        try:
-            self.breaker.call(self.inner.publish, events)
-        except pybreaker.CircuitBreakerError as exc:
-            raise ServiceUnavailable(f"broker circuit open: {exc}") from exc
-
-    @property
-    def is_open(self) -> bool:
-        return self.breaker.current_state == pybreaker.STATE_OPEN
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 # --- factory -----------------------------------------------------------------------
 _brokers: dict[tuple[str, ...], Broker] = {}
 _lock = threading.Lock()
@@ -251,19 +210,27 @@ def backend_of(settings: Settings) -> str:
 
 
 def build_broker(settings: Settings) -> Broker:
-    """A new broker for ``settings`` (not cached), behind a circuit breaker."""
+    """A new broker for ``settings`` (not cached).
+
+    RabbitMQ and HTTP brokers sit behind the process's ``broker`` circuit breaker
+    (``shared.breakers``): a dead broker then fails fast with ``CircuitOpen`` instead of
+    costing a connect timeout per call. ``Rejected`` does not count (the broker answered).
+    """
     backend = backend_of(settings)
     inner: Broker
     if backend == "memory":
         return InMemoryBroker()
     if backend == "http":
         inner = HttpSinkBroker(settings.k_sink, timeout_s=settings.publish_timeout_s)
+        target = settings.k_sink
     else:
         from shared.rabbit import RabbitBroker
 
         inner = RabbitBroker(settings)
-    return BreakerBroker(inner, fail_max=settings.broker_breaker_fail_max,
-                         reset_s=settings.broker_breaker_reset_s, name=f"publish-{backend}")
+        target = settings.amqp_url
+    # The key shows up in error messages: never put the URL (credentials) in it.
+    key = f"{backend}:{settings.broker_name}:{hashlib.sha256(target.encode()).hexdigest()[:8]}"
+    return breakers.GuardedBroker(inner, key=key)
 
 
 def get_broker(settings: Settings) -> Broker:
@@ -303,6 +270,6 @@ def __getattr__(name: str) -> Any:  # PEP 562: ``from shared.broker import Rabbi
     raise AttributeError(name)
 
 
-__all__ = ["Broker", "BreakerBroker", "HttpSinkBroker", "InMemoryBroker", "Rejected",
+__all__ = ["Broker", "HttpSinkBroker", "InMemoryBroker", "Rejected",
            "RetryableError", "Unroutable", "build_broker", "close_brokers", "dead_letter_queue", "dlx_name",
            "exchange_name", "get_broker", "publish_timed", "trigger_queue", "unroutable_name"]

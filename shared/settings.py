@@ -40,8 +40,6 @@ class Settings:
     broker_queue_type: str = "quorum"  # trigger queues: "quorum" (faster confirms here) | "classic"
     broker_connect_timeout_s: float = 5.0
     publish_timeout_s: float = 15.0  # max wait for all confirms of one publish call
-    broker_breaker_fail_max: int = 3  # consecutive publish failures that open the breaker
-    broker_breaker_reset_s: float = 5.0  # open-breaker time before one trial publish
     # --- auth ---
     jwt_secret: str = DEV_SECRET
     jwt_algorithm: str = "HS256"  # HS256 or RS256
@@ -96,7 +94,6 @@ class Settings:
     outbox_retention_s: int = 3600
     eager_relay: bool = True
     relay_queue_max: int = 10_000  # eager-relay backlog (event ids); beyond it the sweeper catches up
-    outbox_claim_timeout_s: float = 30.0  # lock_timeout-style bound on one claim+publish transaction
     # --- status stream ---
     status_stream_maxlen: int = 10_000
     sse_heartbeat_s: float = 15.0
