@@ -20,6 +20,7 @@ TASK_ATTEMPTS = Counter("taskforge_task_attempts_total", "Worker attempts by res
 
 OUTBOX_PENDING = Gauge("taskforge_outbox_pending_rows", "Outbox rows not yet dispatched")
 OUTBOX_OLDEST_AGE = Gauge("taskforge_outbox_oldest_pending_age_seconds", "Age of the oldest undispatched row")
+OUTBOX_PARKED = Gauge("taskforge_outbox_parked_rows", "Outbox rows parked (unroutable or refused): need an operator")
 OUTBOX_PUBLISHED = Counter("taskforge_outbox_published_total", "Outbox rows published and confirmed", ["via"])
 OUTBOX_PUBLISH_ERRORS = Counter("taskforge_outbox_publish_errors_total", "Failed outbox publish attempts", ["via"])
 PUBLISH_LATENCY = Histogram("taskforge_publish_latency_seconds", "Publish-to-confirm latency of one batch",

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -31,7 +31,7 @@ from pika.channel import Channel
 from pika.spec import Basic
 
 from events import codec
-from shared.broker import Unroutable, exchange_name
+from shared.broker import Unroutable, exchange_name, unroutable_name
 from shared.errors import ServiceUnavailable
 from shared.settings import Settings
 
@@ -305,3 +305,56 @@ class RabbitBroker:
             link, self._link = self._link, None
         if link is not None:
             link.close()
+
+
+def take_unroutable(settings: Settings, handle: Callable[[list[tuple[str, str]]], None], *,
+                    limit: int = 1000) -> int:
+    """Take up to ``limit`` messages from the alternate exchange's queue and hand their
+    ``(event id, type)`` pairs to ``handle`` (which parks the matching outbox rows).
+
+    The messages are acknowledged only after ``handle`` returned (so a crash in between
+    leaves them in the queue for the next sweep), and requeued if it raised. Returns the
+    number taken; 0 when the queue does not exist (topology not declared).
+    """
+    params = pika.URLParameters(settings.amqp_url)
+    params.connection_attempts = 1
+    params.socket_timeout = settings.broker_connect_timeout_s
+    params.blocked_connection_timeout = settings.broker_connect_timeout_s
+    queue = unroutable_name(settings)
+    conn = pika.BlockingConnection(params)
+    try:
+        channel = conn.channel()
+        try:
+            if channel.queue_declare(queue, passive=True).method.message_count == 0:
+                return 0
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return 0
+            raise
+        taken: list[tuple[str, str]] = []
+        last_tag = 0
+        while len(taken) < limit:
+            method, props, _body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+            last_tag = method.delivery_tag
+            headers = props.headers or {}
+            event_type = headers.get("type") or headers.get("ce-type") or ""
+            if isinstance(event_type, bytes):
+                event_type = event_type.decode("utf-8", "replace")
+            event_id = props.message_id or headers.get("id") or headers.get("ce-id") or ""
+            if isinstance(event_id, bytes):
+                event_id = event_id.decode("utf-8", "replace")
+            taken.append((str(event_id), str(event_type)))
+        if not taken:
+            return 0
+        try:
+            handle(taken)
+        except BaseException:
+            channel.basic_nack(last_tag, multiple=True, requeue=True)
+            raise
+        channel.basic_ack(last_tag, multiple=True)
+        return len(taken)
+    finally:
+        if conn.is_open:
+            conn.close()
