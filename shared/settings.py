@@ -40,6 +40,7 @@ class Settings:
     broker_queue_type: str = "quorum"  # trigger queues: "quorum" (faster confirms here) | "classic"
     broker_connect_timeout_s: float = 5.0
     publish_timeout_s: float = 15.0  # max wait for all confirms of one publish call
+    dev_port_offset: int = 0  # `taskforge dev`: added to every port of the graph (parallel local stacks)
     # --- auth ---
     jwt_secret: str = DEV_SECRET
     jwt_algorithm: str = "HS256"  # HS256 or RS256

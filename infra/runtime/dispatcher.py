@@ -1,0 +1,432 @@
+"""One dispatcher per trigger: consume its queue, POST each event to the subscriber in
+binary mode, and settle the message by Knative's rules (``infra.runtime.delivery``).
+
+* ``prefetch = parallelism`` and as many worker threads: that many deliveries in flight.
+* Each attempt has the spec's per-request ``timeout``; retries run inline with linear or
+  exponential backoff (attempts = retry + 1), as the upstream dispatcher does, so with
+  parallelism 1 a failing event holds up the queue behind it.
+* Exhausted: the event, with ``knativeerrordest``/``knativeerrorcode``/``knativeerrordata``,
+  is published (with a confirm) to the dead-letter queue, whose own dispatcher delivers it
+  to the dead-letter function with that function's generous delivery spec.
+* A 2xx answer carrying a CloudEvent is a reply: published (confirmed) into the broker.
+* A message is acked only after its outcome is settled (and anything it produced is
+  confirmed): a crashed dispatcher loses nothing, RabbitMQ redelivers.
+* RabbitMQ closes a consumer that holds a delivery past ``consumer_timeout``. When the
+  next attempt could cross that line (long timeouts times several attempts), or when the
+  dispatcher stops mid-backoff, the message is handed off: re-queued (confirmed) with its
+  attempt number and not-before time in private headers, then acked.
+
+``Dispatcher.drain()`` is the run-once form for tests; ``start()``/``stop()`` the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import queue
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from cloudevents.http import CloudEvent
+
+from events import codec
+from infra.runtime import kv
+from infra.runtime.config import DeliverySpec, RuntimeConfig
+from infra.runtime.delivery import Attempt, Outcome, dead_letter_event, reply_of
+from infra.runtime.process import ColdStartError, FunctionProcess
+from shared import metrics
+from shared.broker import dead_letter_queue, exchange_name, trigger_queue
+from shared.errors import BadRequest
+from shared.settings import Settings
+
+log = logging.getLogger("taskforge.runtime.dispatcher")
+
+ATTEMPT_HEADER = "x-taskforge-attempt"  # not a CloudEvents attribute name: never decoded as one
+NOT_BEFORE_HEADER = "x-taskforge-not-before"  # epoch seconds
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+Activate = Callable[[], AbstractContextManager[Any]]
+Poster = Callable[[str, Mapping[str, str], bytes, float], Attempt]
+
+
+def post(url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> Attempt:
+    """POST once; never raises for network trouble (it becomes an answer-less Attempt).
+
+    ``timeout_s`` bounds connecting and every read of the answer.
+    """
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout_s)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request("POST", path, body=body, headers={**headers, "content-length": str(len(body))})
+        resp = conn.getresponse()
+        data = resp.read(MAX_RESPONSE_BYTES + 1)
+        if len(data) > MAX_RESPONSE_BYTES:
+            return Attempt(None, {}, b"", f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+        return Attempt(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    except TimeoutError:
+        return Attempt(None, {}, b"", f"timeout: no answer within {timeout_s:g}s")
+    except (OSError, http.client.HTTPException) as exc:
+        return Attempt(None, {}, b"", f"connection error: {exc.__class__.__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Msg:
+    tag: int
+    headers: dict[str, Any]
+    props: pika.BasicProperties
+    body: bytes
+
+
+class _Settle(Exception):
+    """Internal: the dispatcher is stopping or its channel died; leave the message unacked."""
+
+
+class Dispatcher:
+    """Delivers the messages of one queue to one URL (see module docstring)."""
+
+    def __init__(self, settings: Settings, *, name: str, queue_name: str, url: str, delivery: DeliverySpec,
+                 parallelism: int = 1, dead_letter: str | None = None, consumer_timeout_s: float = 1800.0,
+                 activate: Activate | None = None, poster: Poster = post,
+                 loop_guard_type: str | None = None) -> None:
+        self.settings = settings
+        self.name = name
+        self.queue_name = queue_name
+        self.url = url
+        self.delivery = delivery
+        self.parallelism = max(1, parallelism)
+        self.dead_letter = dead_letter  # queue to dead-letter into; None: this IS the dead-letter dispatcher
+        self.hold_budget_s = 0.9 * consumer_timeout_s
+        self.activate = activate
+        self.poster = poster
+        self.loop_guard_type = loop_guard_type
+        self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._work: queue.Queue[_Msg | None] = queue.Queue()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._conn: pika.BlockingConnection | None = None
+        self._consume_ch: Any = None
+        self._publish_ch: Any = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_forever, name=f"dispatch-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop consuming; in-flight deliveries get ``grace_s`` to settle, the rest are
+        redelivered by RabbitMQ (at least once)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=grace_s + 5)
+
+    def drain(self, *, timeout_s: float = 60.0, idle_checks: int = 3) -> Counter[str]:
+        """Run-once: deliver until the queue is empty and nothing is in flight, then return
+        the outcome counts of this call. Raises ``TimeoutError`` after ``timeout_s``."""
+        before = Counter(self.stats)
+        deadline = time.monotonic() + timeout_s
+        idle = 0
+
+        def done() -> bool:
+            nonlocal idle
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dispatcher {self.name}: queue not drained within {timeout_s}s")
+            ready = self._consume_ch.queue_declare(self.queue_name, passive=True).method.message_count
+            idle = idle + 1 if ready == 0 and self._busy() == 0 else 0
+            return idle >= idle_checks
+
+        self._session(until=done)
+        with self._stats_lock:
+            return self.stats - before
+
+    # --- the AMQP side (runs on the connection's own thread) ----------------------------
+    def _run_forever(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._session(until=self._stop.is_set)
+                failures = 0
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.warning("dispatcher lost RabbitMQ, reconnecting (%s)", kv({
+                    "trigger": self.name, "error": repr(exc), "retry_in_s": delay}))
+                self._stop.wait(delay)
+
+    def _session(self, until: Callable[[], bool]) -> None:
+        params = pika.URLParameters(self.settings.amqp_url)
+        params.socket_timeout = self.settings.broker_connect_timeout_s
+        conn = pika.BlockingConnection(params)
+        self._conn = conn
+        workers = [threading.Thread(target=self._worker, name=f"deliver-{self.name}-{i}", daemon=True)
+                   for i in range(self.parallelism)]
+        try:
+            self._consume_ch = conn.channel()
+            self._consume_ch.basic_qos(prefetch_count=self.parallelism)
+            self._publish_ch = conn.channel()
+            self._publish_ch.confirm_delivery()
+            tag = self._consume_ch.basic_consume(self.queue_name, self._on_message, auto_ack=False)
+            for w in workers:
+                w.start()
+            while not until():
+                conn.process_data_events(time_limit=0.05)
+            self._consume_ch.basic_cancel(tag)
+            # Let in-flight deliveries settle (their acks need this thread to pump events).
+            grace_end = time.monotonic() + 5.0
+            while self._busy() and time.monotonic() < grace_end:
+                conn.process_data_events(time_limit=0.05)
+        finally:
+            for _ in workers:
+                self._work.put(None)
+            self._conn = None
+            with contextlib.suppress(Exception):
+                if conn.is_open:
+                    conn.close()  # unacked messages go back to the queue
+            for w in workers:
+                w.join(timeout=0.5)
+
+    def _on_message(self, ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        with self._in_flight_lock:
+            self._in_flight += 1
+        self._work.put(_Msg(method.delivery_tag, dict(props.headers or {}), props, body))
+
+    def _busy(self) -> int:
+        with self._in_flight_lock:
+            return self._in_flight
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the connection's thread and wait for its result (pika is not
+        thread-safe). Raises ``_Settle`` if the connection is gone."""
+        conn = self._conn
+        if conn is None:
+            raise _Settle("connection closed")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                box["error"] = exc
+            done.set()
+
+        try:
+            conn.add_callback_threadsafe(run)
+        except Exception as exc:  # noqa: BLE001 - connection closed meanwhile
+            raise _Settle(repr(exc)) from exc
+        while not done.wait(0.5):
+            if self._conn is not conn:
+                raise _Settle("connection closed")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def _ack(self, msg: _Msg) -> None:
+        self._call(lambda: self._consume_ch.basic_ack(msg.tag))
+
+    def _nack(self, msg: _Msg, *, requeue: bool) -> None:
+        self._call(lambda: self._consume_ch.basic_nack(msg.tag, requeue=requeue))
+
+    def _publish(self, exchange: str, routing_key: str, event: CloudEvent,
+                 extra_headers: Mapping[str, Any] | None = None) -> None:
+        headers, props, body = codec.to_amqp(event)
+        headers.update(extra_headers or {})
+        properties = pika.BasicProperties(headers=headers, **props)
+
+        def publish() -> None:
+            if self._publish_ch is None or not self._publish_ch.is_open:  # closed by an earlier error
+                self._publish_ch = self._conn.channel() if self._conn else None
+                if self._publish_ch is None:
+                    raise _Settle("connection closed")
+                self._publish_ch.confirm_delivery()
+            # Blocks until RabbitMQ confirms; raises NackError/UnroutableError otherwise.
+            self._publish_ch.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+
+        self._call(publish)
+
+    # --- delivery (worker threads) ------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            msg = self._work.get()
+            if msg is None:
+                return
+            if self._stop.is_set():  # not started yet: leave it unacked for redelivery
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+                continue
+            try:
+                outcome = self._deliver(msg)
+            except _Settle:
+                outcome = "interrupted"  # unacked: RabbitMQ redelivers it
+            except Exception:  # noqa: BLE001 - a bug must not kill the worker or lose the message
+                log.exception("delivery failed unexpectedly (%s)", kv({"trigger": self.name}))
+                outcome = "error"
+                with contextlib.suppress(Exception):
+                    time.sleep(1.0)
+                    self._nack(msg, requeue=True)
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+            self._count(outcome)
+
+    def _count(self, outcome: str) -> None:
+        with self._stats_lock:
+            self.stats[outcome] += 1
+        metrics.DELIVERIES.labels(self.name, outcome).inc()
+
+    def _deliver(self, msg: _Msg) -> str:
+        if self.dead_letter is not None and "knativeerrordest" in msg.headers:
+            self._ack(msg)  # an already dead-lettered copy: upstream skips these too
+            return "skipped"
+        headers = {k: v for k, v in msg.headers.items() if not k.startswith("x-")}
+        try:
+            event = codec.from_amqp(headers, msg.props, msg.body)
+        except BadRequest as exc:
+            log.error("undecodable message rejected (%s)", kv({"trigger": self.name, "error": str(exc)}))
+            self._nack(msg, requeue=False)  # to the DLX, as upstream does
+            return "undecodable"
+        first = _int(msg.headers.get(ATTEMPT_HEADER), 1)
+        not_before = _float(msg.headers.get(NOT_BEFORE_HEADER), 0.0)
+        wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s)
+        if wait > 0 and self._stop.wait(wait):  # a handed-off message still in its backoff
+            return self._hand_off(msg, event, first, not_before)
+        held_since = time.monotonic()
+        http_headers, body = codec.to_binary_http(event)
+        for n in range(first, self.delivery.attempts + 1):
+            attempt = self._attempt(http_headers, body)
+            outcome = attempt.outcome
+            if outcome is Outcome.SUCCESS:
+                return self._succeeded(msg, event, attempt)
+            if outcome is Outcome.DROP:
+                log.warning("delivery refused, dropped (%s)", kv({
+                    "trigger": self.name, "event_id": event["id"], "status": attempt.status}))
+                self._ack(msg)
+                return "dropped"
+            self._count("retry")
+            if n == self.delivery.attempts:
+                return self._exhausted(msg, event, attempt)
+            delay = self.delivery.backoff_s(n)
+            held = time.monotonic() - held_since
+            if held + delay + self.delivery.timeout_s > self.hold_budget_s or self._stop.is_set():
+                return self._hand_off(msg, event, n + 1, time.time() + delay)
+            log.info("delivery failed, retrying (%s)", kv({
+                "trigger": self.name, "event_id": event["id"], "attempt": n, "answer": attempt.describe(),
+                "backoff_s": delay}))
+            if self._stop.wait(delay):
+                return self._hand_off(msg, event, n + 1, time.time())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(self, headers: Mapping[str, str], body: bytes) -> Attempt:
+        try:
+            with self.activate() if self.activate else contextlib.nullcontext():
+                return self.poster(self.url, headers, body, self.delivery.timeout_s)
+        except ColdStartError as exc:
+            return Attempt(None, {}, b"", f"cold start failed: {exc}")
+
+    def _succeeded(self, msg: _Msg, event: CloudEvent, attempt: Attempt) -> str:
+        try:
+            reply = reply_of(attempt)
+        except BadRequest as exc:
+            log.warning("answer claims to be a CloudEvent but is not; ignored (%s)", kv({
+                "trigger": self.name, "event_id": event["id"], "error": str(exc)}))
+            reply = None
+        if reply is None:
+            self._ack(msg)
+            return "delivered"
+        if self.loop_guard_type and reply["type"] == self.loop_guard_type:
+            log.error("reply has the trigger's own type (would loop); dropped (%s)", kv({
+                "trigger": self.name, "event_id": event["id"], "reply_type": reply["type"]}))
+            self._ack(msg)
+            return "reply_loop"
+        try:
+            self._publish(exchange_name(self.settings), "", reply)
+        except (pika.exceptions.AMQPError, _Settle) as exc:
+            # Upstream dead-letters the original when its reply cannot be sent.
+            log.error("reply could not be published (%s)", kv({"trigger": self.name, "error": repr(exc)}))
+            failed = Attempt(attempt.status, attempt.headers, f"reply not published: {exc!r}".encode())
+            return self._exhausted(msg, event, failed)
+        self._ack(msg)
+        return "replied"
+
+    def _exhausted(self, msg: _Msg, event: CloudEvent, attempt: Attempt) -> str:
+        if self.dead_letter is None:
+            # The dead-letter sink itself failed: like Knative, the event is lost — say so loudly.
+            log.error("dead-letter delivery exhausted; event lost (%s)", kv({
+                "trigger": self.name, "event_id": event["id"], "event_type": event["type"],
+                "answer": attempt.describe(), "event": codec.to_structured_http(event)[1].decode("utf-8", "replace")}))
+            self._ack(msg)
+            return "lost"
+        try:
+            self._publish("", self.dead_letter, dead_letter_event(event, self.url, attempt))
+        except (pika.exceptions.AMQPError, _Settle) as exc:
+            log.error("dead-letter publish failed; message requeued (%s)", kv({
+                "trigger": self.name, "event_id": event["id"], "error": repr(exc)}))
+            self._stop.wait(1.0)
+            self._nack(msg, requeue=True)
+            return "requeued"
+        log.warning("delivery exhausted, dead-lettered (%s)", kv({
+            "trigger": self.name, "event_id": event["id"], "answer": attempt.describe(),
+            "attempts": self.delivery.attempts}))
+        self._ack(msg)
+        return "dead_lettered"
+
+    def _hand_off(self, msg: _Msg, event: CloudEvent, next_attempt: int, not_before: float) -> str:
+        """Re-queue the message to continue at ``next_attempt`` after ``not_before``."""
+        try:
+            self._publish("", self.queue_name, event,
+                          {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
+        except (pika.exceptions.AMQPError, _Settle):
+            raise _Settle("hand-off failed") from None  # stays unacked: redelivered from attempt 1
+        self._ack(msg)
+        return "handed_off"
+
+
+def _int(v: Any, default: int) -> int:
+    try:
+        return max(1, int(v))
+    except (TypeError, ValueError):
+        return default
+
+
+def _float(v: Any, default: float) -> float:
+    try:
+        return float(v.decode() if isinstance(v, bytes) else v)
+    except (TypeError, ValueError, AttributeError):
+        return default
+
+
+def for_config(config: RuntimeConfig, settings: Settings,
+               process_of: Callable[[str], FunctionProcess] | None = None) -> list[Dispatcher]:
+    """One dispatcher per trigger plus the dead-letter dispatcher, activating functions
+    through ``process_of`` (the supervisor) when given."""
+
+    def activator(function: str) -> Activate | None:
+        if process_of is None:
+            return None
+        proc = process_of(function)
+        return lambda: proc.serving()
+
+    out = [
+        Dispatcher(settings, name=t.name, queue_name=trigger_queue(settings, t.name), url=config.subscriber_url(t),
+                   delivery=t.delivery, parallelism=t.parallelism, dead_letter=dead_letter_queue(settings),
+                   consumer_timeout_s=config.broker.consumer_timeout_s, activate=activator(t.subscriber),
+                   loop_guard_type=t.type)
+        for t in config.triggers.values()
+    ]
+    dl = config.dead_letter
+    out.append(Dispatcher(settings, name="dead-letter", queue_name=dead_letter_queue(settings),
+                          url=config.dead_letter_url(), delivery=dl.delivery, parallelism=2, dead_letter=None,
+                          consumer_timeout_s=config.broker.consumer_timeout_s, activate=activator(dl.subscriber)))
+    return out
