@@ -8,7 +8,8 @@ at once (each batch is claimed with ``FOR UPDATE SKIP LOCKED``):
    broker fails (the next tick retries), or the time budget ends (scale-to-zero
    friendly: the function returns well inside its request timeout).
 2. Park rows whose events the broker's alternate exchange caught (no trigger matched).
-3. Rescue stale tasks (``shared.state.reap_stale``: dead workers, lost redeliveries).
+3. Rescue stale tasks (``shared.state.reap_stale``: dead workers, lost redeliveries) and
+   let the status fan-out catch up on changes Redis missed (``shared.status.catch_up``).
 4. Purge dispatched rows older than the retention period, in bounded chunks.
 5. Refresh the outbox gauges (pending rows, oldest pending age).
 """
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from events import catalog
-from shared import db, metrics, state
+from shared import db, metrics, state, status
 from shared.broker import Broker, backend_of
 from shared.outbox_publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
@@ -84,6 +85,7 @@ def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = N
     if backend_of(settings) == "rabbitmq" and not stats.error:
         stats.parked += park_unroutable(settings)
     stats.reaped = reap(settings)
+    status.catch_up(settings)  # status changes Redis missed while it was down (never raises)
     stats.purged = purge(settings)
     stats.pending, stats.oldest_pending_age_s = refresh_gauges(settings)
     stats.duration_s = round(clock() - start, 4)
