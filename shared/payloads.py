@@ -87,10 +87,17 @@ def _explain(err: SchemaError, prefix: str) -> list[dict[str, str]]:
         return [{"field": field, "message": f"must be of type {err.validator_value}"}]
     if err.validator == "pattern":
         return [{"field": field, "message": "has an invalid format"}]
-    message = err.message
-    if len(message) > _MAX_MESSAGE:
-        message = message[: _MAX_MESSAGE - 3] + "..."
-    return [{"field": field, "message": message}]
+    # Never echo the instance (it may be a password or a megabyte of HTML).
+    bound = err.validator_value
+    templates = {
+        "minLength": "must not be empty" if bound == 1 else f"must be at least {bound} characters", "maxLength": f"must be at most {bound} characters",
+        "minimum": f"must be at least {bound}", "maximum": f"must be at most {bound}",
+        "exclusiveMinimum": f"must be greater than {bound}", "exclusiveMaximum": f"must be less than {bound}",
+        "minItems": f"must have at least {bound} items", "maxItems": f"must have at most {bound} items",
+        "const": f"must be {bound!r}", "minProperties": "must not be empty",
+    }
+    message = custom or templates.get(str(err.validator), "is invalid")
+    return [{"field": field, "message": message[:_MAX_MESSAGE]}]
 
 
 def schema_errors(validator: Draft202012Validator, instance: Any, prefix: str) -> list[dict[str, str]]:

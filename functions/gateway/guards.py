@@ -1,0 +1,62 @@
+"""Route decorators that authenticate the caller.
+
+``@require_auth`` accepts ``Authorization: Bearer <access token>``, ``Authorization: ApiKey
+<key>`` and ``X-API-Key``; ``@require_bearer`` accepts only an access token (logout);
+``@require_admin`` additionally needs ``Principal.is_admin`` (a user flagged in the
+database or whose email is in ``settings.admin_emails``) and answers 403 otherwise.
+The caller is ``web.principal()``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import g, request
+
+from functions.gateway.web import settings
+from shared import auth, db
+from shared.errors import AuthError, Forbidden
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _authenticate() -> auth.Principal:
+    s = settings()
+    with db.connection(s) as conn:
+        p = auth.authenticate(s, conn, request.headers)
+    g.principal = p
+    return p
+
+
+def require_auth(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _authenticate()
+        return fn(*args, **kwargs)
+
+    wrapper.taskforge_auth = "any"  # type: ignore[attr-defined]  # read by the OpenAPI test
+    return wrapper  # type: ignore[return-value]
+
+
+def require_bearer(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _authenticate().via != "bearer":
+            raise AuthError("this route needs a bearer access token", code="bearer_required",
+                            headers={"WWW-Authenticate": 'Bearer realm="taskforge"'})
+        return fn(*args, **kwargs)
+
+    wrapper.taskforge_auth = "bearer"  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def require_admin(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _authenticate().is_admin:
+            raise Forbidden("this route is for administrators")
+        return fn(*args, **kwargs)
+
+    wrapper.taskforge_auth = "admin"  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]

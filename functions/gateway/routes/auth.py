@@ -1,0 +1,56 @@
+"""Accounts and sessions: signup, login, refresh, logout, /me (DESIGN §3)."""
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from functions.gateway import schemas
+from functions.gateway.guards import require_auth, require_bearer
+from functions.gateway.web import client_ip, json_body, json_response, principal, settings
+from shared import auth, db, ratelimit
+
+bp = Blueprint("auth", __name__)
+
+
+@bp.post("/auth/signup")
+def signup() -> Response:
+    body = json_body(schemas.SIGNUP)
+    s = settings()
+    with db.connection(s) as conn:
+        user = auth.create_user(s, conn, body["email"], body["password"])
+    return json_response({"id": str(user["id"]), "email": user["email"]}, 201)
+
+
+@bp.post("/auth/login")
+def login() -> Response:
+    body = json_body(schemas.LOGIN)
+    s = settings()
+    # Counted before the password check, so failed and successful attempts both count.
+    ratelimit.check_login(s, body["email"], client_ip())
+    with db.connection(s) as conn:
+        pair = auth.login(s, conn, body["email"], body["password"])
+    return json_response(pair.to_dict(), 200, {"Cache-Control": "no-store"})
+
+
+@bp.post("/auth/refresh")
+def refresh() -> Response:
+    body = json_body(schemas.REFRESH)
+    s = settings()
+    with db.connection(s) as conn:
+        pair = auth.rotate_refresh(s, conn, body["refresh_token"])
+    return json_response(pair.to_dict(), 200, {"Cache-Control": "no-store"})
+
+
+@bp.post("/auth/logout")
+@require_bearer
+def logout() -> Response:
+    body = json_body(schemas.LOGOUT, optional=True)
+    with db.connection(settings()) as conn:
+        auth.logout(conn, principal(), body.get("refresh_token"))
+    return Response(status=204)
+
+
+@bp.get("/me")
+@require_auth
+def me() -> Response:
+    p = principal()
+    return json_response({"id": p.user_id, "email": p.email})

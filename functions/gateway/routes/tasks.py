@@ -1,0 +1,118 @@
+"""Tasks: submit (one or a batch), read, list, cancel, download the result."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, redirect, request, send_file
+
+from functions.gateway import schemas
+from functions.gateway.guards import require_auth
+from functions.gateway.submit import submit_batch, submit_one
+from functions.gateway.web import json_body, json_response, principal, settings
+from shared import db, state, status, storage, tasks
+from shared.errors import NotFound, ValidationError
+
+bp = Blueprint("tasks", __name__)
+
+
+def _location(task_id: object) -> dict[str, str]:
+    return {"Location": f"/tasks/{task_id}"}
+
+
+@bp.post("/tasks")
+@require_auth
+def create() -> Response:
+    body = json_body(schemas.TASK_SUBMIT)
+    sub = submit_one(settings(), principal().user_id, body["type"], body["payload"],
+                     idempotency_key=request.headers.get("Idempotency-Key"),
+                     traceparent=request.headers.get("traceparent"))
+    # 202: accepted for processing; 200: an idempotent replay of an earlier submission.
+    return json_response(tasks.public_task(sub.row), 202 if sub.created else 200, _location(sub.row["id"]))
+
+
+@bp.post("/tasks/batch")
+@require_auth
+def create_batch() -> Response:
+    s = settings()
+    body = json_body(schemas.BATCH_SUBMIT)
+    limit = min(s.max_batch_items, schemas.MAX_BATCH)
+    if len(body["tasks"]) > limit:
+        raise ValidationError("too many tasks", details=[
+            {"field": "tasks", "message": f"must have at most {limit} items"}])
+    answers = submit_batch(s, principal().user_id, body["tasks"], traceparent=request.headers.get("traceparent"))
+    items = []
+    for a in answers:
+        if a.row is not None:
+            items.append({"index": a.index, "status": 202, "task": tasks.public_task(a.row)})
+        else:
+            items.append({"index": a.index, "status": 422, "error": {
+                "code": "validation_failed", "message": "the task is invalid", "details": a.errors}})
+    accepted = sum(1 for a in answers if a.row is not None)
+    # 202 when anything was accepted; 422 when every item was refused (nothing happened).
+    return json_response({"items": items, "accepted": accepted, "rejected": len(items) - accepted},
+                         202 if accepted else 422)
+
+
+@bp.get("/tasks/<task_id>")
+@require_auth
+def get(task_id: str) -> Response:
+    with db.connection(settings()) as conn:
+        row = tasks.get_task(conn, principal().user_id, task_id)
+    return json_response(tasks.public_task(row))
+
+
+@bp.get("/tasks")
+@require_auth
+def list_() -> Response:
+    args = request.args
+    unknown = sorted(set(args) - {"status", "type", "limit", "cursor"})
+    if unknown:
+        raise ValidationError("unknown query parameter", details=[
+            {"field": k, "message": "unknown query parameter"} for k in unknown])
+    raw_limit = args.get("limit", "20")
+    if not raw_limit.isdigit() or len(raw_limit) > 6:
+        raise ValidationError("invalid query", details=[{"field": "limit", "message": "must be an integer"}])
+    with db.connection(settings()) as conn:
+        rows, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
+                                        task_type=args.get("type") or None, limit=int(raw_limit),
+                                        cursor=args.get("cursor") or None)
+    return json_response({"items": [tasks.public_task(r) for r in rows], "next_cursor": cursor})
+
+
+@bp.post("/tasks/<task_id>/cancel")
+@require_auth
+def cancel(task_id: str) -> Response:
+    s = settings()
+    if tasks.parse_uuid(task_id) is None:
+        raise NotFound("task not found")
+    with db.connection(s) as conn:
+        row = state.request_cancel(conn, principal().user_id, task_id)
+    status.publish_rows(s, [row])
+    return json_response(tasks.public_task(row), 202, _location(row["id"]))
+
+
+@bp.get("/tasks/<task_id>/result")
+@require_auth
+def result(task_id: str) -> Response:
+    s = settings()
+    user_id = principal().user_id
+    with db.connection(s) as conn:
+        row = tasks.get_task(conn, user_id, task_id)
+    res = row.get("result")
+    key = res.get("key") if isinstance(res, dict) else None
+    # A result outside the task's own prefix would let a forged row read another object.
+    if str(row["status"]) != "succeeded" or not isinstance(key, str) \
+            or not key.startswith(f"results/{user_id}/{row['id']}/"):
+        raise NotFound("the task has no result (yet)", code="no_result")
+    store = storage.get_storage(s)
+    filename = key.rsplit("/", 1)[-1]
+    url = store.signed_url(key, s.signed_url_ttl_s, filename)
+    if url:
+        resp = redirect(url, 302)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+    content_type = res.get("content_type") or getattr(store, "content_type", lambda k: None)(key) \
+        or "application/octet-stream"
+    fileobj = store.open(key)
+    resp = send_file(fileobj, mimetype=content_type, as_attachment=True, download_name=filename,
+                     max_age=0, conditional=False)
+    resp.headers["Cache-Control"] = "private, no-store"
+    return resp

@@ -1,0 +1,65 @@
+"""Task submission as the gateway performs it: limits, one transaction, after-commit work.
+
+Shared by ``POST /tasks``, ``POST /tasks/batch`` and the CloudEvent route ``POST /events``
+so the three paths apply the same rules:
+
+1. the per-user submission rate (Redis, 429 + ``Retry-After``);
+2. task rows and their outbox rows in one transaction (``shared.tasks``);
+3. the in-flight cap, counted inside that transaction *after* the insert, so a refused
+   submission rolls back with it and a replayed idempotent request is never refused;
+4. after commit: the eager relay (``shared.relay.after_commit``), the status fan-out of
+   the new ``pending`` rows, the submitted-tasks metric. None of these may fail the
+   request — the task is committed and the sweeper is the safety net for the relay.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from shared import db, metrics, ratelimit, status, tasks
+from shared.settings import Settings
+
+log = logging.getLogger("taskforge.gateway")
+
+
+def after_commit(settings: Settings, rows: Sequence[dict[str, Any]], event_ids: Sequence[str]) -> None:
+    """Best-effort work once task rows are committed (never raises)."""
+    if event_ids:
+        try:
+            from shared import relay
+
+            relay.after_commit(settings, list(event_ids))
+        except Exception:  # the relay promises not to raise; a bug there must not turn a 202 into a 500
+            log.exception("eager relay failed; the outbox sweeper will publish these events")
+    if rows:
+        status.publish_rows(settings, rows)  # never raises (Postgres is the truth)
+        for row in rows:
+            metrics.TASKS_SUBMITTED.labels(row["type"]).inc()
+
+
+def submit_one(settings: Settings, user_id: str, task_type: Any, payload: Any, *,
+               idempotency_key: str | None = None, traceparent: str | None = None) -> tasks.Submission:
+    """Create one task (or find its idempotent twin). Raises the errors of ``tasks.create_task``
+    and ``RateLimited``; dependency failures surface as ``ServiceUnavailable``."""
+    ratelimit.check_submit(settings, user_id)
+    with db.connection(settings) as conn:
+        sub = tasks.create_task(conn, user_id=user_id, task_type=task_type, payload=payload,
+                                idempotency_key=idempotency_key, traceparent=traceparent)
+        if sub.created:
+            ratelimit.check_in_flight(settings, conn, user_id, adding=0)
+    if sub.created:
+        after_commit(settings, [sub.row], sub.event_ids)
+    return sub
+
+
+def submit_batch(settings: Settings, user_id: str, items: Sequence[Any], *,
+                 traceparent: str | None = None) -> list[tasks.BatchItem]:
+    """Create every valid item in one transaction; per-item answers in input order."""
+    ratelimit.check_submit(settings, user_id, n=len(items))
+    with db.connection(settings) as conn:
+        answers, event_ids = tasks.create_batch(conn, user_id=user_id, items=items, traceparent=traceparent)
+        if event_ids:
+            ratelimit.check_in_flight(settings, conn, user_id, adding=0)
+    after_commit(settings, [a.row for a in answers if a.row is not None], event_ids)
+    return answers

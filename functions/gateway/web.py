@@ -1,0 +1,135 @@
+"""Request and response plumbing shared by the gateway's routes.
+
+- ``json_body(schema)``: the request body as validated JSON — 415 for a content type
+  other than JSON, 400 for bytes that are not JSON, 422 with field errors for JSON that
+  does not match ``schema`` (the same schema objects the OpenAPI document publishes).
+- ``error_response(exc)``: the one JSON error shape ``{"error": {code, message, details}}``
+  for every failure, with the status from ``shared.errors.http_status``. Unexpected
+  exceptions become a bare 500 without internals.
+- ``settings()`` / ``principal()``: what the app factory and the auth guard put on the app
+  and the request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Response, current_app, g, request
+from jsonschema import Draft202012Validator
+from werkzeug.exceptions import HTTPException
+
+from shared.auth import Principal
+from shared.errors import BadRequest, TaskForgeError, UnsupportedMediaType, ValidationError, http_status
+from shared.payloads import schema_errors
+from shared.settings import Settings
+
+log = logging.getLogger("taskforge.gateway")
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 408: "timeout", 409: "conflict",
+               411: "length_required", 413: "too_large", 415: "unsupported_media_type",
+               429: "rate_limited", 431: "headers_too_large", 501: "not_implemented"}
+_validators: dict[int, Draft202012Validator] = {}
+
+
+def settings() -> Settings:
+    return current_app.config["TASKFORGE_SETTINGS"]
+
+
+def principal() -> Principal:
+    """The authenticated caller (set by ``guards.require_auth``)."""
+    return g.principal
+
+
+def client_ip() -> str:
+    """The peer address. Proxy headers are not trusted: behind Knative/OpenFaaS, configure
+    the platform's proxy to set REMOTE_ADDR (e.g. with ProxyFix) instead."""
+    return request.remote_addr or "-"
+
+
+def is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON (no NaN/Infinity); ``BadRequest`` for anything else."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from exc
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    v = _validators.get(id(schema))
+    if v is None:
+        v = _validators[id(schema)] = Draft202012Validator(schema)
+    return v
+
+
+def validate(schema: dict[str, Any], value: Any, prefix: str = "") -> Any:
+    errors = schema_errors(_validator(schema), value, prefix)
+    if errors:
+        raise ValidationError("the request is invalid", details=errors)
+    return value
+
+
+def json_body(schema: dict[str, Any] | None = None, *, optional: bool = False) -> Any:
+    """The request's JSON body, checked against ``schema``.
+
+    ``optional`` lets an empty body through as ``{}`` (e.g. logout). Raises
+    ``UnsupportedMediaType`` (415), ``BadRequest`` (400) or ``ValidationError`` (422).
+    """
+    raw = request.get_data(cache=True)  # bounded by the body limit set in the app factory
+    if not raw:
+        if optional:
+            return {}
+        if not is_json(request.content_type):
+            raise UnsupportedMediaType("send a JSON body with Content-Type: application/json")
+        raise BadRequest("a JSON body is required", code="invalid_json")
+    if not is_json(request.content_type):
+        raise UnsupportedMediaType("send a JSON body with Content-Type: application/json")
+    value = parse_json(raw)
+    return validate(schema, value) if schema is not None else value
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    resp = Response(json.dumps(body, separators=(",", ":"), default=str), status=status,
+                    mimetype="application/json")
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err}
+
+
+def error_response(exc: BaseException) -> Response:
+    """The JSON answer for any exception (never a stack trace or an internal message)."""
+    if isinstance(exc, TaskForgeError):
+        status = http_status(exc)
+        headers = dict(exc.headers)
+        if status >= 500:
+            log.warning("request failed: %s (%s)", exc.code, exc.__class__.__name__)
+            if exc.retryable:
+                headers.setdefault("Retry-After", "1")
+            # Dependency messages can name hosts or databases: keep them in the log only.
+            return json_response(error_body(exc.code, "the service is temporarily unavailable"), status, headers)
+        return json_response({"error": exc.to_dict()}, status, headers)
+    if isinstance(exc, HTTPException):
+        status = exc.code or 500
+        headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after")}
+        message = {404: "no such route", 405: "method not allowed for this route",
+                   413: "the request body is too large"}.get(status, exc.name)
+        return json_response(error_body(_HTTP_CODES.get(status, "error"), message), status, headers)
+    log.exception("unhandled error")
+    return json_response(error_body("internal", "internal error"), 500)

@@ -1,0 +1,155 @@
+"""Rate limits in Redis and the per-user cap on tasks in flight (DESIGN §8).
+
+Two window algorithms, both one Redis round trip (a pipeline):
+
+- **fixed window**: ``INCR`` a counter named after the current window and give it a TTL.
+  Cheap and exact per window; a burst may straddle a boundary (up to 2× the limit over
+  a window-sized span). Used for login attempts, where the bound matters, not smoothness.
+- **sliding window** (weighted two-window approximation): the previous window's count
+  weighted by how much of it still overlaps the sliding window, plus the current
+  count. Smooth without per-request entries. Used for task submissions.
+
+A limited call raises ``RateLimited`` (429) with a ``Retry-After`` header in whole seconds.
+
+Redis being down must not take the service down with it: limits fail *open* (the call
+is allowed and a warning is logged). Login throttling is thus weakened while Redis is
+down — the argon2 cost per attempt still bounds guessing — and /readyz reports Redis.
+
+The in-flight cap counts the user's non-terminal tasks in PostgreSQL (the truth) inside
+the submitting transaction. Two concurrent submissions may both pass at the boundary,
+so the cap may be exceeded by the number of concurrent requests of one user; it bounds
+load, it is not an accounting limit.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+import redis
+
+from shared import tasks
+from shared.errors import RateLimited
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_clients: dict[str, redis.Redis] = {}
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    count: float  # requests counted in the window, this one included
+    limit: int
+    retry_after_s: int  # whole seconds until a retry can succeed (0 when allowed)
+
+
+def client(settings: Settings) -> redis.Redis:
+    """The process's Redis client for rate limiting (short timeouts: never stall a request)."""
+    c = _clients.get(settings.redis_url)
+    if c is None:
+        with _lock:
+            c = _clients.get(settings.redis_url)
+            if c is None:
+                c = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+                _clients[settings.redis_url] = c
+    return c
+
+
+def reset_clients() -> None:
+    with _lock:
+        for c in _clients.values():
+            c.close()
+        _clients.clear()
+
+
+def fixed_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float | None = None) -> Decision:
+    """Count one hit in the current fixed window of ``window_s`` seconds."""
+    now = time.time() if now is None else now
+    window = int(now // window_s)
+    pipe = r.pipeline(transaction=False)
+    pipe.incr(f"{key}:{window}")
+    pipe.expire(f"{key}:{window}", window_s + 1, nx=True)
+    count = int(pipe.execute()[0])
+    if count <= limit:
+        return Decision(True, count, limit, 0)
+    return Decision(False, count, limit, max(1, math.ceil((window + 1) * window_s - now)))
+
+
+def sliding_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float | None = None,
+                   cost: int = 1) -> Decision:
+    """Count ``cost`` hits against the sliding-window estimate over the last ``window_s`` seconds.
+
+    A refused call is not counted, so a client that keeps retrying too early does not
+    push its own allowance further away. A ``cost`` above ``limit`` is never allowed.
+    """
+    now = time.time() if now is None else now
+    window = int(now // window_s)
+    elapsed = (now - window * window_s) / window_s  # fraction of the current window gone
+    cur, prev = f"{key}:{window}", f"{key}:{window - 1}"
+    previous, current = r.mget(prev, cur)
+    weighted = int(previous or 0) * (1.0 - elapsed) + int(current or 0)
+    if weighted + cost > limit:
+        # When does the estimate drop below the limit? The previous window's weight falls
+        # linearly; if the current window alone is full, wait for the next window.
+        p = int(previous or 0)
+        need = weighted + cost - limit
+        wait = need * window_s / p if p else (1.0 - elapsed) * window_s
+        return Decision(False, weighted, limit, max(1, math.ceil(min(wait, (1.0 - elapsed) * window_s + 1))))
+    pipe = r.pipeline(transaction=False)
+    pipe.incrby(cur, cost)
+    pipe.expire(cur, 2 * window_s + 1, nx=True)
+    pipe.execute()
+    return Decision(True, weighted + cost, limit, 0)
+
+
+def _enforce(settings: Settings, algorithm: Callable[..., Decision], key: str, limit: int, window_s: int,
+             what: str, **kwargs: int) -> Decision | None:
+    if limit <= 0:
+        return None  # 0 disables the limit
+    try:
+        decision = algorithm(client(settings), key, limit, window_s, **kwargs)
+    except redis.RedisError as exc:  # fail open, see the module docstring
+        log.warning("rate limit %s not enforced: redis unavailable (%s)", what, exc.__class__.__name__)
+        return None
+    if not decision.allowed:
+        raise RateLimited(f"too many {what}; retry in {decision.retry_after_s} s",
+                          headers={"Retry-After": str(decision.retry_after_s)},
+                          details={"retry_after_s": decision.retry_after_s, "limit": limit,
+                                   "window_s": window_s})
+    return decision
+
+
+def check_login(settings: Settings, email: object, ip: str | None) -> None:
+    """Throttle login attempts per (email, client IP); raises ``RateLimited``.
+
+    The email is hashed into the key so Redis never holds account names.
+    """
+    ident = hashlib.sha256(str(email).strip().lower().encode()).hexdigest()[:24]
+    key = settings.key("rl", "login", ident, ip or "-")
+    _enforce(settings, fixed_window, key, settings.login_rate_per_min, 60, "login attempts")
+
+
+def check_submit(settings: Settings, user_id: str, n: int = 1) -> None:
+    """Throttle task submissions per user (``n`` tasks count as ``n`` hits); raises ``RateLimited``."""
+    key = settings.key("rl", "submit", str(user_id))
+    _enforce(settings, sliding_window, key, settings.submit_rate_per_min, 60, "task submissions", cost=max(1, n))
+
+
+def check_in_flight(settings: Settings, conn: psycopg.Connection, user_id: str, adding: int = 1) -> None:
+    """Refuse when the user's non-terminal tasks plus ``adding`` exceed the cap (429)."""
+    cap = settings.max_tasks_in_flight
+    if cap <= 0:
+        return
+    active = tasks.count_active(conn, user_id, cap)
+    if active + adding > cap:
+        raise RateLimited(f"too many tasks in flight (at most {cap}); wait for some to finish",
+                          code="too_many_in_flight", headers={"Retry-After": "5"},
+                          details={"in_flight": active, "limit": cap})
