@@ -56,6 +56,7 @@ COPY functions ./functions
 COPY infra/__init__.py ./infra/__init__.py
 COPY infra/runtime ./infra/runtime
 COPY infra/migrations ./infra/migrations
+COPY infra/openfaas/*.py ./infra/openfaas/
 COPY infra/images/entrypoint.sh /usr/local/bin/taskforge-function
 
 # `taskforge migrate` (the migration Job) without installing the project a second time.

@@ -1,0 +1,1 @@
+"""Deploying TaskForge on OpenFaaS: the RabbitMQ-to-OpenFaaS bridge (``bridge``)."""
