@@ -92,13 +92,17 @@ def configure(fail_max: int, reset_s: float) -> None:
     _config["fail_max"], _config["reset_s"] = int(fail_max), float(reset_s)
 
 
-def breaker(group: str, key: str = "default") -> pybreaker.CircuitBreaker:
-    """The process's breaker for ``key`` in ``group`` (created closed on first use)."""
+def breaker(group: str, key: str = "default", *, fail_max: int | None = None,
+            reset_s: float | None = None) -> pybreaker.CircuitBreaker:
+    """The process's breaker for ``key`` in ``group`` (created closed on first use, with
+    the given thresholds or the configured defaults). ``key`` appears in error messages:
+    never pass a URL with credentials (hash it)."""
     with _groups_lock:
         g = _groups.get(group)
         if g is None:
             g = _groups[group] = _Group(group)
-    return g.get(key, int(_config["fail_max"]), float(_config["reset_s"]))
+    return g.get(key, int(fail_max if fail_max is not None else _config["fail_max"]),
+                 float(reset_s if reset_s is not None else _config["reset_s"]))
 
 
 def call(cb: pybreaker.CircuitBreaker, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -135,9 +139,10 @@ class GuardedStorage:
     counts. ``open`` guards only the opening, not reads of the returned stream.
     """
 
-    def __init__(self, inner: Any, key: str = "default") -> None:
+    def __init__(self, inner: Any, key: str = "default", *, fail_max: int | None = None,
+                 reset_s: float | None = None) -> None:
         self.inner = inner
-        self.cb = breaker("storage", key)
+        self.cb = breaker("storage", key, fail_max=fail_max, reset_s=reset_s)
 
     def _c(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return call(self.cb, fn, *args, **kwargs)
@@ -173,9 +178,10 @@ class GuardedStorage:
 class GuardedBroker:
     """A ``shared.broker.Broker`` whose ``publish`` goes through the ``broker`` breaker."""
 
-    def __init__(self, inner: Any, key: str = "default") -> None:
+    def __init__(self, inner: Any, key: str = "default", *, fail_max: int | None = None,
+                 reset_s: float | None = None) -> None:
         self.inner = inner
-        self.cb = breaker("broker", key)
+        self.cb = breaker("broker", key, fail_max=fail_max, reset_s=reset_s)
 
     def publish(self, events: list[Any]) -> None:
         call(self.cb, self.inner.publish, events)

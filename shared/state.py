@@ -138,7 +138,8 @@ def request_cancel(conn: psycopg.Connection, user_id: str, task_id: str) -> Row:
 
 
 # --- workers -------------------------------------------------------------------------
-def claim(conn: psycopg.Connection, task_id: str, owner: str, lease_s: float) -> Claim:
+def claim(conn: psycopg.Connection, task_id: str, owner: str, lease_s: float, *,
+          user_id: str | None = None, task_type: str | None = None) -> Claim:
     """Try to become the task's runner: ``pending/queued/retrying → running``.
 
     A ``running`` task whose lease expired (its worker died) is taken over. On success
@@ -146,21 +147,31 @@ def claim(conn: psycopg.Connection, task_id: str, owner: str, lease_s: float) ->
     the previous attempt's error are cleared. Otherwise the outcome says why: a terminal
     task is a duplicate (``FINISHED``); a task whose cancel arrived before any worker got
     it becomes ``cancelled`` (``CANCELLED``); a live lease elsewhere is ``BUSY``.
+    With ``user_id`` and ``task_type`` (from the event), a task of another user or type is
+    ``MISSING``: an event that does not match its row never touches it.
     """
+    params: dict[str, Any] = {"id": task_id, "owner": owner, "lease": float(lease_s)}
+    match = ""
+    if user_id is not None or task_type is not None:
+        if user_id is None or task_type is None:
+            raise ValueError("pass both user_id and task_type, or neither")
+        match = " AND user_id = %(user)s AND type = %(ttype)s"
+        params.update(user=user_id, ttype=task_type)
     row = conn.execute(
         f"UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
         f" lease_owner = %(owner)s, lease_until = now() + %(lease)s * interval '1 second',"
         f" started_at = coalesce(started_at, now()), {_BUMP}"
         " WHERE id = %(id)s AND NOT cancel_requested AND (status IN ('pending', 'queued', 'retrying')"
-        "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))"
+        "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))" + match +
         " RETURNING *",
-        {"id": task_id, "owner": owner, "lease": float(lease_s)},
+        params,
     ).fetchone()
     if row is not None:
         return Claim(ClaimOutcome.CLAIMED, row, changed=True)
     row = conn.execute(
-        "SELECT *, (status = 'running' AND lease_until > now()) AS lease_live FROM tasks WHERE id = %s FOR UPDATE",
-        (task_id,),
+        "SELECT *, (status = 'running' AND lease_until > now()) AS lease_live FROM tasks"
+        " WHERE id = %(id)s" + match + " FOR UPDATE",
+        params,
     ).fetchone()
     if row is None:
         return Claim(ClaimOutcome.MISSING, None)
@@ -225,6 +236,18 @@ def set_progress(conn: psycopg.Connection, task_id: str, owner: str, progress: i
         if holder is None or holder["status"] != TaskStatus.RUNNING or holder["lease_owner"] != owner:
             raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
     return row
+
+
+def check_lease(conn: psycopg.Connection, task_id: str, owner: str) -> bool:
+    """Whether cancel was requested; ``LeaseLost`` if ``owner`` no longer runs the task.
+    A read only: the cheap check a heartbeat makes between lease renewals."""
+    row = conn.execute(
+        "SELECT cancel_requested FROM tasks WHERE id = %s AND status = 'running' AND lease_owner = %s",
+        (task_id, owner),
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
+    return bool(row["cancel_requested"])
 
 
 def is_cancel_requested(conn: psycopg.Connection, task_id: str) -> bool:

@@ -18,6 +18,7 @@ Best effort, never lossy:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -67,6 +68,11 @@ def redis_client(settings: Settings) -> redis.Redis:
                 )
                 _clients[settings.redis_url] = client
     return client
+
+
+def redis_breaker(settings: Settings) -> Any:
+    """The ``redis`` breaker of this Redis URL (keyed by a hash: URLs may hold a password)."""
+    return breakers.breaker("redis", hashlib.sha256(settings.redis_url.encode()).hexdigest()[:12])
 
 
 def stream_key(settings: Settings, user_id: str) -> str:
@@ -127,7 +133,7 @@ def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]
         return len(items)
 
     try:
-        return breakers.call(breakers.breaker("redis", settings.redis_url), _guarded_redis, run)
+        return breakers.call(redis_breaker(settings), _guarded_redis, run)
     except Exception as exc:  # best effort by contract: Postgres already holds the change
         _state["backlog"] = True
         log.warning("status fan-out deferred: %s (%d change(s) will be replayed)",

@@ -279,3 +279,15 @@ def test_every_change_bumps_the_status_version(settings, make_task):
         seen.append(state.set_progress(c, tid, "w", 100, 0)["status_version"])
         seen.append(state.succeed(c, tid, "w", {})["status_version"])
     assert seen == list(range(v, v + 5))
+
+
+def test_claim_refuses_an_event_that_does_not_match_the_row(settings, make_task, make_user):
+    t = make_task(status="queued", type="resize-image")
+    tid = str(t["id"])
+    with tx(settings) as c:
+        assert state.claim(c, tid, "w", 30, user_id=make_user(), task_type="resize-image").outcome \
+            is ClaimOutcome.MISSING
+        assert state.claim(c, tid, "w", 30, user_id=str(t["user_id"]), task_type="compress-video").outcome \
+            is ClaimOutcome.MISSING
+        assert state.get(c, tid)["status"] == "queued"
+        assert state.claim(c, tid, "w", 30, user_id=str(t["user_id"]), task_type="resize-image").claimed

@@ -95,5 +95,6 @@ def test_redis_breaker_opens_and_publishing_fails_fast(settings, make_task):
     t = make_task(status="pending")
     for _ in range(breakers.DEFAULT_FAIL_MAX + 1):
         assert status.publish_rows(down, [t]) == 0
-    assert breakers.is_open("redis", down.redis_url)
-    assert not breakers.is_open("redis", settings.redis_url)
+    assert status.redis_breaker(down).current_state == "open"
+    assert status.redis_breaker(settings).current_state == "closed"
+    assert breakers.BREAKER_STATE.labels(breaker="redis")._value.get() == 1

@@ -1,0 +1,355 @@
+"""The one adapter every worker function shares: CloudEvent in, task state and answer out.
+
+``Worker(task_type, run)`` is bound to a pure core by a thin ``functions/<name>/main.py``::
+
+    worker = Worker("resize-image", run)          # run(job: Job) -> Output
+    @functions_framework.http
+    def handle(request): return worker.http(request)
+
+Per request (DESIGN §1, §5): decode the event (binary or structured) → check its type
+and data → claim the task in PostgreSQL (waiting out a dead worker's lease; a duplicate
+of finished work is acknowledged without work) → run the core in a temporary directory
+with progress and cancel callbacks, a heartbeat renewing the lease → store the output
+under ``results/<user>/<task>/<filename>`` → record the outcome → answer.
+
+Answers, read by the broker's dispatcher:
+
+==========================================  ===================  ==========================
+what happened                               task becomes         answer
+==========================================  ===================  ==========================
+success                                     succeeded            200 + ``task.succeeded`` reply
+permanent error (bad input, SSRF, size)     failed {code, msg}   200 + ``task.failed`` reply
+retryable error (network, storage, ...)     retrying             5xx: the broker retries
+retryable error on the last attempt         failed               5xx: dead letter keeps it
+cancelled before or during the work         cancelled            200
+duplicate of a finished task                (unchanged)          200 (+ the same reply again)
+another live worker holds the task          (unchanged)          202
+unknown task / event not matching its row   (unchanged)          200, dropped
+malformed event or data                     (no task touched)    400, dropped
+==========================================  ===================  ==========================
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from events import catalog, codec
+from shared import breakers, db, metrics, payloads, sources, state, status, storage, tracing
+from shared import logging as logs
+from shared.errors import (
+    BadRequest,
+    Cancelled,
+    RetryableError,
+    TaskForgeError,
+    TooLarge,
+    http_status,
+    is_retryable,
+)
+from shared.heartbeat import Heartbeat
+from shared.settings import Settings, get_settings
+from shared.tasks import public_task
+
+log = logging.getLogger(__name__)
+
+# Progress bands: fetching the input is the first tenth, the core up to 95, storing the rest.
+FETCH_BAND, CORE_BAND = (0, 10), (10, 95)
+BUSY_POLL_S = 0.5
+_REPLY_NS = uuid.UUID("8f0b1c52-4a3e-4d8e-9a51-3b7b8f1f4c11")  # reply ids: uuid5(task, status, version)
+_UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
+
+
+class BadEventData(BadRequest):
+    code = "bad_event_data"
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a core produced: a file to store as ``results/<user>/<task>/<filename>``.
+    ``meta`` (e.g. width, height, duration_s, pages) is merged into the task's result."""
+
+    path: Path
+    content_type: str
+    filename: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """Everything a core needs for one attempt; nothing in it touches the broker or HTTP."""
+
+    settings: Settings
+    task_id: str
+    user_id: str
+    task_type: str
+    payload: dict[str, Any]  # validated, with the schema's defaults filled in
+    attempt: int
+    workdir: Path  # private temporary directory, removed after the attempt
+    storage: Any
+    report: Callable[[int], None]
+    should_cancel: Callable[[], bool]
+    resolver: Callable[[str, int], Sequence[str]] | None = None
+
+    def progress(self, pct: float) -> None:
+        """The core's own progress, 0..100 (mapped into the task's overall progress)."""
+        lo, hi = CORE_BAND
+        self.report(int(lo + (hi - lo) * max(0.0, min(100.0, float(pct))) / 100))
+
+    def fetch(self, source: Any = None) -> sources.Input:
+        """Fetch ``source`` (default: the payload's) into the work directory."""
+        lo, hi = FETCH_BAND
+        return sources.fetch_source(
+            self.settings, self.storage, self.user_id, self.payload.get("source") if source is None else source,
+            self.workdir, resolver=self.resolver, should_cancel=self.should_cancel,
+            on_progress=lambda pct: self.report(int(lo + (hi - lo) * pct / 100)),
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _json_answer(status_code: int, body: Mapping[str, Any]) -> Answer:
+    return Answer(status_code, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+def _error_answer(status_code: int, exc: TaskForgeError) -> Answer:
+    return _json_answer(status_code, {"error": exc.to_dict()})
+
+
+class Worker:
+    """The adapter for one task type. ``run(job) -> Output`` is the pure core binding."""
+
+    def __init__(self, task_type: str, run: Callable[[Job], Output], *,
+                 resolver: Callable[[str, int], Sequence[str]] | None = None) -> None:
+        self.task_type = task_type
+        self.event_type = catalog.requested_type(task_type)
+        self.run = run
+        self.resolver = resolver  # tests inject a stub DNS resolver (SSRF tests)
+        self.source = catalog.source_of(task_type)
+        self._data = Draft202012Validator({
+            "type": "object", "required": ["task_id", "user_id", "type", "payload"],
+            "properties": {"task_id": _UUID, "user_id": _UUID, "type": {"const": task_type},
+                           "payload": {"type": "object"}},
+        })
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    # --- HTTP ----------------------------------------------------------------------------
+    def http(self, request: Any) -> Any:
+        """functions-framework entry: a Flask request in, a Flask response out."""
+        import flask
+
+        if request.method == "GET":  # liveness probes (the supervisor, kubelet)
+            return flask.jsonify({"function": self.task_type, "status": "ok"})
+        if request.method != "POST":
+            return flask.Response(status=405, headers={"Allow": "GET, POST"})
+        settings = get_settings()
+        if (request.content_length or 0) > settings.max_body_bytes:
+            answer = _error_answer(413, TooLarge("the event is larger than the body limit"))
+        else:
+            answer = self.handle(request.headers, request.get_data(cache=False), settings)
+        return flask.Response(answer.body, status=answer.status, headers=answer.headers)
+
+    def handle(self, headers: Mapping[str, str] | Any, body: bytes, settings: Settings | None = None) -> Answer:
+        """Process one delivery. Never raises: every outcome is an ``Answer``."""
+        settings = settings or get_settings()
+        self._first_request(settings)
+        try:
+            event = codec.from_http(headers, body)
+            data = self._check(event)
+        except BadRequest as exc:
+            log.warning("refused a malformed event: %s", exc.message)
+            metrics.TASK_ATTEMPTS.labels(self.task_type, "malformed").inc()
+            return _error_answer(400, exc)
+        span = tracing.child_of(event.get("traceparent"))
+        with logs.bind(task_id=data["task_id"], event_id=event["id"], trace_id=tracing.trace_id_of(span),
+                       user_id=data["user_id"]):
+            try:
+                return self._process(settings, data, span)
+            except state.LeaseLost:  # taken over while recording the outcome: the new owner answers
+                log.warning("lost the task to another worker while recording its outcome")
+                return _json_answer(202, {"outcome": "lease_lost"})
+            except Exception as exc:  # the state write itself failed (database down): retry later
+                log.exception("could not record the task's state")
+                err = exc if isinstance(exc, RetryableError) else RetryableError("internal error", code="internal")
+                return _error_answer(max(503, http_status(err)), err)
+
+    def _first_request(self, settings: Settings) -> None:
+        if self._started:
+            return
+        with self._start_lock:
+            if not self._started:
+                logs.setup(self.task_type, settings.log_level)
+                breakers.configure(settings.breaker_fail_max, settings.breaker_reset_s)
+                metrics.COLD_STARTS.labels(self.task_type).inc()
+                self._started = True
+
+    def _check(self, event: Any) -> dict[str, Any]:
+        if event["type"] != self.event_type:
+            raise BadEventData(f"this function handles {self.event_type}, not {event['type']}")
+        data = event.get_data()
+        if isinstance(data, (bytes, bytearray)) or not isinstance(data, dict):
+            raise BadEventData("event data must be a JSON object")
+        errors = sorted(self._data.iter_errors(data), key=lambda e: list(e.path))
+        if errors:
+            where = "/".join(str(p) for p in errors[0].path) or "data"
+            raise BadEventData(f"invalid event data at {where}: {errors[0].message[:200]}")
+        return data
+
+    # --- one task ------------------------------------------------------------------------
+    def _claim(self, settings: Settings, data: dict[str, Any], owner: str) -> state.Claim:
+        """Claim, waiting up to ``claim_wait_s`` while another worker's lease is live:
+        if that worker died, its lease runs out and this delivery takes the task over."""
+        deadline = time.monotonic() + settings.claim_wait_s
+        while True:
+            with db.connection(settings) as conn:
+                claim = state.claim(conn, data["task_id"], owner, settings.lease_s,
+                                    user_id=data["user_id"], task_type=self.task_type)
+            if claim.changed:
+                status.publish_rows(settings, [claim.row])
+            if claim.outcome is not state.ClaimOutcome.BUSY or time.monotonic() >= deadline:
+                return claim
+            time.sleep(BUSY_POLL_S)
+
+    def _process(self, settings: Settings, data: dict[str, Any], span: str) -> Answer:
+        owner = f"{self.task_type}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        claim = self._claim(settings, data, owner)
+        outcome = claim.outcome
+        if outcome is not state.ClaimOutcome.CLAIMED:
+            metrics.TASK_ATTEMPTS.labels(self.task_type, outcome.value).inc()
+            if outcome is state.ClaimOutcome.MISSING:
+                log.warning("event for an unknown task (or one that does not match it): dropped")
+                return _json_answer(200, {"outcome": "missing"})
+            if outcome is state.ClaimOutcome.BUSY:
+                log.info("another worker holds a live lease on this task: acknowledged")
+                return _json_answer(202, {"outcome": "busy"})
+            if outcome is state.ClaimOutcome.CANCELLED:
+                metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
+                return _json_answer(200, {"outcome": "cancelled"})
+            log.info("duplicate event for a finished task: acknowledged without work")
+            return self._reply(settings, claim.row, span)
+        return self._attempt(settings, claim.row, owner, span)
+
+    def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str) -> Answer:
+        task_id, user_id = str(row["id"]), str(row["user_id"])
+        started = time.monotonic()
+        store = breakers.GuardedStorage(storage.get_storage(settings), key=settings.storage_backend)
+        hb = Heartbeat(settings, task_id, owner, lambda rows: status.publish_rows(settings, rows))
+        log.info("attempt %d started", row["attempts"])
+        try:
+            with hb, tempfile.TemporaryDirectory(prefix=f"taskforge-{self.task_type}-") as tmp:
+                payload = payloads.with_defaults(self.task_type, payloads.validate_payload(self.task_type, row["payload"]))
+                job = Job(settings=settings, task_id=task_id, user_id=user_id, task_type=self.task_type,
+                          payload=payload, attempt=int(row["attempts"]), workdir=Path(tmp), storage=store,
+                          report=hb.report, should_cancel=hb.should_cancel, resolver=self.resolver)
+                output = self.run(job)
+                if hb.lost.is_set():
+                    raise state.LeaseLost("lease lost while working")
+                result = self._store(store, user_id, task_id, output)
+        except Exception as exc:
+            return self._failed(settings, row, owner, exc, hb, started, span)
+        with db.connection(settings) as conn:
+            done = state.succeed(conn, task_id, owner, result)
+        status.publish_rows(settings, [done])
+        self._observe("succeeded", started, terminal=True)
+        log.info("task succeeded (%d bytes)", result["size"])
+        return self._reply(settings, done, span)
+
+    def _store(self, store: Any, user_id: str, task_id: str, output: Output) -> dict[str, Any]:
+        key = storage.check_key(f"results/{user_id}/{task_id}/{output.filename}")
+        with open(output.path, "rb") as fh:
+            size = store.put_file(key, fh, output.content_type)
+        return {**output.meta, "key": key, "content_type": output.content_type, "size": size,
+                "filename": output.filename}
+
+    def _failed(self, settings: Settings, row: dict[str, Any], owner: str, exc: Exception, hb: Heartbeat,
+                started: float, span: str) -> Answer:
+        task_id = str(row["id"])
+        if isinstance(exc, state.LeaseLost) or hb.lost.is_set():
+            log.warning("lost the task to another worker; recording nothing")
+            self._observe("lease_lost", started, terminal=False)
+            return _json_answer(202, {"outcome": "lease_lost"})
+        if isinstance(exc, Cancelled) or hb.cancel.is_set():
+            with db.connection(settings) as conn:
+                done = state.finish_cancelled(conn, task_id, owner)
+            status.publish_rows(settings, [done])
+            self._observe("cancelled", started, terminal=True)
+            log.info("task cancelled during work")
+            return _json_answer(200, {"outcome": "cancelled"})
+        if isinstance(exc, TaskForgeError):
+            error = exc
+        else:  # a bug or an unknown dependency error: retry it, but never show internals
+            log.exception("unexpected error in the task")
+            error = RetryableError(f"internal error ({exc.__class__.__name__})", code="internal")
+        retryable = is_retryable(exc)
+        last = int(row["attempts"]) >= settings.max_attempts
+        with db.connection(settings) as conn:
+            if retryable and not last:
+                done = state.mark_retrying(conn, task_id, owner, error)
+            else:
+                done = state.fail(conn, task_id, owner, error)
+        status.publish_rows(settings, [done])
+        if retryable:
+            outcome = "failed" if last else "retrying"
+            self._observe(outcome, started, terminal=last)
+            log.warning("attempt %d failed (%s: %s); %s", row["attempts"], error.code, error.message,
+                        "no attempts left" if last else "the broker will retry")
+            code = http_status(error) if http_status(error) >= 500 else 503
+            # Even on the last attempt answer 5xx: the broker then dead-letters the event,
+            # so an operator can inspect and replay it.
+            return _error_answer(code, error)
+        self._observe("failed", started, terminal=True)
+        log.info("task failed permanently (%s)", error.code)
+        return self._reply(settings, done, span)
+
+    def _observe(self, outcome: str, started: float, *, terminal: bool) -> None:
+        metrics.TASK_ATTEMPTS.labels(self.task_type, outcome).inc()
+        metrics.TASK_DURATION.labels(self.task_type, outcome).observe(time.monotonic() - started)
+        if terminal:
+            metrics.TASKS_COMPLETED.labels(self.task_type, outcome).inc()
+
+    # --- the reply event -------------------------------------------------------------------
+    def _reply(self, settings: Settings, row: dict[str, Any], span: str) -> Answer:
+        """200 with a ``task.succeeded``/``task.failed`` reply (binary mode); the reply id is
+        derived from the task, its status and version, so a repeated reply dedupes."""
+        st = str(row["status"])
+        if st not in ("succeeded", "failed"):
+            return _json_answer(200, {"outcome": st})
+        return Answer(200, *reply_event(self.source, row, span))
+
+
+def reply_event(source: str, row: Mapping[str, Any], traceparent: str | None) -> tuple[dict[str, str], bytes]:
+    """Binary-mode ``(headers, body)`` of the reply for a terminal task row."""
+    st = str(row["status"])
+    event_type = catalog.TASK_SUCCEEDED if st == "succeeded" else catalog.TASK_FAILED
+    task_id = str(row["id"])
+    attrs = {
+        "specversion": catalog.SPECVERSION,
+        "id": str(uuid.uuid5(_REPLY_NS, f"{task_id}:{st}:{row.get('status_version', 0)}")),
+        "type": event_type,
+        "source": source,
+        "subject": task_id,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "dataschema": catalog.dataschema_of(event_type),
+    }
+    if traceparent:
+        attrs["traceparent"] = traceparent
+    data = {**public_task(dict(row)), "user_id": str(row["user_id"])}
+    return codec.to_binary_http(codec.make_event(attrs, data))

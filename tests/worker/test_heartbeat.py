@@ -1,0 +1,80 @@
+"""The heartbeat (shared/heartbeat.py), driven tick by tick with a fake clock."""
+from __future__ import annotations
+
+from shared import db, state
+from shared.heartbeat import Heartbeat
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def claimed(settings, make_task, owner="w", lease_s=30):
+    t = make_task(status="queued")
+    with db.connection(settings) as c:
+        state.claim(c, str(t["id"]), owner, lease_s)
+    return str(t["id"]), str(t["user_id"])
+
+
+def lease_left(conn, tid):
+    return conn.execute("SELECT extract(epoch FROM lease_until - now()) AS s FROM tasks WHERE id = %s",
+                        (tid,)).fetchone()["s"]
+
+
+def test_progress_is_written_throttled_and_published(settings, make_task, conn):
+    s = settings.replace(progress_interval_s=1.0, lease_s=30)
+    tid, _ = claimed(s, make_task)
+    published: list = []
+    clock = Clock()
+    hb = Heartbeat(s, tid, "w", published.extend, clock=clock)
+    hb.report(25)
+    hb.tick()
+    assert conn.execute("SELECT progress FROM tasks WHERE id = %s", (tid,)).fetchone()["progress"] == 25
+    hb.report(60)
+    clock.now += 0.5
+    hb.tick()  # too soon: not written
+    assert conn.execute("SELECT progress FROM tasks WHERE id = %s", (tid,)).fetchone()["progress"] == 25
+    clock.now += 0.6
+    hb.tick()
+    assert [r["progress"] for r in published] == [25, 60]
+
+
+def test_lease_is_renewed_after_a_third_of_it(settings, make_task, conn):
+    s = settings.replace(lease_s=30)
+    tid, _ = claimed(s, make_task, lease_s=12)  # claimed with a short lease
+    clock = Clock()
+    hb = Heartbeat(s, tid, "w", lambda rows: None, clock=clock)
+    hb.tick()
+    assert lease_left(conn, tid) <= 12  # not due yet: only the cancel flag was read
+    clock.now += 11
+    hb.tick()
+    assert lease_left(conn, tid) > 25
+
+
+def test_cancel_request_and_lost_lease_stop_the_core(settings, make_task, conn):
+    tid, uid = claimed(settings, make_task)
+    hb = Heartbeat(settings, tid, "w", lambda rows: None, clock=Clock())
+    hb.tick()
+    assert not hb.should_cancel()
+    with db.connection(settings) as c:
+        state.request_cancel(c, uid, tid)
+    hb.tick()
+    assert hb.should_cancel() and not hb.lost.is_set()
+
+    tid2, _ = claimed(settings, make_task)
+    conn.execute("UPDATE tasks SET lease_owner = 'thief' WHERE id = %s", (tid2,))
+    hb2 = Heartbeat(settings, tid2, "w", lambda rows: None, clock=Clock())
+    hb2.tick()
+    assert hb2.lost.is_set() and hb2.should_cancel()
+
+
+def test_database_trouble_in_a_tick_is_survived(settings, make_task):
+    tid, _ = claimed(settings, make_task)
+    broken = settings.replace(database_url="postgresql://postgres@127.0.0.1:1/nothing")
+    hb = Heartbeat(broken, tid, "w", lambda rows: None, clock=Clock())
+    hb.tick()  # logged, not raised
+    assert not hb.should_cancel() and not hb.lost.is_set()
