@@ -77,12 +77,12 @@ class Settings:
     # --- workers ---
     lease_s: int = 60
     max_attempts: int = 4  # must match the trigger's retry + 1
-    max_image_pixels: int = 100_000_000
     claim_wait_s: float = 75.0  # a duplicate delivery waits this long for a dead worker's lease to expire
     cancel_poll_s: float = 1.0  # how often a running worker checks for a cancel request
     progress_interval_s: float = 1.0  # at most one progress write per task per interval
     breaker_fail_max: int = 5  # consecutive dependency failures that open a circuit breaker
     breaker_reset_s: float = 30.0  # an open breaker lets one trial call through after this
+    max_image_pixels: int = 100_000_000
     max_video_duration_s: float = 600.0
     video_timeout_s: float = 540.0
     max_video_input_bytes: int = 500 * 1024 * 1024
@@ -99,6 +99,13 @@ class Settings:
     status_stream_maxlen: int = 10_000
     sse_heartbeat_s: float = 15.0
     sse_max_streams: int = 18_000
+    sse_retry_ms: int = 3000  # the reconnection delay hint sent to EventSource clients
+    sse_mailbox: int = 1000  # queued events per stream before it catches up from Redis instead
+    sse_cors_origins: tuple[str, ...] = ()  # browser origins allowed to read streams ("" = public_base_url's)
+    # --- taskforge CLI / Python client ---
+    url: str = ""  # TASKFORGE_URL: the gateway the CLI talks to (default: public_base_url)
+    stream_url: str = ""  # TASKFORGE_STREAM_URL: the status stream (default: status_stream_url)
+    config_dir: str = ""  # where the CLI caches credentials (default: $XDG_CONFIG_HOME or ~/.config)
 
     @property
     def production(self) -> bool:
@@ -158,6 +165,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     # Knative's SinkBinding and the OpenFaaS/Knative runtime contract use plain names.
     if "k_sink" not in values and env.get("K_SINK"):
         values["k_sink"] = env["K_SINK"]
+    if "config_dir" not in values and env.get("XDG_CONFIG_HOME"):
+        values["config_dir"] = env["XDG_CONFIG_HOME"]
     if "function_name" not in values and env.get("K_SERVICE"):
         values["function_name"] = env["K_SERVICE"]
     values.update(overrides)
