@@ -15,6 +15,12 @@ TASK_REJECTED = f"{PREFIX}.task.rejected"
 OUTBOX_SWEEP = f"{PREFIX}.outbox.sweep"
 PING = "dev.knative.sources.ping"
 
+REQUESTED_TYPES: tuple[str, ...] = tuple(f"{PREFIX}.{t}.requested" for t in TASK_TYPES)
+REPLY_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_ACCEPTED, TASK_REJECTED)
+TICK_TYPES: tuple[str, ...] = (OUTBOX_SWEEP, PING)
+# Every type TaskForge produces or consumes; each has a data schema in events/schemas/.
+ALL_TYPES: tuple[str, ...] = (*REQUESTED_TYPES, *REPLY_TYPES, TASK_SUBMITTED, *TICK_TYPES)
+
 
 def requested_type(task_type: str) -> str:
     """The event type that asks a worker to run a task of ``task_type``."""
@@ -37,4 +43,5 @@ def source_of(function_name: str) -> str:
 
 
 def dataschema_of(event_type: str) -> str:
+    """The ``dataschema`` URL of an event type: the ``$id`` of ``events/schemas/<type>.json``."""
     return f"{SCHEMA_BASE}/{event_type}.json"

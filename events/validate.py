@@ -1,0 +1,85 @@
+"""Validation of event data against the JSON Schemas in ``events/schemas/`` (DESIGN §4).
+
+One schema per event type, named ``<type>.json`` with ``$id`` = ``catalog.dataschema_of(type)``
+(the URL events carry as ``dataschema``). The ``*.requested`` and ``task.submitted``
+schemas embed the task payload schemas of ``shared/schemas/`` by reference
+(``../payloads/<type>.json``), so a payload has exactly one definition. References are
+resolved from the two folders only; nothing is ever fetched over the network.
+
+Failures raise ``shared.errors.ValidationError`` with the field errors of
+``shared.payloads.schema_errors`` (``[{"field": "data.payload.width", "message": ...}]``).
+"""
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from cloudevents.http import CloudEvent
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+from events import catalog
+from shared.errors import ValidationError
+from shared.payloads import SCHEMA_DIR as PAYLOAD_SCHEMA_DIR
+from shared.payloads import schema_errors
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+
+
+def _load(directory: Path) -> dict[str, dict[str, Any]]:
+    return {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(directory.glob("*.json"))}
+
+
+@cache
+def _schemas() -> dict[str, dict[str, Any]]:
+    """Every event schema, by event type (file name without ``.json``; ``defs`` excluded)."""
+    return {name[: -len(".json")]: doc for name, doc in _load(SCHEMA_DIR).items() if name != "defs.json"}
+
+
+@cache
+def _registry() -> Registry:
+    docs = list(_load(SCHEMA_DIR).values()) + list(_load(PAYLOAD_SCHEMA_DIR).values())
+    return Registry().with_resources((doc["$id"], Resource.from_contents(doc)) for doc in docs)
+
+
+@cache
+def _validator(event_type: str) -> Draft202012Validator:
+    return Draft202012Validator(schema_for(event_type), registry=_registry())
+
+
+def event_types() -> list[str]:
+    """Every event type that has a data schema."""
+    return sorted(_schemas())
+
+
+def schema_for(event_type: str) -> dict[str, Any]:
+    """The data schema of ``event_type``. Raises ``KeyError`` for an unknown type."""
+    return _schemas()[event_type]
+
+
+def data_errors(event_type: str, data: Any) -> list[dict[str, str]]:
+    """Field errors of ``data`` for ``event_type`` (empty when valid). Pure."""
+    if event_type not in _schemas():
+        return [{"field": "type", "message": "unknown event type"}]
+    return schema_errors(_validator(event_type), data, "data")
+
+
+def validate_data(event_type: str, data: Any) -> Any:
+    """Return ``data`` if it is valid for ``event_type``; raise ``ValidationError`` otherwise."""
+    errors = data_errors(event_type, data)
+    if errors:
+        raise ValidationError(f"invalid data for {event_type}", details=errors)
+    return data
+
+
+def validate_event(event: CloudEvent) -> CloudEvent:
+    """Check an event's data against its type's schema, and that a ``dataschema`` it
+    carries is ours for that type. Returns the event; raises ``ValidationError``."""
+    declared = event.get("dataschema")
+    if declared is not None and declared != catalog.dataschema_of(event["type"]):
+        raise ValidationError("dataschema does not match the event type",
+                              details=[{"field": "dataschema", "message": "must be the schema of the event's type"}])
+    validate_data(event["type"], event.get_data())
+    return event
