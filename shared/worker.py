@@ -155,6 +155,10 @@ class Worker:
         """functions-framework entry: a Flask request in, a Flask response out."""
         import flask
 
+        if request.method == "GET" and request.path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
         if request.method == "GET":  # liveness probes (the supervisor, kubelet)
             return flask.jsonify({"function": self.task_type, "status": "ok"})
         if request.method != "POST":

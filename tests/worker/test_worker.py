@@ -249,6 +249,7 @@ def test_get_is_a_liveness_probe_and_other_methods_are_refused(wsettings):
     client = app.test_client()
     assert client.get("/").json == {"function": "resize-image", "status": "ok"}
     assert client.put("/").status_code == 405
+    assert b"taskforge_circuit_breaker_open" in client.get("/metrics").data
     assert client.post("/", data=b"x" * (wsettings.max_body_bytes + 1),
                        headers={"content-type": "application/json"}).status_code == 413
 
