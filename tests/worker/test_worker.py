@@ -246,6 +246,7 @@ def test_get_is_a_liveness_probe_and_other_methods_are_refused(wsettings):
     w = Worker("resize-image", Core())
     app = flask.Flask("probe")
     app.add_url_rule("/", "h", lambda: w.http(flask.request), methods=["GET", "POST", "PUT"])
+    app.add_url_rule("/<path:p>", "p", lambda p: w.http(flask.request), methods=["GET", "POST", "PUT"])
     client = app.test_client()
     assert client.get("/").json == {"function": "resize-image", "status": "ok"}
     assert client.put("/").status_code == 405
