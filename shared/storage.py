@@ -121,6 +121,25 @@ class LocalStorage:
         return None  # the gateway streams local objects itself
 
 
+class _CountingReader:
+    """A read-only, non-seekable view of a stream that counts the bytes read through it."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source = source
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.source.read(n)
+        self.count += len(chunk)
+        return chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the caller owns the underlying stream
+        pass
+
+
 class S3Storage:
     """Objects in an S3 bucket (boto3). Network errors become ``StorageError`` (retryable)."""
 
@@ -149,9 +168,11 @@ class S3Storage:
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> int:
         check_key(key)
-        start = fileobj.tell() if fileobj.seekable() else 0
-        self._call(self.client.upload_fileobj, fileobj, self.bucket, key, ExtraArgs={"ContentType": content_type})
-        return (fileobj.tell() - start) if fileobj.seekable() else self.size(key)
+        # boto3 closes the stream it is given and may not read a non-seekable one to the
+        # end in order; a counting wrapper keeps the caller's stream open and gives the size.
+        counter = _CountingReader(fileobj)
+        self._call(self.client.upload_fileobj, counter, self.bucket, key, ExtraArgs={"ContentType": content_type})
+        return counter.count
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> int:
         check_key(key)

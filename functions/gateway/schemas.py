@@ -42,7 +42,7 @@ TASK_SUBMIT = _obj({"type": {"enum": list(TASK_TYPES)}, "payload": {"type": "obj
                    description="The payload is validated against the schema of its type "
                                "(ResizeImagePayload, CompressVideoPayload, GeneratePdfPayload).")
 BATCH_SUBMIT = _obj({"tasks": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
-                               "items": {"type": "object", "description": "a TaskSubmission"}}}, ("tasks",))
+                               "items": {"description": "a TaskSubmission, checked item by item"}}}, ("tasks",))
 API_KEY_CREATE = _obj({"name": {"type": "string", "minLength": 1, "maxLength": 100}}, ("name",))
 SUBMITTED_EVENT_DATA = _obj({"type": {"enum": list(TASK_TYPES)}, "payload": {"type": "object"}},
                             ("type", "payload"))

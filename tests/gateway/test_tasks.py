@@ -1,0 +1,285 @@
+"""Task submission (outbox atomicity, idempotency, validation, limits), reads, lists, cancel."""
+from __future__ import annotations
+
+import pytest
+
+from shared import db, outbox, relay, tasks
+from tests.gateway.conftest import pdf_body, resize_body
+
+
+def count(conn, table: str) -> int:
+    return conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone()["n"]
+
+
+def test_submit_writes_the_task_and_its_requested_event(client, user, conn):
+    r = client.post("/tasks", json=resize_body(), headers={**user.headers,
+                    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    assert r.status_code == 202
+    task = r.json
+    assert r.headers["Location"] == f"/tasks/{task['id']}"
+    assert set(task) == {"id", "type", "status", "progress", "payload", "result", "error", "attempts",
+                         "created_at", "updated_at"}
+    assert task["status"] == "pending" and task["progress"] == 0 and task["created_at"].endswith("Z")
+    row = conn.execute("SELECT * FROM outbox").fetchone()
+    assert row["type"] == "com.taskforge.resize-image.requested"
+    assert row["headers"]["subject"] == task["id"]
+    assert row["headers"]["source"] == "/taskforge/gateway"
+    # the event continues the caller's trace
+    assert row["headers"]["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert row["payload"] == {"task_id": task["id"], "user_id": user.id, "type": "resize-image",
+                              "payload": resize_body()["payload"]}
+    stored = conn.execute("SELECT trace_id FROM tasks WHERE id = %s", (task["id"],)).fetchone()
+    assert stored["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_the_eager_relay_publishes_after_commit(client, user, gw_settings, conn):
+    r = client.post("/tasks", json=pdf_body(), headers=user.headers)
+    assert relay.flush(gw_settings, timeout_s=10)
+    row = conn.execute("SELECT dispatched_at FROM outbox").fetchone()
+    assert row["dispatched_at"] is not None
+    assert client.get(f"/tasks/{r.json['id']}", headers=user.headers).json["status"] == "queued"
+
+
+def test_task_and_outbox_rows_commit_together_or_not_at_all(client, user, conn, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure between the task insert and the outbox insert")
+
+    monkeypatch.setattr(outbox, "add_event", broken)
+    r = client.post("/tasks", json=resize_body(), headers=user.headers)
+    assert r.status_code == 500
+    assert r.json == {"error": {"code": "internal", "message": "internal error"}}
+    assert count(conn, "tasks") == 0 and count(conn, "outbox") == 0
+
+
+def test_a_database_error_in_the_outbox_insert_rolls_the_task_back(client, user, conn, monkeypatch):
+    real = outbox.add_event
+
+    def bad_sql(c, **kwargs):
+        real(c, **kwargs)
+        c.execute("INSERT INTO outbox (event_id) VALUES (NULL)")  # violates NOT NULL
+
+    monkeypatch.setattr(outbox, "add_event", bad_sql)
+    assert client.post("/tasks", json=pdf_body(), headers=user.headers).status_code == 500
+    assert count(conn, "tasks") == 0 and count(conn, "outbox") == 0
+
+
+def test_same_idempotency_key_and_body_returns_the_same_task(client, user, conn):
+    headers = {**user.headers, "Idempotency-Key": "order-42"}
+    first = client.post("/tasks", json=resize_body(), headers=headers)
+    # Same content, different key order and spacing: still the same request.
+    again = client.post("/tasks", data='{"payload": {"width": 320, "source": {"url": "https://example.com/cat.jpg"}},'
+                                      ' "type": "resize-image"}', content_type="application/json", headers=headers)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json["id"] == first.json["id"]
+    assert again.headers["Location"] == f"/tasks/{first.json['id']}"
+    assert count(conn, "tasks") == 1 and count(conn, "outbox") == 1
+
+
+def test_same_idempotency_key_with_another_body_is_a_conflict(client, user, conn):
+    headers = {**user.headers, "Idempotency-Key": "order-43"}
+    assert client.post("/tasks", json=resize_body(), headers=headers).status_code == 202
+    r = client.post("/tasks", json=resize_body(quality=50), headers=headers)
+    assert r.status_code == 409 and r.json["error"]["code"] == "idempotency_key_reused"
+    assert count(conn, "tasks") == 1
+
+
+def test_idempotency_keys_are_per_user(client, make_user):
+    a, b = make_user(), make_user()
+    ra = client.post("/tasks", json=pdf_body(), headers={**a.headers, "Idempotency-Key": "k"})
+    rb = client.post("/tasks", json=pdf_body(), headers={**b.headers, "Idempotency-Key": "k"})
+    assert ra.status_code == rb.status_code == 202 and ra.json["id"] != rb.json["id"]
+
+
+def test_invalid_idempotency_key(client, user):
+    r = client.post("/tasks", json=pdf_body(), headers={**user.headers, "Idempotency-Key": "x" * 300})
+    assert r.status_code == 422 and r.json["error"]["details"][0]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize("body, fields", [
+    ({"type": "transcode-audio", "payload": {}}, {"type"}),
+    ({"type": "resize-image"}, {"payload"}),
+    ({"type": "resize-image", "payload": {"source": {"url": "https://x.io/a.png"}}}, {"payload"}),
+    ({"type": "resize-image", "payload": {"source": {"url": "ftp://x.io/a"}, "width": 5}}, {"payload.source.url"}),
+    ({"type": "resize-image", "payload": {"source": {"url": "https://x.io/a"}, "width": 20000, "fit": "zoom"}},
+     {"payload.width", "payload.fit"}),
+    ({"type": "resize-image", "payload": {"source": {"url": "https://x.io/a"}, "width": 5, "colour": "red"}},
+     {"payload.colour"}),
+    ({"type": "generate-pdf", "payload": {"url": "https://x.io", "html": "<p>"}}, {"payload"}),
+    ({"type": "compress-video", "payload": {"source": {"url": "https://x.io/v.mp4"}, "codec": "h264",
+                                            "format": "webm"}}, {"payload"}),
+    ({"type": "compress-video", "payload": {"source": {"url": "https://x.io/v.mp4"}, "crf": 60}}, {"payload.crf"}),
+    ({"type": "generate-pdf", "payload": {"html": "<p>"}, "priority": 1}, {"priority"}),
+])
+def test_invalid_submissions_get_422_with_the_failing_fields(client, user, conn, body, fields):
+    r = client.post("/tasks", json=body, headers=user.headers)
+    assert r.status_code == 422, r.json
+    assert {d["field"] for d in r.json["error"]["details"]} == fields
+    assert count(conn, "tasks") == 0
+
+
+def test_an_upload_of_another_user_cannot_be_used(client, make_user):
+    owner, other = make_user(), make_user()
+    up = client.post("/uploads", data=b"\x89PNG...", content_type="image/png", headers=owner.headers).json
+    r = client.post("/tasks", json=resize_body(up["id"]), headers=other.headers)
+    assert r.status_code == 422
+    assert r.json["error"]["details"] == [{"field": "payload.source.upload_id", "message": "no such upload"}]
+    assert client.post("/tasks", json=resize_body(up["id"]), headers=owner.headers).status_code == 202
+
+
+def test_get_task_and_ownership(client, make_user):
+    owner, other = make_user(), make_user()
+    task = client.post("/tasks", json=pdf_body(), headers=owner.headers).json
+    got = client.get(f"/tasks/{task['id']}", headers=owner.headers)
+    assert got.status_code == 200 and got.json["id"] == task["id"]
+    assert client.get(f"/tasks/{task['id']}", headers=other.headers).status_code == 404
+    assert client.get("/tasks/not-a-uuid", headers=owner.headers).status_code == 404
+    assert client.get(f"/tasks/{task['id']}").status_code == 401
+
+
+def test_list_pages_newest_first_without_gaps_or_duplicates(client, user, make_user):
+    ids = [client.post("/tasks", json=pdf_body(f"<p>{i}</p>"), headers=user.headers).json["id"] for i in range(5)]
+    client.post("/tasks", json=pdf_body(), headers=make_user().headers)  # someone else's
+    seen, cursor = [], None
+    for _ in range(5):
+        r = client.get("/tasks", query_string={"limit": 2, **({"cursor": cursor} if cursor else {})},
+                       headers=user.headers)
+        assert r.status_code == 200
+        seen += [t["id"] for t in r.json["items"]]
+        cursor = r.json["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+
+
+def test_list_filters(client, user, conn):
+    a = client.post("/tasks", json=pdf_body(), headers=user.headers).json
+    client.post("/tasks", json=resize_body(), headers=user.headers)
+    conn.execute("UPDATE tasks SET status = 'failed' WHERE id = %s", (a["id"],))
+    by_type = client.get("/tasks?type=generate-pdf", headers=user.headers).json["items"]
+    assert [t["id"] for t in by_type] == [a["id"]]
+    failed = client.get("/tasks?status=failed", headers=user.headers).json["items"]
+    assert [t["id"] for t in failed] == [a["id"]]
+    assert client.get("/tasks?status=succeeded", headers=user.headers).json == {"items": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize("query, field", [("limit=0", "limit"), ("limit=101", "limit"), ("limit=abc", "limit"),
+                                          ("status=done", "status"), ("type=x", "type"), ("cursor=%%%", "cursor"),
+                                          ("cursor=WyJ4IiwieSJd", "cursor"), ("sort=asc", "sort")])
+def test_list_query_validation(client, user, query, field):
+    r = client.get(f"/tasks?{query}", headers=user.headers)
+    assert r.status_code == 422
+    assert field in [d["field"] for d in r.json["error"]["details"]]
+
+
+def test_cancel_a_pending_task_then_again(client, user, make_user, conn):
+    task = client.post("/tasks", json=pdf_body(), headers=user.headers).json
+    assert client.post(f"/tasks/{task['id']}/cancel", headers=make_user().headers).status_code == 404
+    r = client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert r.status_code == 202 and r.json["status"] == "cancelled"
+    again = client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert again.status_code == 409
+    assert client.post("/tasks/nope/cancel", headers=user.headers).status_code == 404
+
+
+def test_cancel_a_running_task_requests_it(client, user, conn):
+    task = client.post("/tasks", json=pdf_body(), headers=user.headers).json
+    conn.execute("UPDATE tasks SET status = 'running' WHERE id = %s", (task["id"],))
+    r = client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert r.status_code == 202 and r.json["status"] == "running"
+    assert conn.execute("SELECT cancel_requested FROM tasks WHERE id = %s", (task["id"],)).fetchone()[
+        "cancel_requested"]
+
+
+def test_in_flight_cap(make_app, make_user, conn):
+    client = make_app(max_tasks_in_flight=2).test_client()
+    user = make_user()
+    for i in range(2):
+        assert client.post("/tasks", json=pdf_body(f"<p>{i}</p>"), headers=user.headers).status_code == 202
+    r = client.post("/tasks", json=pdf_body("<p>3</p>"), headers=user.headers)
+    assert r.status_code == 429 and r.json["error"]["code"] == "too_many_in_flight"
+    assert int(r.headers["Retry-After"]) >= 1
+    assert count(conn, "tasks") == 2 and count(conn, "outbox") == 2
+    # finishing one frees a slot
+    conn.execute("UPDATE tasks SET status = 'succeeded' WHERE id = (SELECT id FROM tasks LIMIT 1)")
+    assert client.post("/tasks", json=pdf_body("<p>3</p>"), headers=user.headers).status_code == 202
+
+
+def test_idempotent_replay_is_answered_even_at_the_cap(make_app, make_user):
+    client = make_app(max_tasks_in_flight=1).test_client()
+    user = make_user()
+    headers = {**user.headers, "Idempotency-Key": "only"}
+    first = client.post("/tasks", json=pdf_body(), headers=headers)
+    again = client.post("/tasks", json=pdf_body(), headers=headers)
+    assert (first.status_code, again.status_code) == (202, 200)
+
+
+def test_submission_rate_limit(make_app, make_user):
+    client = make_app(submit_rate_per_min=3).test_client()
+    user, other = make_user(), make_user()
+    codes = [client.post("/tasks", json=pdf_body(f"<p>{i}</p>"), headers=user.headers).status_code for i in range(4)]
+    assert codes == [202, 202, 202, 429]
+    r = client.post("/tasks", json=pdf_body(), headers=user.headers)
+    assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 61
+    assert client.post("/tasks", json=pdf_body(), headers=other.headers).status_code == 202
+
+
+def test_batch_answers_per_item_in_one_transaction(client, user, conn):
+    body = {"tasks": [pdf_body("<p>1</p>"), {"type": "nope", "payload": {}}, resize_body(width=0), "x",
+                      resize_body()]}
+    r = client.post("/tasks/batch", json=body, headers=user.headers)
+    assert r.status_code == 202
+    items = r.json["items"]
+    assert [i["status"] for i in items] == [202, 422, 422, 422, 202]
+    assert r.json["accepted"] == 2 and r.json["rejected"] == 3
+    assert items[1]["error"]["details"] == [{"field": "tasks[1].type", "message": items[1]["error"]["details"][0][
+        "message"]}]
+    assert {d["field"] for d in items[2]["error"]["details"]} == {"tasks[2].payload.width"}
+    assert count(conn, "tasks") == 2 and count(conn, "outbox") == 2
+    created = {row["id"] for row in conn.execute("SELECT id::text FROM tasks")}
+    assert created == {items[0]["task"]["id"], items[4]["task"]["id"]}
+
+
+def test_batch_with_nothing_valid_is_422(client, user, conn):
+    r = client.post("/tasks/batch", json={"tasks": [{"type": "nope", "payload": {}}]}, headers=user.headers)
+    assert r.status_code == 422 and r.json["accepted"] == 0
+    assert count(conn, "tasks") == 0
+
+
+def test_batch_limits(make_app, user):
+    client = make_app(max_batch_items=3).test_client()
+    r = client.post("/tasks/batch", json={"tasks": [pdf_body()] * 4}, headers=user.headers)
+    assert r.status_code == 422 and r.json["error"]["details"][0]["field"] == "tasks"
+    assert client.post("/tasks/batch", json={"tasks": []}, headers=user.headers).status_code == 422
+    assert client.post("/tasks/batch", json={"tasks": [pdf_body()] * 101}, headers=user.headers).status_code == 422
+
+
+def test_a_failing_batch_commits_nothing(client, user, conn, monkeypatch):
+    real, calls = outbox.add_event, []
+
+    def second_fails(c, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(c, **kwargs)
+
+    monkeypatch.setattr(outbox, "add_event", second_fails)
+    r = client.post("/tasks/batch", json={"tasks": [pdf_body("<p>1</p>"), pdf_body("<p>2</p>")]},
+                    headers=user.headers)
+    assert r.status_code == 500
+    assert count(conn, "tasks") == 0 and count(conn, "outbox") == 0
+
+
+def test_batch_respects_the_in_flight_cap_as_a_whole(make_app, make_user, conn):
+    client = make_app(max_tasks_in_flight=3).test_client()
+    user = make_user()
+    r = client.post("/tasks/batch", json={"tasks": [pdf_body(f"<p>{i}</p>") for i in range(4)]}, headers=user.headers)
+    assert r.status_code == 429
+    assert count(conn, "tasks") == 0
+
+
+def test_create_task_core_validates_on_its_own(gw_settings, user):
+    # The repository validates even when called without the HTTP layer (every boundary).
+    from shared.errors import ValidationError
+
+    with db.connection(gw_settings) as c, pytest.raises(ValidationError):
+        tasks.create_task(c, user_id=user.id, task_type="resize-image", payload={"width": 1})
