@@ -42,10 +42,17 @@ def tick_once(broker: Broker, spec: TickerSpec, now: datetime | None = None) -> 
 
 
 class Ticker:
-    def __init__(self, settings: Settings, spec: TickerSpec, broker: Broker | None = None) -> None:
+    """Publishes a tick every ``spec.interval_s`` from a background thread. With no
+    ``broker`` it opens its own AMQP publisher from ``settings``."""
+
+    def __init__(self, settings: Settings | None, spec: TickerSpec, broker: Broker | None = None) -> None:
         self.spec = spec
         self._own_broker = broker is None
-        self.broker = broker or build_broker(settings.replace(broker_backend="rabbitmq", k_sink=""))
+        if broker is None:
+            if settings is None:
+                raise ValueError("Ticker needs settings or a broker")
+            broker = build_broker(settings.replace(broker_backend="rabbitmq", k_sink=""))
+        self.broker = broker
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ticks = 0

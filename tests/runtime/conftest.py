@@ -54,6 +54,7 @@ def graph_doc(ports: list[int], logs: Path, consumer_timeout_s: float = 1800) ->
             "pathed": {"type": "test.pathed", "subscriber": "scripted", "path": "/events",
                        "delivery": {**FAST, "retry": 0}},
             "replied": {"type": "test.replied", "subscriber": "scripted", "delivery": {**FAST, "retry": 0}},
+            "ping": {"type": "dev.knative.sources.ping", "subscriber": "scripted", "delivery": {**FAST, "retry": 0}},
         },
         "dead_letter": {"subscriber": "dead-letter",
                         "delivery": {"retry": 2, "backoffPolicy": "linear", "backoffDelay": "PT0.05S",

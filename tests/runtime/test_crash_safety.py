@@ -1,0 +1,49 @@
+"""A dispatcher that dies mid-delivery loses nothing: its unacked message is redelivered."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from tests.e2e.conftest import ROOT, settings_env
+from tests.runtime.conftest import Rig, child_env, event
+from tests.runtime.test_supervisor import wait_for
+
+RUNNER = textwrap.dedent("""
+    import sys
+    from infra.runtime.config import DeliverySpec
+    from infra.runtime.dispatcher import Dispatcher
+    from shared.settings import load_settings
+
+    queue, url, dead_letter = sys.argv[1:4]
+    d = Dispatcher(load_settings(), name="codes", queue_name=queue, url=url, dead_letter=dead_letter,
+                   delivery=DeliverySpec(retry=0, timeout_s=30, dead_letter_sink="dead-letter"))
+    d.drain(timeout_s=120)
+""")
+
+
+def test_killed_dispatcher_leaves_the_message_for_redelivery(rig: Rig) -> None:
+    proc_fn = rig.supervisor.process("scripted")
+    proc_fn.ensure_running()
+    e = event("test.codes", {"sleep_s": [3, 0]})
+    rig.publish(e)
+    env = {**child_env(), **settings_env(rig.settings)}
+    url = rig.config.subscriber_url(rig.config.triggers["codes"])
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, rig.queue("codes"), url,
+                               f"{rig.settings.broker_name}.dead-letter"], cwd=ROOT, env=env)
+    try:
+        wait_for(lambda: len(rig.calls(event_id=e["id"])) == 1, what="first delivery started")
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(10)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    # RabbitMQ returns the unacked message to the queue once the dead consumer's connection closes.
+    wait_for(lambda: rig.ready(rig.queue("codes")) == 1, what="message back in the queue")
+    counts = rig.dispatcher("codes").drain()
+    assert counts["delivered"] == 1
+    time.sleep(0.1)
+    assert [c["attempt"] for c in rig.calls(event_id=e["id"])] == [1, 2]
+    assert rig.ready(rig.queue("codes")) == 0
