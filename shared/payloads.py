@@ -114,6 +114,8 @@ def payload_errors(task_type: str, payload: Any, prefix: str = "payload") -> lis
     """Field errors of ``payload`` for ``task_type`` (empty when valid). Pure."""
     if task_type not in TASK_TYPES:
         return [{"field": "type", "message": f"unknown task type; one of: {', '.join(TASK_TYPES)}"}]
+    if not isinstance(payload, dict):  # keeps the combinators quiet about a non-object
+        return [{"field": prefix, "message": "must be of type object"}]
     return schema_errors(_validator(task_type), payload, prefix)
 
 
