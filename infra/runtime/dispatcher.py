@@ -125,6 +125,10 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run_forever, name=f"dispatch-{self.name}", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Begin stopping without waiting (lets a stack stop all dispatchers at once)."""
+        self._stop.set()
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop consuming; in-flight deliveries get ``grace_s`` to settle, the rest are
         redelivered by RabbitMQ (at least once)."""

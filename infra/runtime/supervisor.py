@@ -167,6 +167,9 @@ class Stack:
 
     def stop(self) -> None:
         # Producers first (ticker, ingress), then consumers, then the functions they call.
+        for part in self._parts:
+            if hasattr(part, "request_stop"):
+                part.request_stop()  # all dispatchers wind down together
         for part in reversed(self._parts):
             try:
                 part.stop()

@@ -1,0 +1,74 @@
+"""dead-letter: the broker's dead-letter sink (DESIGN §5).
+
+Receives every event whose delivery was exhausted, with Knative's ``knativeerrordest``,
+``knativeerrorcode`` and ``knativeerrordata`` extensions, in binary or structured mode.
+It records the event (``shared.deadletters.record``), marks its task ``failed`` with a
+clear error, and answers 200 — deliberately trivial, because an event this function
+fails to take is lost. Idempotent on the event's ``source`` + ``id``.
+
+Answers: 200 recorded (or already recorded); 400 not a CloudEvent (the dispatcher drops
+it: there is nothing to record); 503 when PostgreSQL is unavailable and 500 on anything
+unexpected, both retried by the dispatcher with this sink's generous delivery spec.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import flask
+import functions_framework
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from events import codec
+from shared import db, deadletters, metrics, status
+from shared import logging as tf_logging
+from shared.errors import TaskForgeError, http_status
+from shared.settings import get_settings
+
+log = logging.getLogger("taskforge.dead_letter")
+
+
+def _json(code: int, body: dict[str, Any]) -> flask.Response:
+    return flask.Response(json.dumps(body), status=code, mimetype="application/json")
+
+
+def take(headers: Any, body: bytes) -> dict[str, Any]:
+    """Decode, record, fail the task, fan the change out. Raises ``BadRequest`` for a
+    body that is not a CloudEvent and ``ServiceUnavailable`` when the database is down."""
+    event = codec.from_http(headers, body)
+    settings = get_settings()
+    with db.connection(settings) as conn:
+        rec = deadletters.record(conn, event)
+    if rec.task is not None:
+        status.publish_rows(settings, [rec.task])  # best effort: Postgres already has the truth
+    if rec.created:
+        metrics.DEAD_LETTERS.labels(event["type"]).inc()
+        log.warning("dead letter recorded: %s %s from %s (dest=%s code=%s)", event["type"], event["id"],
+                    event["source"], rec.row["error_dest"], rec.row["error_code"],
+                    extra={"event_id": event["id"], "task_id": rec.row["task_id"]})
+    return {"id": str(rec.row["id"]), "created": rec.created,
+            "task_id": str(rec.row["task_id"]) if rec.row["task_id"] else None,
+            "task_failed": rec.task is not None}
+
+
+@functions_framework.http
+def handle(request: flask.Request) -> flask.Response:
+    if request.method == "GET" and request.path in ("/healthz", "/readyz"):
+        return _json(200, {"status": "ok"})
+    if request.method == "GET" and request.path == "/metrics":
+        return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    if request.method != "POST":
+        return _json(405, {"error": {"code": "method_not_allowed", "message": "POST a CloudEvent"}})
+    try:
+        return _json(200, take(request.headers, request.get_data()))
+    except TaskForgeError as exc:
+        if exc.retryable:
+            log.warning("dead letter not recorded yet (%s); the dispatcher will retry", exc.code)
+        return _json(http_status(exc), {"error": exc.to_dict()})
+    except Exception:  # 500: the dispatcher retries; never a stack trace in the answer
+        log.exception("dead letter not recorded")
+        return _json(500, {"error": {"code": "internal", "message": "internal error"}})
+
+
+tf_logging.setup("dead-letter", get_settings().log_level)

@@ -1,0 +1,244 @@
+"""Dead letters: events the broker gave up delivering (DESIGN §5), recorded for operators.
+
+* :func:`record` — what the dead-letter function does with each event: one row in
+  ``dead_letters`` with the Knative error attributes (``knativeerrordest``,
+  ``knativeerrorcode``, ``knativeerrordata``), and, for a ``*.requested`` event, the task
+  marked ``failed`` with a clear error (through ``shared.state``). Idempotent on the
+  event's ``source`` + ``id``: a redelivered dead letter is recorded once.
+* :func:`list_page` / :func:`public` — the admin listing, newest first, keyset-paginated.
+* :func:`replay` — re-publish a dead letter's original event through the outbox (a new
+  event id, extension ``replayof`` = the original id) and put its failed task back to
+  ``queued`` with a full set of attempts.
+
+Every function runs inside the caller's transaction; the caller publishes the returned
+task rows to the status stream after commit.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from cloudevents.http import CloudEvent
+from psycopg.types.json import Jsonb
+
+from events import catalog
+from shared import outbox, state
+from shared.errors import BadRequest, Conflict, NotFound
+
+Row = dict[str, Any]
+ERROR_EXTENSIONS = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
+# Attributes add_event sets itself on a replayed event; everything else is carried over.
+_REBUILT = {"specversion", "id", "type", "source", "time", "datacontenttype", "dataschema", "subject",
+            "traceparent", *ERROR_EXTENSIONS}
+SNIPPET_CHARS = 300
+MAX_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class Recorded:
+    row: Row
+    created: bool  # False: a duplicate of a dead letter already recorded
+    task: Row | None  # the task row if this changed it (publish to the status stream)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    row: Row
+    event_id: str  # the new outbox event
+    task: Row | None
+
+
+# --- pure helpers ------------------------------------------------------------------------
+def error_text(value: Any) -> str | None:
+    """The text behind ``knativeerrordata`` (base64 per Knative; plain text tolerated)."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    try:
+        return base64.b64decode(text, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return text
+
+
+def task_id_of(event_type: str, subject: str | None, data: Any) -> str | None:
+    """The task a dead-lettered event was about (contract 4: subject and ``data.task_id``),
+    or None when it is not a task event or names no valid task id."""
+    candidates = [data.get("task_id")] if isinstance(data, dict) else []
+    candidates.append(subject)
+    for c in candidates:
+        if isinstance(c, str):
+            try:
+                return str(uuid.UUID(c))
+            except ValueError:
+                continue
+    return None
+
+
+def failure_error(dest: str | None, code: str | None, data: str | None) -> dict[str, str]:
+    """The task error for a dead-lettered request: what failed and the last answer."""
+    if code and code != "-1":
+        answer = f"HTTP {code}"
+    else:
+        answer = "no answer"
+    if data:
+        snippet = " ".join(data.split())[:SNIPPET_CHARS]
+        answer += f": {snippet}"
+    where = f" to {dest}" if dest else ""
+    return {"code": "dead_lettered",
+            "message": f"delivery{where} failed after every retry; last outcome {answer}"}
+
+
+def _data_columns(event: CloudEvent) -> tuple[Any, dict[str, Any]]:
+    """``(data for the jsonb column, extra attributes)``; bytes data is kept base64-encoded
+    under the non-attribute key ``data_base64``."""
+    data = event.get_data()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return None, {"data_base64": base64.b64encode(bytes(data)).decode("ascii")}
+    return data, {}
+
+
+# --- record (the dead-letter function) ---------------------------------------------------
+def record(conn: psycopg.Connection, event: CloudEvent) -> Recorded:
+    """Store one dead-lettered event and fail its task. Idempotent on ``source`` + ``id``.
+
+    A dead letter already recorded (and not replayed since) is not recorded again. Raises
+    only on database errors (the caller answers 5xx so the broker retries).
+    """
+    attrs = {name: event[name] for name in event}
+    source, event_id, event_type = str(attrs["source"]), str(attrs["id"]), str(attrs["type"])
+    # Serialise concurrent deliveries of the same dead letter (the dispatcher may retry
+    # while a slow first attempt is still committing).
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"dead-letter:{source}:{event_id}",))
+    existing = conn.execute(
+        "SELECT * FROM dead_letters WHERE source = %s AND event_id = %s AND replayed_at IS NULL"
+        " ORDER BY received_at DESC LIMIT 1", (source, event_id)).fetchone()
+    if existing is not None:
+        return Recorded(existing, False, None)
+    data, extra = _data_columns(event)
+    subject = attrs.get("subject")
+    task_id = task_id_of(event_type, subject, data) if catalog.task_type_of(event_type) else None
+    dest, code = attrs.get("knativeerrordest"), attrs.get("knativeerrorcode")
+    text = error_text(attrs.get("knativeerrordata"))
+    row = conn.execute(
+        "INSERT INTO dead_letters (event_id, event_type, source, subject, task_id, attributes, data,"
+        " error_dest, error_code, error_data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
+        (event_id, event_type, source, subject, task_id, Jsonb({**_jsonable(attrs), **extra}),
+         Jsonb(data) if data is not None else None, dest, None if code is None else str(code), text),
+    ).fetchone()
+    task = None
+    if task_id is not None:
+        task = state.fail_dead_lettered(conn, task_id, failure_error(dest, None if code is None else str(code),
+                                                                     text))
+    return Recorded(row, True, task)
+
+
+def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (str, int, bool, float)) or v is None else str(v) for k, v in attrs.items()}
+
+
+# --- admin: list -------------------------------------------------------------------------
+def public(row: Row) -> dict[str, Any]:
+    """A dead letter as the admin API shows it."""
+    return {
+        "id": str(row["id"]),
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "source": row["source"],
+        "subject": row["subject"],
+        "task_id": str(row["task_id"]) if row["task_id"] else None,
+        "error": {"destination": row["error_dest"], "code": row["error_code"], "data": row["error_data"]},
+        "attributes": row["attributes"],
+        "data": row["data"],
+        "received_at": _iso(row["received_at"]),
+        "replayed_at": _iso(row["replayed_at"]),
+        "replay_count": row["replay_count"],
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def encode_cursor(row: Row) -> str:
+    raw = f"{row['received_at'].isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Raises ``BadRequest`` for a cursor this API did not hand out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        when, _, ident = raw.partition("|")
+        return datetime.fromisoformat(when), uuid.UUID(ident)
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise BadRequest("invalid cursor", code="invalid_cursor") from exc
+
+
+def list_page(conn: psycopg.Connection, *, limit: int = 20, cursor: str | None = None,
+              event_type: str | None = None, task_id: str | None = None,
+              replayed: bool | None = None) -> tuple[list[Row], str | None]:
+    """Newest first: ``(rows, next_cursor)``; ``next_cursor`` is None on the last page."""
+    limit = max(1, min(MAX_LIMIT, int(limit)))
+    where, params = ["true"], []
+    if cursor:
+        when, ident = decode_cursor(cursor)
+        where.append("(received_at, id) < (%s, %s)")
+        params += [when, ident]
+    if event_type:
+        where.append("event_type = %s")
+        params.append(event_type)
+    if task_id:
+        where.append("task_id = %s")
+        params.append(task_id)
+    if replayed is not None:
+        where.append("replayed_at IS NOT NULL" if replayed else "replayed_at IS NULL")
+    rows = conn.execute(
+        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)}"  # noqa: S608 - fixed fragments only
+        " ORDER BY received_at DESC, id DESC LIMIT %s", (*params, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+
+# --- admin: replay -----------------------------------------------------------------------
+def replay(conn: psycopg.Connection, dead_letter_id: str) -> Replayed:
+    """Re-publish the original event through the outbox; reopen its failed task.
+
+    Raises ``NotFound`` for an unknown id, ``Conflict`` when the task already succeeded or
+    was cancelled (or no longer exists), or when the event's data was not JSON.
+    """
+    try:
+        ident = uuid.UUID(str(dead_letter_id))
+    except ValueError:
+        raise NotFound("no such dead letter") from None
+    row = conn.execute("SELECT * FROM dead_letters WHERE id = %s FOR UPDATE", (ident,)).fetchone()
+    if row is None:
+        raise NotFound("no such dead letter")
+    attrs: dict[str, Any] = row["attributes"] or {}
+    if "data_base64" in attrs:
+        raise Conflict("this event carried binary data; it cannot be replayed through the outbox")
+    task = None
+    if row["task_id"] is not None:
+        current = state.get(conn, str(row["task_id"]))
+        if current is None:
+            raise Conflict("the event's task no longer exists")
+        if current["status"] in ("succeeded", "cancelled"):
+            raise Conflict(f"the event's task already {current['status']}; nothing to replay")
+        if current["status"] == "failed":
+            task = state.reopen(conn, str(row["task_id"]))
+        # pending/queued/running/retrying: still in flight; a duplicate event is harmless
+        # because a worker claims the task through a conditional state change.
+    extensions = {k: str(v) for k, v in attrs.items() if k not in _REBUILT}
+    extensions["replayof"] = row["event_id"]
+    event_id = outbox.add_event(conn, type=row["event_type"], source=row["source"],
+                                data=row["data"], subject=row["subject"],
+                                traceparent=attrs.get("traceparent"), extensions=extensions)
+    updated = conn.execute(
+        "UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1 WHERE id = %s RETURNING *",
+        (ident,)).fetchone()
+    return Replayed(updated, event_id, task)
