@@ -1,0 +1,257 @@
+"""The drift check: do the Knative manifests and ``stack.yml`` describe the same graph
+as ``infra/runtime/taskforge.yaml`` (read through ``infra.runtime.config``)?
+
+:func:`problems` is pure: it takes the parsed graph, the rendered Knative objects, the
+parsed ``stack.yml`` and the event types the code publishes, and returns one readable
+line per disagreement (empty when everything agrees). Tests feed it the real files,
+and mutated copies to show each kind of drift is caught.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from events import catalog
+from infra.runtime.config import DeliverySpec, RuntimeConfig, parse_duration
+
+SERVICE_API = "serving.knative.dev/v1"
+PARALLELISM = "rabbitmq.eventing.knative.dev/parallelism"
+RETENTION = "autoscaling.knative.dev/scale-to-zero-pod-retention-period"
+CRON_TOPIC = "cron-function"
+_GO_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def go_duration_s(text: str) -> float:
+    """Seconds in a Go duration such as ``90s``, ``2m``, ``1h30m`` (what Knative and
+    OpenFaaS annotations use). Raises ``ValueError`` otherwise."""
+    m = _GO_DURATION.match(text.strip())
+    if not text.strip() or not m or not any(m.groups()):
+        raise ValueError(f"not a duration like 90s, 2m or 1h30m: {text!r}")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def published_types() -> set[str]:
+    """Every event type the catalogue declares (events/catalog.py): what can be published."""
+    out = {v for k, v in vars(catalog).items()
+           if k.isupper() and isinstance(v, str) and (v.startswith(catalog.PREFIX + ".") or v == catalog.PING)}
+    return out | {catalog.requested_type(t) for t in catalog.TASK_TYPES}
+
+
+def consumed_types() -> set[str]:
+    """Types that must reach a function: every task type's ``*.requested``."""
+    return {catalog.requested_type(t) for t in catalog.TASK_TYPES}
+
+
+def problems(graph: RuntimeConfig, knative: Iterable[Mapping[str, Any]], stack: Mapping[str, Any],
+             published: set[str], consumed: set[str]) -> list[str]:
+    objs = list(knative)
+    out: list[str] = []
+    out += _functions(graph, objs, stack)
+    out += _triggers(graph, objs)
+    out += _types(graph, objs, published, consumed)
+    out += _dead_letter_sinks(graph, objs)
+    out += _scaling_and_timeouts(graph, objs)
+    out += _openfaas(graph, stack)
+    return out
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+def _of_kind(objs: list[Mapping[str, Any]], kind: str) -> dict[str, Mapping[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o.get("kind") == kind}
+
+
+def _functions(graph: RuntimeConfig, objs: list[Mapping[str, Any]], stack: Mapping[str, Any]) -> list[str]:
+    places = {
+        "infra/runtime/taskforge.yaml": set(graph.functions),
+        "knative/ (Services)": set(_of_kind(objs, "Service")),
+        "stack.yml": set((stack.get("functions") or {}).keys()),
+    }
+    every = set().union(*places.values())
+    out = []
+    for name in sorted(every):
+        missing = [p for p, names in places.items() if name not in names]
+        if missing:
+            out.append(f"function {name!r} is missing from {', '.join(missing)}")
+    return out
+
+
+def _delivery_problems(where: str, want: DeliverySpec, got: Mapping[str, Any] | None) -> list[str]:
+    if not got:
+        return [f"{where}: no delivery spec (expected retry {want.retry}, {want.backoff_policy})"]
+    out = []
+    if got.get("retry") != want.retry:
+        out.append(f"{where}: retry {got.get('retry')!r} != {want.retry}")
+    if got.get("backoffPolicy") != want.backoff_policy:
+        out.append(f"{where}: backoffPolicy {got.get('backoffPolicy')!r} != {want.backoff_policy!r}")
+    for key, want_s in (("backoffDelay", want.backoff_delay_s), ("timeout", want.timeout_s)):
+        try:
+            got_s = parse_duration(got.get(key))
+        except ValueError:
+            out.append(f"{where}: {key} {got.get(key)!r} is not an ISO-8601 duration")
+            continue
+        if abs(got_s - want_s) > 1e-6:
+            out.append(f"{where}: {key} {got.get(key)} ({got_s:g} s) != {want_s:g} s")
+    sink = ((got.get("deadLetterSink") or {}).get("ref") or {}).get("name")
+    if want.dead_letter_sink and sink != want.dead_letter_sink:
+        out.append(f"{where}: deadLetterSink {sink!r} != {want.dead_letter_sink!r}")
+    return out
+
+
+def _triggers(graph: RuntimeConfig, objs: list[Mapping[str, Any]]) -> list[str]:
+    kn = _of_kind(objs, "Trigger")
+    out = []
+    for name in sorted(set(kn) - set(graph.triggers)):
+        out.append(f"trigger {name!r} exists only in knative/, not in infra/runtime/taskforge.yaml")
+    for name, t in graph.triggers.items():
+        obj = kn.get(name)
+        where = f"knative Trigger {name!r}"
+        if obj is None:
+            out.append(f"trigger {name!r} of infra/runtime/taskforge.yaml has no Trigger in knative/")
+            continue
+        spec = obj.get("spec", {})
+        attrs = dict((spec.get("filter") or {}).get("attributes") or {})
+        if attrs != dict(t.filter):
+            out.append(f"{where}: filter {attrs} != {dict(t.filter)}")
+        sub = spec.get("subscriber") or {}
+        ref = sub.get("ref") or {}
+        if (ref.get("apiVersion"), ref.get("kind"), ref.get("name")) != (SERVICE_API, "Service", t.subscriber):
+            out.append(f"{where}: subscriber {ref} is not the Knative Service {t.subscriber!r}")
+        want_uri = None if t.path == "/" else t.path
+        if sub.get("uri") != want_uri:
+            out.append(f"{where}: subscriber uri {sub.get('uri')!r} != path {t.path!r}")
+        par = (obj.get("metadata", {}).get("annotations") or {}).get(PARALLELISM)
+        if par != str(t.parallelism):
+            out.append(f"{where}: annotation {PARALLELISM} {par!r} != {str(t.parallelism)!r}")
+        out += _delivery_problems(where, t.delivery, spec.get("delivery"))
+    broker = _of_kind(objs, "Broker")
+    if graph.broker.delivery is not None:
+        for bname, b in broker.items():
+            out += _delivery_problems(f"knative Broker {bname!r}", graph.broker.delivery, b["spec"].get("delivery"))
+    return out
+
+
+def _types(graph: RuntimeConfig, objs: list[Mapping[str, Any]], published: set[str],
+           consumed: set[str]) -> list[str]:
+    out = []
+    filtered: dict[str, str] = {}
+    for name, t in graph.triggers.items():
+        filtered[t.type] = f"trigger {name!r} (infra/runtime/taskforge.yaml)"
+    for name, obj in _of_kind(objs, "Trigger").items():
+        typ = ((obj.get("spec", {}).get("filter") or {}).get("attributes") or {}).get("type")
+        if typ is None:
+            out.append(f"knative Trigger {name!r} has no type filter: it would receive every event")
+        else:
+            filtered.setdefault(typ, f"knative Trigger {name!r}")
+    for typ, where in sorted(filtered.items()):
+        if typ not in published:
+            out.append(f"{where} filters type {typ!r}, which no one publishes (not in events/catalog.py)")
+    for typ in sorted(consumed - set(filtered)):
+        out.append(f"type {typ!r} is published but no trigger delivers it to a function")
+    if catalog.PING in filtered:
+        pings = [o for o in _of_kind(objs, "PingSource").values()
+                 if ((o["spec"].get("sink") or {}).get("ref") or {}).get("kind") == "Broker"]
+        if not pings:
+            out.append(f"a trigger filters {catalog.PING!r} but no PingSource sends it into the Broker")
+        if graph.ticker is None or graph.ticker.type != catalog.PING:
+            out.append(f"the local ticker does not send {catalog.PING!r}, which a trigger filters")
+        for p in pings:
+            if graph.ticker is not None and p["spec"].get("schedule") != graph.ticker.schedule:
+                out.append(f"PingSource {p['metadata']['name']!r} schedule {p['spec'].get('schedule')!r} "
+                           f"!= ticker.schedule {graph.ticker.schedule!r}")
+    return out
+
+
+def _dead_letter_sinks(graph: RuntimeConfig, objs: list[Mapping[str, Any]]) -> list[str]:
+    out = []
+    for kind in ("Trigger", "Broker"):
+        for name, obj in _of_kind(objs, kind).items():
+            d = obj.get("spec", {}).get("delivery")
+            sink = (d or {}).get("deadLetterSink") or {}
+            if not d:
+                if kind == "Trigger":
+                    out.append(f"knative Trigger {name!r} has no delivery of its own")
+                continue
+            if not (sink.get("ref") or sink.get("uri")):
+                out.append(f"knative {kind} {name!r}: delivery without a deadLetterSink "
+                           "(exhausted events would be dropped)")
+    for name, t in graph.triggers.items():
+        if t.delivery.dead_letter_sink is None:
+            out.append(f"trigger {name!r} of infra/runtime/taskforge.yaml: delivery without a deadLetterSink")
+    return out
+
+
+def _scaling_and_timeouts(graph: RuntimeConfig, objs: list[Mapping[str, Any]]) -> list[str]:
+    out = []
+    services = _of_kind(objs, "Service")
+    for name, f in graph.functions.items():
+        svc = services.get(name)
+        if svc is None:
+            continue
+        tmpl = svc["spec"]["template"]
+        ann = (tmpl.get("metadata") or {}).get("annotations") or {}
+        # Keeping a function warm is always allowed (prod keeps the dead-letter sink up);
+        # when it does scale to zero, it waits as long as the local stack does.
+        if f.min_scale == 0 and ann.get("autoscaling.knative.dev/min-scale", "0") == "0":
+            raw = ann.get(RETENTION)
+            try:
+                retention = go_duration_s(raw) if raw else None
+            except ValueError:
+                retention = None
+            if retention != f.idle_s:
+                out.append(f"knative Service {name!r}: {RETENTION} {raw!r} != idle_s {f.idle_s:g} s")
+        timeout = tmpl["spec"].get("timeoutSeconds")
+        needs = [t.delivery.timeout_s for t in graph.triggers.values() if t.subscriber == name]
+        if name == graph.dead_letter.subscriber:
+            needs.append(graph.dead_letter.delivery.timeout_s)
+        if needs and (timeout is None or timeout < max(needs)):
+            out.append(f"knative Service {name!r}: timeoutSeconds {timeout} is shorter than the delivery "
+                       f"timeout {max(needs):g} s of what it receives")
+    return out
+
+
+def _openfaas(graph: RuntimeConfig, stack: Mapping[str, Any]) -> list[str]:
+    out = []
+    fns = stack.get("functions") or {}
+    ping_subscribers = {t.subscriber for t in graph.triggers.values() if t.type == catalog.PING}
+    for name, f in graph.functions.items():
+        fn = fns.get(name)
+        if fn is None:
+            continue
+        where = f"stack.yml function {name!r}"
+        ann = fn.get("annotations") or {}
+        args = fn.get("build_args") or {}
+        if args.get("FUNCTION") != name:
+            out.append(f"{where}: build_args.FUNCTION {args.get('FUNCTION')!r} != {name!r}")
+        if args.get("TARGET", "handle") != f.target:
+            out.append(f"{where}: build_args.TARGET {args.get('TARGET', 'handle')!r} != target {f.target!r}")
+        asgi = str(args.get("ASGI", "false")).lower() == "true"
+        if asgi != (f.signature == "asgi"):
+            out.append(f"{where}: build_args.ASGI {args.get('ASGI')!r} does not match signature {f.signature!r}")
+        sig = args.get("SIGNATURE", "http")
+        if sig != ("cloudevent" if f.signature == "cloudevent" else "http"):
+            out.append(f"{where}: build_args.SIGNATURE {sig!r} does not match signature {f.signature!r}")
+        direct = sorted({t.type for t in graph.triggers.values() if t.subscriber == name and t.path == "/"})
+        if name in ping_subscribers:
+            if ann.get("topic") != CRON_TOPIC:
+                out.append(f"{where}: receives {catalog.PING!r} ticks, so its topic must be {CRON_TOPIC!r}")
+            if graph.ticker is not None and ann.get("schedule") != graph.ticker.schedule:
+                out.append(f"{where}: schedule {ann.get('schedule')!r} != ticker.schedule {graph.ticker.schedule!r}")
+        elif direct:
+            topics = sorted(p.strip() for p in str(ann.get("topic", "")).split(",") if p.strip())
+            if topics != direct:
+                out.append(f"{where}: topic {ann.get('topic')!r} != the types it consumes {','.join(direct)!r}")
+        elif "topic" in ann:
+            out.append(f"{where}: topic {ann['topic']!r} but no trigger delivers to it at its root path")
+        labels = fn.get("labels") or {}
+        if f.min_scale == 0 and labels.get("com.openfaas.scale.zero") == "true":
+            raw = labels.get("com.openfaas.scale.zero-duration")
+            try:
+                idle = go_duration_s(raw) if raw else None
+            except ValueError:
+                idle = None
+            if idle != f.idle_s:
+                out.append(f"{where}: com.openfaas.scale.zero-duration {raw!r} != idle_s {f.idle_s:g} s")
+    return out
