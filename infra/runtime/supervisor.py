@@ -146,36 +146,40 @@ class Stack:
         self.config = config
         self.settings = settings
         self.supervisor = Supervisor(config, base_env)
-        self._parts: list[Any] = []  # started components with a .stop(), in start order
+        self.ingress: Any = None
+        self.ticker: Any = None
+        self.dispatchers: list[Any] = []
 
     def start(self) -> None:
+        """Declare the topology, then start ingress, dispatchers, functions and ticker.
+        Raises ``ServiceUnavailable`` when RabbitMQ is unreachable."""
         from infra.runtime import dispatcher, ingress, ticker, topology
 
         topology.declare(self.settings, self.config)
-        self.supervisor.start()
-        dispatchers = dispatcher.for_config(self.config, self.settings, self.supervisor.process)
-        for d in dispatchers:
+        # The broker side first, so K_SINK answers by the time the functions start.
+        self.ingress = ingress.IngressServer(self.settings, port=self.config.broker.ingress_port)
+        self.ingress.start()
+        self.dispatchers = dispatcher.for_config(self.config, self.settings, self.supervisor.process)
+        for d in self.dispatchers:
             d.start()
-        self._parts.extend(dispatchers)
-        server = ingress.IngressServer(self.settings, port=self.config.broker.ingress_port)
-        server.start()
-        self._parts.append(server)
+        self.supervisor.start()
         if self.config.ticker is not None:
-            tick = ticker.Ticker(self.settings, self.config.ticker)
-            tick.start()
-            self._parts.append(tick)
+            self.ticker = ticker.Ticker(self.settings, self.config.ticker)
+            self.ticker.start()
 
     def stop(self) -> None:
-        # Producers first (ticker, ingress), then consumers, then the functions they call.
-        for part in self._parts:
-            if hasattr(part, "request_stop"):
-                part.request_stop()  # all dispatchers wind down together
-        for part in reversed(self._parts):
+        """Producers first (ticker, ingress), then the dispatchers (together: unacked
+        messages return to their queues), then the functions."""
+        for d in self.dispatchers:
+            d.request_stop()
+        for part in (self.ticker, self.ingress, *self.dispatchers):
+            if part is None:
+                continue
             try:
                 part.stop()
             except Exception:  # noqa: BLE001 - keep stopping the rest
                 log.exception("stopping %s failed", type(part).__name__)
-        self._parts.clear()
+        self.ticker, self.ingress, self.dispatchers = None, None, []
         self.supervisor.stop()
 
 
