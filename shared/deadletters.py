@@ -103,7 +103,7 @@ def _data_columns(event: CloudEvent) -> tuple[Any, dict[str, Any]]:
 
 
 # --- record (the dead-letter function) ---------------------------------------------------
-def record(conn: psycopg.Connection, event: CloudEvent) -> Recorded:
+def record(conn: psycopg.Connection[Any], event: CloudEvent) -> Recorded:
     """Store one dead-lettered event and fail its task. Idempotent on ``source`` + ``id``.
 
     A dead letter already recorded (and not replayed since) is not recorded again. Raises
@@ -124,17 +124,25 @@ def record(conn: psycopg.Connection, event: CloudEvent) -> Recorded:
     task_id = task_id_of(event_type, subject, data) if catalog.task_type_of(event_type) else None
     dest, code = attrs.get("knativeerrordest"), attrs.get("knativeerrorcode")
     text = error_text(attrs.get("knativeerrordata"))
-    row = conn.execute(
+    row = _one(conn.execute(
         "INSERT INTO dead_letters (event_id, event_type, source, subject, task_id, attributes, data,"
         " error_dest, error_code, error_data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
         (event_id, event_type, source, subject, task_id, Jsonb({**_jsonable(attrs), **extra}),
          Jsonb(data) if data is not None else None, dest, None if code is None else str(code), text),
-    ).fetchone()
+    ))
     task = None
     if task_id is not None:
         task = state.fail_dead_lettered(conn, task_id, failure_error(dest, None if code is None else str(code),
                                                                      text))
     return Recorded(row, True, task)
+
+
+def _one(cursor: psycopg.Cursor[Any]) -> Row:
+    """The row of a statement that always returns one (INSERT/UPDATE ... RETURNING of a locked row)."""
+    row = cursor.fetchone()
+    if row is None:  # pragma: no cover - would mean the row vanished under our lock
+        raise RuntimeError("expected a row")
+    return dict(row)
 
 
 def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +187,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
 
 
-def list_page(conn: psycopg.Connection, *, limit: int = 20, cursor: str | None = None,
+def list_page(conn: psycopg.Connection[Any], *, limit: int = 20, cursor: str | None = None,
               event_type: str | None = None, task_id: str | None = None,
               replayed: bool | None = None) -> tuple[list[Row], str | None]:
     """Newest first: ``(rows, next_cursor)``; ``next_cursor`` is None on the last page."""
@@ -206,7 +214,7 @@ def list_page(conn: psycopg.Connection, *, limit: int = 20, cursor: str | None =
 
 
 # --- admin: replay -----------------------------------------------------------------------
-def replay(conn: psycopg.Connection, dead_letter_id: str) -> Replayed:
+def replay(conn: psycopg.Connection[Any], dead_letter_id: str) -> Replayed:
     """Re-publish the original event through the outbox; reopen its failed task.
 
     Raises ``NotFound`` for an unknown id, ``Conflict`` when the task already succeeded or
@@ -238,7 +246,7 @@ def replay(conn: psycopg.Connection, dead_letter_id: str) -> Replayed:
     event_id = outbox.add_event(conn, type=row["event_type"], source=row["source"],
                                 data=row["data"], subject=row["subject"],
                                 traceparent=attrs.get("traceparent"), extensions=extensions)
-    updated = conn.execute(
+    updated = _one(conn.execute(
         "UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1 WHERE id = %s RETURNING *",
-        (ident,)).fetchone()
+        (ident,)))
     return Replayed(updated, event_id, task)

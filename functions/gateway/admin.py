@@ -71,7 +71,8 @@ def get_dead_letter(dead_letter_id: str) -> Response:
     if tasks.parse_uuid(dead_letter_id) is None:
         raise NotFound("no such dead letter")
     with db.connection(settings()) as conn:
-        row = conn.execute("SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
+        row: dict[str, Any] | None = conn.execute(
+            "SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()  # type: ignore[assignment]
     if row is None:
         raise NotFound("no such dead letter")
     return json_response(deadletters.public(row))
@@ -93,7 +94,7 @@ def replay_dead_letter(dead_letter_id: str) -> Response:
 
 # --- OpenAPI path items (merged by functions/gateway/openapi.py) ------------------------
 _ERR = {code: {"$ref": f"#/components/responses/E{code}"} for code in ("401", "403", "404", "409", "422", "503")}
-_SECURITY = [{"bearer": []}]
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 _ID = {"name": "dead_letter_id", "in": "path", "required": True, "description": "dead letter id",
        "schema": {"type": "string", "format": "uuid"}}
 _DEAD_LETTER: dict[str, Any] = {

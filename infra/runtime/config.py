@@ -16,7 +16,6 @@ Errors are :class:`ConfigError` with the offending path in the message
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,12 @@ from typing import Any
 
 import yaml
 
-from shared.errors import TaskForgeError
+from infra.runtime import yamlcheck as check
+from infra.runtime.yamlcheck import ConfigError, format_duration, parse_duration
+
+__all__ = ["DEFAULT_PATH", "HOST", "PROJECT_ROOT", "BrokerSpec", "ConfigError", "DeadLetterSpec", "DeliverySpec",
+           "FunctionSpec", "RuntimeConfig", "TickerSpec", "TriggerSpec", "format_duration", "load_config",
+           "parse_config", "parse_duration"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = Path(__file__).resolve().parent / "taskforge.yaml"
@@ -34,37 +38,6 @@ BACKOFF_POLICIES = ("linear", "exponential")
 # RabbitMQ closes the channel of a consumer holding a delivery longer than this
 # (``consumer_timeout``, 30 min by default, global on RabbitMQ 3.10).
 DEFAULT_CONSUMER_TIMEOUT_S = 1800.0
-
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_DURATION = re.compile(
-    r"^P(?!$)(?:(?P<w>\d+(?:\.\d+)?)W)?(?:(?P<d>\d+(?:\.\d+)?)D)?"
-    r"(?:T(?=\d)(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
-)
-
-
-class ConfigError(TaskForgeError):
-    code = "bad_runtime_config"
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in an ISO-8601 duration such as ``PT0.5S``, ``PT2M``, ``P1DT1H``.
-
-    Years and months are refused (their length is ambiguous), as is a negative or empty
-    duration. Raises ``ValueError`` with the text on anything unreadable.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"duration must be an ISO-8601 string like 'PT1S', not {text!r}")
-    m = _DURATION.match(text.strip().upper())
-    if not m:
-        raise ValueError(f"not an ISO-8601 duration (PnWnDTnHnMnS): {text!r}")
-    units = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    return sum(float(v) * units[k] for k, v in m.groupdict().items() if v is not None)
-
-
-def format_duration(seconds: float) -> str:
-    """The ISO-8601 form of ``seconds`` (``PT1.5S``); inverse of :func:`parse_duration`."""
-    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
-    return f"PT{text}S"
 
 
 @dataclass(frozen=True)
@@ -229,32 +202,32 @@ def load_config(path: str | Path | None = None, *, port_offset: int = 0,
 
 def parse_config(raw: Any, *, path: Path = DEFAULT_PATH) -> RuntimeConfig:
     """Validate an already-parsed YAML document (pure; see :func:`load_config`)."""
-    doc = _mapping(raw, "<root>")
-    _only(doc, "<root>", {"broker", "ticker", "functions", "triggers", "dead_letter"})
-    broker_raw = _mapping(doc.get("broker", {}), "broker")
-    _only(broker_raw, "broker", {"ingress_port", "delivery", "consumer_timeout_s"})
+    doc = check.mapping(raw, "<root>")
+    check.only(doc, "<root>", {"broker", "ticker", "functions", "triggers", "dead_letter"})
+    broker_raw = check.mapping(doc.get("broker", {}), "broker")
+    check.only(broker_raw, "broker", {"ingress_port", "delivery", "consumer_timeout_s"})
     broker = BrokerSpec(
-        ingress_port=_port(broker_raw.get("ingress_port", 8090), "broker.ingress_port"),
+        ingress_port=check.port(broker_raw.get("ingress_port", 8090), "broker.ingress_port"),
         delivery=_delivery(broker_raw["delivery"], "broker.delivery") if "delivery" in broker_raw else None,
-        consumer_timeout_s=_number(broker_raw.get("consumer_timeout_s", DEFAULT_CONSUMER_TIMEOUT_S),
+        consumer_timeout_s=check.number(broker_raw.get("consumer_timeout_s", DEFAULT_CONSUMER_TIMEOUT_S),
                                    "broker.consumer_timeout_s", minimum=1),
     )
     ticker = _ticker(doc["ticker"]) if doc.get("ticker") is not None else None
 
-    funcs_raw = _mapping(doc.get("functions"), "functions")
+    funcs_raw = check.mapping(doc.get("functions"), "functions")
     if not funcs_raw:
         raise ConfigError("functions: at least one function is required")
     functions = {name: _function(name, spec) for name, spec in funcs_raw.items()}
 
     triggers = {
         name: _trigger(name, spec, broker.delivery)
-        for name, spec in _mapping(doc.get("triggers", {}), "triggers").items()
+        for name, spec in check.mapping(doc.get("triggers", {}), "triggers").items()
     }
-    dl_raw = _mapping(doc.get("dead_letter"), "dead_letter")
-    _only(dl_raw, "dead_letter", {"subscriber", "path", "delivery"})
+    dl_raw = check.mapping(doc.get("dead_letter"), "dead_letter")
+    check.only(dl_raw, "dead_letter", {"subscriber", "path", "delivery"})
     dead_letter = DeadLetterSpec(
-        subscriber=_str(dl_raw.get("subscriber"), "dead_letter.subscriber"),
-        path=_path(dl_raw.get("path", "/"), "dead_letter.path"),
+        subscriber=check.text(dl_raw.get("subscriber"), "dead_letter.subscriber"),
+        path=check.url_path(dl_raw.get("path", "/"), "dead_letter.path"),
         delivery=_delivery(dl_raw.get("delivery", {}), "dead_letter.delivery"),
     )
     cfg = RuntimeConfig(path=path, broker=broker, ticker=ticker, functions=functions,
@@ -264,46 +237,46 @@ def parse_config(raw: Any, *, path: Path = DEFAULT_PATH) -> RuntimeConfig:
 
 
 def _ticker(raw: Any) -> TickerSpec:
-    t = _mapping(raw, "ticker")
-    _only(t, "ticker", {"interval_s", "type", "schedule", "data"})
+    t = check.mapping(raw, "ticker")
+    check.only(t, "ticker", {"interval_s", "type", "schedule", "data"})
     return TickerSpec(
-        interval_s=_number(t.get("interval_s", 5), "ticker.interval_s", minimum=0.05),
-        type=_str(t.get("type", "dev.knative.sources.ping"), "ticker.type"),
-        schedule=_str(t.get("schedule", "* * * * *"), "ticker.schedule"),
+        interval_s=check.number(t.get("interval_s", 5), "ticker.interval_s", minimum=0.05),
+        type=check.text(t.get("type", "dev.knative.sources.ping"), "ticker.type"),
+        schedule=check.text(t.get("schedule", "* * * * *"), "ticker.schedule"),
         data=t.get("data"),
     )
 
 
 def _function(name: Any, raw: Any) -> FunctionSpec:
     where = f"functions.{name}"
-    _name(name, where)
-    f = _mapping(raw, where)
-    _only(f, where, {"port", "target", "signature", "min_scale", "idle_s", "source", "env"})
-    signature = _str(f.get("signature", "http"), f"{where}.signature")
+    check.dns_name(name, where)
+    f = check.mapping(raw, where)
+    check.only(f, where, {"port", "target", "signature", "min_scale", "idle_s", "source", "env"})
+    signature = check.text(f.get("signature", "http"), f"{where}.signature")
     if signature not in SIGNATURES:
         raise ConfigError(f"{where}.signature: {signature!r} is not one of {', '.join(SIGNATURES)}")
     source_rel = f.get("source", f"functions/{name.replace('-', '_')}/main.py")
-    env = _mapping(f.get("env", {}), f"{where}.env")
+    env = check.mapping(f.get("env", {}), f"{where}.env")
     return FunctionSpec(
         name=name,
-        port=_port(f.get("port"), f"{where}.port"),
-        target=_str(f.get("target", "handle"), f"{where}.target"),
+        port=check.port(f.get("port"), f"{where}.port"),
+        target=check.text(f.get("target", "handle"), f"{where}.target"),
         signature=signature,
-        min_scale=int(_number(f.get("min_scale", 0), f"{where}.min_scale", minimum=0, integer=True)),
-        idle_s=_number(f.get("idle_s", 60), f"{where}.idle_s", minimum=0.1),
-        source=PROJECT_ROOT / _str(source_rel, f"{where}.source"),
+        min_scale=int(check.number(f.get("min_scale", 0), f"{where}.min_scale", minimum=0, integer=True)),
+        idle_s=check.number(f.get("idle_s", 60), f"{where}.idle_s", minimum=0.1),
+        source=PROJECT_ROOT / check.text(source_rel, f"{where}.source"),
         env={str(k): str(v) for k, v in env.items()},
     )
 
 
 def _trigger(name: Any, raw: Any, default: DeliverySpec | None) -> TriggerSpec:
     where = f"triggers.{name}"
-    _name(name, where)
-    t = _mapping(raw, where)
-    _only(t, where, {"type", "filter", "subscriber", "path", "parallelism", "delivery"})
-    filt = {str(k): _str(v, f"{where}.filter.{k}") for k, v in _mapping(t.get("filter", {}), f"{where}.filter").items()}
+    check.dns_name(name, where)
+    t = check.mapping(raw, where)
+    check.only(t, where, {"type", "filter", "subscriber", "path", "parallelism", "delivery"})
+    filt = {str(k): check.text(v, f"{where}.filter.{k}") for k, v in check.mapping(t.get("filter", {}), f"{where}.filter").items()}
     if "type" in t:
-        filt["type"] = _str(t["type"], f"{where}.type")
+        filt["type"] = check.text(t["type"], f"{where}.type")
     if "type" not in filt:
         raise ConfigError(f"{where}: a trigger needs a 'type' to filter on")
     delivery = _delivery(t["delivery"], f"{where}.delivery") if "delivery" in t else default
@@ -312,26 +285,26 @@ def _trigger(name: Any, raw: Any, default: DeliverySpec | None) -> TriggerSpec:
     return TriggerSpec(
         name=name,
         filter=filt,
-        subscriber=_str(t.get("subscriber"), f"{where}.subscriber"),
-        path=_path(t.get("path", "/"), f"{where}.path"),
-        parallelism=int(_number(t.get("parallelism", 1), f"{where}.parallelism", minimum=1, integer=True)),
+        subscriber=check.text(t.get("subscriber"), f"{where}.subscriber"),
+        path=check.url_path(t.get("path", "/"), f"{where}.path"),
+        parallelism=int(check.number(t.get("parallelism", 1), f"{where}.parallelism", minimum=1, integer=True)),
         delivery=delivery,
     )
 
 
 def _delivery(raw: Any, where: str) -> DeliverySpec:
-    d = _mapping(raw, where)
-    _only(d, where, {"retry", "backoffPolicy", "backoffDelay", "timeout", "deadLetterSink"})
-    policy = _str(d.get("backoffPolicy", "exponential"), f"{where}.backoffPolicy")
+    d = check.mapping(raw, where)
+    check.only(d, where, {"retry", "backoffPolicy", "backoffDelay", "timeout", "deadLetterSink"})
+    policy = check.text(d.get("backoffPolicy", "exponential"), f"{where}.backoffPolicy")
     if policy not in BACKOFF_POLICIES:
         raise ConfigError(f"{where}.backoffPolicy: {policy!r} is not linear or exponential")
     sink = d.get("deadLetterSink")
     return DeliverySpec(
-        retry=int(_number(d.get("retry", 0), f"{where}.retry", minimum=0, integer=True)),
+        retry=int(check.number(d.get("retry", 0), f"{where}.retry", minimum=0, integer=True)),
         backoff_policy=policy,
-        backoff_delay_s=_duration(d.get("backoffDelay", "PT0.2S"), f"{where}.backoffDelay"),
-        timeout_s=_duration(d.get("timeout", "PT30S"), f"{where}.timeout", positive=True),
-        dead_letter_sink=_str(sink, f"{where}.deadLetterSink") if sink is not None else None,
+        backoff_delay_s=check.duration(d.get("backoffDelay", "PT0.2S"), f"{where}.backoffDelay"),
+        timeout_s=check.duration(d.get("timeout", "PT30S"), f"{where}.timeout", positive=True),
+        dead_letter_sink=check.text(sink, f"{where}.deadLetterSink") if sink is not None else None,
     )
 
 
@@ -384,62 +357,3 @@ def _check_ports(cfg: RuntimeConfig) -> None:
         if port in seen:
             raise ConfigError(f"{name}: port {port} already used by {seen[port]}")
         seen[port] = name
-
-
-# --- small validators ----------------------------------------------------------------
-
-def _mapping(raw: Any, where: str) -> dict[str, Any]:
-    if raw is None:
-        raise ConfigError(f"{where}: missing")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    return raw
-
-
-def _only(d: Mapping[str, Any], where: str, allowed: set[str]) -> None:
-    extra = set(d) - allowed
-    if extra:
-        raise ConfigError(f"{where}: unknown keys {sorted(map(str, extra))} (allowed: {sorted(allowed)})")
-
-
-def _str(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise ConfigError(f"{where}: expected a non-empty string, got {v!r}")
-    return v
-
-
-def _name(v: Any, where: str) -> None:
-    if not isinstance(v, str) or not _NAME.match(v):
-        raise ConfigError(f"{where}: names are lowercase DNS labels (a-z, 0-9, -), got {v!r}")
-
-
-def _path(v: Any, where: str) -> str:
-    s = _str(v, where)
-    if not s.startswith("/"):
-        raise ConfigError(f"{where}: a path starts with '/', got {s!r}")
-    return s
-
-
-def _number(v: Any, where: str, *, minimum: float | None = None, integer: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or (integer and not float(v).is_integer()):
-        raise ConfigError(f"{where}: expected {'an integer' if integer else 'a number'}, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise ConfigError(f"{where}: must be >= {minimum}, got {v!r}")
-    return float(v)
-
-
-def _port(v: Any, where: str) -> int:
-    n = _number(v, where, minimum=1, integer=True)
-    if n > 65535:
-        raise ConfigError(f"{where}: port {int(n)} out of range")
-    return int(n)
-
-
-def _duration(v: Any, where: str, *, positive: bool = False) -> float:
-    try:
-        s = parse_duration(v)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if positive and s <= 0:
-        raise ConfigError(f"{where}: must be longer than zero")
-    return s
