@@ -17,6 +17,8 @@ TASKS_COMPLETED = Counter("taskforge_tasks_completed_total", "Tasks that reached
 TASK_DURATION = Histogram("taskforge_task_duration_seconds", "Time a worker spent on one attempt",
                           ["type", "outcome"], buckets=DURATION_BUCKETS)
 TASK_ATTEMPTS = Counter("taskforge_task_attempts_total", "Worker attempts by result", ["type", "result"])
+TASKS_STALE_RUNNING = Gauge("taskforge_tasks_stale_running",
+                            "Tasks still running after their worker's lease expired (shared.task_health)")
 
 OUTBOX_PENDING = Gauge("taskforge_outbox_pending_rows", "Outbox rows not yet dispatched")
 OUTBOX_OLDEST_AGE = Gauge("taskforge_outbox_oldest_pending_age_seconds", "Age of the oldest undispatched row")
