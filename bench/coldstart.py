@@ -1,0 +1,124 @@
+"""Cold start per function (issue 7): process start to the first event handled.
+
+For each function of the graph: spawn its process exactly as the local supervisor does
+(``infra.runtime.process.function_command``: functions-framework's CLI under gunicorn,
+uvicorn workers for ASGI), then send its first real request until it is answered:
+
+* worker functions (resize-image, compress-video, generate-pdf): a binary-mode
+  ``*.requested`` event for a task that does not exist — decoded, validated, claimed in
+  PostgreSQL (the pool connects), answered 200 "missing" without media work;
+* outbox-sweeper: a ``com.taskforge.outbox.sweep`` tick (a sweep of the empty bench outbox);
+* dead-letter: a dead-lettered event (recorded in the bench database);
+* gateway and status-stream: ``GET /healthz``.
+
+Figure ``cold_start_ms_<function>`` = median over rounds of (first answer − spawn), ms.
+Baseline: a bare functions-framework function that does nothing (``bench/bare/main.py``,
+the ASGI variant for ASGI functions), started the same way with the same request,
+alternating with the function in the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from bench.harness import BenchContext, Figure, alternate, median
+from events import catalog, codec
+from infra.runtime.config import FunctionSpec, load_config
+from infra.runtime.process import function_command
+from infra.runtime.supervisor import function_env
+from shared.settings import Settings
+from tests.e2e.conftest import free_ports, settings_env
+
+BARE = Path(__file__).resolve().parent / "bare" / "main.py"
+FIRST_ANSWER_TIMEOUT_S = 60.0
+WORKERS = {"resize-image", "compress-video", "generate-pdf"}
+
+
+def first_request(function: str) -> tuple[str, str, dict[str, str], bytes]:
+    """``(method, path, headers, body)`` of the first request sent to ``function``."""
+    if function in WORKERS:
+        task_type = function
+        attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/taskforge/gateway",
+                 "type": catalog.requested_type(task_type), "subject": str(uuid.uuid4()),
+                 "datacontenttype": "application/json"}
+        data = {"task_id": attrs["subject"], "user_id": str(uuid.uuid4()), "type": task_type, "payload": {}}
+    elif function == "outbox-sweeper":
+        attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/bench/ticker",
+                 "type": catalog.OUTBOX_SWEEP, "datacontenttype": "application/json"}
+        data = {}
+    elif function == "dead-letter":
+        attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/bench/cold-start",
+                 "type": "com.taskforge.bench.probe", "datacontenttype": "application/json",
+                 "knativeerrordest": "http://127.0.0.1:9/", "knativeerrorcode": "500"}
+        data = {"probe": True}
+    else:
+        return "GET", "/healthz", {}, b""
+    headers, body = codec.to_binary_http(codec.make_event(attrs, data))
+    return "POST", "/", dict(headers), body
+
+
+def time_first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, str, dict[str, str], bytes],
+                      source: Path | None = None) -> float:
+    """Spawn ``spec`` (or ``source`` in its place), return ms until a non-5xx answer."""
+    if source is not None:
+        spec = dataclasses.replace(spec, source=source, target="handle")
+    method, path, headers, body = request
+    cmd = function_command(spec, os.getpid())
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=str(Path(__file__).resolve().parents[1]),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        with httpx.Client(timeout=10.0) as client:
+            while True:
+                if time.perf_counter() - t0 > FIRST_ANSWER_TIMEOUT_S or proc.poll() is not None:
+                    raise RuntimeError(f"{spec.name} ({spec.source}) never answered (exit {proc.poll()})")
+                try:
+                    r = client.request(method, f"{spec.url}{path}", headers=headers, content=body)
+                except httpx.TransportError:
+                    time.sleep(0.005)
+                    continue
+                if r.status_code < 500:
+                    return (time.perf_counter() - t0) * 1000
+                raise RuntimeError(f"{spec.name} answered {r.status_code}: {r.text[:300]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def run(ctx: BenchContext) -> list[Figure]:
+    s: Settings = ctx.settings
+    graph = load_config()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}
+    base_env.update(settings_env(s))
+    base_env["WORKERS"] = "1"
+    rounds = 7 if ctx.full else 3
+    figures = []
+    for name, spec in graph.functions.items():
+        if not Path(spec.source).is_file():  # a function not written yet: say so, measure the rest
+            print(f"cold start: {name} has no {spec.source}, not measured", file=sys.stderr)
+            continue
+        env = function_env(graph, name, base_env)
+        request = first_request(name)
+        port = free_ports(1)[0]
+        spec = dataclasses.replace(spec, port=port)
+        bare = BARE.with_name("asgi.py") if spec.signature == "asgi" else BARE
+
+        value, base = alternate(lambda spec=spec, env=env, request=request: time_first_answer(spec, env, request),
+                                lambda spec=spec, env=env, request=request, bare=bare:
+                                time_first_answer(spec, env, request, source=bare), rounds)
+        figures.append(Figure(f"cold_start_ms_{name.replace('-', '_')}", median(value), "ms",
+                              f"bare functions-framework function ({spec.signature}), same start",
+                              median(base), {"first_request": " ".join(request[:2]), "rounds": rounds}))
+    return figures

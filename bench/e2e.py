@@ -1,0 +1,235 @@
+"""End-to-end figures (issue 7): small resize tasks through the whole local stack vs Celery.
+
+TaskForge: the local stack (``make dev``'s runtime, ``bench/stackproc.py``) — POST /tasks
+to the gateway (JWT, validation, task + outbox row in one transaction, eager relay) →
+RabbitMQ → dispatcher → resize-image worker (claim in PostgreSQL, fetch the upload,
+Pillow, store the result, record ``succeeded``, fan the status out to Redis).
+
+Peer: Celery (prefork, one process per core, ``acks_late``) on the same RabbitMQ with a
+queue of its own and a Redis result backend, doing the same Pillow work on the same
+32×32 PNG → 8×8 (``bench/peers/celery_peer.py``). Both run in the same invocation,
+alternating rounds.
+
+* ``e2e_tasks_per_s``: a burst of N tasks submitted as fast as 8 client threads can
+  (TaskForge) or one publisher can (Celery), divided by the time from the first
+  submission to the last result recorded.
+* ``e2e_latency_p50_ms`` / ``_p99_ms``: tasks submitted at a steady rate well below
+  either system's capacity; each task's time from just before its POST (or
+  ``apply_async``) to its result being recorded (the task row's ``finished_at``; the
+  Celery task's own clock after writing its output).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+import psycopg
+from psycopg.rows import dict_row
+
+from bench.harness import BenchContext, Figure, alternate, median, percentile
+from bench.stackproc import LocalStack, local_stack, user_client
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE_IN, SIZE_OUT = (32, 32), (8, 8)
+CLIENT_THREADS = 8
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def png_bytes() -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", SIZE_IN, (20, 90, 160))
+    ImageDraw.Draw(img).ellipse((4, 4, 28, 28), fill=(250, 200, 30))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- TaskForge -------------------------------------------------------------------------
+class TaskForgeDriver:
+    def __init__(self, stack: LocalStack, png: bytes) -> None:
+        self.stack = stack
+        self.client = user_client(stack.gateway, limits=httpx.Limits(max_connections=CLIENT_THREADS * 2))
+        r = self.client.post("/uploads", content=png, headers={"Content-Type": "image/png"})
+        r.raise_for_status()
+        self.payload = {"source": {"upload_id": r.json()["id"]}, "width": SIZE_OUT[0], "height": SIZE_OUT[1],
+                        "format": "png"}
+        self.db = psycopg.connect(stack.settings.database_url, autocommit=True, row_factory=dict_row)
+
+    def close(self) -> None:
+        self.client.close()
+        self.db.close()
+
+    def submit(self) -> str:
+        r = self.client.post("/tasks", json={"type": "resize-image", "payload": self.payload})
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /tasks answered {r.status_code}: {r.text[:300]}")
+        return r.json()["id"]
+
+    def finished(self, ids: list[str], timeout_s: float = 300.0) -> dict[str, float]:
+        """Wait until every task is terminal; ``{id: finished_at (epoch s)}``. Raises if
+        one did not succeed or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.db.execute(
+                "SELECT id::text AS id, status::text AS status, error, extract(epoch FROM finished_at) AS fin "
+                "FROM tasks WHERE id = ANY(%s::uuid[])", (ids,)).fetchall()
+            done = [r for r in rows if r["status"] in TERMINAL]
+            if len(done) == len(ids):
+                bad = [r for r in done if r["status"] != "succeeded"]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} TaskForge tasks did not succeed, e.g. {bad[0]}\n"
+                                       f"{self.stack.log_tail()}")
+                return {r["id"]: float(r["fin"]) for r in done}
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(ids) - len(done)} TaskForge tasks unfinished after {timeout_s}s\n"
+                                   f"{self.stack.log_tail()}")
+            time.sleep(0.05)
+
+    def burst(self, n: int) -> float:
+        start = time.time()
+        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+            ids = list(pool.map(lambda _i: self.submit(), range(n)))
+        fin = self.finished(ids)
+        return n / (max(fin.values()) - start)
+
+    def paced(self, n: int, rate_per_s: float) -> list[float]:
+        sent: dict[str, float] = {}
+        t_next = time.monotonic()
+        for _ in range(n):
+            t0 = time.time()
+            sent[self.submit()] = t0
+            t_next += 1.0 / rate_per_s
+            time.sleep(max(0.0, t_next - time.monotonic()))
+        fin = self.finished(list(sent))
+        return [(fin[i] - t0) * 1000 for i, t0 in sent.items()]
+
+
+# --- Celery ----------------------------------------------------------------------------
+@contextmanager
+def celery_worker(s: Settings, queue: str, workdir: Path) -> Iterator[Any]:
+    """A Celery worker (prefork, one process per core) on ``queue``; yields the task."""
+    from bench.peers import celery_peer
+
+    celery_peer.app.conf.update(broker_url=s.amqp_url, result_backend=s.redis_url,
+                                worker_enable_remote_control=False)
+    cmd = [sys.executable, "-m", "celery", "-A", "bench.peers.celery_peer", "-b", s.amqp_url,
+           "--result-backend", s.redis_url, "worker", "-Q", queue, "-c", str(os.cpu_count() or 2),
+           "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat",
+           "-n", f"{queue}@bench", "-l", "WARNING"]
+    log = open(workdir / "celery.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        yield celery_peer.resize
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        log.close()
+        _delete_celery_topology(s, queue)
+
+
+def _delete_celery_topology(s: Settings, queue: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(s.amqp_url))
+    try:
+        ch = conn.channel()
+        ch.queue_delete(queue)
+        ch.exchange_delete(queue)
+    finally:
+        conn.close()
+
+
+class CeleryDriver:
+    def __init__(self, task: Any, queue: str, src: Path, outdir: Path) -> None:
+        self.task = task
+        self.queue = queue
+        self.src = str(src)
+        self.outdir = outdir
+
+    def submit(self) -> Any:
+        dst = str(self.outdir / f"{uuid.uuid4().hex}.png")
+        return self.task.apply_async((self.src, dst, *SIZE_OUT), queue=self.queue)
+
+    def burst(self, n: int) -> float:
+        start = time.time()
+        results = [self.submit() for _ in range(n)]
+        ends = [float(r.get(timeout=300)) for r in results]
+        self._clean()
+        return n / (max(ends) - start)
+
+    def paced(self, n: int, rate_per_s: float) -> list[float]:
+        sent = []
+        t_next = time.monotonic()
+        for _ in range(n):
+            t0 = time.time()
+            sent.append((self.submit(), t0))
+            t_next += 1.0 / rate_per_s
+            time.sleep(max(0.0, t_next - time.monotonic()))
+        out = [(float(r.get(timeout=300)) - t0) * 1000 for r, t0 in sent]
+        self._clean()
+        return out
+
+    def _clean(self) -> None:
+        for p in self.outdir.iterdir():
+            p.unlink(missing_ok=True)
+
+
+def run(ctx: BenchContext) -> list[Figure]:
+    workdir = Path(tempfile.mkdtemp(prefix="taskforge-bench-e2e-"))
+    s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0,
+                             storage_dir=str(workdir / "storage"))
+    png = png_bytes()
+    src = workdir / "in.png"
+    src.write_bytes(png)
+    outdir = workdir / "celery-out"
+    outdir.mkdir()
+    queue = f"bench-celery-{uuid.uuid4().hex[:8]}"
+    burst_n, rounds = (400, 3) if ctx.full else (150, 2)
+    paced_n, rate = (200, 20.0) if ctx.full else (60, 20.0)
+    try:
+        with local_stack(s) as stack, celery_worker(s, queue, workdir) as task:
+            tf = TaskForgeDriver(stack, png)
+            cel = CeleryDriver(task, queue, src, outdir)
+            try:
+                tf.paced(10, 10.0)  # warm up: cold-start the worker, fill the pools
+                cel.paced(10, 10.0)
+                thr_v, thr_b = alternate(lambda: tf.burst(burst_n), lambda: cel.burst(burst_n), rounds)
+                lat_v, lat_b = alternate(lambda: tf.paced(paced_n, rate), lambda: cel.paced(paced_n, rate), rounds)
+            finally:
+                tf.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    peer = f"Celery prefork x{os.cpu_count()} acks_late, same RabbitMQ, Redis results, same Pillow work"
+    v = [x for xs in lat_v for x in xs]
+    b = [x for xs in lat_b for x in xs]
+    lat_extra = {"tasks": len(v), "rate_per_s": rate}
+    return [
+        Figure("e2e_tasks_per_s", median(thr_v), "tasks/s", peer, median(thr_b),
+               {"burst": burst_n, "rounds": rounds}),
+        Figure("e2e_latency_p50_ms", percentile(v, 50), "ms", peer, percentile(b, 50), dict(lat_extra)),
+        Figure("e2e_latency_p99_ms", percentile(v, 99), "ms", peer, percentile(b, 99), dict(lat_extra)),
+    ]
+

@@ -1,0 +1,1 @@
+"""Peer systems the benchmarks compare TaskForge with (bench-only dependencies)."""
