@@ -15,7 +15,8 @@ Wire forms:
 
 Data: with a JSON content type (``application/json``, ``*/*+json``, ``text/json``, or
 none) the data is a JSON value, encoded with ``json.dumps`` unless it is already
-``bytes``; with any other content type it is ``bytes`` (a ``str`` is encoded as UTF-8).
+``bytes`` (pre-encoded JSON, sent as is); with any other content type it is ``bytes``
+(a ``str`` is encoded as UTF-8). Decoding always yields the JSON value.
 
 Every decode failure raises :class:`EventDecodeError`, a ``BadRequest``: the HTTP
 adapters answer 400 and the dispatcher semantics make that "acked and dropped".
@@ -181,6 +182,12 @@ def to_structured_doc(event: CloudEvent) -> dict[str, Any]:
     if data is None:
         return doc
     if isinstance(data, (bytes, bytearray, memoryview)):
+        if is_json(event.get("datacontenttype")):
+            try:  # already-encoded JSON (e.g. straight from the outbox) embeds as a JSON value
+                doc["data"] = json.loads(bytes(data))
+                return doc
+            except (UnicodeDecodeError, ValueError):
+                pass
         doc["data_base64"] = base64.b64encode(bytes(data)).decode("ascii")
     else:
         doc["data"] = data  # a JSON value, or the text of a non-JSON content type

@@ -19,6 +19,7 @@ receivers dedupe on ``source`` + ``id``). If the broker fails, the rows stay pen
 """
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
+# The payload comes back as JSON text: it is sent as the body as is, so the sweeper never
+# parses and re-serialises it (a sizeable share of its CPU per row).
 _CLAIM = (
-    "SELECT id, event_id, type, headers, payload, attempts FROM outbox"
+    "SELECT id, event_id, type, headers, payload::text AS payload, attempts FROM outbox"
     " WHERE dispatched_at IS NULL AND parked_at IS NULL{only}"
     " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
@@ -74,17 +77,25 @@ def event_of(row: Row) -> CloudEvent:
         raise codec.EventDecodeError("outbox headers are not a JSON object")
     attrs = dict(headers)
     attrs["id"] = str(row["event_id"])  # the row's event id is the truth (stable across re-publishing)
-    return codec.make_event(attrs, row["payload"])
+    data = row["payload"]
+    if isinstance(data, str):  # JSON text from the claim: pre-encoded data
+        data = data.encode("utf-8") if codec.is_json(attrs.get("datacontenttype")) else json.loads(data)
+    return codec.make_event(attrs, data)
 
 
 def task_id_of(row: Row) -> str | None:
     """The task a ``*.requested`` row asks to run (None for other event types)."""
     if catalog.task_type_of(row["type"]) is None:
         return None
-    payload = row["payload"]
-    task_id = payload.get("task_id") if isinstance(payload, dict) else None
-    if task_id is None:
-        task_id = (row["headers"] or {}).get("subject")
+    task_id = (row["headers"] or {}).get("subject")  # the task id, by contract 4
+    if not task_id:
+        payload = row["payload"]
+        if isinstance(payload, str):
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                payload = None
+        task_id = payload.get("task_id") if isinstance(payload, dict) else None
     return str(task_id) if task_id else None
 
 

@@ -16,8 +16,10 @@ at once (each batch is claimed with ``FOR UPDATE SKIP LOCKED``):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,35 +55,39 @@ class SweepStats:
 
 
 def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = None,
-               batch: int | None = None, clock: Callable[[], float] = time.monotonic) -> SweepStats:
+               batch: int | None = None, lanes: int = 2,
+               clock: Callable[[], float] = time.monotonic) -> SweepStats:
     """Run one sweep (see module docstring) and return its statistics.
 
-    Broker failures end the publishing loop early and are reported in ``stats.error``
-    (rows stay pending). Database failures raise ``ServiceUnavailable``.
+    ``lanes`` batches are in flight at once, each in its own transaction on its own
+    connection (``SKIP LOCKED`` keeps them disjoint, exactly like concurrent sweepers):
+    while one lane waits for its confirms, the other claims and encodes. Broker
+    failures end the publishing early and are reported in ``stats.error`` (rows stay
+    pending). Database failures raise ``ServiceUnavailable``.
     """
     start = clock()
     deadline = start + (settings.outbox_budget_s if budget_s is None else budget_s)
     size = batch or settings.outbox_batch
     stats = SweepStats()
-    while True:
-        with db.connection(settings) as conn:
-            out = claim_and_publish(conn, broker, limit=size, via="sweeper")
-        fan_out(settings, out.task_rows)
-        if out.claimed == 0:
-            stats.drained = True
-            break
-        stats.batches += 1
-        stats.published += out.published
-        stats.parked += out.parked
-        if out.error:
-            stats.failed_batches += 1
-            stats.error = out.error
-            break
-        if out.claimed < size:
-            stats.drained = True
-            break
-        if clock() >= deadline:
-            break
+    lock = threading.Lock()
+    backlog = threading.Event()  # set by the first full batch: more lanes are worth it
+    # The status fan-out (Redis) of finished batches overlaps the next batches; one
+    # worker keeps them in order, and it is drained before the sweep returns.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweeper-fan-out") as fan_out_pool, \
+            ThreadPoolExecutor(max_workers=max(1, lanes), thread_name_prefix="sweeper-lane") as pool:
+        def lane() -> bool:
+            return _lane(settings, broker, stats, lock, backlog, size, deadline, clock, fan_out_pool)
+
+        futures = [pool.submit(lane)]
+        # Extra lanes only join a real backlog, after a full and successful first batch:
+        # a small outbox is swept by one lane, start to finish.
+        while lanes > 1 and not futures[0].done():
+            if backlog.wait(0.05):
+                futures += [pool.submit(lane) for _ in range(lanes - 1)]
+                break
+        # Drained only if every lane stopped for want of rows (not for time or an error);
+        # result() also re-raises a lane's database error.
+        stats.drained = all([f.result() for f in futures])
     if backend_of(settings) == "rabbitmq" and not stats.error:
         stats.parked += park_unroutable(settings)
     stats.reaped = reap(settings)
@@ -90,6 +96,35 @@ def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = N
     stats.pending, stats.oldest_pending_age_s = refresh_gauges(settings)
     stats.duration_s = round(clock() - start, 4)
     return stats
+
+
+def _lane(settings: Settings, broker: Broker, stats: SweepStats, lock: threading.Lock, backlog: threading.Event,
+          size: int, deadline: float, clock: Callable[[], float], fan_out_pool: ThreadPoolExecutor) -> bool:
+    """Claim-publish-mark batches until drained, failed, or out of time (updates ``stats``).
+
+    Returns True when it stopped because no claimable row was left.
+    """
+    while True:
+        if stats.error:  # another lane hit a broker failure: stop, the next tick retries
+            return False
+        with db.connection(settings) as conn:
+            out = claim_and_publish(conn, broker, limit=size, via="sweeper")
+        if out.task_rows:
+            fan_out_pool.submit(fan_out, settings, out.task_rows)
+        with lock:
+            if out.claimed:
+                stats.batches += 1
+                stats.published += out.published
+                stats.parked += out.parked
+            if out.error:
+                stats.failed_batches += 1
+                stats.error = out.error
+                return False
+            if out.claimed < size:  # empty or short: nothing left that is not being handled
+                return True
+        backlog.set()
+        if clock() >= deadline:
+            return False
 
 
 def park_unroutable(settings: Settings, limit: int = 1000) -> int:

@@ -41,7 +41,7 @@ def test_the_sweep_drains_in_batches_and_stops_when_the_budget_ends(mem: Setting
     h.bulk_tasks(mem, user, 250)
     broker = InMemoryBroker()
     ticks = iter(range(1000))
-    stats = sweep_once(mem, broker, batch=100, budget_s=1.5, clock=lambda: float(next(ticks)))
+    stats = sweep_once(mem, broker, batch=100, budget_s=1.5, lanes=1, clock=lambda: float(next(ticks)))
     assert stats.batches == 2 and stats.published == 200 and not stats.drained  # budget: two batches
     assert stats.pending == 50
     stats = sweep_once(mem, broker, batch=100)

@@ -1,0 +1,1 @@
+"""TaskForge benchmarks: ``python -m bench`` (or ``make bench``) runs every figure module."""
