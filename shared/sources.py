@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from shared import breakers, db, fetch
@@ -53,10 +53,10 @@ def fetch_upload(settings: Settings, storage: Any, user_id: str, upload_id: str,
     """Copy the user's upload ``upload_id`` into ``dest_dir``."""
     try:
         with db.connection(settings) as conn:
-            row = conn.execute(
+            row = cast(dict[str, Any] | None, conn.execute(
                 "SELECT storage_key, content_type, size, filename FROM uploads WHERE id = %s AND user_id = %s",
                 (upload_id, user_id),
-            ).fetchone()
+            ).fetchone())
     except Exception as exc:  # psycopg's DataError for a malformed id: the input is bad, not the DB
         if exc.__class__.__name__ in {"InvalidTextRepresentation", "DataError"}:
             raise UploadNotFound("the upload does not exist") from exc

@@ -33,6 +33,7 @@ from shared import outbox
 from shared.errors import Conflict, NotFound, TaskForgeError
 
 Row = dict[str, Any]
+Conn = psycopg.Connection[Any]  # a connection with dict rows (shared.db.connection)
 
 
 class TaskStatus(StrEnum):
@@ -87,12 +88,19 @@ def _error(error: TaskForgeError | dict[str, Any]) -> Jsonb:
     return Jsonb(body)
 
 
-def get(conn: psycopg.Connection, task_id: str) -> Row | None:
+def _locked(row: Row | None) -> Row:
+    """The row an UPDATE of an already locked, existing task returned (never None)."""
+    if row is None:  # impossible while the caller holds the row lock: fail loudly, not silently
+        raise RuntimeError("a locked task row vanished")
+    return row
+
+
+def get(conn: Conn, task_id: str) -> Row | None:
     return conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone()
 
 
 # --- producers: relay / sweeper / gateway ------------------------------------------
-def mark_queued(conn: psycopg.Connection, task_ids: Iterable[str]) -> list[Row]:
+def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
     """``pending → queued`` for the tasks whose event was just published (confirmed).
 
     Tasks in any other state (already claimed by a fast worker, cancelled) are left
@@ -108,7 +116,7 @@ def mark_queued(conn: psycopg.Connection, task_ids: Iterable[str]) -> list[Row]:
     ).fetchall()
 
 
-def request_cancel(conn: psycopg.Connection, user_id: str, task_id: str) -> Row:
+def request_cancel(conn: Conn, user_id: str, task_id: str) -> Row:
     """Cancel a task on behalf of its owner.
 
     ``pending``/``queued``/``retrying`` become ``cancelled`` at once (a later event for it
@@ -127,18 +135,18 @@ def request_cancel(conn: psycopg.Connection, user_id: str, task_id: str) -> Row:
     if status is TaskStatus.RUNNING:
         if row["cancel_requested"]:
             return row
-        return conn.execute(
+        return _locked(conn.execute(
             f"UPDATE tasks SET cancel_requested = true, {_BUMP} WHERE id = %s RETURNING *", (task_id,)
-        ).fetchone()
-    return conn.execute(
+        ).fetchone())
+    return _locked(conn.execute(
         f"UPDATE tasks SET status = 'cancelled', cancel_requested = true, finished_at = now(),"
         f" lease_owner = NULL, lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
         (task_id,),
-    ).fetchone()
+    ).fetchone())
 
 
 # --- workers -------------------------------------------------------------------------
-def claim(conn: psycopg.Connection, task_id: str, owner: str, lease_s: float, *,
+def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
           user_id: str | None = None, task_type: str | None = None) -> Claim:
     """Try to become the task's runner: ``pending/queued/retrying → running``.
 
@@ -190,7 +198,7 @@ def claim(conn: psycopg.Connection, task_id: str, owner: str, lease_s: float, *,
     return Claim(ClaimOutcome.BUSY, row)
 
 
-def _owned_update(conn: psycopg.Connection, task_id: str, owner: str, assignments: str,
+def _owned_update(conn: Conn, task_id: str, owner: str, assignments: str,
                   params: dict[str, Any]) -> Row:
     row = conn.execute(
         f"UPDATE tasks SET {assignments}, {_BUMP}"
@@ -202,7 +210,7 @@ def _owned_update(conn: psycopg.Connection, task_id: str, owner: str, assignment
     return row
 
 
-def renew_lease(conn: psycopg.Connection, task_id: str, owner: str, lease_s: float) -> bool:
+def renew_lease(conn: Conn, task_id: str, owner: str, lease_s: float) -> bool:
     """Extend the caller's lease to ``lease_s`` seconds from now (not a visible change:
     no version bump). Returns whether cancel was requested meanwhile; ``LeaseLost`` if the
     lease is gone."""
@@ -217,7 +225,7 @@ def renew_lease(conn: psycopg.Connection, task_id: str, owner: str, lease_s: flo
     return bool(row["cancel_requested"])
 
 
-def set_progress(conn: psycopg.Connection, task_id: str, owner: str, progress: int,
+def set_progress(conn: Conn, task_id: str, owner: str, progress: int,
                  min_interval_s: float = 1.0) -> Row | None:
     """Record progress (0..100, clamped) if it grew and the last change is at least
     ``min_interval_s`` old (100 always lands). Returns the row if written, else None, so
@@ -238,7 +246,7 @@ def set_progress(conn: psycopg.Connection, task_id: str, owner: str, progress: i
     return row
 
 
-def check_lease(conn: psycopg.Connection, task_id: str, owner: str) -> bool:
+def check_lease(conn: Conn, task_id: str, owner: str) -> bool:
     """Whether cancel was requested; ``LeaseLost`` if ``owner`` no longer runs the task.
     A read only: the cheap check a heartbeat makes between lease renewals."""
     row = conn.execute(
@@ -250,12 +258,12 @@ def check_lease(conn: psycopg.Connection, task_id: str, owner: str) -> bool:
     return bool(row["cancel_requested"])
 
 
-def is_cancel_requested(conn: psycopg.Connection, task_id: str) -> bool:
+def is_cancel_requested(conn: Conn, task_id: str) -> bool:
     row = conn.execute("SELECT cancel_requested FROM tasks WHERE id = %s", (task_id,)).fetchone()
     return bool(row and row["cancel_requested"])
 
 
-def succeed(conn: psycopg.Connection, task_id: str, owner: str, result: dict[str, Any]) -> Row:
+def succeed(conn: Conn, task_id: str, owner: str, result: dict[str, Any]) -> Row:
     """``running → succeeded`` with ``result`` (``{key, content_type, size, ...}``)."""
     return _owned_update(
         conn, task_id, owner,
@@ -265,7 +273,7 @@ def succeed(conn: psycopg.Connection, task_id: str, owner: str, result: dict[str
     )
 
 
-def fail(conn: psycopg.Connection, task_id: str, owner: str, error: TaskForgeError | dict[str, Any],
+def fail(conn: Conn, task_id: str, owner: str, error: TaskForgeError | dict[str, Any],
          terminal: bool = True) -> Row:
     """``running → failed`` (terminal) or ``running → retrying`` (``terminal=False``)."""
     if not terminal:
@@ -277,7 +285,7 @@ def fail(conn: psycopg.Connection, task_id: str, owner: str, error: TaskForgeErr
     )
 
 
-def mark_retrying(conn: psycopg.Connection, task_id: str, owner: str,
+def mark_retrying(conn: Conn, task_id: str, owner: str,
                   error: TaskForgeError | dict[str, Any]) -> Row:
     """``running → retrying``: the attempt failed for a retryable reason; the broker will
     redeliver and the next claim starts a new attempt. The error stays visible meanwhile."""
@@ -288,7 +296,7 @@ def mark_retrying(conn: psycopg.Connection, task_id: str, owner: str,
     )
 
 
-def finish_cancelled(conn: psycopg.Connection, task_id: str, owner: str) -> Row:
+def finish_cancelled(conn: Conn, task_id: str, owner: str) -> Row:
     """``running → cancelled`` after the worker stopped on a cancel request."""
     return _owned_update(
         conn, task_id, owner,
@@ -297,7 +305,7 @@ def finish_cancelled(conn: psycopg.Connection, task_id: str, owner: str) -> Row:
 
 
 # --- safety nets: dead letters, replay, reaping -------------------------------------
-def fail_dead_lettered(conn: psycopg.Connection, task_id: str,
+def fail_dead_lettered(conn: Conn, task_id: str,
                        error: TaskForgeError | dict[str, Any]) -> Row | None:
     """Record ``failed`` for a task whose event the broker gave up on (dead-letter sink).
 
@@ -314,7 +322,7 @@ def fail_dead_lettered(conn: psycopg.Connection, task_id: str,
     ).fetchone()
 
 
-def reopen(conn: psycopg.Connection, task_id: str) -> Row | None:
+def reopen(conn: Conn, task_id: str) -> Row | None:
     """``failed → queued`` for an operator replaying a dead-lettered event: attempts and
     the error are reset so the task gets a full set of attempts. None if not failed."""
     return conn.execute(
@@ -325,7 +333,7 @@ def reopen(conn: psycopg.Connection, task_id: str) -> Row | None:
     ).fetchone()
 
 
-def reap_stale(conn: psycopg.Connection, *, max_attempts: int, source: str, lease_grace_s: float = 5.0,
+def reap_stale(conn: Conn, *, max_attempts: int, source: str, lease_grace_s: float = 5.0,
                retrying_stale_s: float = 3600.0, limit: int = 100) -> list[Row]:
     """Rescue tasks nobody will finish (run from the sweeper's tick; never needed when
     every worker and dispatcher behaves).
@@ -363,12 +371,12 @@ def reap_stale(conn: psycopg.Connection, *, max_attempts: int, source: str, leas
                 f"UPDATE tasks SET status = 'retrying', lease_owner = NULL, lease_until = NULL, {_BUMP}"
                 " WHERE id = %s RETURNING *", (row["id"],),
             ).fetchone()
-            requeue_event(conn, new, source=source)
-        changed.append(new)
+            requeue_event(conn, _locked(new), source=source)
+        changed.append(_locked(new))
     return changed
 
 
-def requeue_event(conn: psycopg.Connection, row: Row, *, source: str) -> str:
+def requeue_event(conn: Conn, row: Row, *, source: str) -> str:
     """Write a fresh ``<type>.requested`` event for ``row`` into the outbox (contract 4)."""
     trace = row.get("trace_id")
     traceparent = f"00-{trace}-{secrets.token_hex(8)}-01" if trace and len(trace) == 32 else None

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -182,11 +182,11 @@ def catch_up(settings: Settings, limit: int = 500, min_age_s: float = CATCH_UP_M
         for _ in range(MAX_CATCH_UP_ROUNDS):
             try:
                 with db.connection(settings) as conn:
-                    rows = conn.execute(
+                    rows = cast(list[dict[str, Any]], conn.execute(
                         "SELECT * FROM tasks WHERE published_version < status_version"
                         " AND updated_at < now() - %s * interval '1 second' ORDER BY updated_at LIMIT %s",
                         (float(min_age_s), int(limit)),
-                    ).fetchall()
+                    ).fetchall())
             except Exception as exc:
                 log.warning("status catch-up could not read PostgreSQL: %s", exc.__class__.__name__)
                 return total

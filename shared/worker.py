@@ -247,8 +247,8 @@ class Worker:
                 metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
                 return _json_answer(200, {"outcome": "cancelled"})
             log.info("duplicate event for a finished task: acknowledged without work")
-            return self._reply(settings, claim.row, span)
-        return self._attempt(settings, claim.row, owner, span)
+            return self._reply(settings, _row(claim), span)
+        return self._attempt(settings, _row(claim), owner, span)
 
     def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str) -> Answer:
         task_id, user_id = str(row["id"]), str(row["user_id"])
@@ -336,6 +336,12 @@ class Worker:
         if st not in ("succeeded", "failed"):
             return _json_answer(200, {"outcome": st})
         return Answer(200, *reply_event(self.source, row, span))
+
+
+def _row(claim: state.Claim) -> dict[str, Any]:
+    if claim.row is None:  # only MISSING has no row, and it never gets here
+        raise RuntimeError(f"claim outcome {claim.outcome} without a row")
+    return claim.row
 
 
 def reply_event(source: str, row: Mapping[str, Any], traceparent: str | None) -> tuple[dict[str, str], bytes]:
