@@ -79,8 +79,21 @@ def post(url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) ->
         conn.close()
 
 
+class _Session:
+    """One AMQP connection's state; messages remember theirs, so a delivery tag is never
+    settled on a later connection (where it would mean another message)."""
+
+    def __init__(self, conn: pika.BlockingConnection) -> None:
+        self.conn = conn
+        self.consume_ch: Any = None
+        self.publish_ch: Any = None
+        self.work: queue.Queue[_Msg | None] = queue.Queue()
+        self.open = True
+
+
 @dataclass
 class _Msg:
+    session: _Session
     tag: int
     headers: dict[str, Any]
     props: pika.BasicProperties
@@ -112,12 +125,9 @@ class Dispatcher:
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
-        self._work: queue.Queue[_Msg | None] = queue.Queue()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self._conn: pika.BlockingConnection | None = None
-        self._consume_ch: Any = None
-        self._publish_ch: Any = None
+        self._session: _Session | None = None
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -147,11 +157,12 @@ class Dispatcher:
             nonlocal idle
             if time.monotonic() > deadline:
                 raise TimeoutError(f"dispatcher {self.name}: queue not drained within {timeout_s}s")
-            ready = self._consume_ch.queue_declare(self.queue_name, passive=True).method.message_count
+            assert self._session is not None  # drain() runs inside its session
+            ready = self._session.consume_ch.queue_declare(self.queue_name, passive=True).method.message_count
             idle = idle + 1 if ready == 0 and self._busy() == 0 else 0
             return idle >= idle_checks
 
-        self._session(until=done)
+        self._run_session(until=done)
         with self._stats_lock:
             return self.stats - before
 
@@ -160,61 +171,63 @@ class Dispatcher:
         failures = 0
         while not self._stop.is_set():
             try:
-                self._session(until=self._stop.is_set)
+                self._run_session(until=self._stop.is_set)
                 failures = 0
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - RabbitMQ trouble (or a bug): back off, reconnect
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 log.warning("dispatcher lost RabbitMQ, reconnecting (%s)", kv({
                     "trigger": self.name, "error": repr(exc), "retry_in_s": delay}))
                 self._stop.wait(delay)
 
-    def _session(self, until: Callable[[], bool]) -> None:
+    def _run_session(self, until: Callable[[], bool]) -> None:
+        """Consume over one connection until ``until()`` (checked every 50 ms) is true."""
         params = pika.URLParameters(self.settings.amqp_url)
         params.socket_timeout = self.settings.broker_connect_timeout_s
         conn = pika.BlockingConnection(params)
-        self._conn = conn
-        workers = [threading.Thread(target=self._worker, name=f"deliver-{self.name}-{i}", daemon=True)
-                   for i in range(self.parallelism)]
+        session = self._session = _Session(conn)
+        workers = [threading.Thread(target=self._worker, args=(session,), name=f"deliver-{self.name}-{i}",
+                                    daemon=True) for i in range(self.parallelism)]
         try:
-            self._consume_ch = conn.channel()
-            self._consume_ch.basic_qos(prefetch_count=self.parallelism)
-            self._publish_ch = conn.channel()
-            self._publish_ch.confirm_delivery()
-            tag = self._consume_ch.basic_consume(self.queue_name, self._on_message, auto_ack=False)
+            session.consume_ch = conn.channel()
+            session.consume_ch.basic_qos(prefetch_count=self.parallelism)
+            session.publish_ch = conn.channel()
+            session.publish_ch.confirm_delivery()
+
+            def on_message(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+                with self._in_flight_lock:
+                    self._in_flight += 1
+                session.work.put(_Msg(session, method.delivery_tag, dict(props.headers or {}), props, body))
+
+            tag = session.consume_ch.basic_consume(self.queue_name, on_message, auto_ack=False)
             for w in workers:
                 w.start()
             while not until():
                 conn.process_data_events(time_limit=0.05)
-            self._consume_ch.basic_cancel(tag)
+            session.consume_ch.basic_cancel(tag)
             # Let in-flight deliveries settle (their acks need this thread to pump events).
             grace_end = time.monotonic() + 5.0
             while self._busy() and time.monotonic() < grace_end:
                 conn.process_data_events(time_limit=0.05)
         finally:
+            session.open = False
+            self._session = None
             for _ in workers:
-                self._work.put(None)
-            self._conn = None
+                session.work.put(None)
             with contextlib.suppress(Exception):
                 if conn.is_open:
                     conn.close()  # unacked messages go back to the queue
             for w in workers:
                 w.join(timeout=0.5)
 
-    def _on_message(self, ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        with self._in_flight_lock:
-            self._in_flight += 1
-        self._work.put(_Msg(method.delivery_tag, dict(props.headers or {}), props, body))
-
     def _busy(self) -> int:
         with self._in_flight_lock:
             return self._in_flight
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the connection's thread and wait for its result (pika is not
-        thread-safe). Raises ``_Settle`` if the connection is gone."""
-        conn = self._conn
-        if conn is None:
+    def _call(self, session: _Session, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the session's connection thread and wait for its result (pika is
+        not thread-safe). Raises ``_Settle`` if that connection is gone."""
+        if not session.open:
             raise _Settle("connection closed")
         done = threading.Event()
         box: dict[str, Any] = {}
@@ -227,46 +240,46 @@ class Dispatcher:
             done.set()
 
         try:
-            conn.add_callback_threadsafe(run)
+            session.conn.add_callback_threadsafe(run)
         except Exception as exc:  # noqa: BLE001 - connection closed meanwhile
             raise _Settle(repr(exc)) from exc
         while not done.wait(0.5):
-            if self._conn is not conn:
+            if not session.open:
                 raise _Settle("connection closed")
         if "error" in box:
             raise box["error"]
         return box.get("value")
 
     def _ack(self, msg: _Msg) -> None:
-        self._call(lambda: self._consume_ch.basic_ack(msg.tag))
+        self._call(msg.session, lambda: msg.session.consume_ch.basic_ack(msg.tag))
 
     def _nack(self, msg: _Msg, *, requeue: bool) -> None:
-        self._call(lambda: self._consume_ch.basic_nack(msg.tag, requeue=requeue))
+        self._call(msg.session, lambda: msg.session.consume_ch.basic_nack(msg.tag, requeue=requeue))
 
-    def _publish(self, exchange: str, routing_key: str, event: CloudEvent,
+    def _publish(self, msg: _Msg, exchange: str, routing_key: str, event: CloudEvent,
                  extra_headers: Mapping[str, Any] | None = None) -> None:
+        """Publish on ``msg``'s connection and wait for RabbitMQ's confirm."""
+        session = msg.session
         headers, props, body = codec.to_amqp(event)
         headers.update(extra_headers or {})
         properties = pika.BasicProperties(headers=headers, **props)
 
         def publish() -> None:
-            if self._publish_ch is None or not self._publish_ch.is_open:  # closed by an earlier error
-                self._publish_ch = self._conn.channel() if self._conn else None
-                if self._publish_ch is None:
-                    raise _Settle("connection closed")
-                self._publish_ch.confirm_delivery()
+            if session.publish_ch is None or not session.publish_ch.is_open:  # closed by an earlier error
+                session.publish_ch = session.conn.channel()
+                session.publish_ch.confirm_delivery()
             # Blocks until RabbitMQ confirms; raises NackError/UnroutableError otherwise.
-            self._publish_ch.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+            session.publish_ch.basic_publish(exchange, routing_key, body, properties, mandatory=True)
 
-        self._call(publish)
+        self._call(session, publish)
 
     # --- delivery (worker threads) ------------------------------------------------------
-    def _worker(self) -> None:
+    def _worker(self, session: _Session) -> None:
         while True:
-            msg = self._work.get()
+            msg = session.work.get()
             if msg is None:
                 return
-            if self._stop.is_set():  # not started yet: leave it unacked for redelivery
+            if self._stop.is_set() or not session.open:  # not started: leave it for redelivery
                 with self._in_flight_lock:
                     self._in_flight -= 1
                 continue
@@ -355,7 +368,7 @@ class Dispatcher:
             self._ack(msg)
             return "reply_loop"
         try:
-            self._publish(exchange_name(self.settings), "", reply)
+            self._publish(msg, exchange_name(self.settings), "", reply)
         except (pika.exceptions.AMQPError, _Settle) as exc:
             # Upstream dead-letters the original when its reply cannot be sent.
             log.error("reply could not be published (%s)", kv({"trigger": self.name, "error": repr(exc)}))
@@ -373,7 +386,7 @@ class Dispatcher:
             self._ack(msg)
             return "lost"
         try:
-            self._publish("", self.dead_letter, dead_letter_event(event, self.url, attempt))
+            self._publish(msg, "", self.dead_letter, dead_letter_event(event, self.url, attempt))
         except (pika.exceptions.AMQPError, _Settle) as exc:
             log.error("dead-letter publish failed; message requeued (%s)", kv({
                 "trigger": self.name, "event_id": event["id"], "error": repr(exc)}))
@@ -389,7 +402,7 @@ class Dispatcher:
     def _hand_off(self, msg: _Msg, event: CloudEvent, next_attempt: int, not_before: float) -> str:
         """Re-queue the message to continue at ``next_attempt`` after ``not_before``."""
         try:
-            self._publish("", self.queue_name, event,
+            self._publish(msg, "", self.queue_name, event,
                           {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
         except (pika.exceptions.AMQPError, _Settle):
             raise _Settle("hand-off failed") from None  # stays unacked: redelivered from attempt 1

@@ -87,6 +87,14 @@ class Rig:
                 ch.basic_publish(f"{self.settings.broker_name}.broker", "", body,
                                  pika.BasicProperties(headers=headers, **props), mandatory=True)
 
+    def publish_raw(self, queue: str, message: tuple[dict[str, Any], Any, bytes]) -> None:
+        """Put a message taken with :meth:`get_all` back on ``queue`` as it was."""
+        headers, props, body = message
+        props.headers = headers
+        with self.channel() as ch:
+            ch.confirm_delivery()
+            ch.basic_publish("", queue, body, props, mandatory=True)
+
     def channel(self) -> Any:
         return topology.blocking_channel(self.settings)
 

@@ -192,3 +192,39 @@ def test_undecodable_message_is_rejected_not_delivered(rig: Rig) -> None:
     assert counts["undecodable"] == 1
     assert len(rig.calls()) == before
     assert rig.ready(rig.queue("codes")) == 0
+
+
+def test_running_dispatcher_delivers_until_stopped(rig: Rig) -> None:
+    from tests.runtime.test_supervisor import wait_for
+
+    d = rig.dispatcher("codes")
+    d.start()
+    try:
+        events = [event("test.codes", {}) for _ in range(3)]
+        rig.publish(*events)
+        wait_for(lambda: d.stats["delivered"] == 3, what="three deliveries")
+    finally:
+        d.stop()
+    assert d._thread is not None and not d._thread.is_alive()
+    assert rig.ready(rig.queue("codes")) == 0
+
+
+def test_stopping_mid_retries_hands_off_without_losing_attempts(rig: Rig) -> None:
+    from tests.runtime.test_supervisor import wait_for
+
+    e = event("test.linear", {"codes": [500]})
+    rig.publish(e)
+    d = rig.dispatcher("linear")
+    d.start()
+    try:
+        wait_for(lambda: len(rig.calls(event_id=e["id"])) >= 1, what="first attempt")
+    finally:
+        d.stop()
+    assert d.stats["handed_off"] == 1
+    (msg,) = rig.get_all(rig.queue("linear"))  # re-queued with where it left off
+    made = len(rig.calls(event_id=e["id"]))
+    assert msg[0]["x-taskforge-attempt"] == made + 1
+    rig.publish_raw(rig.queue("linear"), msg)
+    counts = rig.dispatcher("linear").drain()
+    assert counts["dead_lettered"] == 1
+    assert len(rig.calls(event_id=e["id"])) == 4  # retry 3: four attempts in all, across both runs
