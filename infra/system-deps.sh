@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Install the Debian packages TaskForge's functions and tests use, if they are missing:
 # wkhtmltopdf (PDF engine), chromium (second PDF engine, browser tests), poppler-utils
-# (pdftotext in tests), prometheus (promtool for rule checks).
+# (pdftotext in tests), prometheus (promtool for rule checks), prometheus-alertmanager
+# (amtool, checks infra/alertmanager).
 set -euo pipefail
 need=()
 command -v wkhtmltopdf >/dev/null || need+=(wkhtmltopdf)
 command -v pdftotext >/dev/null || need+=(poppler-utils)
 command -v chromium >/dev/null || need+=(chromium)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
   echo "system-deps: please install: ${need[*]}" >&2
