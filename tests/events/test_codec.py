@@ -167,3 +167,13 @@ def test_amqp_decode_errors_are_bad_requests(headers: dict, props: dict, body: b
 def test_amqp_reader_takes_the_id_from_message_id_when_the_header_is_missing() -> None:
     event = codec.from_amqp({"type": "t", "source": "/s"}, {"message_id": "m-1"}, b"")
     assert event["id"] == "m-1" and event["specversion"] == "1.0"
+
+
+def test_pre_encoded_json_bytes_travel_as_is_and_decode_to_the_value() -> None:
+    event = CloudEvent({"type": "t", "source": "/s", "id": "1", "time": "2024-01-01T00:00:00Z",
+                        "datacontenttype": "application/json"}, b'{"a": [1, 2]}')
+    assert codec.to_amqp(event)[2] == b'{"a": [1, 2]}'
+    assert codec.to_binary_http(event)[1] == b'{"a": [1, 2]}'
+    for mode in ENCODINGS.values():
+        assert mode(event).get_data() == {"a": [1, 2]}
+    assert json.loads(codec.to_structured_http(event)[1])["data"] == {"a": [1, 2]}
