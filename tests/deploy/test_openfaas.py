@@ -160,9 +160,21 @@ def test_images_build_from_the_one_dockerfile(stack):
 
 # --- the bridge ---------------------------------------------------------------------------
 
-def test_bridge_manifest():
-    (dep,) = kustomize(ROOT / "infra" / "openfaas")
-    kubernetes_validate.validate(dep, "1.32.0", strict=True)
+def test_bridge_and_migration_manifests():
+    objs = {o["kind"]: o for o in kustomize(ROOT / "infra" / "openfaas")}
+    assert set(objs) == {"Deployment", "Job"}
+    for obj in objs.values():
+        kubernetes_validate.validate(obj, "1.32.0", strict=True)
+        assert obj["metadata"]["namespace"] == "openfaas"
+        spec = obj["spec"]["template"]["spec"]
+        assert spec["volumes"] == [{"name": "secrets", "secret": {"secretName": "taskforge"}}]
+        (c,) = spec["containers"]
+        files = {e["name"]: e["value"] for e in c["env"] if e["name"].endswith("_FILE")}
+        assert {"TASKFORGE_AMQP_URL_FILE", "TASKFORGE_JWT_SECRET_FILE"} <= set(files)
+        assert all(v.startswith("/etc/taskforge/secrets/") for v in files.values())
+    job = objs["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"] == ["taskforge", "migrate"] and job["image"] == "taskforge/gateway:0.1.0"
+    dep = objs["Deployment"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["python", "-m", "infra.openfaas.bridge"]
     args = bridge.build_parser().parse_args(c["args"])  # the manifest's flags are the CLI's
