@@ -126,6 +126,8 @@ def make_event(attributes: Mapping[str, Any], data: Any) -> CloudEvent:
             raise EventDecodeError(f"invalid CloudEvents attribute name {key!r}")
         if value is None:
             continue
+        if not isinstance(value, (str, int, bool, _dt.datetime)):  # what every binding can carry
+            raise EventDecodeError(f"attribute {key!r} must be a string, integer, boolean or time")
         attrs[name] = value
     for name in REQUIRED:
         value = attrs.get(name)

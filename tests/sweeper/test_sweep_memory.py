@@ -67,16 +67,21 @@ def test_a_row_that_is_not_a_cloudevent_is_parked_and_the_rest_published(mem: Se
     user = h.make_user(mem)
     (good,) = h.make_tasks(mem, user, 1)
     (bad,) = h.make_tasks(mem, user, 1)
+    (nested,) = h.make_tasks(mem, user, 1)
     with db.connection(mem) as conn:
         conn.execute("UPDATE outbox SET headers = headers - 'source' WHERE event_id = %s", (bad.event_ids[0],))
+        conn.execute("""UPDATE outbox SET headers = headers || '{"ext": {"a": 1}}' WHERE event_id = %s""",
+                     (nested.event_ids[0],))
     broker = InMemoryBroker()
     stats = sweep_once(mem, broker)
-    assert stats.published == 1 and stats.parked == 1
+    assert stats.published == 1 and stats.parked == 2
     assert broker.ids() == good.event_ids
     statuses = h.task_statuses(mem)
     assert statuses[str(good.row["id"])] == "queued" and statuses[str(bad.row["id"])] == "failed"
+    assert statuses[str(nested.row["id"])] == "failed"
     parked = [r for r in h.outbox_rows(mem) if r["parked_at"] is not None]
-    assert [str(r["event_id"]) for r in parked] == bad.event_ids and "source" in parked[0]["last_error"]
+    assert [str(r["event_id"]) for r in parked] == bad.event_ids + nested.event_ids
+    assert "source" in parked[0]["last_error"] and "ext" in parked[1]["last_error"]
 
 
 def test_in_memory_routes_report_unroutable_events_which_get_parked(mem: Settings) -> None:
