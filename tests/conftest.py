@@ -22,6 +22,12 @@ RUN_ID = uuid.uuid4().hex[:10]
 PG_ADMIN = os.environ.get("TASKFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # tests/reliability: `make test` runs the short chaos run, `make chaos` the full one.
+    parser.addoption("--chaos", choices=("short", "full"), default="short",
+                     help="scale of the reliability (chaos) run: short (CI) or full (make chaos)")
+
+
 def _require(host: str, port: int, name: str) -> None:
     try:
         socket.create_connection((host, port), timeout=3).close()
