@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import redis
@@ -68,6 +69,7 @@ def reset_clients() -> None:
         for c in _clients.values():
             c.close()
         _clients.clear()
+        _scripts.clear()
 
 
 def fixed_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float | None = None) -> Decision:
@@ -83,6 +85,23 @@ def fixed_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float
     return Decision(False, count, limit, max(1, math.ceil((window + 1) * window_s - now)))
 
 
+# KEYS: current window, previous window. ARGV: limit, cost, elapsed fraction, ttl (s).
+# Read, decide and count in one round trip, atomically (no race between check and count).
+_SLIDING = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local weighted = prev * (1 - tonumber(ARGV[3])) + cur
+local cost = tonumber(ARGV[2])
+if weighted + cost > tonumber(ARGV[1]) then
+  return {0, tostring(weighted), prev}
+end
+redis.call('INCRBY', KEYS[1], cost)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]), 'NX')
+return {1, tostring(weighted + cost), prev}
+"""
+_scripts: dict[int, Any] = {}
+
+
 def sliding_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float | None = None,
                    cost: int = 1) -> Decision:
     """Count ``cost`` hits against the sliding-window estimate over the last ``window_s`` seconds.
@@ -93,21 +112,20 @@ def sliding_window(r: redis.Redis, key: str, limit: int, window_s: int, now: flo
     now = time.time() if now is None else now
     window = int(now // window_s)
     elapsed = (now - window * window_s) / window_s  # fraction of the current window gone
-    cur, prev = f"{key}:{window}", f"{key}:{window - 1}"
-    previous, current = r.mget(prev, cur)
-    weighted = int(previous or 0) * (1.0 - elapsed) + int(current or 0)
-    if weighted + cost > limit:
-        # When does the estimate drop below the limit? The previous window's weight falls
-        # linearly; if the current window alone is full, wait for the next window.
-        p = int(previous or 0)
-        need = weighted + cost - limit
-        wait = need * window_s / p if p else (1.0 - elapsed) * window_s
-        return Decision(False, weighted, limit, max(1, math.ceil(min(wait, (1.0 - elapsed) * window_s + 1))))
-    pipe = r.pipeline(transaction=False)
-    pipe.incrby(cur, cost)
-    pipe.expire(cur, 2 * window_s + 1, nx=True)
-    pipe.execute()
-    return Decision(True, weighted + cost, limit, 0)
+    script = _scripts.get(id(r))
+    if script is None:
+        script = _scripts[id(r)] = r.register_script(_SLIDING)
+    allowed, weighted_raw, previous = script(keys=[f"{key}:{window}", f"{key}:{window - 1}"],
+                                             args=[limit, cost, repr(elapsed), 2 * window_s + 1])
+    weighted = float(weighted_raw)
+    if allowed:
+        return Decision(True, weighted, limit, 0)
+    # When does the estimate drop below the limit? The previous window's weight falls
+    # linearly; if the current window alone is full, wait for the next window.
+    p = int(previous)
+    remaining_s = (1.0 - elapsed) * window_s
+    wait = (weighted + cost - limit) * window_s / p if p else remaining_s
+    return Decision(False, weighted, limit, max(1, math.ceil(min(wait, remaining_s + 1))))
 
 
 def _enforce(settings: Settings, algorithm: Callable[..., Decision], key: str, limit: int, window_s: int,

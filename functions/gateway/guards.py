@@ -8,22 +8,42 @@ The caller is ``web.principal()``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
+import psycopg
 from flask import g, request
+from psycopg_pool import PoolTimeout
 
 from functions.gateway.web import settings
 from shared import auth, db
-from shared.errors import AuthError, Forbidden
+from shared.errors import AuthError, Forbidden, ServiceUnavailable
+from shared.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@contextmanager
+def _autocommit(s: Settings) -> Iterator[psycopg.Connection]:
+    """A pooled connection in autocommit mode: authentication only reads (the API-key
+    ``last_used_at`` touch is a single statement), so BEGIN/COMMIT would be two wasted
+    round trips on every request."""
+    try:
+        with db.get_pool(s).connection() as conn:
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                conn.autocommit = False  # the pool hands out transactional connections
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+
 def _authenticate() -> auth.Principal:
     s = settings()
-    with db.connection(s) as conn:
+    with _autocommit(s) as conn:
         p = auth.authenticate(s, conn, request.headers)
     g.principal = p
     return p

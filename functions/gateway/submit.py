@@ -7,9 +7,16 @@ so the three paths apply the same rules:
 2. task rows and their outbox rows in one transaction (``shared.tasks``);
 3. the in-flight cap, counted inside that transaction *after* the insert, so a refused
    submission rolls back with it and a replayed idempotent request is never refused;
-4. after commit: the eager relay (``shared.relay.after_commit``), the status fan-out of
-   the new ``pending`` rows, the submitted-tasks metric. None of these may fail the
-   request — the task is committed and the sweeper is the safety net for the relay.
+4. after commit: the eager relay (``shared.relay.after_commit``) and the submitted-tasks
+   metric. Neither may fail the request — the task is committed and the sweeper is the
+   safety net for the relay.
+
+The new ``pending`` rows are deliberately not pushed to the status stream here: the
+relay's ``pending → queued`` change follows within milliseconds and is published, and a
+row that never gets that far is replayed by ``shared.status.catch_up`` (new rows start
+with ``published_version < status_version``). Publishing in the request path cost a
+Redis script call plus an extra PostgreSQL transaction per submission — about a third of
+the request's time (bench/submit.py).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from shared import db, metrics, ratelimit, status, tasks
+from shared import db, metrics, ratelimit, tasks
 from shared.settings import Settings
 
 log = logging.getLogger("taskforge.gateway")
@@ -32,10 +39,8 @@ def after_commit(settings: Settings, rows: Sequence[dict[str, Any]], event_ids: 
             relay.after_commit(settings, list(event_ids))
         except Exception:  # the relay promises not to raise; a bug there must not turn a 202 into a 500
             log.exception("eager relay failed; the outbox sweeper will publish these events")
-    if rows:
-        status.publish_rows(settings, rows)  # never raises (Postgres is the truth)
-        for row in rows:
-            metrics.TASKS_SUBMITTED.labels(row["type"]).inc()
+    for row in rows:
+        metrics.TASKS_SUBMITTED.labels(row["type"]).inc()
 
 
 def submit_one(settings: Settings, user_id: str, task_type: Any, payload: Any, *,
