@@ -314,7 +314,8 @@ class Dispatcher:
             log.error("undecodable message rejected (%s)", kv({"trigger": self.name, "error": str(exc)}))
             self._nack(msg, requeue=False)  # to the DLX, as upstream does
             return "undecodable"
-        first = _int(msg.headers.get(ATTEMPT_HEADER), 1)
+        # A hand-off's attempt number, clamped: the spec may have shrunk since it was queued.
+        first = min(_int(msg.headers.get(ATTEMPT_HEADER), 1), self.delivery.attempts)
         not_before = _float(msg.headers.get(NOT_BEFORE_HEADER), 0.0)
         wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s)
         if wait > 0 and self._stop.wait(wait):  # a handed-off message still in its backoff
@@ -404,8 +405,11 @@ class Dispatcher:
         try:
             self._publish(msg, "", self.queue_name, event,
                           {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
-        except (pika.exceptions.AMQPError, _Settle):
-            raise _Settle("hand-off failed") from None  # stays unacked: redelivered from attempt 1
+        except (pika.exceptions.AMQPError, _Settle) as exc:
+            # Give it back as it came (its own attempt number) rather than hold it unacked.
+            log.warning("hand-off failed, message requeued (%s)", kv({"trigger": self.name, "error": repr(exc)}))
+            self._nack(msg, requeue=True)
+            return "requeued"
         self._ack(msg)
         return "handed_off"
 
