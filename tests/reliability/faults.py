@@ -97,6 +97,10 @@ class TcpProxy:
         with self._lock:
             lst, self._listener = self._listener, None
         if lst is not None:
+            # shutdown() first: a plain close() leaves the socket listening until the
+            # accept thread's poll returns, and connections queue up meanwhile.
+            with contextlib.suppress(OSError):
+                lst.shutdown(socket.SHUT_RDWR)
             lst.close()
         return self.cut()
 
