@@ -7,6 +7,8 @@ outbox-sweeper calls it on every tick (it runs once a minute everywhere), so the
 """
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 
 from shared import metrics
@@ -15,11 +17,12 @@ from shared import metrics
 def count_stale_running(conn: psycopg.Connection, grace_s: float = 0.0) -> int:
     """Tasks in ``running`` whose lease ended more than ``grace_s`` seconds ago (or that
     have no lease at all). Uses the partial index on active tasks; raises psycopg errors."""
-    row = conn.execute(
+    row: Any = conn.execute(
         "SELECT count(*) AS n FROM tasks WHERE status = 'running'"
         " AND (lease_until IS NULL OR lease_until < now() - %s * interval '1 second')",
         (float(grace_s),),
     ).fetchone()
+    # dict rows from shared.db's pool, tuples from a plain connection
     return int(row["n"] if isinstance(row, dict) else row[0])
 
 

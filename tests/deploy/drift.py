@@ -87,8 +87,9 @@ def _delivery_problems(where: str, want: DeliverySpec, got: Mapping[str, Any] | 
     if got.get("backoffPolicy") != want.backoff_policy:
         out.append(f"{where}: backoffPolicy {got.get('backoffPolicy')!r} != {want.backoff_policy!r}")
     for key, want_s in (("backoffDelay", want.backoff_delay_s), ("timeout", want.timeout_s)):
+        raw = got.get(key)
         try:
-            got_s = parse_duration(got.get(key))
+            got_s = parse_duration(raw if isinstance(raw, str) else "")
         except ValueError:
             out.append(f"{where}: {key} {got.get(key)!r} is not an ISO-8601 duration")
             continue

@@ -30,7 +30,7 @@ from tests.deploy.k8s import ROOT
 
 PROM = ROOT / "infra" / "prometheus"
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "taskforge.json"
-PROMETHEUS_OWN = {"up": set()}  # series Prometheus itself produces, with their labels
+PROMETHEUS_OWN: dict[str, set[str]] = {"up": set()}  # series Prometheus itself produces, with their labels
 ALWAYS = {"job", "instance"}  # target labels every scraped series has
 
 
