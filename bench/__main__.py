@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_settings()
     run_id = uuid.uuid4().hex[:8]
     # A database of its own per run (dropped afterwards): concurrent runs never collide.
-    name = (psycopg.conninfo.conninfo_to_dict(base.database_url).get("dbname") or "taskforge") + f"_bench_{run_id}"
+    name = str(psycopg.conninfo.conninfo_to_dict(base.database_url).get("dbname") or "taskforge") + f"_bench_{run_id}"
     settings = base.replace(
         env="test",
         database_url=psycopg.conninfo.make_conninfo(base.database_url, dbname=name),

@@ -24,7 +24,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from cloudevents.http import CloudEvent
 
@@ -151,6 +151,7 @@ class HttpSinkBroker:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"K_SINK must be an http(s) URL, got {sink_url!r}")
         self._url = url
+        self._host: str = url.hostname
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._timeout = timeout_s
         self._local = threading.local()
@@ -160,7 +161,7 @@ class HttpSinkBroker:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._url.hostname, self._url.port, timeout=self._timeout)
+            conn = cls(self._host, self._url.port, timeout=self._timeout)
             self._local.conn = conn
         return conn
 
@@ -230,7 +231,7 @@ def build_broker(settings: Settings) -> Broker:
         target = settings.amqp_url
     # The key shows up in error messages: never put the URL (credentials) in it.
     key = f"{backend}:{settings.broker_name}:{hashlib.sha256(target.encode()).hexdigest()[:8]}"
-    return breakers.GuardedBroker(inner, key=key)
+    return cast(Broker, breakers.GuardedBroker(inner, key=key))
 
 
 def get_broker(settings: Settings) -> Broker:

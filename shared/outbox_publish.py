@@ -182,7 +182,7 @@ def park_event_ids(conn: psycopg.Connection, event_ids: Sequence[str], reason: s
     Returns the ids that matched a row (rows already purged, or events that were never
     ours, are not in it) and the changed task rows to fan out after commit.
     """
-    ids = [i for i in event_ids if _is_uuid(i)]
+    ids = [i for i in event_ids if is_uuid(i)]
     if not ids:
         return set(), []
     rows = conn.execute(
@@ -194,7 +194,7 @@ def park_event_ids(conn: psycopg.Connection, event_ids: Sequence[str], reason: s
     return {str(r["event_id"]) for r in rows}, changed
 
 
-def _is_uuid(text: str) -> bool:
+def is_uuid(text: str) -> bool:
     try:
         uuid.UUID(str(text))
     except ValueError:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from shared import db
 from shared.broker import Broker, get_broker
-from shared.outbox_publish import claim_and_publish, fan_out
+from shared.outbox_publish import claim_and_publish, fan_out, is_uuid
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def after_commit(settings: Settings, event_ids: Iterable[str]) -> None:
     """
     if not settings.eager_relay:
         return
-    ids = [str(e) for e in event_ids]
+    ids = [str(e) for e in event_ids if is_uuid(str(e))]  # outbox event ids are UUIDs
     if not ids:
         return
     try:
