@@ -104,6 +104,18 @@ class StatusStreamApp:
             COLD_STARTS.labels("status-stream").inc()
         return self.hub
 
+    async def aclose(self) -> None:
+        """End every stream, stop the reader, close Redis and database connections."""
+        if self.hub is not None:
+            await self.hub.stop()
+            for client in (self.hub.reader, self.hub.cmd):
+                try:
+                    await client.aclose()
+                except Exception:  # closing is best effort
+                    pass
+            self.hub, self._started = None, False
+        await self.store.close()
+
     def cors(self, request: Request) -> dict[str, str]:
         origin = request.headers.get("origin")
         if origin and (origin.rstrip("/") in self.origins or "*" in self.origins):

@@ -135,6 +135,7 @@ class Hub:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._orphans: set[Subscriber] = set()  # subscribed while Redis was down
+        self._stopping = False
         self.healthy = False  # last Redis round trip succeeded
         self.outages = 0
         self.redis_started_ms: int | None = None  # for resume checks across Redis restarts
@@ -292,7 +293,7 @@ class Hub:
     async def run(self) -> None:
         """Read forever; on Redis errors back off and resume from the last positions."""
         backoff = 0.1
-        while True:
+        while not self._stopping:
             try:
                 await self.read_once()
                 backoff = 0.1
@@ -341,21 +342,28 @@ class Hub:
         if self._tasks and not all(t.done() for t in self._tasks):
             return
         loop = asyncio.get_running_loop()
+        self._stopping = False
         self._tasks = [loop.create_task(self.run(), name="sse-reader"),
                        loop.create_task(self.run_heartbeats(), name="sse-heartbeats")]
 
     async def stop(self) -> None:
+        """Close every stream and stop the background tasks (bounded: a blocked XREAD that
+        ignores cancellation is cut by closing its connection)."""
+        self._stopping = True
         for subs in list(self.subscribers.values()):
             for sub in list(subs):
                 sub.close()
-        for t in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks = []
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            if pending:
+                try:
+                    await self.reader.connection_pool.disconnect()
+                except Exception:  # best effort: we are shutting down
+                    pass
+                await asyncio.wait(pending, timeout=5.0)
 
 
 def _decode(value: Any) -> str:

@@ -68,6 +68,9 @@ def resumable(rid: StreamId, info: Mapping[str, Any] | None, redis_started_ms: i
     last = parse_id(info.get("last-generated-id")) or (0, 0)
     if rid > last:
         return False
+    added, length = info.get("entries-added"), info.get("length")
+    if added is not None and added == length:
+        return True  # Redis 7: nothing was ever trimmed or deleted from this stream
     first = info.get("first-entry")
     if not first:
         return rid == last  # everything was trimmed or deleted
@@ -136,12 +139,14 @@ class TaskStream:
                 self.head.append(frame)
         return 200
 
-    async def _resumable(self, rid: StreamId) -> bool:
+    async def _resumable(self, rid: StreamId, *, ours: bool = False) -> bool:
+        """``ours``: the position came from this process's own reads, not from a client —
+        then a Redis restart since does not matter (new entries sort after it anyway)."""
         try:
             info = await self.hub.cmd.xinfo_stream(self.key)
         except redis_errors.ResponseError:
             info = None  # no such key
-        return resumable(rid, info, await self.hub.started_ms())
+        return resumable(rid, info, 0 if ours else await self.hub.started_ms())
 
     async def _ended_at(self, rid: StreamId) -> bool:
         """Whether the entry at ``rid`` is this task's terminal state (the client saw the end)."""
@@ -229,7 +234,7 @@ class TaskStream:
                     # Too slow for the live feed: catch up from Redis by position instead.
                     sub.overflowed = False
                     sub.items.clear()
-                    if self.last is None or not await self._resumable(self.last):
+                    if self.last is None or not await self._resumable(self.last, ours=True):
                         break  # the client reconnects with its Last-Event-ID and gets a reset
                     await self._catch_up(send)
                     continue

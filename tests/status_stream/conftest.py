@@ -46,6 +46,15 @@ class Server:
     loop_holder: dict[str, Any] = field(default_factory=dict)
 
     def stop(self) -> None:
+        import functions.status_stream.main as main
+
+        app = main._app
+        if app is not None and app.hub is not None and app.hub._tasks:
+            loop = app.hub._tasks[0].get_loop()
+            try:
+                asyncio.run_coroutine_threadsafe(app.aclose(), loop).result(timeout=10)
+            except Exception:
+                pass
         self.uvi.should_exit = True
         self.thread.join(timeout=15)
 
@@ -159,43 +168,54 @@ def tasks_driver(settings: Settings) -> Tasks:
 class Stream:
     """Reads one SSE response in a background thread; ``next()`` returns messages in order.
 
-    ``timeout_s`` bounds how long a test waits for something that should come (a
-    failure bound, not a speed assertion)."""
+    Uses ``http.client`` so ``close()`` can shut the socket down under the reading thread
+    (the server must see the client leave). ``timeout_s`` bounds how long a test waits
+    for something that should come (a failure bound, not a speed assertion)."""
 
     def __init__(self, url: str, *, headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
                  connect_timeout_s: float = 10.0) -> None:
         self.messages: queue.Queue[Message | None] = queue.Queue()
         self.status: int | None = None
-        self.headers: httpx.Headers | None = None
+        self.headers: dict[str, str] = {}
+        self.body = b""
         self.comments = 0
         self.closed = threading.Event()
         self._ready = threading.Event()
-        self._client = httpx.Client(timeout=httpx.Timeout(connect_timeout_s, read=60.0))
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, args=(url, headers or {}, params or {}), daemon=True)
+        self._sock: socket.socket | None = None
+        parts = httpx.URL(url, params=params or None)
+        self._thread = threading.Thread(target=self._run, args=(parts, headers or {}), daemon=True)
         self._thread.start()
         if not self._ready.wait(connect_timeout_s):
             raise AssertionError("no response headers")
 
-    def _run(self, url: str, headers: dict[str, str], params: dict[str, str]) -> None:
+    def _run(self, url: httpx.URL, headers: dict[str, str]) -> None:
+        import http.client
+
         try:
-            with self._client.stream("GET", url, headers=headers, params=params) as resp:
-                self.status, self.headers = resp.status_code, resp.headers
-                self.body = b""
+            conn = http.client.HTTPConnection(url.host, url.port, timeout=60)
+            target = url.raw_path.decode()
+            conn.request("GET", target, headers={"Accept": "text/event-stream", **headers})
+            self._sock = conn.sock
+            resp = conn.getresponse()
+            self.status = resp.status
+            self.headers = {k.lower(): v for k, v in resp.getheaders()}
+            if resp.status != 200:
+                self.body = resp.read()
                 self._ready.set()
-                if resp.status_code != 200:
-                    self.body = resp.read()
+                return
+            self._ready.set()
+            parser = Parser()
+            while True:
+                raw = resp.readline()
+                if not raw:
                     return
-                parser = Parser()
-                for line in resp.iter_lines():
-                    if self._stop:
-                        return
-                    if line.startswith(":"):
-                        self.comments += 1
-                    msg = parser.feed(line)
-                    if msg is not None:
-                        self.messages.put(msg)
-        except (httpx.HTTPError, RuntimeError):
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith(":"):
+                    self.comments += 1
+                msg = parser.feed(line)
+                if msg is not None:
+                    self.messages.put(msg)
+        except (OSError, ValueError, http.client.HTTPException):
             pass
         finally:
             self._ready.set()
@@ -229,8 +249,13 @@ class Stream:
         return self.closed.wait(timeout_s)
 
     def close(self) -> None:
-        self._stop = True
-        self._client.close()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.closed.wait(5)
 
 
 @pytest.fixture()
@@ -249,3 +274,53 @@ def open_stream() -> Iterator[Callable[..., Stream]]:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+# --- a private Redis (never restart the shared one: other sessions use it) -----------------
+class PrivateRedis:
+    """A redis-server of our own on a free loopback port, that tests may stop and restart."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import shutil
+        import subprocess
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed", pytrace=False)
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis as sync_redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sync_redis.Redis(port=self.port, socket_timeout=1).ping()
+                return
+            except sync_redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # a crash, not a clean shutdown
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture()
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp_path)
+    r.start()
+    yield r
+    r.stop()
