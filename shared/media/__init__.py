@@ -1,0 +1,24 @@
+"""Media cores: pure-ish functions from an input file to an output file.
+
+Each core takes paths and limits as arguments, reports progress through
+``on_progress(percent: int)`` (0..99 while working; the caller reports 100 with success)
+and polls ``should_cancel() -> bool``, raising :class:`shared.errors.Cancelled` when it
+turns true. Bad input raises a ``PermanentError`` subclass; dependency trouble a
+``RetryableError`` subclass. Modules: ``image`` (Pillow), ``video`` (ffmpeg), ``pdf``
+(wkhtmltopdf / Chromium) and ``egress_proxy`` (the SSRF filter the PDF engines browse through).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+ProgressFn = Callable[[int], None]
+CancelFn = Callable[[], bool]
+
+
+def no_progress(percent: int) -> None:
+    """The default progress callback: drop the report."""
+
+
+def never_cancel() -> bool:
+    """The default cancel check: never."""
+    return False
