@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psycopg
@@ -51,14 +51,22 @@ BODY = json.dumps({"type": "generate-pdf", "payload": {"html": "<h1>bench</h1>"}
 
 
 # --- fixtures ----------------------------------------------------------------------------
+def _one(cursor: Any) -> Any:
+    """The single row a statement must return."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("statement returned no row")
+    return row
+
+
 def _users(s: Settings) -> list[str]:
     """Create ``USERS`` accounts directly (no argon2 cost) and return access tokens."""
     tokens = []
     with psycopg.connect(s.database_url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
         conn.execute("TRUNCATE tasks, outbox, users CASCADE")
         for i in range(USERS):
-            row = conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x') RETURNING id, email",
-                               (f"bench{i}-{uuid.uuid4().hex[:6]}@example.com",)).fetchone()
+            row = _one(conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x') RETURNING id, email",
+                                    (f"bench{i}-{uuid.uuid4().hex[:6]}@example.com",)))
             tokens.append(auth.issue_access_token(s, row)[0])
     return tokens
 
@@ -69,8 +77,8 @@ def _settle(s: Settings, timeout_s: float = 60.0) -> float:
     start = time.monotonic()
     with psycopg.connect(s.database_url, autocommit=True) as conn:
         while time.monotonic() - start < timeout_s:
-            pending = conn.execute("SELECT count(*) FROM outbox WHERE dispatched_at IS NULL"
-                                   " AND parked_at IS NULL").fetchone()[0]
+            pending = _one(conn.execute("SELECT count(*) FROM outbox WHERE dispatched_at IS NULL"
+                                        " AND parked_at IS NULL"))[0]
             if not pending:
                 break
             time.sleep(0.05)
@@ -91,7 +99,7 @@ def _empty(s: Settings) -> None:
 
 def _count(s: Settings) -> int:
     with psycopg.connect(s.database_url, autocommit=True) as conn:
-        return int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        return int(_one(conn.execute("SELECT count(*) FROM tasks"))[0])
 
 
 def _free_port() -> int:
@@ -172,15 +180,23 @@ def wrk_round(url: str, tokens: list[str], seconds: float) -> dict[str, float]:
         fh.write(_LUA % (", ".join(json.dumps(t) for t in tokens), json.dumps(BODY)))
         script = fh.name
     try:
-        out = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url],
-                             capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+        cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     finally:
         os.unlink(script)
     dist = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "completed": int(re.search(r"(\d+) requests in", out).group(1)),
-            "bad": int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1]),
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(_find(r"Requests/sec:\s+([\d.]+)", out)),
+            "completed": int(_find(r"(\d+) requests in", out)),
+            "bad": int(bad.group(1)) if bad else 0,
             "p50_ms": _ms(dist.get("50", "")), "p99_ms": _ms(dist.get("99", ""))}
+
+
+def _find(pattern: str, text: str) -> str:
+    m = re.search(pattern, text)
+    if m is None:
+        raise RuntimeError(f"unexpected wrk output: {text[-500:]}")
+    return m.group(1)
 
 
 def python_round(url: str, tokens: list[str], seconds: float) -> dict[str, float]:
@@ -234,10 +250,10 @@ def psycopg_loop(s: Settings, user_ids: list[str], seconds: float, threads: int 
             while time.monotonic() < stop:
                 user = user_ids[(n + k) % len(user_ids)]
                 rhash = hashlib.sha256(BODY.encode()).hexdigest()
-                task_id = conn.execute(
+                task_id = _one(conn.execute(
                     "INSERT INTO tasks (user_id, type, payload, idempotency_key, request_hash, trace_id)"
                     " VALUES (%s, %s, %s, NULL, %s, %s) RETURNING id",
-                    (user, "generate-pdf", json.dumps(payload), rhash, uuid.uuid4().hex)).fetchone()[0]
+                    (user, "generate-pdf", json.dumps(payload), rhash, uuid.uuid4().hex)))[0]
                 event_id = str(uuid.uuid4())
                 headers = {"specversion": "1.0", "id": event_id, "type": "com.taskforge.generate-pdf.requested",
                            "source": "/taskforge/gateway", "subject": str(task_id)}
@@ -283,8 +299,11 @@ def measure(s: Settings, *, rounds: int = 2, seconds: float = 5.0) -> dict[str, 
             _empty(s)
             return psycopg_loop(s, user_ids, seconds)
 
-        gw_samples, base_samples, quiet_samples = alternate(
-            lambda: gateway_round(gw), baseline_round, rounds, lambda: gateway_round(quiet))
+        samples = alternate(lambda: gateway_round(gw), baseline_round, rounds,  # type: ignore[arg-type]
+                            lambda: gateway_round(quiet))
+        gw_samples = cast(list[dict[str, float]], samples[0])
+        base_samples = cast(list[float], samples[1])
+        quiet_samples = cast(list[dict[str, float]], samples[2])
     finally:
         gw.close()
         quiet.close()

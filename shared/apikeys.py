@@ -16,6 +16,8 @@ import psycopg
 
 from shared.errors import Conflict, NotFound, ValidationError
 
+Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
+
 KEY_PREFIX = "tfk_"
 MAX_NAME = 100
 MAX_ACTIVE_KEYS = 50  # per user: keys are for scripts, not per-request credentials
@@ -35,7 +37,7 @@ def public_key(row: dict[str, Any]) -> dict[str, Any]:
             "revoked_at": iso(row.get("revoked_at"))}
 
 
-def create_key(conn: psycopg.Connection, user_id: str, name: Any) -> tuple[dict[str, Any], str]:
+def create_key(conn: Conn, user_id: str, name: Any) -> tuple[dict[str, Any], str]:
     """Create a key; returns its row and the plaintext key (the only time it exists).
 
     ``ValidationError`` for a missing/overlong name, ``Conflict`` past ``MAX_ACTIVE_KEYS``.
@@ -53,16 +55,18 @@ def create_key(conn: psycopg.Connection, user_id: str, name: Any) -> tuple[dict[
     row = conn.execute(
         "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s) RETURNING *",
         (user_id, name.strip(), key[:12], _hash(key))).fetchone()
+    if row is None:  # pragma: no cover - INSERT ... RETURNING always yields the row
+        raise RuntimeError("api key insert returned nothing")
     return row, key
 
 
-def list_keys(conn: psycopg.Connection, user_id: str) -> list[dict[str, Any]]:
+def list_keys(conn: Conn, user_id: str) -> list[dict[str, Any]]:
     """The user's keys, newest first, revoked ones included (with ``revoked_at``)."""
     return conn.execute("SELECT * FROM api_keys WHERE user_id = %s ORDER BY created_at DESC, id DESC",
                         (user_id,)).fetchall()
 
 
-def revoke_key(conn: psycopg.Connection, user_id: str, key_id: Any) -> dict[str, Any]:
+def revoke_key(conn: Conn, user_id: str, key_id: Any) -> dict[str, Any]:
     """Revoke one of the user's keys (idempotent); ``NotFound`` for another user's or none."""
     try:
         ident = uuid.UUID(str(key_id))
@@ -76,7 +80,7 @@ def revoke_key(conn: psycopg.Connection, user_id: str, key_id: Any) -> dict[str,
     return row
 
 
-def lookup(conn: psycopg.Connection, key: str) -> dict[str, Any] | None:
+def lookup(conn: Conn, key: str) -> dict[str, Any] | None:
     """The active key row joined with its user's ``email``/``is_admin``, or None."""
     if not key.startswith(KEY_PREFIX) or len(key) > 100:
         return None

@@ -20,11 +20,11 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from argon2 import PasswordHasher
@@ -35,6 +35,8 @@ from jose.exceptions import JOSEError
 from shared import apikeys
 from shared.errors import AuthError, Conflict, ValidationError
 from shared.settings import Settings
+
+Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
 
 REFRESH_PREFIX = "tfr_"
 MIN_PASSWORD = 8
@@ -107,7 +109,7 @@ def credential_errors(email: Any, password: Any) -> list[dict[str, str]]:
     return errors
 
 
-def create_user(settings: Settings, conn: psycopg.Connection, email: Any, password: Any) -> dict[str, Any]:
+def create_user(settings: Settings, conn: Conn, email: Any, password: Any) -> dict[str, Any]:
     """Insert a user; ``ValidationError`` on a bad email/short password, ``Conflict`` if taken."""
     errors = credential_errors(email, password)
     if errors:
@@ -123,7 +125,7 @@ def create_user(settings: Settings, conn: psycopg.Connection, email: Any, passwo
     return row
 
 
-def check_login(conn: psycopg.Connection, email: Any, password: Any) -> dict[str, Any]:
+def check_login(conn: Conn, email: Any, password: Any) -> dict[str, Any]:
     """The user row for valid credentials; one ``AuthError`` for any failure (no account probing)."""
     if not isinstance(email, str) or not isinstance(password, str) or len(password) > MAX_PASSWORD:
         raise AuthError("invalid email or password", code="invalid_credentials")
@@ -183,7 +185,7 @@ def decode_access_token(settings: Settings, token: str) -> dict[str, Any]:
 
 
 # --- refresh tokens ---------------------------------------------------------------------
-def _new_refresh(settings: Settings, conn: psycopg.Connection, user_id: str, family_id: str) -> str:
+def _new_refresh(settings: Settings, conn: Conn, user_id: str, family_id: str) -> str:
     token = REFRESH_PREFIX + secrets.token_urlsafe(32)
     conn.execute(
         "INSERT INTO refresh_tokens (token_hash, family_id, user_id, expires_at) VALUES (%s, %s, %s, %s)",
@@ -192,7 +194,7 @@ def _new_refresh(settings: Settings, conn: psycopg.Connection, user_id: str, fam
     return token
 
 
-def _pair(settings: Settings, conn: psycopg.Connection, user: Mapping[str, Any], family_id: str) -> TokenPair:
+def _pair(settings: Settings, conn: Conn, user: Mapping[str, Any], family_id: str) -> TokenPair:
     access, _ = issue_access_token(settings, {**user, "is_admin": _admin(settings, user)})
     refresh = _new_refresh(settings, conn, str(user["id"]), family_id)
     return TokenPair(access, refresh, settings.access_token_ttl_s)
@@ -202,15 +204,17 @@ def _admin(settings: Settings, user: Mapping[str, Any]) -> bool:
     return bool(user.get("is_admin")) or is_admin_email(settings, str(user["email"]))
 
 
-def login(settings: Settings, conn: psycopg.Connection, email: Any, password: Any) -> TokenPair:
+def login(settings: Settings, conn: Conn, email: Any, password: Any) -> TokenPair:
     """Check credentials and start a new refresh family; ``AuthError`` on bad credentials."""
     user = check_login(conn, email, password)
     family = conn.execute("INSERT INTO refresh_families (user_id) VALUES (%s) RETURNING id",
                           (user["id"],)).fetchone()
+    if family is None:  # pragma: no cover - INSERT ... RETURNING always yields the row
+        raise RuntimeError("refresh family insert returned nothing")
     return _pair(settings, conn, user, str(family["id"]))
 
 
-def rotate_refresh(settings: Settings, conn: psycopg.Connection, token: Any) -> TokenPair:
+def rotate_refresh(settings: Settings, conn: Conn, token: Any) -> TokenPair:
     """Spend ``token`` and return the next pair of its family.
 
     Presenting a token that was already spent revokes the whole family — the revocation
@@ -236,7 +240,7 @@ def rotate_refresh(settings: Settings, conn: psycopg.Connection, token: Any) -> 
     return _pair(settings, conn, user, str(row["family_id"]))
 
 
-def logout(conn: psycopg.Connection, principal: Principal, refresh_token: Any = None) -> None:
+def logout(conn: Conn, principal: Principal, refresh_token: Any = None) -> None:
     """Revoke the presented access token (until it expires) and, if given, its refresh family.
 
     A refresh token of another user is ignored (logout never touches other sessions).
@@ -255,7 +259,15 @@ def logout(conn: psycopg.Connection, principal: Principal, refresh_token: Any = 
 
 
 # --- authenticate -----------------------------------------------------------------------
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+class HeaderSource(Protocol):
+    """Anything with ``get`` and ``items`` over header names (a dict, werkzeug ``Headers``)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
+def _header(headers: HeaderSource, name: str) -> str | None:
     value = headers.get(name)
     if value is None:
         lowered = name.lower()
@@ -263,7 +275,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def credentials(headers: Mapping[str, str], query_token: str | None = None) -> tuple[str, str] | None:
+def credentials(headers: HeaderSource, query_token: str | None = None) -> tuple[str, str] | None:
     """``("bearer"|"apikey", secret)`` from the request, or None. Pure."""
     auth = (_header(headers, "Authorization") or "").strip()
     scheme, _, value = auth.partition(" ")
@@ -279,7 +291,7 @@ def credentials(headers: Mapping[str, str], query_token: str | None = None) -> t
     return None
 
 
-def authenticate(settings: Settings, conn: psycopg.Connection, headers: Mapping[str, str],
+def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
                  query_token: str | None = None) -> Principal:
     """The caller behind ``Authorization: Bearer``/``ApiKey``, ``X-API-Key`` or ``query_token``.
 

@@ -38,6 +38,8 @@ from shared import tasks
 from shared.errors import RateLimited
 from shared.settings import Settings
 
+Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
+
 log = logging.getLogger(__name__)
 
 _clients: dict[str, redis.Redis] = {}
@@ -161,7 +163,7 @@ def check_submit(settings: Settings, user_id: str, n: int = 1) -> None:
     _enforce(settings, sliding_window, key, settings.submit_rate_per_min, 60, "task submissions", cost=max(1, n))
 
 
-def check_in_flight(settings: Settings, conn: psycopg.Connection, user_id: str, adding: int = 1) -> None:
+def check_in_flight(settings: Settings, conn: Conn, user_id: str, adding: int = 1) -> None:
     """Refuse when the user's non-terminal tasks plus ``adding`` exceed the cap (429)."""
     cap = settings.max_tasks_in_flight
     if cap <= 0:

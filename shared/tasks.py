@@ -28,6 +28,8 @@ from events import catalog
 from shared import outbox, payloads, tracing
 from shared.errors import Conflict, NotFound, ValidationError
 
+Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
+
 SOURCE = catalog.source_of("gateway")
 STATUSES = ("pending", "queued", "running", "retrying", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("pending", "queued", "running", "retrying")
@@ -114,7 +116,7 @@ class Submission:
     event_ids: list[str] = field(default_factory=list)
 
 
-def missing_uploads(conn: psycopg.Connection, user_id: str, ids: Sequence[str]) -> set[str]:
+def missing_uploads(conn: Conn, user_id: str, ids: Sequence[str]) -> set[str]:
     """The subset of ``ids`` that are not uploads of ``user_id`` (another user's count as missing)."""
     wanted = {str(u) for u in (parse_uuid(i) for i in ids) if u}
     if not wanted:
@@ -124,7 +126,7 @@ def missing_uploads(conn: psycopg.Connection, user_id: str, ids: Sequence[str]) 
     return {i for i in ids if str(parse_uuid(i)) not in found}
 
 
-def check_submission(conn: psycopg.Connection, user_id: str, task_type: Any, payload: Any,
+def check_submission(conn: Conn, user_id: str, task_type: Any, payload: Any,
                      prefix: str = "payload") -> list[dict[str, str]]:
     """Every field error of a submission: schema first, then upload ownership."""
     if not isinstance(task_type, str):
@@ -136,7 +138,7 @@ def check_submission(conn: psycopg.Connection, user_id: str, task_type: Any, pay
     return [{"field": f"{prefix}.source.upload_id", "message": "no such upload"} for _ in missing]
 
 
-def _insert_task(conn: psycopg.Connection, user_id: str, task_type: str, payload: dict[str, Any],
+def _insert_task(conn: Conn, user_id: str, task_type: str, payload: dict[str, Any],
                  key: str | None, rhash: str, trace_id: str | None) -> dict[str, Any] | None:
     sql = ("INSERT INTO tasks (user_id, type, payload, idempotency_key, request_hash, trace_id) "
            "VALUES (%s, %s, %s, %s, %s, %s)")
@@ -148,7 +150,7 @@ def _insert_task(conn: psycopg.Connection, user_id: str, task_type: str, payload
                         (user_id, task_type, json.dumps(payload), key, rhash, trace_id)).fetchone()
 
 
-def _requested_event(conn: psycopg.Connection, row: dict[str, Any], traceparent: str) -> str:
+def _requested_event(conn: Conn, row: dict[str, Any], traceparent: str) -> str:
     return outbox.add_event(
         conn,
         type=catalog.requested_type(row["type"]),
@@ -160,7 +162,7 @@ def _requested_event(conn: psycopg.Connection, row: dict[str, Any], traceparent:
     )
 
 
-def create_task(conn: psycopg.Connection, *, user_id: str, task_type: Any, payload: Any,
+def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
                 idempotency_key: str | None = None, traceparent: str | None = None,
                 validated: bool = False) -> Submission:
     """Insert a pending task and its requested event in the caller's transaction.
@@ -192,7 +194,7 @@ def create_task(conn: psycopg.Connection, *, user_id: str, task_type: Any, paylo
     return Submission(row=row, created=True, event_ids=[event_id])
 
 
-def _by_key(conn: psycopg.Connection, user_id: str, key: str | None) -> dict[str, Any] | None:
+def _by_key(conn: Conn, user_id: str, key: str | None) -> dict[str, Any] | None:
     return conn.execute("SELECT * FROM tasks WHERE user_id = %s AND idempotency_key = %s",
                         (user_id, key)).fetchone()
 
@@ -214,7 +216,7 @@ class BatchItem:
     errors: list[dict[str, str]] | None = None
 
 
-def create_batch(conn: psycopg.Connection, *, user_id: str, items: Sequence[Any],
+def create_batch(conn: Conn, *, user_id: str, items: Sequence[Any],
                  traceparent: str | None = None) -> tuple[list[BatchItem], list[str]]:
     """Validate each item on its own and insert the valid ones, all in one transaction.
 
@@ -245,7 +247,7 @@ def create_batch(conn: psycopg.Connection, *, user_id: str, items: Sequence[Any]
 
 
 # --- reads ----------------------------------------------------------------------------
-def get_task(conn: psycopg.Connection, user_id: str, task_id: Any) -> dict[str, Any]:
+def get_task(conn: Conn, user_id: str, task_id: Any) -> dict[str, Any]:
     """The user's task; ``NotFound`` for a malformed id, a missing task or another user's."""
     ident = parse_uuid(task_id)
     row = None if ident is None else conn.execute(
@@ -255,7 +257,7 @@ def get_task(conn: psycopg.Connection, user_id: str, task_id: Any) -> dict[str, 
     return row
 
 
-def list_tasks(conn: psycopg.Connection, user_id: str, *, status: str | None = None,
+def list_tasks(conn: Conn, user_id: str, *, status: str | None = None,
                task_type: str | None = None, limit: int = 20,
                cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """A page of the user's tasks, newest first, and the cursor of the next page (or None).
@@ -290,7 +292,7 @@ def list_tasks(conn: psycopg.Connection, user_id: str, *, status: str | None = N
     return rows[:limit], next_cursor
 
 
-def count_active(conn: psycopg.Connection, user_id: str, cap: int) -> int:
+def count_active(conn: Conn, user_id: str, cap: int) -> int:
     """How many of the user's tasks are not terminal, counting at most ``cap + 1`` rows."""
     row = conn.execute(
         "SELECT count(*) AS n FROM (SELECT 1 FROM tasks WHERE user_id = %s"

@@ -120,7 +120,7 @@ def _paths() -> dict[str, Any]:
         "/auth/signup": {"post": _op("Create an account", "auth", _ok("201", "created", "User"),
                                      errors="409", body="Signup", auth=None)},
         "/auth/login": {"post": _op("Log in: an access and a refresh token", "auth", _ok("200", "tokens", "Tokens"),
-                                    errors="429", body="Login", auth=None,
+                                    errors="401 429", body="Login", auth=None,
                                     description="Rate-limited per email and client address. Any wrong email or "
                                                 "password gets the same 401.")},
         "/auth/refresh": {"post": _op("Rotate a refresh token", "auth", _ok("200", "a new token pair", "Tokens"),

@@ -1,7 +1,10 @@
 """Tasks: submit (one or a batch), read, list, cancel, download the result."""
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, redirect, request, send_file
+from werkzeug.wrappers import Response as BaseResponse
 
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth
@@ -91,13 +94,14 @@ def cancel(task_id: str) -> Response:
 
 @bp.get("/tasks/<task_id>/result")
 @require_auth
-def result(task_id: str) -> Response:
+def result(task_id: str) -> BaseResponse:
     s = settings()
     user_id = principal().user_id
     with db.connection(s) as conn:
         row = tasks.get_task(conn, user_id, task_id)
-    res = row.get("result")
-    key = res.get("key") if isinstance(res, dict) else None
+    raw = row.get("result")
+    res: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    key = res.get("key")
     # A result outside the task's own prefix would let a forged row read another object.
     if str(row["status"]) != "succeeded" or not isinstance(key, str) \
             or not key.startswith(f"results/{user_id}/{row['id']}/"):

@@ -5,7 +5,7 @@ import hashlib
 import logging
 import re
 import uuid
-from typing import IO
+from typing import IO, Any
 
 from flask import Blueprint, Response, request
 
@@ -52,7 +52,7 @@ def _media_type(value: str | None) -> str:
     return media
 
 
-def public_upload(row: dict) -> dict:
+def public_upload(row: Any) -> dict[str, Any]:
     return {"id": str(row["id"]), "size": int(row["size"]), "content_type": row["content_type"],
             "sha256": row["sha256"], "filename": row.get("filename"), "created_at": iso(row.get("created_at"))}
 
