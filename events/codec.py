@@ -109,7 +109,7 @@ def decode_data(body: bytes | bytearray | memoryview | str | None, content_type:
         return raw
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise EventDecodeError(f"event data is not valid JSON ({media_type(content_type) or 'no content type'})") from exc
 
 
@@ -188,7 +188,7 @@ def to_structured_doc(event: CloudEvent) -> dict[str, Any]:
             try:  # already-encoded JSON (e.g. straight from the outbox) embeds as a JSON value
                 doc["data"] = json.loads(bytes(data))
                 return doc
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 pass
         doc["data_base64"] = base64.b64encode(bytes(data)).decode("ascii")
     else:
@@ -206,7 +206,7 @@ def from_structured(body: bytes | bytearray | memoryview | str) -> CloudEvent:
     """Parse a structured-mode JSON document. Raises EventDecodeError."""
     try:
         doc = json.loads(bytes(body) if not isinstance(body, str) else body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise EventDecodeError("structured CloudEvent is not valid JSON") from exc
     if isinstance(doc, list):
         raise EventDecodeError("batched CloudEvents are not supported")

@@ -60,8 +60,13 @@ def handle(request: flask.Request) -> flask.Response:
         return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
     if request.method != "POST":
         return _json(405, {"error": {"code": "method_not_allowed", "message": "POST a CloudEvent"}})
+    # Body limits on every endpoint (DESIGN §8); a chunked body has no length, so cap the read.
+    limit = get_settings().max_body_bytes
+    body = request.stream.read(limit + 1) if (request.content_length or 0) <= limit else b""
+    if (request.content_length or 0) > limit or len(body) > limit:
+        return _json(413, {"error": {"code": "too_large", "message": "the event is larger than the body limit"}})
     try:
-        return _json(200, take(request.headers, request.get_data()))
+        return _json(200, take(request.headers, body))
     except TaskForgeError as exc:
         if exc.retryable:
             log.warning("dead letter not recorded yet (%s); the dispatcher will retry", exc.code)
