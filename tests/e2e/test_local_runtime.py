@@ -45,3 +45,62 @@ def test_ingress_takes_cloudevents_and_refuses_garbage(stack: RunningStack) -> N
     assert httpx.post(stack.ingress + "/", headers=headers, content=body).status_code == 202
     _wait(lambda: _deliveries(stack, "outbox-sweep", "delivered") > before, 60, "the nudge delivered", stack)
     assert httpx.post(stack.ingress + "/", content=b"{}", headers={"content-type": "application/json"}).status_code == 400
+
+
+def _login(http: httpx.Client, email: str) -> dict[str, str]:
+    assert http.post("/auth/signup", json={"email": email, "password": "correct horse"}).status_code == 201
+    token = http.post("/auth/login", json={"email": email, "password": "correct horse"}).json()["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_dead_letter_reaches_the_sink_and_the_admin_can_replay_it(stack: RunningStack) -> None:
+    import json
+
+    import pika
+    import psycopg
+
+    http = httpx.Client(base_url=stack.gateway, timeout=30)
+    user = _login(http, f"dl-{uuid.uuid4().hex[:8]}@example.com")
+    admin_email = f"dl-admin-{uuid.uuid4().hex[:8]}@example.com"
+    admin = _login(http, admin_email)
+    with psycopg.connect(stack.settings.database_url, autocommit=True) as conn:  # an operator, flagged in the DB
+        conn.execute("UPDATE users SET is_admin = true WHERE email = %s", (admin_email,))
+    user_id = http.get("/me", headers=user).json()["id"]
+    with psycopg.connect(stack.settings.database_url, autocommit=True) as conn:
+        task_id = str(conn.execute(
+            "INSERT INTO tasks (user_id, type, status, payload) VALUES (%s, 'resize-image', 'queued', %s) RETURNING id",
+            (user_id, json.dumps({"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10}))).fetchone()[0])
+    # What a trigger dispatcher publishes when a delivery is exhausted.
+    event = codec.make_event({
+        "specversion": "1.0", "id": str(uuid.uuid4()), "type": "com.taskforge.resize-image.requested",
+        "source": "/taskforge/gateway", "subject": task_id, "datacontenttype": "application/json",
+        "knativeerrordest": "http://127.0.0.1:1/", "knativeerrorcode": "503",
+        "knativeerrordata": "c3RpbGwgZG93bg=="}, {"task_id": task_id, "user_id": user_id, "type": "resize-image",
+                                                 "payload": {"source": {"url": "http://127.0.0.1:9/x.png"},
+                                                             "width": 10}})
+    headers, props, body = codec.to_amqp(event)
+    conn_amqp = pika.BlockingConnection(pika.URLParameters(stack.settings.amqp_url))
+    try:
+        ch = conn_amqp.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", f"{stack.settings.broker_name}.dead-letter", body,
+                         pika.BasicProperties(headers=headers, **props), mandatory=True)
+    finally:
+        conn_amqp.close()
+
+    def listed() -> list[dict]:
+        r = http.get("/admin/dead-letters", params={"task_id": task_id}, headers=admin)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    _wait(lambda: bool(listed()), 60, "the dead letter recorded by the (cold-started) sink", stack)
+    (item,) = listed()
+    assert item["error"] == {"destination": "http://127.0.0.1:1/", "code": "503", "data": "still down"}
+    task = http.get(f"/tasks/{task_id}", headers=user).json()
+    assert task["status"] == "failed" and task["error"]["code"] == "dead_lettered"
+    assert http.get("/admin/dead-letters", headers=user).status_code == 403
+
+    r = http.post(f"/admin/dead-letters/{item['id']}/replay", headers=admin)
+    assert r.status_code == 202, r.text
+    assert r.json()["task"]["status"] == "queued" and r.json()["event_id"] != event["id"]
+    assert listed()[0]["replay_count"] == 1
