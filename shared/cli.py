@@ -1,4 +1,5 @@
-"""The ``taskforge`` command: operator verbs (``migrate``, ``dev``) and, later, the user client."""
+"""The ``taskforge`` command: operator verbs (``migrate``, ``dev``) and the user client
+(``login``, ``submit``, ``watch``, ... in ``shared.cli_client``)."""
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the whole stack locally in the foreground")
     p.add_argument("--config", default=None, help="runtime config file (default: infra/runtime/taskforge.yaml)")
     p.set_defaults(func=_cmd_dev)
+    from shared import cli_client  # the user commands: login, submit, watch, get, list, ...
+
+    cli_client.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; user commands return the exit codes documented in ``shared.cli_client``."""
+    from shared import cli_client
+    from shared.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        if args.func in (_cmd_migrate, _cmd_dev):
+            return int(args.func(args) or 0)
+        return cli_client.run(args)
+    except SettingsError as exc:
+        print(f"taskforge: {exc}", file=sys.stderr)
+        return cli_client.EXIT_USAGE
 
 
 if __name__ == "__main__":
