@@ -27,6 +27,7 @@ from shared.errors import ValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 COMMON = "common.json"
+MAX_ERRORS = 50  # field errors reported per request
 _MAX_MESSAGE = 200  # characters: messages may quote the instance (a long html string)
 
 
@@ -107,7 +108,9 @@ def schema_errors(validator: Draft202012Validator, instance: Any, prefix: str) -
         for item in _explain(err, prefix):
             if item not in found:
                 found.append(item)
-    return sorted(found, key=lambda e: (e["field"], e["message"]))
+        if len(found) >= MAX_ERRORS:  # a body of a million unknown keys gets a short answer
+            break
+    return sorted(found, key=lambda e: (e["field"], e["message"]))[:MAX_ERRORS]
 
 
 def payload_errors(task_type: str, payload: Any, prefix: str = "payload") -> list[dict[str, str]]:

@@ -64,3 +64,10 @@ def test_defaults_and_upload_ids():
     assert filled["fit"] == "contain" and filled["quality"] == 85 and "format" not in filled
     assert payloads.upload_ids("resize-image", filled) == [UPLOAD]
     assert payloads.upload_ids("generate-pdf", {"html": "x"}) == []
+
+
+def test_error_lists_are_bounded():
+    payload = {"html": "<p>", **{f"k{i}": i for i in range(500)}}
+    errors = payloads.payload_errors("generate-pdf", payload)
+    assert len(errors) == payloads.MAX_ERRORS
+    assert all(e["message"] == "unknown field" for e in errors)
