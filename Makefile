@@ -30,12 +30,14 @@ dev: $(STAMP) system-deps services
 test: $(STAMP) system-deps services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) services
+## Benchmarks vs their baselines (BENCH=full for longer runs): bench/results/latest.{json,png}.
+bench: $(STAMP) system-deps services
 	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python -m bench $(if $(BENCH),--mode $(BENCH),)
 
-chaos: $(STAMP) services
-	$(BIN)/python -m pytest tests/reliability -m slow $(PYTEST_ARGS)
+## The full reliability run (`make test` runs its short form); prints the chaos report.
+chaos: $(STAMP) system-deps services
+	$(BIN)/python -m pytest tests/reliability --chaos=full $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
