@@ -1,7 +1,7 @@
 """Gateway submission figures (issue 2): authenticated ``POST /tasks`` per second through
 the gateway served the way the runtime serves it, next to the database work alone.
 
-* ``gateway_submit_rps``: requests/s of ``POST /tasks`` (bearer token, JSON body,
+* ``submit_rps``: requests/s of ``POST /tasks`` (bearer token, JSON body,
   schema validation, submit rate limit in Redis, task + outbox rows in one transaction,
   in-flight count, then the eager relay publishing to RabbitMQ and the status fan-out)
   against ``functions-framework --target gateway`` on a free loopback port — the same
@@ -331,8 +331,9 @@ def run(ctx: BenchContext) -> list[Figure]:
     finally:
         topology.delete(s, load_config())
         del topo
-    return [Figure("gateway_submit_rps", r["gateway_rps"], "req/s",
-                   "psycopg loop, same two inserts per transaction, one connection", r["psycopg_1conn_tps"],
+    return [Figure("submit_rps", r["gateway_rps"], "req/s",
+                   "raw_insert_tps: psycopg loop, same two inserts per transaction, one connection",
+                   r["psycopg_1conn_tps"],
                    {"p50_ms": r["gateway_p50_ms"], "p99_ms": r["gateway_p99_ms"],
                     "psycopg_8_threads_tps": r["psycopg_8conn_tps"], "load_tool": r["load_tool"],
                     "relay_backlog_settle_s": r["relay_settle_s"],
