@@ -66,11 +66,11 @@ class Stack:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(), cwd=cwd or ROOT)
 
 
-def serve_gateway(settings: Settings) -> tuple[str, Any]:
+def serve_gateway(settings: Settings, port: int | None = None) -> tuple[str, Any]:
     from functions.gateway.app import create_app
 
     app = create_app(settings)
-    port = free_port()
+    port = port or free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name=f"gateway-{port}", daemon=True).start()
     return f"http://127.0.0.1:{port}", server

@@ -59,7 +59,7 @@ class Server:
         self.thread.join(timeout=15)
 
 
-def serve_status_stream(settings: Settings) -> Server:
+def serve_status_stream(settings: Settings, port: int | None = None) -> Server:
     """Start the status-stream function exactly as deployed (functions-framework's ASGI
     app around ``functions/status_stream/main.py``), with ``settings`` installed."""
     import functions_framework.aio
@@ -70,7 +70,7 @@ def serve_status_stream(settings: Settings) -> Server:
     main._app = None  # a fresh handler (hub, pool) for this server's event loop
     app = functions_framework.aio.create_asgi_app(
         target="status_stream", source=str(ROOT / "functions" / "status_stream" / "main.py"))
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=2)
     uvi = uvicorn.Server(config)
