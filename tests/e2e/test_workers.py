@@ -33,7 +33,7 @@ def jpeg_bytes(width: int = 640, height: int = 480) -> bytes:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (30, 120, 200))
-    ImageDraw.Draw(img).ellipse((50, 50, width - 50, height - 50), fill=(240, 200, 40))
+    ImageDraw.Draw(img).ellipse((width // 8, height // 8, width * 7 // 8, height * 7 // 8), fill=(240, 200, 40))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -186,16 +186,19 @@ def uuid_of_user(stack, task_id: str) -> str:
 
 
 def test_always_transient_failure_ends_failed_and_dead_lettered(stack, client):
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there: every fetch is a refused connection (retryable)
-    task = client.submit("resize-image", {"source": {"url": f"http://127.0.0.1:{port}/x.jpg"}, "width": 10})
+    """The input's storage object is unreadable on every attempt (a directory sits where
+    the file was): a dependency failure, retried until the attempts run out."""
+    upload = client.upload(jpeg_bytes(64, 64), "image/jpeg")
+    with db(stack) as conn:
+        key = conn.execute("SELECT storage_key FROM uploads WHERE id = %s", (upload,)).fetchone()["storage_key"]
+    path = Path(stack.settings.storage_dir) / key
+    path.unlink()
+    path.mkdir()
+    task = client.submit("resize-image", {"source": {"upload_id": upload}, "width": 10})
     done = client.finished(task["id"], timeout_s=240)
     assert done["status"] == "failed", done
     assert done["attempts"] == stack.settings.max_attempts
+    assert done["error"]["code"] == "internal"
     deadline = time.monotonic() + 120
     with db(stack) as conn:
         while True:
