@@ -56,27 +56,69 @@ Activate = Callable[[], AbstractContextManager[Any]]
 Poster = Callable[[str, Mapping[str, str], bytes, float], Attempt]
 
 
-def post(url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> Attempt:
-    """POST once; never raises for network trouble (it becomes an answer-less Attempt).
+_local = threading.local()  # each delivery thread keeps its own keep-alive connections
+# A kept-alive connection the server closed meanwhile fails like this before any answer:
+# safe to send again on a fresh connection.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
-    ``timeout_s`` bounds connecting and every read of the answer.
+
+def _connection(parts: urllib.parse.SplitResult, timeout_s: float) -> tuple[http.client.HTTPConnection, bool]:
+    """A kept-alive connection for this thread and origin if there is one, else a new one."""
+    pool: dict[tuple[str, str, int], http.client.HTTPConnection] = _local.__dict__.setdefault("conns", {})
+    https = parts.scheme == "https"
+    key = (parts.scheme, parts.hostname or "127.0.0.1", parts.port or (443 if https else 80))
+    conn = pool.pop(key, None)
+    if conn is not None:
+        conn.timeout = timeout_s
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout_s)
+        return conn, True
+    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    return cls(key[1], key[2], timeout=timeout_s), False
+
+
+def _keep(parts: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
+    pool = _local.__dict__.setdefault("conns", {})
+    https = parts.scheme == "https"
+    pool[(parts.scheme, parts.hostname or "127.0.0.1", parts.port or (443 if https else 80))] = conn
+
+
+def post(url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> Attempt:
+    """POST once (http or https); never raises for network trouble (it becomes an
+    answer-less Attempt). ``timeout_s`` bounds connecting and every read of the answer.
+
+    Connections are kept alive per delivery thread; one the server has closed in the
+    meantime is replaced transparently (the request never reached the function).
     """
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout_s)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn, reused = _connection(parts, timeout_s)
     try:
-        conn.request("POST", path, body=body, headers={**headers, "content-length": str(len(body))})
-        resp = conn.getresponse()
+        try:
+            conn.request("POST", path, body=body, headers={**headers, "content-length": str(len(body))})
+            resp = conn.getresponse()
+        except _STALE:
+            if not reused:
+                raise
+            conn.close()
+            conn, reused = _connection(parts, timeout_s)  # a fresh one: the pool entry was taken
+            conn.request("POST", path, body=body, headers={**headers, "content-length": str(len(body))})
+            resp = conn.getresponse()
         data = resp.read(MAX_RESPONSE_BYTES + 1)
         if len(data) > MAX_RESPONSE_BYTES:
+            conn.close()
             return Attempt(None, {}, b"", f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+        if resp.will_close:
+            conn.close()
+        else:
+            _keep(parts, conn)
         return Attempt(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
     except TimeoutError:
+        conn.close()
         return Attempt(None, {}, b"", f"timeout: no answer within {timeout_s:g}s")
     except (OSError, http.client.HTTPException) as exc:
-        return Attempt(None, {}, b"", f"connection error: {exc.__class__.__name__}: {exc}")
-    finally:
         conn.close()
+        return Attempt(None, {}, b"", f"connection error: {exc.__class__.__name__}: {exc}")
 
 
 class _Session:

@@ -1,5 +1,6 @@
 """The local runtime as `make dev` runs it: ticks reach the scale-to-zero outbox sweeper
-through the broker (cold start by the activator), and the ingress takes CloudEvents."""
+through the broker (cold start by the activator), the ingress takes CloudEvents, and a
+dead letter reaches the sink, fails its task and is replayed through the admin API."""
 from __future__ import annotations
 
 import re

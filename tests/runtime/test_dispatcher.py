@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from events import codec
 from infra.runtime.delivery import classify
 from tests.runtime.conftest import Rig, event
 
@@ -228,3 +229,22 @@ def test_stopping_mid_retries_hands_off_without_losing_attempts(rig: Rig) -> Non
     counts = rig.dispatcher("linear").drain()
     assert counts["dead_lettered"] == 1
     assert len(rig.calls(event_id=e["id"])) == 4  # retry 3: four attempts in all, across both runs
+
+
+def test_post_survives_connections_the_function_closed_in_between(rig: Rig) -> None:
+    import time
+
+    from infra.runtime.dispatcher import post
+
+    proc = rig.supervisor.process("scripted")
+    proc.ensure_running()
+    url = rig.config.function("scripted").url + "/"
+    e = event("test.codes", {})
+    headers, body = codec.to_binary_http(e)
+    assert post(url, headers, body, 5).status == 200
+    time.sleep(2.5)  # past gunicorn's keep-alive: the server has closed our idle connection
+    assert post(url, headers, body, 5).status == 200
+    proc.stop(final=False)  # and a restarted function (scale to zero, cold start) behind it
+    proc.ensure_running()
+    assert post(url, headers, body, 5).status == 200
+    assert [c["attempt"] for c in rig.calls(event_id=e["id"])] == [1, 2, 1]  # each sent once; 1 again after restart
