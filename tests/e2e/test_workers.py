@@ -221,3 +221,4 @@ def test_cancel_stops_a_running_video_job(stack, client, tmp_path):
     assert done["status"] == "cancelled", done
     assert done["result"] is None and done["progress"] < 95
     assert client.http.get(f"/tasks/{task['id']}/result").status_code == 404
+
