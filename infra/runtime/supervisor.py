@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from infra.runtime import kv
-from infra.runtime.config import PROJECT_ROOT, RuntimeConfig, load_config
+from infra.runtime.config import PROJECT_ROOT, ConfigError, RuntimeConfig, load_config
 from infra.runtime.process import FunctionProcess
+from shared.errors import TaskForgeError
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("taskforge.runtime.supervisor")
@@ -201,7 +202,11 @@ def run_dev(config_path: str | None = None) -> int:
 
     settings = get_settings()
     tf_logging.setup("runtime", settings.log_level)
-    config = load_config(config_path, port_offset=settings.dev_port_offset)
+    try:
+        config = load_config(config_path, port_offset=settings.dev_port_offset)
+    except ConfigError as exc:
+        print(f"taskforge dev: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -216,6 +221,9 @@ def run_dev(config_path: str | None = None) -> int:
         print(banner(config), file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
+    except TaskForgeError as exc:  # RabbitMQ unreachable, conflicting topology: say what, no traceback
+        log.error("local stack failed: %s", exc)
+        return 1
     except Exception:
         log.exception("local stack failed")
         return 1
