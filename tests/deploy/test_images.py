@@ -4,14 +4,17 @@ here, so the Dockerfile, its helper scripts and .dockerignore are checked for wh
 they would do: the scripts run for real under sh."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from infra.runtime.config import load_config
 from tests.deploy.k8s import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
@@ -170,3 +173,28 @@ def test_dockerignore_sends_only_what_the_images_copy():
                  "knative/base/broker.yaml", "stack.yml", "shared/__pycache__/db.cpython-311.pyc",
                  "infra/grafana/dashboards/taskforge.json"):
         assert ignored(path), path
+
+
+_LOADED = """
+import json, sys
+import functions_framework
+from functions_framework.aio import create_asgi_app
+target, source, asgi = sys.argv[1], sys.argv[2], sys.argv[3] == "asgi"
+(create_asgi_app if asgi else functions_framework.create_app)(target, source, "http")
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {"imageio_ffmpeg", "pdfkit"})))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(STACK["functions"]))
+def test_a_function_loads_with_only_its_image_packages(name):
+    """Loading a function (as its container does) imports no media-only package its image
+    leaves out: the gateway must not need ffmpeg's wheel, the workers not each other's."""
+    spec = load_config().functions[name]
+    assert spec.source.is_file(), f"{name}: no source at {spec.source}"
+    proc = subprocess.run([sys.executable, "-c", _LOADED, spec.target, str(spec.source), spec.signature],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = {m.split(".")[0].replace("_", "-") for m in json.loads(proc.stdout.strip().splitlines()[-1])}
+    allowed = set(STACK["functions"][name].get("build_args", {}).get("PIP_EXTRAS", "").split())
+    assert loaded <= allowed, f"{name} imports {sorted(loaded - allowed)} which its image does not install"

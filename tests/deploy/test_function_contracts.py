@@ -1,0 +1,54 @@
+"""What the platforms expect of every function image, checked on the real function code
+loaded the way the container loads it (functions-framework, target and source from
+infra/runtime/taskforge.yaml):
+
+* every function of the graph has its source where the image's entrypoint looks;
+* GET /healthz answers 200 (Knative httpGet probes, OpenFaaS health-path annotations);
+* the OpenFaaS cron-connector's tick — a bare POST with an empty body, no CloudEvent
+  headers — makes the outbox-sweeper sweep (2xx), like a PingSource event does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import functions_framework
+import pytest
+from functions_framework.aio import create_asgi_app
+from starlette.testclient import TestClient
+
+from infra.runtime.config import FunctionSpec, load_config
+
+GRAPH = load_config()
+
+
+def _get(spec: FunctionSpec, path: str) -> tuple[int, Any]:
+    if spec.signature == "asgi":
+        with TestClient(create_asgi_app(spec.target, str(spec.source), "http")) as client:
+            r = client.get(path)
+            return r.status_code, r.text
+    app = functions_framework.create_app(spec.target, str(spec.source),
+                                         "cloudevent" if spec.signature == "cloudevent" else "http")
+    r = app.test_client().get(path)
+    return r.status_code, r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH.functions))
+def test_function_source_is_where_the_image_looks(name):
+    spec = GRAPH.functions[name]
+    assert spec.source.name == "main.py" and spec.source.parent.name == name.replace("-", "_")
+    assert spec.source.is_file(), f"{name}: the image would start {spec.source}, which does not exist"
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH.functions))
+def test_every_function_answers_the_health_path(settings, name):
+    spec = GRAPH.functions[name]
+    assert spec.source.is_file(), f"{name}: no source"
+    status, body = _get(spec, "/healthz")
+    assert status == 200, f"{name}: GET /healthz -> {status} {body[:200]}"
+
+
+def test_the_cron_connector_tick_makes_the_sweeper_sweep(settings):
+    spec = GRAPH.functions["outbox-sweeper"]
+    app = functions_framework.create_app(spec.target, str(spec.source), "http")
+    r = app.test_client().post("/", data=b"")  # exactly what the cron-connector sends
+    assert 200 <= r.status_code < 300, f"cron-connector tick -> {r.status_code} {r.get_data(as_text=True)[:300]}"
