@@ -22,3 +22,12 @@ def no_progress(percent: int) -> None:
 def never_cancel() -> bool:
     """The default cancel check: never."""
     return False
+
+
+def child_env(home: str) -> dict[str, str]:
+    """A minimal environment for a media tool (ffmpeg, wkhtmltopdf, Chromium) fed untrusted input.
+
+    It sees none of our secrets (database URL, JWT key) and writes its caches under ``home``.
+    """
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "XDG_RUNTIME_DIR": home,
+            "XDG_CONFIG_HOME": home, "XDG_CACHE_HOME": home, "LANG": "C.UTF-8"}

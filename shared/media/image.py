@@ -171,12 +171,13 @@ def _apply(img: Image.Image, plan: Plan, fmt: str) -> Image.Image:
     out = img.resize(plan.resize, Image.Resampling.LANCZOS, box=plan.box, reducing_gap=3.0)
     if plan.canvas == plan.resize:
         return out
-    if fmt == "jpeg":
+    fill: int | tuple[int, ...]
+    if fmt == "jpeg":  # no alpha: pad with white
         mode, fill = ("L", 255) if out.mode == "L" else ("RGB", (255, 255, 255))
         out = _for_output(out, fmt)
     else:
         mode, fill = "RGBA", (0, 0, 0, 0)
-    canvas = Image.new(mode, plan.canvas, fill)  # type: ignore[arg-type]
+    canvas = Image.new(mode, plan.canvas, fill)
     offset = ((plan.canvas[0] - plan.resize[0]) // 2, (plan.canvas[1] - plan.resize[1]) // 2)
     canvas.paste(out.convert(mode), offset)
     return canvas

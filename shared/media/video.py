@@ -47,7 +47,7 @@ from functools import cache
 from typing import Any
 
 from shared.errors import Cancelled, PermanentError, RetryableError
-from shared.media import CancelFn, ProgressFn, never_cancel, no_progress
+from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progress
 
 
 class UnsupportedVideo(PermanentError):
@@ -107,8 +107,9 @@ def encoders(ffmpeg: str) -> frozenset[str]:
 
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout_s,
-                              stdin=subprocess.DEVNULL)
+        with tempfile.TemporaryDirectory(prefix="tf-ffmpeg-") as home:
+            return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL, env=child_env(home))
     except FileNotFoundError:
         raise RetryableError(f"ffmpeg is not installed at {cmd[0]}") from None
     except subprocess.TimeoutExpired:
@@ -276,10 +277,10 @@ def run_ffmpeg(cmd: list[str], *, expected_s: float | None, timeout_s: float, on
 
     ``expected_s`` is the output duration that means 100 % (None: no percentages).
     """
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory(prefix="tf-ffmpeg-") as home:
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True)
+                                    env=child_env(home), start_new_session=True)
         except FileNotFoundError:
             raise RetryableError(f"ffmpeg is not installed at {cmd[0]}") from None
         try:
