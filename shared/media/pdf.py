@@ -2,6 +2,8 @@
 
 API::
 
+    info = render_pdf(dest_path, **payload, **options_from_settings(settings), on_progress=..., should_cancel=...)
+    # or spelled out:
     info = render_pdf(dest_path, url=None, html="<h1>hi</h1>", engine="wkhtmltopdf",
                       page_size="A4", orientation="portrait", margin_mm=10,
                       allow=policy.allow, resolver=fetch.system_resolver,
@@ -54,7 +56,7 @@ from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progr
 from shared.media.chromium import EngineTimeout, Navigation, PdfTooLarge, print_to_pdf
 from shared.media.egress_proxy import EgressProxy, Entry
 
-__all__ = ["render_pdf", "EngineTimeout", "PdfTooLarge", "BadPdfOptions", "LocalFileRefused", "PageLoadFailed",
+__all__ = ["render_pdf", "options_from_settings", "EngineTimeout", "PdfTooLarge", "BadPdfOptions", "LocalFileRefused", "PageLoadFailed",
            "PageUnavailable", "RenderFailed", "PAGE_SIZES_MM"]
 
 
@@ -96,6 +98,14 @@ class PdfJob:
     page_size: str
     landscape: bool
     margin_mm: float
+
+
+def options_from_settings(settings: Any) -> dict[str, Any]:
+    """The limits and engine paths ``render_pdf`` takes, from ``Settings``: ``render_pdf(dest, **payload,
+    **options_from_settings(s), on_progress=..., should_cancel=...)``."""
+    return {"allow": fetch.parse_allow(settings.fetch_allow_cidrs), "timeout_s": settings.pdf_timeout_s,
+            "max_bytes": settings.fetch_max_bytes, "wkhtmltopdf_path": settings.wkhtmltopdf_path,
+            "chromium_path": settings.chromium_path}
 
 
 def make_job(url: str | None = None, html: str | None = None, engine: str = "wkhtmltopdf", page_size: str = "A4",
