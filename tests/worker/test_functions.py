@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import subprocess
+import uuid
 from pathlib import Path
 
 import functions_framework
@@ -145,3 +146,61 @@ def test_malformed_event_gets_4xx_and_the_app_keeps_serving(fsettings, make_user
     t = make_task(uid, status="queued", payload={"source": {"upload_id": upload}, "width": 10})
     assert post_event(client, t).status_code == 200
     assert json.loads(client.get("/").data)["status"] == "ok"
+
+
+def pdf_text(data: bytes, tmp_path: Path) -> str:
+    (tmp_path / "out.pdf").write_bytes(data)
+    return subprocess.run(["pdftotext", str(tmp_path / "out.pdf"), "-"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+
+
+@pytest.mark.parametrize("engine", ["wkhtmltopdf", "chromium"])
+def test_generate_pdf_function_renders_html(fsettings, make_task, conn, tmp_path, engine):
+    marker = f"marker-{uuid.uuid4().hex}"
+    t = make_task(type="generate-pdf", status="queued",
+                  payload={"html": f"<html><body><p>{marker}</p></body></html>", "engine": engine,
+                           "orientation": "landscape"})
+    r = post_event(app_client("generate_pdf"), t)
+    assert r.status_code == 200, r.data
+    row = task_row(conn, t["id"])
+    assert row["status"] == "succeeded", row["error"]
+    data = stored(fsettings, row)
+    assert data.startswith(b"%PDF") and marker in pdf_text(data, tmp_path)
+    assert row["result"]["engine"] == engine and row["result"]["pages"] >= 1
+
+
+def test_generate_pdf_refuses_local_files_permanently(fsettings, make_task, conn):
+    t = make_task(type="generate-pdf", status="queued",
+                  payload={"html": '<html><body><img src="file:///etc/passwd"></body></html>'})
+    r = post_event(app_client("generate_pdf"), t)
+    assert r.status_code == 200
+    assert reply_of(r.headers, r.data)["type"] == catalog.TASK_FAILED
+    row = task_row(conn, t["id"])
+    assert row["status"] == "failed" and row["result"] is None
+    assert row["error"]["code"] == "local_file_refused"
+
+
+def test_generate_pdf_from_an_allowed_url_and_refusal_of_a_private_one(fsettings, make_task, conn, tmp_path,
+                                                                       monkeypatch):
+    from tests.fetch.helpers import NetGuard, send, serve
+
+    guard = NetGuard()
+    guard.install(monkeypatch)
+    marker = f"served-{uuid.uuid4().hex}"
+    page = f"<html><body><h1>{marker}</h1></body></html>".encode()
+    allow = fsettings.replace(fetch_allow_cidrs=("127.0.0.0/8",))
+    set_settings(allow)
+    with serve({"/page": lambda h: send(h, 200, page, {"Content-Type": "text/html"})}) as srv:
+        ok = make_task(type="generate-pdf", status="queued", payload={"url": f"{srv.base}/page"})
+        assert post_event(app_client("generate_pdf"), ok).status_code == 200
+    row = task_row(conn, ok["id"])
+    assert row["status"] == "succeeded", row["error"]
+    assert marker in pdf_text(stored(allow, row), tmp_path)
+
+    set_settings(fsettings)  # loopback no longer allowed; the metadata address never is
+    for url in ("http://169.254.169.254/latest/meta-data/", f"{srv.base}/page"):
+        bad = make_task(type="generate-pdf", status="queued", payload={"url": url})
+        assert post_event(app_client("generate_pdf"), bad).status_code == 200
+        row = task_row(conn, bad["id"])
+        assert row["status"] == "failed" and row["error"]["code"] == "url_refused"
+    assert not guard.violations
