@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pika
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from events import codec
 from infra.runtime import topology
 from shared import db, storage
+from shared.broker import dead_letter_queue
 from shared.settings import Settings
 from tests.conftest import PG_ADMIN
 from tests.e2e.conftest import free_ports
@@ -211,6 +214,26 @@ def submit(users: list[User], scale: Scale, flow: Flow) -> None:
         time.sleep(max(0.0, t_next - time.monotonic()))
 
 
+def wake_dead_letter(c: Chaos, base_amqp_url: str) -> None:
+    """Dead-letter an event that belongs to no task, so the dead-letter function is up
+    (it scales to zero) and can be killed like the others."""
+    attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/chaos/probe", "type": "com.taskforge.chaos.probe",
+             "datacontenttype": "application/json", "knativeerrordest": "http://127.0.0.1:9/",
+             "knativeerrorcode": "500"}
+    headers, props, body = codec.to_amqp(codec.make_event(attrs, {"probe": True}))
+    conn = pika.BlockingConnection(pika.URLParameters(base_amqp_url))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", dead_letter_queue(c.settings), body, pika.BasicProperties(headers=headers, **props))
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 60
+    while "dead-letter" not in c.stack.function_pids():
+        assert time.monotonic() < deadline, "the dead-letter function never started"
+        time.sleep(0.2)
+
+
 def faults(c: Chaos, rng: random.Random) -> list[tuple[str, Callable[[], Any]]]:
     out: list[tuple[str, Callable[[], Any]]] = [
         (f"kill -9 {name}", lambda name=name: c.stack.kill_function(name)) for name in FUNCTIONS
@@ -262,11 +285,12 @@ def wait_settled(c: Chaos, ids: list[str], bound_s: float) -> list[dict[str, Any
 
 
 def test_no_task_is_lost_or_doubled_while_everything_breaks(chaos: Chaos, request: pytest.FixtureRequest,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, base_settings: Settings) -> None:
     scale = SCALES[request.config.getoption("--chaos")]
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     users = [User(chaos.stack.gateway, tmp_path) for _ in range(2)]
+    wake_dead_letter(chaos, base_settings.amqp_url)
     flow, fault_log, faults_done = Flow(), [], threading.Event()
     chaos_thread = threading.Thread(target=run_faults, args=(chaos, scale, rng, fault_log, faults_done), daemon=True)
     started = time.monotonic()
