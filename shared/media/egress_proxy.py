@@ -87,7 +87,7 @@ class EgressProxy:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},  # close() waits for one poll
                                         name="egress-proxy", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------
