@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from events import catalog
-from shared import db, metrics, state, status
+from shared import db, metrics, state, status, task_health
 from shared.broker import Broker, backend_of
 from shared.outbox_publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
@@ -191,6 +191,7 @@ def refresh_gauges(settings: Settings) -> tuple[int, float]:
             " COALESCE(EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL)), 0) AS age"
             " FROM outbox WHERE dispatched_at IS NULL"
         ).fetchone()
+        task_health.refresh_stale_running(conn)
     pending, age = int(row["n"]), float(row["age"])
     metrics.OUTBOX_PENDING.set(pending)
     metrics.OUTBOX_PARKED.set(int(row["parked"]))

@@ -1,7 +1,8 @@
 """outbox-sweeper: publishes pending outbox rows when a tick arrives (DESIGN §4, §5).
 
 Triggered by ``com.taskforge.outbox.sweep`` (the local ticker, a gateway nudge) and by
-Knative's ``dev.knative.sources.ping`` (PingSource), in binary or structured mode. Runs
+Knative's ``dev.knative.sources.ping`` (PingSource), in binary or structured mode, and by
+the empty POST of OpenFaaS's cron-connector. Runs
 one ``shared.sweeper.sweep_once`` — drain until empty or the time budget ends — and
 answers 200 with its statistics as JSON (never a CloudEvent: no reply event goes back
 into the broker). A request that is not one of those events gets 400 (the dispatcher
@@ -32,15 +33,31 @@ def _json(status: int, body: dict[str, Any]) -> flask.Response:
     return flask.Response(json.dumps(body), status=status, mimetype="application/json")
 
 
+def is_plain_tick(headers: Any, body: bytes) -> bool:
+    """An empty POST carrying no CloudEvent attributes: what OpenFaaS's cron-connector sends.
+
+    Accepting it is safe: a sweep is idempotent and bounded by its time budget.
+    """
+    if body.strip():
+        return False
+    if "cloudevents" in (headers.get("content-type") or "").lower():
+        return False
+    return not any(str(k).lower().startswith("ce-") for k in headers.keys())
+
+
 def sweep_request(headers: Any, body: bytes) -> dict[str, Any]:
     """Decode the tick event and sweep. Raises ``BadRequest`` for anything but a tick."""
-    event = codec.from_http(headers, body)
-    if event["type"] not in ACCEPTED_TYPES:
-        raise BadRequest(f"outbox-sweeper does not handle events of type {event['type']!r}",
-                         code="unexpected_event_type")
+    if is_plain_tick(headers, body):
+        event_id = "cron-connector"
+    else:
+        event = codec.from_http(headers, body)
+        if event["type"] not in ACCEPTED_TYPES:
+            raise BadRequest(f"outbox-sweeper does not handle events of type {event['type']!r}",
+                             code="unexpected_event_type")
+        event_id = event["id"]
     settings = get_settings()
     stats = sweep_once(settings, get_broker(settings))
-    log.info("outbox sweep", extra={"event_id": event["id"], **stats.to_dict()})
+    log.info("outbox sweep", extra={"event_id": event_id, **stats.to_dict()})
     return stats.to_dict()
 
 
