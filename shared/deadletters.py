@@ -160,12 +160,23 @@ def public(row: Row) -> dict[str, Any]:
         "subject": row["subject"],
         "task_id": str(row["task_id"]) if row["task_id"] else None,
         "error": {"destination": row["error_dest"], "code": row["error_code"], "data": row["error_data"]},
-        "attributes": row["attributes"],
+        "attributes": _redacted(row["attributes"]),
         "data": row["data"],
         "received_at": _iso(row["received_at"]),
         "replayed_at": _iso(row["replayed_at"]),
         "replay_count": row["replay_count"],
     }
+
+
+# Extensions that carry credentials: kept (a replayed submission must authenticate again)
+# but never shown, not even to admins.
+_SECRET_EXTENSIONS = frozenset({"apikey"})
+
+
+def _redacted(attrs: dict[str, Any] | None) -> dict[str, Any] | None:
+    if attrs is None:
+        return None
+    return {k: ("***" if k in _SECRET_EXTENSIONS else v) for k, v in attrs.items()}
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -238,3 +238,17 @@ def test_replay_of_an_in_flight_task_leaves_its_state(app: Flask, settings: Sett
     r = app.test_client().post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
     assert r.status_code == 202 and r.get_json()["task"] is None
     assert conn.execute("SELECT status::text FROM tasks WHERE id = %s", (task_id,)).fetchone()["status"] == "queued"
+
+
+def test_listing_never_shows_a_submitted_events_api_key(app: Flask, settings: Settings, conn, owner,
+                                                         admin) -> None:
+    event = dead(codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
+         "datacontenttype": "application/json", "apikey": "tfk_secret_value"},
+        {"type": "resize-image", "payload": {"width": 10}}))
+    recorded = _record(settings, event)
+    assert recorded.row["attributes"]["apikey"] == "tfk_secret_value"  # kept: a replay must authenticate
+    shown = app.test_client().get(f"/admin/dead-letters/{recorded.row['id']}", headers=admin["headers"])
+    assert shown.status_code == 200
+    assert shown.get_json()["attributes"]["apikey"] == "***"
+    assert "tfk_secret_value" not in shown.get_data(as_text=True)
