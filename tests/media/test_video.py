@@ -212,12 +212,11 @@ def test_cancel_kills_ffmpeg(tmp_path: Path, spawned: list) -> None:  # type: ig
         calls["n"] += 1
         return calls["n"] >= 3  # polled before probing, when ffmpeg starts, then every 0.5 s: cancel mid-encode
 
-    started = time.monotonic()
     with pytest.raises(Cancelled):
         video.compress_video(src, tmp_path / "o", preset="veryslow", should_cancel=cancel_soon)
     encoder = spawned[-1]
     assert encoder.returncode == -9 and not _alive(encoder.pid)
-    assert calls["n"] == 3 and time.monotonic() - started < 60
+    assert calls["n"] == 3
     assert not (tmp_path / "o").exists()
 
 
