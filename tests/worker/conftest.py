@@ -53,12 +53,25 @@ def make_task(conn: psycopg.Connection, make_user: Callable[..., str]) -> Callab
     return make
 
 
+@pytest.fixture(scope="session")
+def _redis_cleanup(base_settings: Settings):
+    """Delete this session's status keys once at the end (each test uses fresh users and
+    tasks, so their streams never collide; one SCAN instead of one per test)."""
+    yield
+    import redis
+
+    client = redis.Redis.from_url(base_settings.redis_url)
+    for pattern in (base_settings.key("status", "*"), base_settings.key("status-version", "*")):
+        keys = list(client.scan_iter(pattern, count=5000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    client.close()
+
+
 @pytest.fixture()
-def redis_client(settings: Settings):
+def redis_client(settings: Settings, _redis_cleanup: None):
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     yield client
-    for key in client.scan_iter(settings.key("*")):
-        client.delete(key)
     client.close()

@@ -72,9 +72,21 @@ def test_cancel_request_and_lost_lease_stop_the_core(settings, make_task, conn):
     assert hb2.lost.is_set() and hb2.should_cancel()
 
 
-def test_database_trouble_in_a_tick_is_survived(settings, make_task):
+def test_database_trouble_in_a_tick_is_survived(settings, make_task, monkeypatch):
+    from shared import heartbeat
+    from shared.errors import ServiceUnavailable
+
     tid, _ = claimed(settings, make_task)
-    broken = settings.replace(database_url="postgresql://postgres@127.0.0.1:1/nothing")
-    hb = Heartbeat(broken, tid, "w", lambda rows: None, clock=Clock())
+
+    def down(_settings):
+        raise ServiceUnavailable("database unavailable")
+
+    monkeypatch.setattr(heartbeat.db, "connection", down)
+    hb = Heartbeat(settings, tid, "w", lambda rows: None, clock=Clock())
+    hb.report(50)
     hb.tick()  # logged, not raised
     assert not hb.should_cancel() and not hb.lost.is_set()
+    monkeypatch.undo()
+    hb.tick()  # the database is back: the pending progress lands
+    with db.connection(settings) as c:
+        assert state.get(c, tid)["progress"] == 50
