@@ -102,17 +102,18 @@ class Relay:
         return done.wait(timeout_s)
 
 
-_relays: dict[tuple[str, str, str], Relay] = {}
+# Keyed by the whole (frozen, hashable) settings: a relay publishes with the broker its
+# settings name, so two settings that differ only in the backend must not share one.
+_relays: dict[Settings, Relay] = {}
 _relays_lock = threading.Lock()
 
 
 def get_relay(settings: Settings) -> Relay:
     """The process's relay for these settings (re-created after a fork)."""
-    key = (settings.database_url, settings.amqp_url, settings.broker_name)
     with _relays_lock:
-        relay = _relays.get(key)
+        relay = _relays.get(settings)
         if relay is None or relay._pid != os.getpid():
-            relay = _relays[key] = Relay(settings)
+            relay = _relays[settings] = Relay(settings)
         return relay
 
 
@@ -136,5 +137,5 @@ def after_commit(settings: Settings, event_ids: Iterable[str]) -> None:
 def flush(settings: Settings, timeout_s: float = 10.0) -> bool:
     """Wait for this process's relay to finish what it was given (tests, shutdown)."""
     with _relays_lock:
-        relay = _relays.get((settings.database_url, settings.amqp_url, settings.broker_name))
+        relay = _relays.get(settings)
     return True if relay is None else relay.flush(timeout_s)

@@ -87,3 +87,18 @@ def conn(settings: Settings) -> Iterator[psycopg.Connection]:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state() -> Iterator[None]:
+    """Process-wide state (circuit breakers, cached brokers, Redis clients, rate-limit
+    clients) starts fresh in every test, so a test that breaks a dependency on purpose
+    cannot leave a breaker open, nor an in-memory broker its messages, for the tests after it."""
+    from shared import breakers, broker, ratelimit, status
+
+    broker.close_brokers()
+    breakers.reset_all()
+    status.reset()
+    ratelimit.reset_clients()
+    yield
+    breakers.reset_all()

@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
+import psycopg.conninfo
+import psycopg.sql
 import pytest
 import yaml
 
 from infra.runtime.config import DEFAULT_PATH, RuntimeConfig, load_config
+from shared import db
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +117,32 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+def stack_settings(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The stack's own database, Redis prefix, broker name and storage: the stack lives for
+    the whole session, and its sweeper and workers must never pick up the outbox rows or
+    trigger-queue events of the other tests running beside it (or have its rows truncated
+    under it by their per-test cleanup)."""
+    url = psycopg.conninfo.make_conninfo(base_settings.database_url,
+                                         dbname=psycopg.conninfo.conninfo_to_dict(base_settings.database_url)["dbname"]
+                                         + "_stack")
+    db.ensure_database(url)
+    db.migrate(url)
+    yield base_settings.replace(
+        database_url=url,
+        redis_prefix=base_settings.redis_prefix + ":stack",
+        broker_name=base_settings.broker_name + "-stack",
+        storage_dir=str(tmp_path_factory.mktemp("stack-storage")),
+    )
+    db.close_pools()
+    admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            psycopg.sql.Identifier(psycopg.conninfo.conninfo_to_dict(url)["dbname"])))
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    base_settings = stack_settings
     workdir = tmp_path_factory.mktemp("stack")
     graph = load_config(DEFAULT_PATH)
     names = list(graph.ports())
