@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.harness import RESULTS_DIR
 
-HIGHER_IS_BETTER = ("/s", "clients")
+HIGHER_IS_BETTER = ("/s", "clients", "streams")
 
 
 def higher_is_better(unit: str) -> bool:
