@@ -8,6 +8,7 @@ belong to the event loop that serves.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -22,12 +23,14 @@ from starlette.responses import Response
 from shared.errors import NotFound, ServiceUnavailable, TaskForgeError, http_status
 from shared.metrics import COLD_STARTS, SSE_CONNECTIONS
 from shared.settings import Settings
+from shared.sse import gcpolicy
 from shared.sse.hub import Hub, Subscriber
 from shared.sse.store import Store
 from shared.sse.stream import TaskStream
 
 log = logging.getLogger(__name__)
 
+GC_THAW_S = 6 * 3600  # see shared/sse/gcpolicy.py
 TASK_EVENTS = re.compile(r"^/tasks/([^/]{1,64})/events/?$")
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -79,6 +82,7 @@ class StatusStreamApp:
         self.hub = hub
         self.origins = allowed_origins(settings)
         self._started = False
+        self._thaw: asyncio.Task[None] | None = None
 
     def _ensure_hub(self) -> Hub:
         if self.hub is None:
@@ -93,19 +97,32 @@ class StatusStreamApp:
             reader = aioredis.Redis.from_url(s.redis_url, decode_responses=True, socket_timeout=block_ms / 1000 + 10,
                                              socket_connect_timeout=3, retry=Retry(NoBackoff(), 0),
                                              single_connection_client=True)
-            cmd = aioredis.Redis.from_url(s.redis_url, decode_responses=True, socket_timeout=5,
-                                          socket_connect_timeout=3, retry=Retry(NoBackoff(), 1),
-                                          max_connections=64)
+            # Short commands share a bounded pool that queues when busy (a plain pool raises
+            # "too many connections" under a reconnect storm, which would read as Redis down).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                s.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3,
+                max_connections=64, timeout=10)
+            cmd = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
             self.hub = Hub(redis_reader=reader, redis_cmd=cmd, key_for=lambda u: s.key("status", u),
                            block_ms=block_ms, heartbeat_s=s.sse_heartbeat_s)
         if not self._started:
             self.hub.start()
             self._started = True
             COLD_STARTS.labels("status-stream").inc()
+            gcpolicy.install()
+            self._thaw = asyncio.get_running_loop().create_task(self._thaw_periodically())
         return self.hub
+
+    async def _thaw_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(GC_THAW_S)
+            gcpolicy.thaw()
 
     async def aclose(self) -> None:
         """End every stream, stop the reader, close Redis and database connections."""
+        if self._thaw is not None:
+            self._thaw.cancel()
+            self._thaw = None
         if self.hub is not None:
             await self.hub.stop()
             for client in (self.hub.reader, self.hub.cmd):
@@ -167,13 +184,12 @@ class StatusStreamApp:
             raise ServiceUnavailable("too many open streams on this instance", code="too_many_streams",
                                      headers={"Retry-After": "5"})
         q = request.query_params
-        principal = await self.store.authenticate(request.headers, q.get("access_token") or None)
+        who = await self.store.identify(request.headers, q.get("access_token") or None)
         resume = (request.headers.get("last-event-id") or q.get("last_event_id")
                   or q.get("lastEventId") or None)
-        sub = Subscriber(principal.user_id, task_id, limit=self.settings.sse_mailbox)
+        sub = Subscriber(who.user_id, task_id, limit=self.settings.sse_mailbox)
         stream = TaskStream(hub, self.store, sub, resume=resume, retry_ms=self.settings.sse_retry_ms,
-                            deadline=float(principal.token_exp) if principal.token_exp else None,
-                            clock=time.time)
+                            deadline=float(who.exp) if who.exp else None, jti=who.jti, clock=time.time)
         status = await stream.open()
         if status == 204:
             return Response(status_code=204, headers=cors)

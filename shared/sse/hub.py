@@ -32,6 +32,7 @@ from shared.sse.wire import TaskEvent, decode_entry, format_id, parse_id
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+RESTART_MARGIN_MS = 1100  # see Hub.started_ms
 
 
 class Subscriber:
@@ -130,6 +131,7 @@ class Hub:
         self._users_by_key: dict[str, str] = {}
         self._buckets: list[set[Subscriber]] = [set() for _ in range(max(1, round(heartbeat_s / tick_s)))]
         self._seq = 0
+        self._count = 0  # open streams (kept, not summed: checked on every new stream)
         self._wake_pos: str | None = None
         self._blocking = False
         self._changed = asyncio.Event()
@@ -143,12 +145,14 @@ class Hub:
     # --- registry ---------------------------------------------------------------
     @property
     def count_streams(self) -> int:
-        return sum(len(s) for s in self.subscribers.values())
+        return self._count
 
     def add(self, sub: Subscriber) -> bool:
         """Register ``sub``; True when its user was not watched before (position unknown)."""
         subs = self.subscribers.setdefault(sub.user_id, set())
-        subs.add(sub)
+        if sub not in subs:
+            subs.add(sub)
+            self._count += 1
         sub.bucket = self._seq % len(self._buckets)
         self._seq += 1
         self._buckets[sub.bucket].add(sub)
@@ -162,9 +166,10 @@ class Hub:
         self._buckets[sub.bucket].discard(sub)
         self._orphans.discard(sub)
         subs = self.subscribers.get(sub.user_id)
-        if subs is None:
+        if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        self._count -= 1
         if not subs:
             # Nobody left: stop reading that user's stream (the next XREAD drops the key).
             del self.subscribers[sub.user_id]
@@ -214,12 +219,17 @@ class Hub:
             pass  # the reader is failing too and will rebuild its read on reconnect
 
     async def started_ms(self) -> int:
-        """When the Redis server started (its own clock, ms; rounded late, so conservative)."""
+        """When the Redis server started, on its own clock (ms), erring late.
+
+        Redis reports whole seconds of uptime from a start time truncated to the second,
+        so ``now - uptime`` can fall up to ~1.1 s before the real start; the margin makes
+        the estimate never early (a position from just after a restart merely gets a
+        reset, never a replay that silently misses entries)."""
         if self.redis_started_ms is None:
             info = await self.cmd.info("server")
             now_s, now_us = await self.cmd.time()
             self.redis_started_ms = (int(now_s) * 1000 + int(now_us) // 1000
-                                     - int(info["uptime_in_seconds"]) * 1000)
+                                     - int(info["uptime_in_seconds"]) * 1000 + RESTART_MARGIN_MS)
         return self.redis_started_ms
 
     async def _prepare(self) -> None:

@@ -48,7 +48,7 @@ REMEMBER = 2048  # tasks whose newest shown state a /events stream remembers
 
 
 class SnapshotSource(Protocol):
-    async def snapshot(self, user_id: str, task_id: str | None) -> list[TaskEvent]: ...
+    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None) -> list[TaskEvent]: ...
 
 
 def resumable(rid: StreamId, info: Mapping[str, Any] | None, redis_started_ms: int) -> bool:
@@ -83,12 +83,13 @@ class TaskStream:
     """The state and the send loop of one open stream (``/events`` or one task's)."""
 
     def __init__(self, hub: Hub, source: SnapshotSource, sub: Subscriber, *, resume: str | None,
-                 retry_ms: int = 3000, deadline: float | None = None, page: int = 500,
+                 retry_ms: int = 3000, deadline: float | None = None, page: int = 500, jti: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.hub, self.source, self.sub = hub, source, sub
         self.resume = resume
         self.retry_ms = retry_ms
         self.deadline = deadline  # epoch seconds; the stream ends then (token expiry)
+        self.jti = jti  # a bearer token's id: its revocation is checked with the snapshot
         self.page = page
         self.clock = clock
         self.key = hub.key_for(sub.user_id)
@@ -108,7 +109,7 @@ class TaskStream:
         ``NotFound`` / ``ServiceUnavailable`` from the snapshot (after unregistering)."""
         try:
             floor = await self.hub.subscribe(self.sub)
-            states = await self.source.snapshot(self.sub.user_id, self.sub.task_id)
+            states = await self.source.snapshot(self.sub.user_id, self.sub.task_id, jti=self.jti)
         except BaseException:
             self.hub.remove(self.sub)
             raise
