@@ -26,16 +26,17 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskforge", description="TaskForge command line")
+    from shared import cli_client
+
+    parser = argparse.ArgumentParser(prog="taskforge", description="TaskForge command line",
+                                     epilog=cli_client.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("migrate", help="create the database if needed and apply SQL migrations")
     p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("dev", help="run the whole stack locally in the foreground")
     p.add_argument("--config", default=None, help="runtime config file (default: infra/runtime/taskforge.yaml)")
     p.set_defaults(func=_cmd_dev)
-    from shared import cli_client  # the user commands: login, submit, watch, get, list, ...
-
-    cli_client.add_commands(sub)
+    cli_client.add_commands(sub)  # the user commands: login, submit, watch, get, list, ...
     return parser
 
 

@@ -33,6 +33,9 @@ from shared.credentials import CredentialStore
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_SERVER, EXIT_CONFLICT, EXIT_TIMEOUT = range(8)
 EXIT_INTERRUPTED = 130
+EPILOG = """exit codes: 0 ok, 1 task failed or cancelled, 2 usage or invalid request, 3 not logged in or
+forbidden, 4 not found, 5 server or network error, 6 conflict, 7 timed out waiting, 130 interrupted.
+Server URLs: --server / TASKFORGE_URL (gateway), --stream-url / TASKFORGE_STREAM_URL (status stream)."""
 TASK_TYPES = ("resize-image", "compress-video", "generate-pdf")
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 

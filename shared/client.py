@@ -225,14 +225,12 @@ class Client:
         or a file path. Written to a temporary file first, so a failed download leaves no
         partial file behind. Returns the path written."""
         path = f"/tasks/{urllib.parse.quote(task_id, safe='')}/result"
-        for attempt in (1, 2):
-            try:
-                resp = self._open("GET", self.url + path, headers={"Accept": "*/*"})
-                break
-            except ApiError as exc:
-                if exc.status == 401 and attempt == 1 and self._try_refresh():
-                    continue
+        try:
+            resp = self._open("GET", self.url + path, headers={"Accept": "*/*"})
+        except ApiError as exc:
+            if exc.status != 401 or not self._try_refresh():
                 raise
+            resp = self._open("GET", self.url + path, headers={"Accept": "*/*"})
         if resp.status in (301, 302, 303, 307, 308):  # a signed URL: fetched without our token
             location = urllib.parse.urljoin(self.url + path, resp.headers["Location"])
             resp.close()

@@ -75,7 +75,7 @@ class Store:
             pool = await self.pool()
             async with pool.connection() as conn:
                 cur = await conn.execute(sql, params)  # type: ignore[arg-type]
-                return await cur.fetchall()
+                return await cur.fetchall()  # type: ignore[return-value]  # dict_row pool
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 

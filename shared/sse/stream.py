@@ -117,7 +117,8 @@ class TaskStream:
             rid = parse_id(self.resume)
             try:
                 ok = rid is not None and floor is not None and await self._resumable(rid)
-                if ok and self.sub.task_id is not None and states[0].terminal and await self._ended_at(rid):
+                if ok and rid is not None and self.sub.task_id is not None and states[0].terminal \
+                        and await self._ended_at(rid):
                     self.hub.remove(self.sub)
                     return 204
             except REDIS_DOWN:
