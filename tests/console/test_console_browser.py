@@ -4,7 +4,6 @@ live through EventSource (the status stream is another origin), download the res
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +14,8 @@ from PIL import Image
 from shared import status
 from shared.settings import Settings
 from tests.cli.conftest import Worker, serve_gateway
+from tests.console.conftest import png
 from tests.status_stream.conftest import free_port, serve_status_stream
-
-CHROMIUM = "/usr/bin/chromium"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture()
@@ -36,37 +32,12 @@ def web(settings: Settings) -> Iterator[tuple[Settings, str]]:
     status.reset()
 
 
-@pytest.fixture()
-def browser_page(tmp_path: Path):
-    if shutil.which(CHROMIUM) is None:
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (see .ci/run)", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS,
-            accept_downloads=True)
-        try:
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield page, errors
-        finally:
-            context.close()
-
-
-def _png(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def test_console_signup_upload_resize_watch_and_download(web, browser_page, tmp_path: Path):
     settings, gateway = web
     page, errors = browser_page
     email = "browser@example.com"
     source = tmp_path / "red.png"
-    source.write_bytes(_png(120, 80))
+    source.write_bytes(png(120, 80))
 
     page.goto(f"{gateway}/console")
     page.fill("#email", email)
@@ -96,7 +67,7 @@ def test_console_signup_upload_resize_watch_and_download(web, browser_page, tmp_
         page.wait_for_function(
             "([id, pct]) => document.querySelector(`tr[data-id='${id}'] progress`).value === pct",
             arg=[task_id, pct])
-    result = _png(30, 20)
+    result = png(30, 20)
     key = f"results/{task['user_id']}/{task_id}/resized.png"
     from shared import state, storage
 
