@@ -75,8 +75,9 @@ def make_client(args: argparse.Namespace, *, anonymous: bool = False) -> Client:
     """A client for the chosen server with the cached credentials (refreshes are saved)."""
     url, stream = _urls(args)
     store = _store()
-    saved = {} if anonymous else store.get(url)
-    api_key = getattr(args, "api_key", None) or saved.get("api_key")
+    api_key = getattr(args, "api_key", None)
+    # An explicit --api-key wins over a cached login.
+    saved = {} if anonymous or api_key else store.get(url)
     client = Client(url, stream_url=stream, access_token=saved.get("access_token"),
                     refresh_token=saved.get("refresh_token"), api_key=api_key,
                     on_tokens=lambda pair: store.update(url, pair))

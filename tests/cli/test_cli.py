@@ -194,3 +194,19 @@ def test_watch_all_prints_every_task_change_as_json_lines(stack: Stack, worker: 
     mine = [entry["data"]["status"] for entry in lines if entry["data"]["id"] == task["id"]]
     assert mine[-1] == "succeeded" and "running" in mine
     assert all(entry["event"] == "task" and entry["id"] for entry in lines)
+
+
+def test_an_api_key_works_without_a_login(stack: Stack, logged_in: str, tmp_path: Path):
+    from shared.client import Client
+    from shared.credentials import CredentialStore
+
+    saved = CredentialStore.in_config_dir(str(stack.config_dir)).get(stack.gateway)
+    key = Client(stack.gateway, access_token=saved["access_token"])._call("POST", "/api-keys",
+                                                                           json_body={"name": "ci"})["key"]
+    fresh = stack.env(XDG_CONFIG_HOME=str(tmp_path / "empty"))
+    out = stack.cli("submit", "resize-image", "--url", "http://127.0.0.1:9/x.png", "--width", "5",
+                    "--api-key", key, "--json", env=fresh)
+    assert out.returncode == 0, out.stderr
+    listed = stack.cli("list", "--api-key", key, "--json", env=fresh)
+    assert [t["id"] for t in json.loads(listed.stdout)["items"]] == [json.loads(out.stdout)["id"]]
+    assert stack.cli("list", "--api-key", "tfk_wrong", env=fresh).returncode == 3
