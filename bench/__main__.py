@@ -11,6 +11,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             if run is None:
                 continue
             print(f"== {mod_name} ({args.mode})", file=sys.stderr, flush=True)
+            started = time.monotonic()
             figures.extend(run(ctx))
+            print(f"== {mod_name} took {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         db.close_pools()
         with psycopg.connect(psycopg.conninfo.make_conninfo(base.database_url, dbname="postgres"),
