@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from infra.runtime import topology
 from infra.runtime.config import DEFAULT_PATH, RuntimeConfig, load_config
 from shared.settings import Settings
 from tests.e2e.conftest import free_ports, settings_env, write_config
@@ -118,6 +119,10 @@ def local_stack(settings: Settings, extra_env: Mapping[str, str] | None = None,
         yield stack
     finally:
         stop(proc)
+        try:  # the bench's broker name is its own: leave no queues behind
+            topology.delete(settings, config)
+        except Exception as exc:  # noqa: BLE001 - cleanup only
+            print(f"bench stack: could not delete its RabbitMQ topology ({exc!r})", file=sys.stderr)
 
 
 def _wait_ready(stack: LocalStack, timeout_s: float) -> None:
