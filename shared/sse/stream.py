@@ -106,7 +106,8 @@ class TaskStream:
     async def open(self) -> int:
         """Register and decide how the stream starts: 200, or 204 when a per-task stream
         resumes after its own terminal event (nothing more will ever come). Raises
-        ``NotFound`` / ``ServiceUnavailable`` from the snapshot (after unregistering)."""
+        ``NotFound``, ``AuthError`` (revoked token) or ``ServiceUnavailable`` from the
+        snapshot, after unregistering."""
         try:
             floor = await self.hub.subscribe(self.sub)
             states = await self.source.snapshot(self.sub.user_id, self.sub.task_id, jti=self.jti)
