@@ -12,25 +12,18 @@ unexpected, both retried by the dispatcher with this sink's generous delivery sp
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import flask
 import functions_framework
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events import codec
-from shared import db, deadletters, metrics, status
+from shared import cefunction, db, deadletters, metrics, status
 from shared import logging as tf_logging
-from shared.errors import TaskForgeError, http_status
 from shared.settings import get_settings
 
 log = logging.getLogger("taskforge.dead_letter")
-
-
-def _json(code: int, body: dict[str, Any]) -> flask.Response:
-    return flask.Response(json.dumps(body), status=code, mimetype="application/json")
 
 
 def take(headers: Any, body: bytes) -> dict[str, Any]:
@@ -54,26 +47,7 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
 
 @functions_framework.http
 def handle(request: flask.Request) -> flask.Response:
-    if request.method == "GET" and request.path in ("/healthz", "/readyz"):
-        return _json(200, {"status": "ok"})
-    if request.method == "GET" and request.path == "/metrics":
-        return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-    if request.method != "POST":
-        return _json(405, {"error": {"code": "method_not_allowed", "message": "POST a CloudEvent"}})
-    # Body limits on every endpoint (DESIGN §8); a chunked body has no length, so cap the read.
-    limit = get_settings().max_body_bytes
-    body = request.stream.read(limit + 1) if (request.content_length or 0) <= limit else b""
-    if (request.content_length or 0) > limit or len(body) > limit:
-        return _json(413, {"error": {"code": "too_large", "message": "the event is larger than the body limit"}})
-    try:
-        return _json(200, take(request.headers, body))
-    except TaskForgeError as exc:
-        if exc.retryable:
-            log.warning("dead letter not recorded yet (%s); the dispatcher will retry", exc.code)
-        return _json(http_status(exc), {"error": exc.to_dict()})
-    except Exception:  # 500: the dispatcher retries; never a stack trace in the answer
-        log.exception("dead letter not recorded")
-        return _json(500, {"error": {"code": "internal", "message": "internal error"}})
+    return cefunction.serve(request, take, what="recording a dead letter")
 
 
 tf_logging.setup("dead-letter", get_settings().log_level)
