@@ -19,6 +19,7 @@ alternating with the function in the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -44,6 +46,7 @@ WORKERS = {"resize-image", "compress-video", "generate-pdf"}
 
 def first_request(function: str) -> tuple[str, str, dict[str, str], bytes]:
     """``(method, path, headers, body)`` of the first request sent to ``function``."""
+    data: dict[str, Any]
     if function in WORKERS:
         task_type = function
         attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/taskforge/gateway",
@@ -115,9 +118,8 @@ def run(ctx: BenchContext) -> list[Figure]:
         spec = dataclasses.replace(spec, port=port)
         bare = BARE.with_name("asgi.py") if spec.signature == "asgi" else BARE
 
-        value, base = alternate(lambda spec=spec, env=env, request=request: time_first_answer(spec, env, request),
-                                lambda spec=spec, env=env, request=request, bare=bare:
-                                time_first_answer(spec, env, request, source=bare), rounds)
+        value, base = alternate(functools.partial(time_first_answer, spec, env, request),
+                                functools.partial(time_first_answer, spec, env, request, source=bare), rounds)
         figures.append(Figure(f"cold_start_ms_{name.replace('-', '_')}", median(value), "ms",
                               f"bare functions-framework function ({spec.signature}), same start",
                               median(base), {"first_request": " ".join(request[:2]), "rounds": rounds}))
