@@ -129,10 +129,15 @@ class Gateway:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._storage = tempfile.mkdtemp(prefix="tf-bench-")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "functions_framework", "--target", "gateway", "--source", str(MAIN),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**_server_env(s, self._storage), **(extra_env or {})}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Logs go to a file: a pipe nobody reads fills up and then blocks every thread
+        # of the gateway that logs (the eager relay among them), stalling the run.
+        self._log_path = Path(self._storage) / "gateway.log"
+        with open(self._log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "functions_framework", "--target", "gateway", "--source", str(MAIN),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                env={**_server_env(s, self._storage), **(extra_env or {})}, cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -141,7 +146,7 @@ class Gateway:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ""
+                err = self._log_path.read_text(errors="replace")[-2000:]
                 self.close()
                 raise RuntimeError(f"the gateway did not start: {err}")
             time.sleep(0.1)

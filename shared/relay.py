@@ -16,16 +16,20 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterable
 
 from shared import db
 from shared.broker import Broker, get_broker
+from shared.errors import ServiceUnavailable
 from shared.outbox_publish import claim_and_publish, fan_out, is_uuid
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 500  # event ids per transaction: the burst of a /tasks/batch fits in one
+RETRIES = 3  # quick retries of a batch whose transaction failed transiently
+RETRY_DELAY_S = 0.05  # doubled per retry
 
 
 class Relay:
@@ -72,12 +76,26 @@ class Relay:
                 except queue.Empty:
                     break
             try:
-                self.relay(ids)
+                self._relay_with_retries(ids)
             except Exception:  # never let the thread die: the sweeper covers what we miss
                 log.exception("eager relay failed; the outbox sweeper will publish these rows")
             finally:
                 for _ in ids:
                     self._queue.task_done()
+
+    def _relay_with_retries(self, ids: list[str]) -> None:
+        """``relay`` with a few quick retries of transient database failures (a deadlock
+        victim, a dropped connection): otherwise those rows would wait for the sweeper's
+        next tick. A retry after a failed commit may publish an event twice, which the
+        design allows (receivers dedupe on source + id)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                self.relay(ids)
+                return
+            except ServiceUnavailable:
+                if attempt == RETRIES:
+                    raise
+                time.sleep(RETRY_DELAY_S * 2**attempt)
 
     def relay(self, event_ids: list[str]) -> int:
         """Publish the still-pending rows among ``event_ids`` (one transaction). Returns

@@ -154,3 +154,32 @@ def test_events_from_outbox_rows_carry_every_header(mem: Settings) -> None:
     assert event["dataschema"].endswith("com.taskforge.task.succeeded.json")
     assert event.get_data() == {"ok": True}
     assert json.loads(json.dumps(event.get_data())) == {"ok": True}
+
+
+def test_the_relay_retries_a_batch_whose_transaction_was_a_deadlock_victim(mem: Settings, monkeypatch) -> None:
+    """Regression (found by bench/submit.py): a deadlock between the relay's transaction and
+    another one used to drop the batch, leaving its rows to the sweeper's next tick."""
+    import psycopg
+
+    from shared import outbox_publish
+
+    user = h.make_user(mem)
+    (sub,) = h.make_tasks(mem, user, 1)
+    real, calls = outbox_publish.state.mark_queued, []
+
+    def deadlock_once(conn, task_ids):
+        calls.append(list(task_ids))
+        if len(calls) == 1:
+            raise psycopg.errors.DeadlockDetected("deadlock detected (injected)")
+        return real(conn, task_ids)
+
+    monkeypatch.setattr(outbox_publish.state, "mark_queued", deadlock_once)
+    broker = InMemoryBroker()
+    r = relay.Relay(mem, broker)
+    r.submit(sub.event_ids)
+    assert r.flush(10)
+    assert len(calls) == 2  # the batch ran again
+    (row,) = h.outbox_rows(mem)
+    assert row["dispatched_at"] is not None
+    assert h.task_statuses(mem) == {str(sub.row["id"]): "queued"}
+    assert sub.event_ids[0] in broker.ids()  # published (twice is allowed, never zero)
