@@ -85,6 +85,21 @@ def _settle(s: Settings, timeout_s: float = 60.0) -> float:
     return time.monotonic() - start
 
 
+def _quiesce(s: Settings, still_s: float = 0.3, timeout_s: float = 10.0) -> None:
+    """Wait until no more task rows appear: requests the load tool abandoned at the end of
+    its run are still committing, and rows of the gateway without the eager relay must not
+    land in the next round (they would never be relayed and stall its settle wait)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = _count(s)
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= still_s:
+            return
+        time.sleep(0.05)
+
+
 def _empty(s: Settings) -> None:
     for attempt in range(5):
         try:
@@ -290,10 +305,12 @@ def measure(s: Settings, *, rounds: int = 2, seconds: float = 5.0) -> dict[str, 
     try:
         load(gw.url, tokens, 1.0)  # warm-up: pool connections, first-request work
         load(quiet.url, tokens, 1.0)
+        _quiesce(s)
 
         def gateway_round(server: Gateway) -> dict[str, float]:
             _empty(s)
             result = load(server.url, tokens, seconds)
+            _quiesce(s)
             result["settle_s"] = _settle(s) if server is gw else 0.0
             created = _count(s)
             if result["bad"] or created < result["completed"]:
