@@ -214,6 +214,10 @@ class _Browser:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+            # SIGKILL is delivered at once but the leader's children (renderer, zygote,
+            # GPU helpers) finish dying asynchronously: wait so that a render never returns
+            # while parts of its browser still run.
+            _wait_group_gone(pid, GROUP_EXIT_WAIT_S)
         for fd in (getattr(self, "_cmd_w", None), getattr(self, "_out_r", None)):
             if fd is not None:
                 try:
@@ -224,6 +228,30 @@ class _Browser:
             self._sel.close()
         self.stderr.close()
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+GROUP_EXIT_WAIT_S = 5.0
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies do not count)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _kill_strays(profile: str) -> None:
