@@ -1,6 +1,9 @@
 """Every CloudEvent type TaskForge produces or consumes (DESIGN §4)."""
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 PREFIX = "com.taskforge"
 SPECVERSION = "1.0"
 SCHEMA_BASE = "https://taskforge.dev/schemas/events"
@@ -45,3 +48,23 @@ def source_of(function_name: str) -> str:
 def dataschema_of(event_type: str) -> str:
     """The ``dataschema`` URL of an event type: the ``$id`` of ``events/schemas/<type>.json``."""
     return f"{SCHEMA_BASE}/{event_type}.json"
+
+
+def attributes(event_type: str, *, id: str, source: str, subject: str | None = None,
+               traceparent: str | None = None) -> dict[str, Any]:
+    """The CloudEvent attributes every TaskForge event carries (DESIGN §4): JSON data with its
+    ``dataschema``, the current time, and ``subject``/``traceparent`` when known."""
+    attrs: dict[str, Any] = {
+        "specversion": SPECVERSION,
+        "id": id,
+        "type": event_type,
+        "source": source,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "dataschema": dataschema_of(event_type),
+    }
+    if subject:
+        attrs["subject"] = subject
+    if traceparent:
+        attrs["traceparent"] = traceparent
+    return attrs

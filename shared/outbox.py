@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -25,19 +24,7 @@ def add_event(conn: psycopg.Connection, *, type: str, source: str, data: dict[st
     receivers can dedupe on ``source`` + ``id``.
     """
     event_id = str(uuid.uuid4())
-    headers: dict[str, Any] = {
-        "specversion": catalog.SPECVERSION,
-        "id": event_id,
-        "type": type,
-        "source": source,
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "datacontenttype": "application/json",
-        "dataschema": catalog.dataschema_of(type),
-    }
-    if subject:
-        headers["subject"] = subject
-    if traceparent:
-        headers["traceparent"] = traceparent
+    headers = catalog.attributes(type, id=event_id, source=source, subject=subject, traceparent=traceparent)
     for k, v in (extensions or {}).items():
         headers[k] = v
     conn.execute(
@@ -45,3 +32,18 @@ def add_event(conn: psycopg.Connection, *, type: str, source: str, data: dict[st
         (event_id, type, json.dumps(headers), json.dumps(data)),
     )
     return event_id
+
+
+def add_requested(conn: psycopg.Connection, task: dict[str, Any], *, source: str,
+                  traceparent: str | None) -> str:
+    """Insert the ``<type>.requested`` event that asks a worker to run ``task`` (a task row),
+    with the data of contract 4: task id, user id, type and payload. Returns the event id."""
+    return add_event(
+        conn,
+        type=catalog.requested_type(task["type"]),
+        source=source,
+        subject=str(task["id"]),
+        traceparent=traceparent,
+        data={"task_id": str(task["id"]), "user_id": str(task["user_id"]), "type": task["type"],
+              "payload": task["payload"]},
+    )

@@ -28,7 +28,6 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from events import catalog
 from shared import outbox
 from shared.errors import Conflict, NotFound, TaskForgeError
 
@@ -380,15 +379,7 @@ def requeue_event(conn: Conn, row: Row, *, source: str) -> str:
     """Write a fresh ``<type>.requested`` event for ``row`` into the outbox (contract 4)."""
     trace = row.get("trace_id")
     traceparent = f"00-{trace}-{secrets.token_hex(8)}-01" if trace and len(trace) == 32 else None
-    return outbox.add_event(
-        conn,
-        type=catalog.requested_type(row["type"]),
-        source=source,
-        subject=str(row["id"]),
-        traceparent=traceparent,
-        data={"task_id": str(row["id"]), "user_id": str(row["user_id"]), "type": row["type"],
-              "payload": row["payload"]},
-    )
+    return outbox.add_requested(conn, row, source=source, traceparent=traceparent)
 
 
 def is_terminal(status: str | TaskStatus) -> bool:

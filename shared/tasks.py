@@ -150,18 +150,6 @@ def _insert_task(conn: Conn, user_id: str, task_type: str, payload: dict[str, An
                         (user_id, task_type, json.dumps(payload), key, rhash, trace_id)).fetchone()
 
 
-def _requested_event(conn: Conn, row: dict[str, Any], traceparent: str) -> str:
-    return outbox.add_event(
-        conn,
-        type=catalog.requested_type(row["type"]),
-        source=SOURCE,
-        subject=str(row["id"]),
-        traceparent=traceparent,
-        data={"task_id": str(row["id"]), "user_id": str(row["user_id"]),
-              "type": row["type"], "payload": row["payload"]},
-    )
-
-
 def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
                 idempotency_key: str | None = None, traceparent: str | None = None,
                 validated: bool = False) -> Submission:
@@ -190,7 +178,7 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         if existing is None:  # pragma: no cover - the unique index guarantees a winner
             raise Conflict("idempotency key in use, retry")
         return _replay(existing, rhash)
-    event_id = _requested_event(conn, row, span)
+    event_id = outbox.add_requested(conn, row, source=SOURCE, traceparent=span)
     return Submission(row=row, created=True, event_ids=[event_id])
 
 

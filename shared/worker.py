@@ -40,7 +40,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -349,17 +348,8 @@ def reply_event(source: str, row: Mapping[str, Any], traceparent: str | None) ->
     st = str(row["status"])
     event_type = catalog.TASK_SUCCEEDED if st == "succeeded" else catalog.TASK_FAILED
     task_id = str(row["id"])
-    attrs = {
-        "specversion": catalog.SPECVERSION,
-        "id": str(uuid.uuid5(_REPLY_NS, f"{task_id}:{st}:{row.get('status_version', 0)}")),
-        "type": event_type,
-        "source": source,
-        "subject": task_id,
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "datacontenttype": "application/json",
-        "dataschema": catalog.dataschema_of(event_type),
-    }
-    if traceparent:
-        attrs["traceparent"] = traceparent
+    attrs = catalog.attributes(
+        event_type, id=str(uuid.uuid5(_REPLY_NS, f"{task_id}:{st}:{row.get('status_version', 0)}")),
+        source=source, subject=task_id, traceparent=traceparent)
     data = {**public_task(dict(row)), "user_id": str(row["user_id"])}
     return codec.to_binary_http(codec.make_event(attrs, data))
