@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from psycopg.rows import dict_row
 from bench.harness import BenchContext, Figure, alternate, median, percentile
 from bench.stackproc import LocalStack, local_stack, user_client
 from shared.settings import Settings
+from tests.e2e.conftest import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE_IN, SIZE_OUT = (32, 32), (8, 8)
@@ -138,16 +138,7 @@ def celery_worker(s: Settings, queue: str, workdir: Path) -> Iterator[Any]:
     try:
         yield celery_peer.resize
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+        stop_group(proc, term_timeout_s=15)
         log.close()
         _delete_celery_topology(s, queue)
 

@@ -10,7 +10,6 @@ Not a figure module (no ``run``).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import httpx
 from infra.runtime import topology
 from infra.runtime.config import DEFAULT_PATH, RuntimeConfig, load_config
 from shared.settings import Settings
-from tests.e2e.conftest import free_ports, settings_env, write_config
+from tests.e2e.conftest import free_ports, settings_env, stop_group, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-password-123"
@@ -118,7 +117,7 @@ def local_stack(settings: Settings, extra_env: Mapping[str, str] | None = None,
         _wait_ready(stack, start_timeout_s)
         yield stack
     finally:
-        stop(proc)
+        stop_group(proc)
         try:  # the bench's broker name is its own: leave no queues behind
             topology.delete(settings, config)
         except Exception as exc:  # noqa: BLE001 - cleanup only
@@ -138,21 +137,6 @@ def _wait_ready(stack: LocalStack, timeout_s: float) -> None:
                 pass
             time.sleep(0.2)
     raise RuntimeError(f"local stack not ready within {timeout_s:.0f}s:\n{stack.log_tail()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the stack (it stops its functions in order), SIGKILL what is left."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(timeout=10)
 
 
 def user_client(gateway: str, timeout_s: float = 30.0, **client_kwargs: Any) -> httpx.Client:

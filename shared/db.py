@@ -113,7 +113,7 @@ def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
 def ensure_database(database_url: str) -> bool:
     """Create the database named in ``database_url`` if it is missing. True if created."""
     info = psycopg.conninfo.conninfo_to_dict(database_url)
-    name = info.get("dbname") or "postgres"
+    name = str(info.get("dbname") or "postgres")
     admin = psycopg.conninfo.make_conninfo(database_url, dbname="postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():

@@ -60,7 +60,8 @@ class RunningStack:
 
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports the kernel just reported free on loopback (never 8080-8090)."""
-    socks, ports = [], []
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
@@ -100,11 +101,12 @@ def write_config(dst: Path, ports: dict[str, int], src: Path = DEFAULT_PATH) -> 
     return dst
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes], term_timeout_s: float = 30.0) -> None:
+    """SIGTERM ``proc`` (a session leader), then SIGKILL whatever is left of its group."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=term_timeout_s)
         except subprocess.TimeoutExpired:
             pass
     # Whatever is left of the group (the stack's functions run in their own groups and
@@ -122,9 +124,8 @@ def stack_settings(base_settings: Settings, tmp_path_factory: pytest.TempPathFac
     the whole session, and its sweeper and workers must never pick up the outbox rows or
     trigger-queue events of the other tests running beside it (or have its rows truncated
     under it by their per-test cleanup)."""
-    url = psycopg.conninfo.make_conninfo(base_settings.database_url,
-                                         dbname=psycopg.conninfo.conninfo_to_dict(base_settings.database_url)["dbname"]
-                                         + "_stack")
+    base_name = str(psycopg.conninfo.conninfo_to_dict(base_settings.database_url)["dbname"])
+    url = psycopg.conninfo.make_conninfo(base_settings.database_url, dbname=base_name + "_stack")
     db.ensure_database(url)
     db.migrate(url)
     yield base_settings.replace(
@@ -137,7 +138,7 @@ def stack_settings(base_settings: Settings, tmp_path_factory: pytest.TempPathFac
     admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            psycopg.sql.Identifier(psycopg.conninfo.conninfo_to_dict(url)["dbname"])))
+            psycopg.sql.Identifier(base_name + "_stack")))
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +171,7 @@ def stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         _wait_ready(proc, running)
         yield running
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], running: RunningStack) -> None:

@@ -19,7 +19,7 @@ import httpx
 
 from infra.runtime.config import DEFAULT_PATH, RuntimeConfig, load_config
 from shared.settings import Settings
-from tests.e2e.conftest import ROOT, _stop, free_ports, settings_env, write_config
+from tests.e2e.conftest import ROOT, free_ports, settings_env, stop_group, write_config
 
 
 def children(ppid: int) -> dict[int, list[str]]:
@@ -100,7 +100,7 @@ class ChaosStack:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_group(self.proc)
             self.proc = None
 
     # --- faults --------------------------------------------------------------------------
