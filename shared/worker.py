@@ -247,7 +247,13 @@ class Worker:
                 return _json_answer(200, {"outcome": "cancelled"})
             log.info("duplicate event for a finished task: acknowledged without work")
             return self._reply(settings, _row(claim), span)
-        return self._attempt(settings, _row(claim), owner, span)
+        answer = self._attempt(settings, _row(claim), owner, span)
+        if claim.row is not None and claim.row.get("batch_id"):
+            # A batch task finished (or will be retried): hand its slot to the next item.
+            from shared import batch_release
+
+            batch_release.release_and_publish(settings)
+        return answer
 
     def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str) -> Answer:
         task_id, user_id = str(row["id"]), str(row["user_id"])
