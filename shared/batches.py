@@ -33,6 +33,7 @@ STATUSES = ("waiting", "pending", "queued", "running", "retrying", "succeeded", 
 BATCH_STATUSES = ("running", "completed", "cancelled")
 MAX_PAGE = 1000
 REPORT_CHUNK = 5000  # rows per query while streaming a report
+COPY_CHUNK = 10_000  # manifest lines per write while storing a batch
 
 
 # --- the public JSON ---------------------------------------------------------------------
@@ -144,10 +145,21 @@ def create(conn: Conn, *, user_id: str, parsed: manifest.Parsed, max_in_flight: 
     batch_id = str(row["id"])
     with conn.cursor().copy(
             "COPY batch_items (batch_id, line, ref, task_id, type, payload) FROM STDIN") as copy:
-        for item in parsed.items:
-            copy.write_row((batch_id, item.line, item.ref, str(uuid.uuid4()), item.type,
-                            json.dumps(item.payload, separators=(",", ":"))))
+        for start in range(0, len(parsed.items), COPY_CHUNK):
+            copy.write("".join(
+                f"{batch_id}\t{item.line}\t{_copy_text(item.ref)}\t{uuid.uuid4()}\t{item.type}\t"
+                f"{_copy_text(json.dumps(item.payload, separators=(',', ':')))}\n"
+                for item in parsed.items[start:start + COPY_CHUNK]).encode())
     return row, True
+
+
+def _copy_text(value: str | None) -> str:
+    """A value in COPY's text format: NULL as ``\\N``, backslash and control characters escaped."""
+    if value is None:
+        return "\\N"
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        value = value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return value
 
 
 # --- reads -------------------------------------------------------------------------------

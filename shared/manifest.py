@@ -32,7 +32,7 @@ MAX_REPORTED_ERRORS = 1000  # error entries in a 422; the count of failing lines
 ALLOWED_KEYS = frozenset({"type", "payload", "ref"})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Item:
     """One valid manifest line."""
 
@@ -93,6 +93,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder for every line: strict JSON
+
+
 def parse(raw: bytes, *, max_items: int) -> Parsed:
     """Parse and validate a whole manifest (see the module docstring). Pure.
 
@@ -109,8 +112,11 @@ def parse(raw: bytes, *, max_items: int) -> Parsed:
         if count > max_items:
             out.fail(number, "manifest", f"the manifest has more than {max_items} lines")
             break
+        if b"\\u0000" in text:  # PostgreSQL text and jsonb cannot hold NUL
+            out.fail(number, "line", "contains \\u0000 (NUL), which cannot be stored")
+            continue
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            value = _DECODER.decode(text.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError):
             out.fail(number, "line", "is not a JSON object (invalid JSON)")
             continue

@@ -98,10 +98,12 @@ class Settings:
     # --- batches (POST /batches; fair release, shared/batch_release.py) ---
     manifest_max_items: int = 100_000  # lines per manifest
     manifest_max_bytes: int = 64 * 1024 * 1024  # a manifest sent as the request body
-    batch_default_in_flight: int = 10  # a batch's max_in_flight when the client gives none
+    batch_default_in_flight: int = 8  # a batch's max_in_flight when the client gives none
     batch_max_in_flight: int = 100  # the largest max_in_flight a client may ask for
-    batch_user_in_flight: int = 20  # batch tasks of one user released and unfinished, all batches together
-    batch_total_in_flight: int = 50  # batch tasks of everyone released and unfinished
+    # Batch tasks released and unfinished (queued or running): an interactive task waits
+    # behind at most batch_total_in_flight of them. About twice the workers' parallelism.
+    batch_user_in_flight: int = 8  # of one user, all their batches together
+    batch_total_in_flight: int = 16  # of everyone
     batch_events_interval_s: float = 1.0  # GET /batches/{id}/events: at most one progress event per interval
     # --- status stream ---
     status_stream_maxlen: int = 10_000
