@@ -33,6 +33,7 @@ commit releases nothing; after it, the outbox guarantees publication.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,7 @@ class Released:
     event_ids: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: bool = False  # another round held the lock too long
+    busy_batches: int = 0  # candidates skipped because a transaction held their row (retry soon)
 
 
 _IN_FLIGHT = "n_pending + n_queued + n_running + n_retrying"
@@ -145,11 +147,13 @@ def release_round(conn: Conn, settings: Settings) -> Released:
     room = settings.batch_total_in_flight - sum(user_in_flight.values())
     if room <= 0:
         return out
-    rows = conn.execute(
-        f"SELECT id, user_id, n_waiting, {_IN_FLIGHT} AS in_flight, max_in_flight, last_served FROM batches"
-        f" WHERE status = 'running' AND n_waiting > 0"
-        f"   AND {_IN_FLIGHT} < max_in_flight"
-        " ORDER BY last_served, id FOR UPDATE SKIP LOCKED").fetchall()
+    wanted = (f"SELECT id, user_id, n_waiting, {_IN_FLIGHT} AS in_flight, max_in_flight, last_served FROM batches"
+              f" WHERE status = 'running' AND n_waiting > 0 AND {_IN_FLIGHT} < max_in_flight ORDER BY last_served, id")
+    seen = len(conn.execute(wanted).fetchall())
+    # A batch row is held only briefly (a task of it changing status, a cancel or a retry):
+    # skip it rather than wait; release() runs another round soon if that happened.
+    rows = conn.execute(wanted + " FOR UPDATE SKIP LOCKED").fetchall()
+    out.busy_batches = max(0, seen - len(rows))
     candidates = [Candidate(str(r["id"]), str(r["user_id"]), int(r["n_waiting"]), int(r["in_flight"]),
                             int(r["max_in_flight"]), int(r["last_served"])) for r in rows]
     owner = {c.batch_id: c.user_id for c in candidates}
@@ -165,13 +169,30 @@ def release_round(conn: Conn, settings: Settings) -> Released:
     return out
 
 
+BUSY_ROUNDS = 3  # rounds while some batch rows were busy
+BUSY_PAUSE_S = 0.02  # between such rounds
+
+
 def release(settings: Settings) -> Released:
-    """Run one round in its own transaction. Raises ``ServiceUnavailable`` if the database is down."""
-    with db.connection(settings) as conn:
-        out = release_round(conn, settings)
-    if out.rows:
-        log.info("released batch items", extra={"released": len(out.rows)})
-    return out
+    """Run a release round in its own transaction; when a batch that could take work was
+    busy (its row held by a short transaction), run up to ``BUSY_ROUNDS`` more rounds
+    ``BUSY_PAUSE_S`` apart, so a freed slot is not left idle until the next trigger.
+    Raises ``ServiceUnavailable`` if the database is down."""
+    total = Released()
+    for attempt in range(1 + BUSY_ROUNDS):
+        if attempt:
+            time.sleep(BUSY_PAUSE_S)
+        with db.connection(settings) as conn:
+            out = release_round(conn, settings)
+        total.event_ids += out.event_ids
+        total.rows += out.rows
+        total.skipped = out.skipped
+        total.busy_batches = out.busy_batches
+        if not out.busy_batches or out.skipped:
+            break
+    if total.rows:
+        log.info("released batch items", extra={"released": len(total.rows)})
+    return total
 
 
 def release_and_publish(settings: Settings, *, background: bool = False) -> int:
