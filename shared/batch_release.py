@@ -13,7 +13,10 @@ Caps, all counting released tasks that are not finished yet (``pending``, ``queu
 - per batch: the batch's ``max_in_flight``;
 - per user, all of their batches together: ``batch_user_in_flight`` (so splitting work
   over many batches gains nothing);
-- for everyone: ``batch_total_in_flight``.
+- for everyone: ``batch_total_in_flight``;
+- and, for everyone, at most ``batch_queued_max`` released but not started yet
+  (``pending``/``queued``): what an interactive task can find ahead of it in a queue.
+  Workers stay busy because a finishing worker releases the next item before it answers.
 
 Order: free slots are handed out one at a time, round-robin over users (the user whose
 batches were served longest ago first), and within a user round-robin over their
@@ -141,10 +144,11 @@ def release_round(conn: Conn, settings: Settings) -> Released:
         return out
     conn.execute("SET LOCAL lock_timeout = 0")
     live = conn.execute(
-        f"SELECT user_id, sum({_IN_FLIGHT})::int AS in_flight FROM batches"
-        f" WHERE status = 'running' OR {_IN_FLIGHT} > 0 GROUP BY user_id").fetchall()
+        f"SELECT user_id, sum({_IN_FLIGHT})::int AS in_flight, sum(n_pending + n_queued)::int AS ahead"
+        f" FROM batches WHERE status = 'running' OR {_IN_FLIGHT} > 0 GROUP BY user_id").fetchall()
     user_in_flight = {str(r["user_id"]): int(r["in_flight"]) for r in live}
-    room = settings.batch_total_in_flight - sum(user_in_flight.values())
+    room = min(settings.batch_total_in_flight - sum(user_in_flight.values()),
+               settings.batch_queued_max - sum(int(r["ahead"]) for r in live))
     if room <= 0:
         return out
     wanted = (f"SELECT id, user_id, n_waiting, {_IN_FLIGHT} AS in_flight, max_in_flight, last_served FROM batches"

@@ -104,6 +104,7 @@ class Settings:
     # behind at most batch_total_in_flight of them. About twice the workers' parallelism.
     batch_user_in_flight: int = 8  # of one user, all their batches together
     batch_total_in_flight: int = 16  # of everyone
+    batch_queued_max: int = 2  # of everyone, released but not started (pending/queued): ahead of interactive work
     batch_events_interval_s: float = 1.0  # GET /batches/{id}/events: at most one progress event per interval
     # --- status stream ---
     status_stream_maxlen: int = 10_000

@@ -8,11 +8,16 @@ import threading
 import psycopg
 import pytest
 
-from shared import batch_release, db
+from shared import batch_release, db, state
 from shared.batch_release import Candidate, allocate
 from shared.errors import ServiceUnavailable
 from tests.gateway.test_batches import finish, manifest, submit
 
+
+@pytest.fixture()
+def settings(settings):
+    """These tests look at the in-flight caps: lift the cap on tasks queued ahead (its own test)."""
+    return settings.replace(batch_queued_max=1000)
 
 def c(batch: str, user: str, waiting: int = 100, in_flight: int = 0, cap: int = 100, served: int = 0) -> Candidate:
     return Candidate(batch, user, waiting, in_flight, cap, served)
@@ -147,4 +152,18 @@ def test_the_sweeper_releases_and_publishes_in_the_same_tick(make_app, user, con
     assert stats.released == 2
     assert conn.execute("SELECT count(*) AS n FROM outbox WHERE dispatched_at IS NULL").fetchone()["n"] == 0
     assert conn.execute("SELECT count(*) AS n FROM tasks WHERE batch_id = %s AND status = 'queued'",
+                        (bid,)).fetchone()["n"] == 2
+
+
+def test_few_batch_tasks_wait_in_the_broker_ahead_of_interactive_work(make_app, user, conn, gw_settings):
+    s = gw_settings.replace(batch_queued_max=2)
+    client = make_app(eager_relay=False, batch_queued_max=2).test_client()
+    bid = submit(client, user, manifest(20), "?max_in_flight=10").json["id"]
+    assert in_flight(conn, user.id) == 2  # not 10: only two may wait unstarted
+    assert batch_release.release(s).rows == []
+    first = conn.execute("SELECT id FROM tasks WHERE batch_id = %s ORDER BY id LIMIT 1", (bid,)).fetchone()
+    with conn.transaction():
+        assert state.claim(conn, str(first["id"]), "w", 60).claimed  # a worker started one
+    assert len(batch_release.release(s).rows) == 1  # so one more may wait
+    assert conn.execute("SELECT count(*) AS n FROM tasks WHERE batch_id = %s AND status IN ('pending', 'queued')",
                         (bid,)).fetchone()["n"] == 2

@@ -13,6 +13,12 @@ from tests.gateway.conftest import resize_body
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
 
+
+@pytest.fixture()
+def settings(settings):
+    """These tests look at the in-flight caps: lift the cap on tasks queued ahead (its own test)."""
+    return settings.replace(batch_queued_max=1000)
+
 def manifest(n: int, *, bad: dict[int, str] | None = None, refs: bool = True) -> bytes:
     """``n`` resize lines; line numbers in ``bad`` get the given raw text instead."""
     out = []
