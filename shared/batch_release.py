@@ -199,6 +199,16 @@ def release(settings: Settings) -> Released:
     return total
 
 
+def charge_cold_start(settings: Settings, batch_id: str) -> None:
+    """Count a worker process's cold start against the batch whose task it started for
+    (reported as ``cost.cold_starts``). Best effort: never raises."""
+    try:
+        with db.connection(settings) as conn:
+            conn.execute("UPDATE batches SET cold_starts = cold_starts + 1 WHERE id = %s", (batch_id,))
+    except Exception:
+        log.warning("could not record a cold start on batch %s", batch_id)
+
+
 def release_and_publish(settings: Settings, *, background: bool = False) -> int:
     """Release a round and publish its events now (synchronously, or via the process's
     eager relay with ``background``). Never raises: what is not published here stays in

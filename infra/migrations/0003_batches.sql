@@ -34,6 +34,7 @@ CREATE TABLE batches (
     n_released       integer NOT NULL DEFAULT 0,   -- tasks created so far (retries included)
     retries          integer NOT NULL DEFAULT 0,   -- POST /batches/{id}/retry calls that re-ran items
     function_ms      bigint NOT NULL DEFAULT 0,    -- sum over finished tasks of finished_at - started_at
+    cold_starts      integer NOT NULL DEFAULT 0,   -- worker processes whose first delivery was one of its tasks
     last_served      bigint NOT NULL DEFAULT 0,    -- batch_service_seq value of its latest release
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),

@@ -44,3 +44,19 @@ def test_finishing_a_batch_task_releases_and_publishes_the_next_item(settings, m
     assert got == {"n_waiting": 1, "n_succeeded": 1, "n_queued": 1}
     assert len(mem.published) == sent_before + 1
     assert mem.published[-1]["subject"] == str(second["task_id"])
+
+
+def test_a_cold_start_is_charged_to_the_batch_of_the_first_task(settings, make_user, conn):
+    s = settings.replace(claim_wait_s=0.0, broker_backend="memory")
+    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
+        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(2))
+    with db.connection(s) as c:
+        row, _ = batches.create(c, user_id=make_user(), parsed=manifest.parse(text.encode(), max_items=10),
+                                max_in_flight=2)
+    bid = str(row["id"])
+    batch_release.release(s)
+    worker = Worker("resize-image", core)  # a fresh process, as far as the worker knows
+    for task in conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchall():
+        assert worker.handle(*requested_event(task), s).status == 200
+    got = conn.execute("SELECT cold_starts, n_succeeded FROM batches WHERE id = %s", (bid,)).fetchone()
+    assert got == {"cold_starts": 1, "n_succeeded": 2}  # the second task found the worker warm

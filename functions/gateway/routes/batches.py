@@ -245,8 +245,10 @@ BATCH_SCHEMA: dict[str, Any] = {
         "counts": _COUNTS,
         "in_flight": {"type": "integer"}, "done": {"type": "integer"},
         "max_in_flight": {"type": "integer"}, "retries": {"type": "integer"},
-        "cost": {"type": "object", "properties": {"function_time_ms": {"type": "integer"},
-                                                  "tasks_created": {"type": "integer"}}},
+        "cost": {"type": "object", "properties": {
+            "function_time_ms": {"type": "integer", "description": "sum of the finished tasks' run times"},
+            "tasks_created": {"type": "integer", "description": "tasks created, retries included"},
+            "cold_starts": {"type": "integer", "description": "worker processes started for its tasks"}}},
         "created_at": {"type": "string"}, "updated_at": {"type": "string"},
         "finished_at": {"type": ["string", "null"]},
     },
