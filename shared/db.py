@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import psycopg.conninfo
@@ -20,6 +21,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.errors import ServiceUnavailable
 from shared.settings import Settings
+
+Conn = psycopg.Connection[Any]  # a pooled connection whose rows are dicts (``connection()``)
 
 log = logging.getLogger(__name__)
 
