@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from events.catalog import TERMINAL
+
 MAX_ID_LEN = 48  # "<20 digits>-<20 digits>" plus slack; longer Last-Event-IDs are refused
 
 StreamId = tuple[int, int]

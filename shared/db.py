@@ -54,7 +54,7 @@ def get_pool(settings: Settings) -> ConnectionPool:
 
 
 @contextmanager
-def connection(settings: Settings) -> Iterator[psycopg.Connection]:
+def connection(settings: Settings) -> Iterator[Conn]:
     """A pooled connection inside a transaction (committed on success, rolled back on error).
 
     Connection failures surface as ``ServiceUnavailable`` (retryable).
@@ -101,7 +101,7 @@ def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                         raise RuntimeError(f"migration {path.name} changed after it was applied")
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[arg-type]
+                    conn.execute(sql)
                     conn.execute(
                         "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
                         (path.name, checksum),

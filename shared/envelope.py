@@ -45,7 +45,7 @@ class Answer:
     body: bytes
 
 
-Handler = Callable[[Mapping[str, str], bytes], Answer]
+Handler = Callable[[Any, bytes], Answer]  # headers: a Mapping or werkzeug Headers
 
 
 def dumps(body: Any) -> bytes:

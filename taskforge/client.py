@@ -107,7 +107,7 @@ class Client:
         hdrs = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
         if auth:
             hdrs.update(self._auth_headers())
-        req = urllib.request.Request(url, data=body, headers=hdrs, method=method)  # type: ignore[arg-type]
+        req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
         try:
             return _opener.open(req, timeout=timeout_s or self.timeout_s)
         except urllib.error.HTTPError as exc:

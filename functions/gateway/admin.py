@@ -76,7 +76,7 @@ def get_dead_letter(dead_letter_id: str) -> Response:
         raise NotFound("no such dead letter")
     with db.connection(settings()) as conn:
         row: dict[str, Any] | None = conn.execute(
-            "SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()  # type: ignore[assignment]
+            "SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
     if row is None:
         raise NotFound("no such dead letter")
     return json_response(deadletters.public(row))

@@ -74,7 +74,7 @@ class Store:
         try:
             pool = await self.pool()
             async with pool.connection() as conn:
-                cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                cur = await conn.execute(sql, params)
                 return await cur.fetchall()  # type: ignore[return-value]  # dict_row pool
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc

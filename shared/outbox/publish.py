@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from cloudevents.http import CloudEvent
 
 from events import catalog, codec
 from shared import metrics
 from shared.broker import Broker, Rejected, publish_timed
+from shared.db import Conn
 from shared.errors import TaskForgeError
 from shared.settings import Settings
 from shared.tasks import state, unit
@@ -60,7 +60,7 @@ class Outcome:
     task_rows: list[Row] = field(default_factory=list)  # changed tasks, to fan out after commit
 
 
-def claim(conn: psycopg.Connection, *, limit: int, event_ids: Sequence[str] | None = None) -> list[Row]:
+def claim(conn: Conn, *, limit: int, event_ids: Sequence[str] | None = None) -> list[Row]:
     """Lock up to ``limit`` pending rows (oldest first), skipping rows locked elsewhere.
 
     With ``event_ids`` only those rows are considered (the eager relay's own rows).
@@ -100,7 +100,7 @@ def task_id_of(row: Row) -> str | None:
     return str(task_id) if task_id else None
 
 
-def claim_and_publish(conn: psycopg.Connection, broker: Broker, *, limit: int,
+def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
                       event_ids: Sequence[str] | None = None, via: str) -> Outcome:
     """Claim pending rows, publish them, and mark the outcome, in the caller's transaction.
 
@@ -152,7 +152,7 @@ def claim_and_publish(conn: psycopg.Connection, broker: Broker, *, limit: int,
     return out
 
 
-def park(conn: psycopg.Connection, rows_and_reasons: Sequence[tuple[Row, str]]) -> list[Row]:
+def park(conn: Conn, rows_and_reasons: Sequence[tuple[Row, str]]) -> list[Row]:
     """Park rows the broker will never take, and fail their tasks with the reason.
 
     A parked row keeps its event for an operator (clear ``parked_at`` to publish it
@@ -177,7 +177,7 @@ def park(conn: psycopg.Connection, rows_and_reasons: Sequence[tuple[Row, str]]) 
     return changed
 
 
-def park_event_ids(conn: psycopg.Connection, event_ids: Sequence[str], reason: str) -> tuple[set[str], list[Row]]:
+def park_event_ids(conn: Conn, event_ids: Sequence[str], reason: str) -> tuple[set[str], list[Row]]:
     """Park the outbox rows of ``event_ids`` (found in the unroutable queue).
 
     Returns the ids that matched a row (rows already purged, or events that were never

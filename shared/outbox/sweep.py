@@ -1,4 +1,4 @@
-"""The outbox sweeper's core: drain pending rows, then return (docs/architecture.md §5, §11).
+"""The outbox sweeper's core: drain pending rows, then return (docs/architecture.md §5, §10).
 
 :func:`sweep_once` is the whole job of one tick, and safe to run in several processes
 at once (each batch is claimed with ``FOR UPDATE SKIP LOCKED``):
@@ -194,6 +194,7 @@ def refresh_gauges(settings: Settings) -> tuple[int, float]:
             " FROM outbox WHERE dispatched_at IS NULL"
         ).fetchone()
         task_health.refresh_stale_running(conn)
+    assert row is not None  # an aggregate always returns one row
     pending, age = int(row["n"]), float(row["age"])
     metrics.OUTBOX_PENDING.set(pending)
     metrics.OUTBOX_PARKED.set(int(row["parked"]))

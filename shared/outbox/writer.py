@@ -10,12 +10,11 @@ import json
 import uuid
 from typing import Any
 
-import psycopg
-
 from events import catalog
+from shared.db import Conn
 
 
-def add_event(conn: psycopg.Connection, *, type: str, source: str, data: dict[str, Any],
+def add_event(conn: Conn, *, type: str, source: str, data: dict[str, Any],
               subject: str | None = None, traceparent: str | None = None,
               extensions: dict[str, str] | None = None) -> str:
     """Insert one CloudEvent into the outbox inside the caller's transaction.
@@ -34,7 +33,7 @@ def add_event(conn: psycopg.Connection, *, type: str, source: str, data: dict[st
     return event_id
 
 
-def add_requested(conn: psycopg.Connection, task: dict[str, Any], *, source: str,
+def add_requested(conn: Conn, task: dict[str, Any], *, source: str,
                   traceparent: str | None) -> str:
     """Insert the ``<type>.requested`` event that asks a worker to run ``task`` (a task row),
     with the data the data the catalogue defines: task id, user id, type and payload. Returns the event id."""

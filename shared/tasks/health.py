@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
-
 from shared import metrics
+from shared.db import Conn
 
 
-def count_stale_running(conn: psycopg.Connection, grace_s: float = 0.0) -> int:
+def count_stale_running(conn: Conn, grace_s: float = 0.0) -> int:
     """Tasks in ``running`` whose lease ended more than ``grace_s`` seconds ago (or that
     have no lease at all). Uses the partial index on active tasks; raises psycopg errors."""
     row: Any = conn.execute(
@@ -26,7 +25,7 @@ def count_stale_running(conn: psycopg.Connection, grace_s: float = 0.0) -> int:
     return int(row["n"] if isinstance(row, dict) else row[0])
 
 
-def refresh_stale_running(conn: psycopg.Connection, grace_s: float = 0.0) -> int:
+def refresh_stale_running(conn: Conn, grace_s: float = 0.0) -> int:
     """Set the ``taskforge_tasks_stale_running`` gauge; returns the count."""
     n = count_stale_running(conn, grace_s)
     metrics.TASKS_STALE_RUNNING.set(n)
