@@ -44,7 +44,8 @@ from typing import Any
 import psycopg
 
 from events import catalog
-from shared import db, outbox
+from shared import db
+from shared.outbox import writer as outbox
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def release_and_publish(settings: Settings, *, background: bool = False) -> int:
         log.exception("batch release failed; the outbox sweeper's next tick retries")
         return 0
     if out.event_ids:
-        from shared import relay
+        from shared.outbox import relay
 
         if background:
             relay.after_commit(settings, out.event_ids)

@@ -23,8 +23,10 @@ from typing import Any
 
 import psycopg
 
-from shared import manifest, state, tasks
+from shared import manifest, pagination
 from shared.errors import Conflict, NotFound, ValidationError
+from shared.tasks import repository as tasks
+from shared.tasks import state
 
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
@@ -185,18 +187,19 @@ def list_batches(conn: Conn, user_id: str, *, status: str | None = None, limit: 
         errors.append({"field": "limit", "message": f"must be between 1 and {tasks.MAX_LIST_LIMIT}"})
     if errors:
         raise ValidationError("invalid query", details=errors)
-    where, params = ["user_id = %s"], [user_id]
+    where: list[str] = ["user_id = %s"]
+    params: list[Any] = [user_id]
     if status is not None:
         where.append("status = %s")
         params.append(status)
     if cursor:
-        when, ident = tasks.decode_cursor(cursor)
+        when, ident = pagination.decode(cursor)
         where.append("(created_at, id) < (%s, %s)")
-        params += [when, ident]  # type: ignore[list-item]
+        params += [when, ident]
     rows = conn.execute(
         "SELECT * FROM batches WHERE " + " AND ".join(where) + " ORDER BY created_at DESC, id DESC LIMIT %s",
         (*params, limit + 1)).fetchall()
-    next_cursor = tasks.encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    next_cursor = pagination.encode(rows[limit - 1]["created_at"], rows[limit - 1]["id"]) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
 
@@ -242,6 +245,13 @@ def report_chunk(conn: Conn, batch_id: str, after_line: int = 0) -> list[Row]:
 
 
 # --- cancel and retry ---------------------------------------------------------------------
+def _locked(row: Row | None) -> Row:
+    """The row an UPDATE of a batch this transaction has locked returned (never None)."""
+    if row is None:  # impossible while the row lock is held: fail loudly
+        raise RuntimeError("a locked batch row vanished")
+    return row
+
+
 def stop(conn: Conn, user_id: str, batch_id: Any) -> tuple[Row, list[str]]:
     """First half of a cancel: the batch becomes ``cancelled`` (nothing more is released)
     and its waiting items ``cancelled``. Returns the batch and the ids of its unfinished
@@ -255,10 +265,10 @@ def stop(conn: Conn, user_id: str, batch_id: Any) -> tuple[Row, list[str]]:
     if row["status"] == "running":
         n = conn.execute("UPDATE batch_items SET state = 'cancelled' WHERE batch_id = %s AND state = 'waiting'",
                          (row["id"],)).rowcount
-        row = conn.execute(
+        row = _locked(conn.execute(
             "UPDATE batches SET status = 'cancelled', finished_at = now(), updated_at = now(),"
             " n_waiting = n_waiting - %s, n_cancelled = n_cancelled + %s WHERE id = %s RETURNING *",
-            (n, n, row["id"])).fetchone()
+            (n, n, row["id"])).fetchone())
     active = [str(r["id"]) for r in conn.execute(
         "SELECT id FROM tasks WHERE batch_id = %s AND status IN ('pending', 'queued', 'running', 'retrying')",
         (row["id"],))]
@@ -290,8 +300,8 @@ def retry(conn: Conn, user_id: str, batch_id: Any) -> tuple[Row, int]:
         "UPDATE batch_items SET state = 'waiting', task_id = gen_random_uuid()"
         " WHERE batch_id = %s AND state = 'released' AND task_id = ANY(%s::uuid[])",
         (row["id"], [str(r["id"]) for r in failed])).rowcount
-    row = conn.execute(
+    row = _locked(conn.execute(
         "UPDATE batches SET status = 'running', finished_at = NULL, updated_at = now(),"
         " n_waiting = n_waiting + %s, retries = retries + 1 WHERE id = %s RETURNING *",
-        (n, row["id"])).fetchone()
+        (n, row["id"])).fetchone())
     return row, n

@@ -11,7 +11,7 @@ error per failing line (``{"line", "field", "message"}``). Upload ownership need
 database and is checked by the caller (``shared.batches``).
 
 Speed: the payload schemas are checked with jsonschema-rs (about 1 µs a line) and only
-a line it refuses goes through ``shared.payloads`` (the messages ``POST /tasks`` gives),
+a line it refuses goes through ``events.payloads`` (the messages ``POST /tasks`` gives),
 so 100,000 lines parse in well under a second. Both validators use the same schemas
 without format assertions; should the fast one be missing, every line takes the slow path.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from events import payloads
 from events.catalog import TASK_TYPES
-from shared import payloads
 
 MAX_REF = 200
 MAX_REPORTED_ERRORS = 1000  # error entries in a 422; the count of failing lines is always exact

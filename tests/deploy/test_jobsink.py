@@ -13,10 +13,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from shared import db, tasks
+from shared import db
+from shared.tasks import repository as tasks
 from tests.deploy.k8s import ROOT, by_kind, crd_dir, kustomize, load_crd_schemas, schema_errors
 
-VENDORED = ROOT / "infra" / "crds"
+VENDORED = crd_dir()  # vendor/knative-crds: upstream CRDs, Apache-2.0
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_the_compress_video_trigger_delivers_to_the_jobsink(objects):
 
 
 def run_job(settings, path: Path) -> subprocess.CompletedProcess[str]:
-    from tests.e2e.conftest import settings_env
+    from infra.runtime.launcher import settings_env
 
     env = {**settings_env(settings), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-m", "functions.compress_video.job", str(path)], cwd=ROOT,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.sse.wire import Parser
+from events.sse import Parser
 from tests.e2e.test_workers import Client, jpeg_bytes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -8,9 +8,10 @@ import threading
 import psycopg
 import pytest
 
-from shared import batch_release, db, state
+from shared import batch_release, db
 from shared.batch_release import Candidate, allocate
 from shared.errors import ServiceUnavailable
+from shared.tasks import state
 from tests.gateway.test_batches import finish, manifest, submit
 
 
@@ -140,7 +141,7 @@ def test_a_round_that_dies_before_commit_releases_nothing(make_app, user, conn, 
 
 def test_the_sweeper_releases_and_publishes_in_the_same_tick(make_app, user, conn, gw_settings):
     from shared.broker import get_broker
-    from shared.sweeper import sweep_once
+    from shared.outbox.sweep import sweep_once
 
     client = make_app().test_client()
     bid = submit(client, user, manifest(4), "?max_in_flight=2").json["id"]

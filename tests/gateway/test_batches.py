@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared import state
+from shared.tasks import state
 from tests.gateway.conftest import resize_body
 
 NDJSON = {"Content-Type": "application/x-ndjson"}

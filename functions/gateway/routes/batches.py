@@ -18,9 +18,11 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from functions.gateway.guards import require_auth
 from functions.gateway.web import is_json, json_body, json_response, principal, settings
-from shared import batch_release, batches, db, manifest, ratelimit, status, storage, tasks
+from shared import batch_release, batches, db, manifest, ratelimit, storage
 from shared.errors import NotFound, TooLarge, UnsupportedMediaType, ValidationError
 from shared.settings import Settings
+from shared.tasks import repository as tasks
+from shared.tasks import status
 
 bp = Blueprint("batches", __name__)
 
@@ -278,7 +280,7 @@ def _errors(*codes: str) -> dict[str, Any]:
     return {c: {"$ref": f"#/components/responses/E{c}"} for c in ("401", *codes)}
 
 
-_SECURITY = [{"bearer": []}, {"apiKey": []}, {"apiKeyAuthorization": []}]
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}, {"apiKeyAuthorization": []}]
 _BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "description": "batch id",
              "schema": {"type": "string", "format": "uuid"}}
 _PAGE = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
