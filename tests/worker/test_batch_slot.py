@@ -60,3 +60,29 @@ def test_a_cold_start_is_charged_to_the_batch_of_the_first_task(settings, make_u
         assert worker.handle(*requested_event(task), s).status == 200
     got = conn.execute("SELECT cold_starts, n_succeeded FROM batches WHERE id = %s", (bid,)).fetchone()
     assert got == {"cold_starts": 1, "n_succeeded": 2}  # the second task found the worker warm
+
+
+def test_a_dead_lettered_batch_task_frees_its_slot_at_once(settings, make_user, conn):
+    from events import codec
+    from functions.dead_letter.main import take
+    from shared.settings import set_settings
+
+    s = settings.replace(broker_backend="memory")
+    set_settings(s)
+    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
+        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(2))
+    with db.connection(s) as c:
+        row, _ = batches.create(c, user_id=make_user(), parsed=manifest.parse(text.encode(), max_items=10),
+                                max_in_flight=1)
+    bid = str(row["id"])
+    batch_release.release(s)
+    first = conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchone()
+    headers, body = requested_event(first)
+    event = codec.from_http(headers, body)
+    attrs = {k: event[k] for k in event}
+    attrs.update(knativeerrordest="http://resize-image.local/", knativeerrorcode="503")
+    out = take(*codec.to_binary_http(codec.make_event(attrs, event.get_data())))
+    assert out["task_failed"] is True
+    got = conn.execute("SELECT n_failed, n_waiting, n_pending + n_queued AS ready FROM batches WHERE id = %s",
+                       (bid,)).fetchone()
+    assert got == {"n_failed": 1, "n_waiting": 0, "ready": 1}  # line 2 went out without waiting for a tick
