@@ -23,7 +23,8 @@ batches were served longest ago first), and within a user round-robin over their
 batches. Each release stamps the batches it served with a sequence number, so the next
 round starts with whoever waited longest.
 
-When: after every batch task finishes (the worker calls :func:`release_and_publish`),
+When: after every batch task finishes (the worker calls :func:`release_and_publish`; so does
+the dead-letter function when it fails a batch task),
 on every outbox-sweeper tick, and right after a batch is created or retried.
 
 Exactly once: a round runs in one transaction under an advisory lock (one round at a
