@@ -1,7 +1,8 @@
 """Status fan-out: every task state change appended to its user's Redis stream.
 
 Stream key ``settings.key("status", user_id)``; each entry has field ``task`` (the JSON of
-``shared.tasks.public_task``) and ``version`` (the task's ``status_version``); length is
+``shared.tasks.task_summary``: the public task without its payload, so an entry stays a
+few hundred bytes whatever was submitted) and ``version`` (the task's ``status_version``); length is
 capped approximately at ``settings.status_stream_maxlen``. The status-stream function
 reads these streams and turns entries into Server-Sent Events.
 
@@ -84,20 +85,21 @@ def _version_key(settings: Settings, task_id: str) -> str:
 
 
 def _public(row: Mapping[str, Any]) -> dict[str, Any]:
-    from shared.tasks import public_task  # contract 1 (gateway); imported late to keep imports light
+    from shared.tasks import task_summary  # contract 1 (gateway); imported late to keep imports light
 
-    return public_task(dict(row))
+    return task_summary(dict(row))
 
 
 def publish(settings: Settings, task: Mapping[str, Any], *, user_id: str | None = None,
             version: int | None = None) -> bool:
-    """Append one public task dict to its user's stream. ``user_id`` defaults to
+    """Append one public task dict to its user's stream (a payload in it is dropped). ``user_id`` defaults to
     ``task["user_id"]``; without ``version`` the entry is appended unconditionally.
     Returns whether Redis took it (never raises for Redis trouble)."""
     uid = user_id if user_id is not None else task.get("user_id")
     if uid is None:
         raise ValueError("publish needs the task's user_id")
-    return _append(settings, [(str(uid), str(task["id"]), dict(task), int(version or 0))]) > 0
+    entry = {k: v for k, v in task.items() if k != "payload"}
+    return _append(settings, [(str(uid), str(task["id"]), entry, int(version or 0))]) > 0
 
 
 def publish_rows(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -> int:
@@ -127,7 +129,7 @@ def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]
         pipe = client.pipeline(transaction=False)
         for uid, task_id, public, version in items:
             script(keys=[stream_key(settings, uid), _version_key(settings, task_id)],
-                   args=[version, json.dumps(public, separators=(",", ":"), default=str),
+                   args=[version, json.dumps(public, separators=(",", ":"), ensure_ascii=False, default=str),
                          settings.status_stream_maxlen, VERSION_TTL_S], client=pipe)
         pipe.execute()
         return len(items)

@@ -62,6 +62,19 @@ def public_task(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def task_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """What a watcher needs of a task: ``public_task`` without the payload.
+
+    Status stream entries, SSE snapshots and ``GET /tasks`` pages carry this, so their size
+    does not grow with the submission (up to the body limit); the payload is one
+    ``GET /tasks/{id}`` away. ``result`` and ``error`` are small by construction (a storage
+    key with metadata; a code and a message).
+    """
+    summary = public_task(row)
+    del summary["payload"]
+    return summary
+
+
 # --- pure helpers ---------------------------------------------------------------------
 def request_hash(task_type: str, payload: Any) -> str:
     """sha256 of the canonical JSON of a submission (key order and spacing do not matter)."""

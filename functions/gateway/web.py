@@ -99,7 +99,7 @@ def json_body(schema: dict[str, Any] | None = None, *, optional: bool = False) -
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    resp = Response(json.dumps(body, separators=(",", ":"), default=str), status=status,
+    resp = Response(json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str), status=status,
                     mimetype="application/json")
     for k, v in (headers or {}).items():
         resp.headers[k] = v

@@ -26,7 +26,7 @@ from shared import auth, db
 from shared.errors import AuthError, NotFound, ServiceUnavailable
 from shared.settings import Settings
 from shared.sse.wire import TaskEvent, task_event
-from shared.tasks import parse_uuid, public_task
+from shared.tasks import parse_uuid, task_summary
 
 ACTIVE = ("pending", "queued", "running", "retrying")
 ACTIVE_LIMIT = 200  # unfinished tasks sent as the current state of a new /events stream
@@ -43,8 +43,9 @@ class Identity:
 
 
 def event_of(row: Mapping[str, Any]) -> TaskEvent:
-    """A snapshot ``TaskEvent`` (no stream position) from a task row."""
-    return task_event(public_task(dict(row)), None, int(row.get("status_version") or 0))
+    """A snapshot ``TaskEvent`` (no stream position) from a task row: the same summary
+    (no payload) as a status stream entry."""
+    return task_event(task_summary(dict(row)), None, int(row.get("status_version") or 0))
 
 
 class Store:
