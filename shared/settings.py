@@ -102,6 +102,7 @@ class Settings:
     sse_heartbeat_s: float = 15.0
     sse_max_streams: int = 18_000
     sse_retry_ms: int = 3000  # the reconnection delay hint sent to EventSource clients
+    sse_revocation_check_s: float = 5.0  # open streams end this soon after their token or session is revoked
     sse_mailbox: int = 1000  # queued events per stream before it catches up from Redis instead
     sse_cors_origins: tuple[str, ...] = ()  # browser origins allowed to read streams ("" = public_base_url's)
     # --- taskforge CLI / Python client ---

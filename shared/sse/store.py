@@ -35,11 +35,12 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="taskforge"'}
 
 @dataclass(frozen=True)
 class Identity:
-    """A caller whose credentials verified. ``jti``/``exp`` for bearer tokens only."""
+    """A caller whose credentials verified. ``jti``/``exp``/``family`` for bearer tokens only."""
 
     user_id: str
     jti: str | None
     exp: int | None
+    family: str | None = None  # the session (refresh family) of the token, if it names one
 
 
 def event_of(row: Mapping[str, Any]) -> TaskEvent:
@@ -102,22 +103,23 @@ class Store:
         except AuthError as exc:
             exc.headers = CHALLENGE
             raise
-        return Identity(claims["sub"], claims["jti"], int(claims["exp"]))
+        return Identity(claims["sub"], claims["jti"], int(claims["exp"]), auth.family_of(claims))
 
     def _authenticate_sync(self, headers: dict[str, str]) -> auth.Principal:
         with db.connection(self.settings) as conn:
             return auth.authenticate(self.settings, conn, headers)
 
     # --- tasks --------------------------------------------------------------------
-    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None) -> list[TaskEvent]:
+    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None,
+                       family: str | None = None) -> list[TaskEvent]:
         """The current state a stream starts with: the one task (``NotFound`` for another
         user's or none), or the user's unfinished ones, oldest change first.
 
-        The same single query checks that the user exists and, with ``jti``, that the
-        token was not revoked (``AuthError``). One statement rather than a pipeline:
+        The same single query checks that the user exists and, with ``jti`` (and
+        ``family``), that neither the token nor its session was revoked (``AuthError``). One statement rather than a pipeline:
         psycopg's pipeline mode waits for read *or* write readiness and spins on the CPU
         while results are due, which measured slower under connection storms."""
-        params: dict[str, Any] = {"user": user_id, "jti": jti}
+        params: dict[str, Any] = {"user": user_id, "jti": jti, "fam": family}
         if task_id is not None:
             ident = parse_uuid(task_id)
             if ident is None:
@@ -129,7 +131,9 @@ class Store:
             join = ("LEFT JOIN LATERAL (SELECT * FROM tasks WHERE user_id = u.id"
                     " AND status = ANY(%(active)s::task_status[]) ORDER BY updated_at DESC LIMIT %(limit)s) t ON true")
         rows = await self._fetch(
-            "SELECT EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %(jti)s) AS _revoked, t.*"
+            "SELECT (EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %(jti)s)"
+            " OR EXISTS (SELECT 1 FROM refresh_families f WHERE f.id = %(fam)s::uuid AND f.revoked_at IS NOT NULL))"
+            " AS _revoked, t.*"
             f" FROM users u {join} WHERE u.id = %(user)s ORDER BY t.updated_at, t.id", params)
         if not rows or rows[0]["_revoked"]:
             raise AuthError("token revoked", code="token_revoked", headers=CHALLENGE)
@@ -137,3 +141,14 @@ class Store:
         if task_id is not None and not states:
             raise NotFound("task not found")
         return states
+
+    async def revoked(self, jtis: list[str], families: list[str]) -> tuple[set[str], set[str]]:
+        """Which of these access-token ids and sessions (refresh families) are revoked now.
+        One query for every open stream of the process; ``ServiceUnavailable`` if the
+        database cannot answer."""
+        rows = await self._fetch(
+            "SELECT 'jti' AS kind, jti AS id FROM revoked_access_tokens WHERE jti = ANY(%(jtis)s)"
+            " UNION ALL SELECT 'fam', id::text FROM refresh_families"
+            " WHERE id = ANY(%(fams)s::uuid[]) AND revoked_at IS NOT NULL",
+            {"jtis": jtis, "fams": families})
+        return ({r["id"] for r in rows if r["kind"] == "jti"}, {r["id"] for r in rows if r["kind"] == "fam"})
