@@ -32,13 +32,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psycopg
-
+from shared.db import Conn
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
 
 DEFAULT_GRACE_S = 600.0  # slack past each bound: a sweeper tick, a slow queue
 EXAMPLES = 5
@@ -86,11 +83,16 @@ def _plain(value: Any) -> Any:
 
 
 # --- database checks (pure SQL over the caller's connection) ------------------------------
+def _count(conn: Conn, sql: str, params: dict[str, Any]) -> int:
+    row = conn.execute(sql, params).fetchone()
+    return int(row["n"]) if row else 0
+
+
 def stale_tasks(conn: Conn, *, stale_s: float, grace_s: float, examples: int = EXAMPLES) -> CheckResult:
     where = ("(status IN ('pending', 'queued', 'retrying') AND updated_at < now() - %(waiting)s * interval '1 second')"
              " OR (status = 'running' AND lease_until < now() - %(grace)s * interval '1 second')")
     params = {"waiting": float(stale_s + grace_s), "grace": float(grace_s), "n": examples}
-    count = conn.execute(f"SELECT count(*) AS n FROM tasks WHERE {where}", params).fetchone()["n"]
+    count = _count(conn, f"SELECT count(*) AS n FROM tasks WHERE {where}", params)
     rows = conn.execute(
         f"SELECT id, status, updated_at, lease_until, attempts, rescues FROM tasks WHERE {where}"
         " ORDER BY updated_at LIMIT %(n)s", params).fetchall() if count else []
@@ -103,7 +105,7 @@ def unmoved_dispatches(conn: Conn, *, grace_s: float, examples: int = EXAMPLES) 
            " WHERE o.type LIKE '%%.requested' AND o.dispatched_at < now() - %(grace)s * interval '1 second'"
            "   AND (t.status = 'pending' OR (t.status = 'queued' AND t.updated_at <= o.dispatched_at))")
     params = {"grace": float(grace_s), "n": examples}
-    count = conn.execute("SELECT count(*) AS n" + sql, params).fetchone()["n"]
+    count = _count(conn, "SELECT count(*) AS n" + sql, params)
     rows = conn.execute("SELECT o.event_id, o.dispatched_at, t.id AS task_id, t.status" + sql
                         + " ORDER BY o.dispatched_at LIMIT %(n)s", params).fetchall() if count else []
     return _result("unmoved_dispatches", rows, count, "every published requested event moved its task",

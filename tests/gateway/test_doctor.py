@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import broker, db, doctor, storage, tasks
-from shared.sweeper import sweep_once
+from shared import broker, db, doctor, storage
+from shared.outbox.sweep import sweep_once
+from shared.tasks import repository as tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "tfk_" + "A" * 43
@@ -122,12 +123,12 @@ def _conn(s):
 def test_the_cli_exits_1_with_a_json_report(gw_settings, user):
     env = {**os.environ, "TASKFORGE_DATABASE_URL": gw_settings.database_url,
            "TASKFORGE_REDIS_URL": gw_settings.redis_url, "TASKFORGE_STORAGE_DIR": gw_settings.storage_dir}
-    ok = subprocess.run([sys.executable, "-m", "shared.cli", "doctor"], cwd=ROOT, env=env,
+    ok = subprocess.run([sys.executable, "-m", "taskforge.cli", "doctor"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "the promise holds" in ok.stdout
     _break_everything(gw_settings, user.id)
-    bad = subprocess.run([sys.executable, "-m", "shared.cli", "doctor", "--json"], cwd=ROOT, env=env,
+    bad = subprocess.run([sys.executable, "-m", "taskforge.cli", "doctor", "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1, bad.stderr
     report = json.loads(bad.stdout)

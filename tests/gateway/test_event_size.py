@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 
 from events import codec
-from shared import broker, db, relay
+from shared import broker, db
+from shared.outbox import relay
 
 
 def _body(html: str) -> bytes:

@@ -10,8 +10,11 @@ import json
 
 import redis
 
-from shared import db, relay, status, tasks
-from shared.sse.store import event_of
+from functions.status_stream.store import event_of
+from shared import db
+from shared.outbox import relay
+from shared.tasks import repository as tasks
+from shared.tasks import status
 
 SMALL = 2048  # bytes: a summary is a few hundred; a payload would be ~1 MB
 

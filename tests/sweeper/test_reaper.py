@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from shared import broker, db
+from shared.outbox.sweep import sweep_once
 from shared.settings import Settings
-from shared.sweeper import sweep_once
 from tests.sweeper.helpers import make_tasks, make_user
 
 
