@@ -87,7 +87,7 @@ class StatusStreamApp:
         self.origins = allowed_origins(settings)
         self._started = False
         self._thaw: asyncio.Task[None] | None = None
-        # Open bearer streams are re-checked for revoked tokens and sessions.
+        # Open streams are re-checked for revoked tokens, sessions and API keys.
         self.revocations = RevocationWatch(self.store.revoked, settings.sse_revocation_check_s)
         self._revocation_task: asyncio.Task[None] | None = None
 
@@ -205,5 +205,5 @@ class StatusStreamApp:
         status = await stream.open()
         if status == 204:
             return Response(status_code=204, headers=cors)
-        self.revocations.watch(sub, who.jti, who.family)
+        self.revocations.watch(sub, who.jti, who.family, who.api_key)
         return SSEResponse(stream, {**STREAM_HEADERS, **cors}, on_close=self.revocations.forget)

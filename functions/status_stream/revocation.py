@@ -1,11 +1,11 @@
-"""Open streams end within seconds of their token or session being revoked.
+"""Open streams end within seconds of their credentials being revoked.
 
-A stream checks its bearer token once, when it opens. Logout and refresh-token reuse
-revoke the token or its whole session (refresh family) later, and a stream may stay
-open for the token's whole lifetime (15 minutes). :class:`RevocationWatch` re-checks
-every open bearer stream of the process every ``interval_s`` seconds with ONE query
-(``Store.revoked``), and asks the revoked ones to end: the client's reconnect then gets
-401. API-key streams are not watched here (they carry no token id).
+A stream checks its credentials once, when it opens. Logout and refresh-token reuse
+revoke a bearer token or its whole session (refresh family) later, and a stream may stay
+open for the token's whole lifetime (15 minutes); an API-key stream has no end at all,
+and its key may be revoked meanwhile. :class:`RevocationWatch` re-checks every open
+stream of the process every ``interval_s`` seconds with ONE query (``Store.revoked``)
+and asks the revoked ones to end: the client's reconnect then gets 401.
 
 The database being down does not end streams: the check is skipped (logged) and
 retried at the next interval.
@@ -22,13 +22,18 @@ from shared.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
-Check = Callable[[list[str], list[str]], Awaitable[tuple[set[str], set[str]]]]
+# (jtis, families, api key ids) -> the revoked ones as (kind, id): kind "jti", "fam" or "key"
+Check = Callable[[list[str], list[str], list[str]], Awaitable[set[tuple[str, str]]]]
 
 
 @dataclass(frozen=True)
 class Watched:
     jti: str | None
     family: str | None
+    api_key: str | None = None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in (("jti", self.jti), ("fam", self.family), ("key", self.api_key)) if v]
 
 
 class RevocationWatch:
@@ -40,9 +45,10 @@ class RevocationWatch:
         self.streams: dict[Subscriber, Watched] = {}
         self.ended = 0  # streams ended because of a revocation (tests, metrics)
 
-    def watch(self, sub: Subscriber, jti: str | None, family: str | None) -> None:
-        if jti or family:
-            self.streams[sub] = Watched(jti, family)
+    def watch(self, sub: Subscriber, jti: str | None, family: str | None, api_key: str | None = None) -> None:
+        watched = Watched(jti, family, api_key)
+        if watched.pairs():
+            self.streams[sub] = watched
 
     def forget(self, sub: Subscriber) -> None:
         self.streams.pop(sub, None)
@@ -53,12 +59,11 @@ class RevocationWatch:
             self.forget(sub)
         if not self.streams:
             return 0
-        jtis = sorted({w.jti for w in self.streams.values() if w.jti})
-        families = sorted({w.family for w in self.streams.values() if w.family})
-        revoked_jtis, revoked_families = await self.check(jtis, families)
+        wanted = {p for w in self.streams.values() for p in w.pairs()}
+        revoked = await self.check(*(sorted(i for k, i in wanted if k == kind) for kind in ("jti", "fam", "key")))
         ended = 0
         for sub, w in list(self.streams.items()):
-            if (w.jti and w.jti in revoked_jtis) or (w.family and w.family in revoked_families):
+            if any(p in revoked for p in w.pairs()):
                 self.forget(sub)
                 sub.ask_reconnect()  # the stream ends cleanly; the reconnect is refused (401)
                 ended += 1

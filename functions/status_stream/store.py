@@ -41,6 +41,7 @@ class Identity:
     jti: str | None
     exp: int | None
     family: str | None = None  # the session (refresh family) of the token, if it names one
+    api_key: str | None = None  # the id of the API key the caller used, if any
 
 
 def event_of(row: Mapping[str, Any]) -> TaskEvent:
@@ -97,7 +98,7 @@ class Store:
         kind, secret = found
         if kind == "apikey":
             principal = await asyncio.to_thread(self._authenticate_sync, dict(headers))
-            return Identity(principal.user_id, None, None)
+            return Identity(principal.user_id, None, None, api_key=principal.api_key_id)
         try:
             claims = auth.decode_access_token(self.settings, secret)
         except AuthError as exc:
@@ -142,13 +143,14 @@ class Store:
             raise NotFound("task not found")
         return states
 
-    async def revoked(self, jtis: list[str], families: list[str]) -> tuple[set[str], set[str]]:
-        """Which of these access-token ids and sessions (refresh families) are revoked now.
-        One query for every open stream of the process; ``ServiceUnavailable`` if the
-        database cannot answer."""
+    async def revoked(self, jtis: list[str], families: list[str], keys: list[str]) -> set[tuple[str, str]]:
+        """Which of these access-token ids (``jti``), sessions (``fam``: refresh families)
+        and API keys (``key``) are revoked now, as ``(kind, id)`` pairs. One query for every
+        open stream of the process; ``ServiceUnavailable`` if the database cannot answer."""
         rows = await self._fetch(
             "SELECT 'jti' AS kind, jti AS id FROM revoked_access_tokens WHERE jti = ANY(%(jtis)s)"
             " UNION ALL SELECT 'fam', id::text FROM refresh_families"
-            " WHERE id = ANY(%(fams)s::uuid[]) AND revoked_at IS NOT NULL",
-            {"jtis": jtis, "fams": families})
-        return ({r["id"] for r in rows if r["kind"] == "jti"}, {r["id"] for r in rows if r["kind"] == "fam"})
+            " WHERE id = ANY(%(fams)s::uuid[]) AND revoked_at IS NOT NULL"
+            " UNION ALL SELECT 'key', id::text FROM api_keys WHERE id = ANY(%(keys)s::uuid[]) AND revoked_at IS NOT NULL",
+            {"jtis": jtis, "fams": families, "keys": keys})
+        return {(r["kind"], r["id"]) for r in rows}

@@ -73,3 +73,22 @@ def test_logout_ends_the_open_stream_of_the_logged_out_token(settings, quick_sse
     with psycopg.connect(settings.database_url) as conn:
         auth.logout(conn, auth.Principal(user.id, user.email, jti=claims["jti"], token_exp=claims["exp"]))
     assert s.ended(timeout_s=20)
+
+
+def test_an_api_key_stream_ends_when_its_key_is_revoked(settings, quick_sse: Server, user: User,
+                                                        tasks_driver: Tasks, open_stream):
+    from shared import apikeys
+
+    with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
+        row, key = apikeys.create_key(conn, user.id, "script")
+        _, other_key = apikeys.create_key(conn, user.id, "other script")
+    task_id = tasks_driver.create(user)
+    s = open_stream(f"{quick_sse.url}/events", headers={"X-API-Key": key})
+    other = open_stream(f"{quick_sse.url}/events", headers={"X-API-Key": other_key})
+    assert s.status == 200 and s.task()[1]["id"] == task_id and other.task()[1]["id"] == task_id
+    with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
+        apikeys.revoke_key(conn, user.id, row["id"])
+    assert s.ended(timeout_s=20), "the revoked key's stream is still open"
+    assert httpx.get(f"{quick_sse.url}/events", headers={"X-API-Key": key}).status_code == 401
+    tasks_driver.queue(task_id)
+    assert other.until(lambda t: t["id"] == task_id and t["status"] == "queued")
