@@ -377,8 +377,12 @@ def reap_stale(conn: Conn, *, max_attempts: int, source: str, lease_grace_s: flo
 def _rescue(conn: Conn, row: Row, status: TaskStatus, *, stale_s: float, max_rescues: int,
             max_attempts: int, source: str) -> Row | None:
     """Re-publish or fail one stale ``pending``/``queued``/``retrying`` task (row locked)."""
+    from shared import metrics  # imported late: state stays a pure SQL module for its other callers
+
     idle = f"no progress for {int(stale_s)} s while {status.value}"
-    if row["rescues"] >= max_rescues or row["attempts"] >= max_attempts:
+    give_up = row["rescues"] >= max_rescues or row["attempts"] >= max_attempts
+    metrics.TASKS_RESCUED.labels(status.value, "failed" if give_up else "republished").inc()
+    if give_up:
         why = (f"{idle}; {row['rescues']} re-publish(es) did not help" if row["rescues"] >= max_rescues
                else f"{idle} with no attempts left")
         return conn.execute(
