@@ -33,11 +33,11 @@ from psycopg.rows import dict_row
 from events import catalog, codec
 from infra.runtime import topology
 from infra.runtime.config import load_config
+from infra.runtime.launcher import free_ports
 from shared import broker, db, doctor
 from shared.settings import Settings
 from shared.tasks import repository as tasks
 from tests.conftest import PG_ADMIN
-from tests.e2e.conftest import free_ports
 from tests.reliability.faults import PrivateRedis, TcpProxy
 from tests.reliability.stackctl import ChaosStack
 from tests.reliability.test_chaos import png
