@@ -41,6 +41,7 @@ DEFAULT_GRACE_S = 600.0  # slack past each bound: a sweeper tick, a slow queue
 EXAMPLES = 5
 # A stored credential: API keys and refresh tokens are a prefix plus 43 url-safe characters.
 SECRET_PATTERN = r"(tfk|tfr)_[A-Za-z0-9_-]{20,}"
+_UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,12 @@ def stale_tasks(conn: Conn, *, stale_s: float, grace_s: float, examples: int = E
 
 
 def unmoved_dispatches(conn: Conn, *, grace_s: float, examples: int = EXAMPLES) -> CheckResult:
-    sql = (" FROM outbox o JOIN tasks t ON t.id::text = o.headers->>'subject'"
+    # The subject is cast (when it is a uuid) so the join uses the tasks' primary key.
+    sql = (" FROM outbox o JOIN tasks t ON t.id = CASE WHEN o.headers->>'subject' ~ %(uuid)s"
+           "   THEN (o.headers->>'subject')::uuid END"
            " WHERE o.type LIKE '%%.requested' AND o.dispatched_at < now() - %(grace)s * interval '1 second'"
            "   AND (t.status = 'pending' OR (t.status = 'queued' AND t.updated_at <= o.dispatched_at))")
-    params = {"grace": float(grace_s), "n": examples}
+    params = {"grace": float(grace_s), "n": examples, "uuid": _UUID_RE}
     count = _count(conn, "SELECT count(*) AS n" + sql, params)
     rows = conn.execute("SELECT o.event_id, o.dispatched_at, t.id AS task_id, t.status" + sql
                         + " ORDER BY o.dispatched_at LIMIT %(n)s", params).fetchall() if count else []
