@@ -78,6 +78,8 @@ class Settings:
     lease_s: int = 60
     max_attempts: int = 4  # must match the trigger's retry + 1
     claim_wait_s: float = 75.0  # a duplicate delivery waits this long for a dead worker's lease to expire
+    task_stale_s: float = 3600.0  # a pending/queued/retrying task unchanged this long lost its event: re-published
+    max_rescues: int = 3  # re-publishes of a stale task before it is failed (stale_<status>)
     cancel_poll_s: float = 1.0  # how often a running worker checks for a cancel request
     progress_interval_s: float = 1.0  # at most one progress write per task per interval
     breaker_fail_max: int = 5  # consecutive dependency failures that open a circuit breaker
@@ -111,6 +113,7 @@ class Settings:
     sse_heartbeat_s: float = 15.0
     sse_max_streams: int = 18_000
     sse_retry_ms: int = 3000  # the reconnection delay hint sent to EventSource clients
+    sse_revocation_check_s: float = 5.0  # open streams end this soon after their token or session is revoked
     sse_mailbox: int = 1000  # queued events per stream before it catches up from Redis instead
     sse_cors_origins: tuple[str, ...] = ()  # browser origins allowed to read streams ("" = public_base_url's)
     # --- taskforge CLI / Python client ---

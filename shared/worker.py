@@ -23,7 +23,7 @@ retryable error (network, storage, ...)     retrying             5xx: the broker
 retryable error on the last attempt         failed               5xx: dead letter keeps it
 cancelled before or during the work         cancelled            200
 duplicate of a finished task                (unchanged)          200 (+ the same reply again)
-another live worker holds the task          (unchanged)          202
+another live worker holds the task          (unchanged)          409: the broker retries
 unknown task / event not matching its row   (unchanged)          200, dropped
 malformed event or data                     (no task touched)    400, dropped
 ==========================================  ===================  ==========================
@@ -51,6 +51,7 @@ from shared.envelope import Answer, error_answer, json_answer
 from shared.errors import (
     BadRequest,
     Cancelled,
+    Conflict,
     RetryableError,
     TaskForgeError,
     http_status,
@@ -72,6 +73,12 @@ _UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F
 
 class BadEventData(BadRequest):
     code = "bad_event_data"
+
+
+class TaskBusy(Conflict):
+    """A live lease elsewhere: the delivery must be retried, not acknowledged."""
+
+    code = "task_busy"
 
 
 @dataclass(frozen=True)
@@ -212,8 +219,13 @@ class Worker:
                 log.warning("event for an unknown task (or one that does not match it): dropped")
                 return json_answer(200, {"outcome": "missing"})
             if outcome is state.ClaimOutcome.BUSY:
-                log.info("another worker holds a live lease on this task: acknowledged")
-                return json_answer(202, {"outcome": "busy"})
+                # Keep the event: acknowledging it here would leave nothing in the queue if
+                # the running attempt then fails retryably (its own delivery may be long
+                # gone), and the task would sit in retrying until the reaper's bound.
+                # 409 is retried with backoff; once the attempt ends the retry claims the
+                # task (retrying) or is acknowledged as a duplicate (finished).
+                log.info("another worker holds a live lease on this task: the broker will retry")
+                return error_answer(TaskBusy("another worker is running this task; retry later"), 409)
             if outcome is state.ClaimOutcome.CANCELLED:
                 metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
                 return json_answer(200, {"outcome": "cancelled"})

@@ -343,7 +343,8 @@ class Client:
         try:
             for ev in self.events(task_id, max_failures=3, deadline=deadline):
                 if ev.event == "task" and isinstance(ev.data, dict):
-                    task = ev.data
+                    # Stream messages are summaries (no payload): keep the rest of the task.
+                    task = {**task, **ev.data}
                     if on_update:
                         on_update(task)
                     if task["status"] in TERMINAL:

@@ -173,9 +173,14 @@ def park_unroutable(settings: Settings, limit: int = 1000) -> int:
 
 
 def reap(settings: Settings) -> int:
-    """Rescue stale tasks (dead workers, lost redeliveries); returns how many changed."""
+    """Rescue stale tasks (dead workers, lost events: ``state.reap_stale`` with the
+    settings' stale bound); returns how many changed, each logged with its reason."""
     with db.connection(settings) as conn:
-        rows = state.reap_stale(conn, max_attempts=settings.max_attempts, source=SOURCE)
+        rows = state.reap_stale(conn, max_attempts=settings.max_attempts, source=SOURCE,
+                                retrying_stale_s=settings.task_stale_s, max_rescues=settings.max_rescues)
+    for row in rows:
+        log.warning("reaper: task %s is now %s (%s)", row["id"], row["status"],
+                    row.get("rescue_reason") or (row.get("error") or {}).get("code") or "lease expired")
     fan_out(settings, rows)
     return len(rows)
 

@@ -80,7 +80,8 @@ def list_() -> Response:
         rows, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
                                         task_type=args.get("type") or None, limit=int(raw_limit),
                                         cursor=args.get("cursor") or None)
-    return json_response({"items": [tasks.public_task(r) for r in rows], "next_cursor": cursor})
+    # Pages carry summaries (no payload): 100 items stay small whatever was submitted.
+    return json_response({"items": [tasks.task_summary(r) for r in rows], "next_cursor": cursor})
 
 
 @bp.post("/tasks/<task_id>/cancel")
