@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shared import storage
+from shared import doctor, storage
 from shared.settings import Settings
 from tests.reliability.test_chaos import (  # noqa: F401 - ``chaos`` is a fixture, used by name
     SCALES,
@@ -34,6 +34,7 @@ from tests.reliability.test_chaos import (  # noqa: F401 - ``chaos`` is a fixtur
     User,
     _with_retries,
     chaos,
+    run_doctor,
     run_faults,
     wake_dead_letter,
 )
@@ -133,6 +134,8 @@ def test_a_poisoned_batch_ends_exactly_while_everything_breaks(chaos: Chaos, req
     assert again["n_released"] == n + len(poisoned) and again["n_failed"] == len(poisoned)
     assert {x["line"] for x in report_lines(user, batch_id) if x["status"] == "failed"} == poisoned
     assert httpx.get(f"{chaos.stack.gateway}/healthz", timeout=10).status_code == 200
+    checked = run_doctor(chaos, grace_s=0)  # the operators' invariants hold with batches too
+    assert checked.ok, doctor.render(checked)
 
     summary = {"scale": mode, "seed": seed, "lines": n, "poisoned": sorted(poisoned),
                "attempts_total": sum(t["attempts"] for t in tasks), "cold_starts": final["cold_starts"],
