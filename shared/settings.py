@@ -97,6 +97,17 @@ class Settings:
     outbox_retention_s: int = 3600
     eager_relay: bool = True
     relay_queue_max: int = 10_000  # eager-relay backlog (event ids); beyond it the sweeper catches up
+    # --- batches (POST /batches; fair release, shared/batch_release.py) ---
+    manifest_max_items: int = 100_000  # lines per manifest
+    manifest_max_bytes: int = 64 * 1024 * 1024  # a manifest sent as the request body
+    batch_default_in_flight: int = 8  # a batch's max_in_flight when the client gives none
+    batch_max_in_flight: int = 100  # the largest max_in_flight a client may ask for
+    # Batch tasks released and unfinished (queued or running): an interactive task waits
+    # behind at most batch_total_in_flight of them. About twice the workers' parallelism.
+    batch_user_in_flight: int = 8  # of one user, all their batches together
+    batch_total_in_flight: int = 16  # of everyone
+    batch_queued_max: int = 2  # of everyone, released but not started (pending/queued): ahead of interactive work
+    batch_events_interval_s: float = 1.0  # GET /batches/{id}/events: at most one progress event per interval
     # --- status stream ---
     status_stream_maxlen: int = 10_000
     sse_heartbeat_s: float = 15.0

@@ -139,6 +139,7 @@ class Worker:
                            "payload": {"type": "object"}},
         })
         self._started = False
+        self._cold = False  # set by the first request, cleared by the first claimed task
         self._start_lock = threading.Lock()
 
     # --- HTTP ----------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class Worker:
                 logs.setup(self.task_type, settings.log_level)
                 breakers.configure(settings.breaker_fail_max, settings.breaker_reset_s)
                 metrics.COLD_STARTS.labels(self.task_type).inc()
+                self._cold = True  # the first task this process claims is charged with the cold start
                 self._started = True
 
     def _check(self, event: Any) -> dict[str, Any]:
@@ -229,7 +231,17 @@ class Worker:
                 return json_answer(200, {"outcome": "cancelled"})
             log.info("duplicate event for a finished task: acknowledged without work")
             return self._reply(settings, _row(claim), span)
-        return self._attempt(settings, _row(claim), owner, span)
+        cold, self._cold = self._cold, False
+        batch_id = claim.row.get("batch_id") if claim.row is not None else None
+        answer = self._attempt(settings, _row(claim), owner, span)
+        if batch_id:
+            # A batch task finished (or will be retried): hand its slot to the next item.
+            from shared import batch_release
+
+            if cold:
+                batch_release.charge_cold_start(settings, str(batch_id))
+            batch_release.release_and_publish(settings)
+        return answer
 
     def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str) -> Answer:
         task_id, user_id = str(row["id"]), str(row["user_id"])

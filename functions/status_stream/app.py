@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GC_THAW_S = 6 * 3600  # see functions/status_stream/gcpolicy.py
 TASK_EVENTS = re.compile(r"^/tasks/([^/]{1,64})/events/?$")
+BATCH_EVENTS = re.compile(r"^/batches/([^/]{1,64})/events/?$")
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache, no-transform",
@@ -164,8 +165,16 @@ class StatusStreamApp:
                                 media_type="application/json")
             if path == "/metrics":
                 return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            batch = BATCH_EVENTS.match(path)
+            if batch is not None and request.method == "GET":
+                from functions.status_stream import batch_stream
+
+                s = self.settings
+                return await batch_stream.open_stream(
+                    self.store, request, batch.group(1), {**STREAM_HEADERS, **cors},
+                    interval_s=s.batch_events_interval_s, heartbeat_s=s.sse_heartbeat_s, retry_ms=s.sse_retry_ms)
             match = TASK_EVENTS.match(path)
-            if match is None and path.rstrip("/") != "/events":
+            if match is None and batch is None and path.rstrip("/") != "/events":
                 raise NotFound("no such route")
             if request.method != "GET":
                 return Response(json.dumps({"error": {"code": "method_not_allowed", "message": "use GET"}}),

@@ -94,7 +94,7 @@ def test_download_follows_a_signed_url_without_sending_the_token(tmp_path: Path)
     _Recorder.target, _Recorder.seen = storage, []
     try:
         path = Client(gateway, access_token="tok").download("t1", tmp_path)
-        assert path == tmp_path / "evil.webp"  # directory parts of the offered name are dropped
+        assert path == tmp_path / "t1.webp"  # named by task; only the offered extension is kept
         assert path.read_bytes() == b"signed bytes"
         assert _Recorder.seen == [("/tasks/t1/result", "Bearer tok"), ("/bucket/obj?X-Sig=abc", None)]
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taskforge-")]

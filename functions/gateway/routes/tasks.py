@@ -110,7 +110,9 @@ def result(task_id: str) -> BaseResponse:
             or not key.startswith(f"results/{user_id}/{row['id']}/"):
         raise NotFound("the task has no result (yet)", code="no_result")
     store = storage.get_storage(s)
-    filename = key.rsplit("/", 1)[-1]
+    stored = key.rsplit("/", 1)[-1]
+    # Named by task (keeping the extension), so two results never download to one name.
+    filename = f"{row['id']}{stored[stored.rfind('.'):] if '.' in stored else ''}"
     url = store.signed_url(key, s.signed_url_ttl_s, filename)
     if url:
         resp = redirect(url, 302)
