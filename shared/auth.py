@@ -74,8 +74,11 @@ def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def is_admin_email(settings: Settings, email: str) -> bool:
-    return email.strip().lower() in {e.strip().lower() for e in settings.admin_emails}
+def is_admin(settings: Settings, user_id: Any, granted: Any = False) -> bool:
+    """Live admin check: the user's operator-granted flag (``taskforge admin grant``) or
+    its id in ``settings.admin_user_ids``. Never derived from an email: emails are not
+    verified, so whoever signs up first with an address would own it."""
+    return bool(granted) or str(user_id) in {u.strip().lower() for u in settings.admin_user_ids}
 
 
 # --- passwords and accounts -------------------------------------------------------------
@@ -116,10 +119,10 @@ def create_user(settings: Settings, conn: Conn, email: Any, password: Any) -> di
         raise ValidationError("invalid signup", details=errors)
     email = email.strip()
     pw_hash = hash_password(password)  # before the insert: keep the row lock short
-    row = conn.execute(
-        "INSERT INTO users (email, password_hash, is_admin) VALUES (%s, %s, %s)"
+    row = conn.execute(  # never an admin: that right comes from an operator only
+        "INSERT INTO users (email, password_hash) VALUES (%s, %s)"
         " ON CONFLICT ((lower(email))) DO NOTHING RETURNING id, email, is_admin",
-        (email, pw_hash, is_admin_email(settings, email))).fetchone()
+        (email, pw_hash)).fetchone()
     if row is None:
         raise Conflict("an account with this email already exists", code="email_taken")
     return row
@@ -201,7 +204,7 @@ def _pair(settings: Settings, conn: Conn, user: Mapping[str, Any], family_id: st
 
 
 def _admin(settings: Settings, user: Mapping[str, Any]) -> bool:
-    return bool(user.get("is_admin")) or is_admin_email(settings, str(user["email"]))
+    return is_admin(settings, user.get("user_id", user.get("id")), user.get("is_admin"))
 
 
 def login(settings: Settings, conn: Conn, email: Any, password: Any) -> TokenPair:
@@ -316,7 +319,7 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
         exc.headers = challenge
         raise
     row = conn.execute(
-        "SELECT u.email, u.is_admin, EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %s) AS revoked"
+        "SELECT u.id, u.email, u.is_admin, EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %s) AS revoked"
         " FROM users u WHERE u.id = %s", (claims["jti"], claims["sub"])).fetchone()
     if row is None or row["revoked"]:
         raise AuthError("token revoked", code="token_revoked", headers=challenge)

@@ -1,8 +1,10 @@
 """The HTTP envelope of a CloudEvent function that answers JSON (outbox-sweeper, dead-letter).
 
 ``serve`` does what every such function must do around its core: liveness on GET, the
-Prometheus page, 405 for other methods, the body limit (DESIGN §8; a chunked body has no
-length, so the read itself is capped), and the error table of ``shared.errors`` — a
+Prometheus page, 405 for other methods, the body limit (a chunked body has no length, so
+the read itself is capped: ``read_body``), the proof that the request came from the
+broker (``shared.delivery_auth``: 401 without it), and the error table of
+``shared.errors`` — a
 ``TaskForgeError`` answers its own status (4xx is dropped by the dispatcher, 5xx retried),
 anything unexpected answers 500 (retried) without a stack trace.
 """
@@ -16,6 +18,7 @@ from typing import Any
 import flask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared import delivery_auth
 from shared.errors import TaskForgeError, http_status
 from shared.settings import get_settings
 
@@ -28,6 +31,15 @@ def json_response(status: int, body: dict[str, Any]) -> flask.Response:
     return flask.Response(json.dumps(body), status=status, mimetype="application/json")
 
 
+def read_body(request: flask.Request, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than ``limit`` bytes. Never reads more
+    than ``limit + 1`` bytes, whatever the ``Content-Length`` says (chunked bodies have none)."""
+    if (request.content_length or 0) > limit:
+        return None
+    body = request.stream.read(limit + 1)
+    return None if len(body) > limit else body
+
+
 def serve(request: flask.Request, core: Core, *, what: str) -> flask.Response:
     """Answer one request to a CloudEvent function whose ``core(headers, body)`` returns
     the JSON body of a 200. ``what`` names the work in log lines."""
@@ -37,11 +49,12 @@ def serve(request: flask.Request, core: Core, *, what: str) -> flask.Response:
         return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
     if request.method != "POST":
         return json_response(405, {"error": {"code": "method_not_allowed", "message": "POST a CloudEvent"}})
-    limit = get_settings().max_body_bytes
-    body = request.stream.read(limit + 1) if (request.content_length or 0) <= limit else b""
-    if (request.content_length or 0) > limit or len(body) > limit:
+    settings = get_settings()
+    body = read_body(request, settings.max_body_bytes)
+    if body is None:
         return json_response(413, {"error": {"code": "too_large", "message": "the event is larger than the body limit"}})
     try:
+        delivery_auth.verify(settings, request.headers, body)
         return json_response(200, core(request.headers, body))
     except TaskForgeError as exc:
         if exc.retryable:

@@ -162,11 +162,21 @@ class Worker:
             return flask.jsonify({"function": self.task_type, "status": "ok"})
         if request.method != "POST":
             return flask.Response(status=405, headers={"Allow": "GET, POST"})
+        from shared import delivery_auth
+        from shared.cefunction import read_body
+
         settings = get_settings()
-        if (request.content_length or 0) > settings.max_body_bytes:
+        body = read_body(request, settings.max_body_bytes)
+        if body is None:
             answer = _error_answer(413, TooLarge("the event is larger than the body limit"))
         else:
-            answer = self.handle(request.headers, request.get_data(cache=False), settings)
+            try:
+                delivery_auth.verify(settings, request.headers, body)
+            except delivery_auth.UnsignedDelivery as exc:
+                log.warning("refused an unsigned or badly signed delivery: %s", exc.message)
+                answer = _error_answer(401, exc)
+            else:
+                answer = self.handle(request.headers, body, settings)
         return flask.Response(answer.body, status=answer.status, headers=answer.headers)
 
     def handle(self, headers: Mapping[str, str] | Any, body: bytes, settings: Settings | None = None) -> Answer:

@@ -181,15 +181,45 @@ def test_token_of_a_deleted_user_is_refused(client, user, gw_settings):
     assert client.get("/me", headers=user.headers).status_code == 401
 
 
-def test_admin_emails_make_admins(gw_settings, make_user):
-    admin = make_user(email="Admin@Example.com")
-    plain = make_user()
-    with db.connection(gw_settings) as c:
-        p_admin = auth.authenticate(gw_settings, c, admin.headers)
-        p_plain = auth.authenticate(gw_settings, c, plain.headers)
-    assert p_admin.is_admin and not p_plain.is_admin
+def test_admin_rights_come_from_configuration_by_id_checked_live(gw_settings, make_user, make_app):
+    """Admin by ``admin_user_ids``, read on every request: removing the id removes the right
+    for a token issued while it was there."""
+    from shared.settings import set_settings
+
+    admin = make_user()
+    set_settings(gw_settings.replace(admin_user_ids=(admin.id,)))
+    on = make_app(admin_user_ids=(admin.id,)).test_client()
+    assert on.get("/admin/dead-letters", headers=admin.headers).status_code == 200
+    set_settings(gw_settings)
+    off = make_app().test_client()
+    assert off.get("/admin/dead-letters", headers=admin.headers).status_code == 403
 
 
-def test_signup_of_an_admin_email_flags_the_account(client, conn):
-    r = signup(client, email="admin@example.com")
-    assert conn.execute("SELECT is_admin FROM users WHERE id = %s", (r.json["id"],)).fetchone()["is_admin"]
+def test_a_signup_never_makes_an_admin_and_the_email_setting_is_refused(client, conn):
+    """The old rule (first signup of an address listed in TASKFORGE_ADMIN_EMAILS becomes a
+    persisted admin) is gone: the setting is refused outright, and signup never flags."""
+    from shared.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="ADMIN_EMAILS"):
+        load_settings({"TASKFORGE_ADMIN_EMAILS": "boss@example.com"})
+    r = signup(client, email="boss@example.com")
+    assert r.status_code == 201
+    assert conn.execute("SELECT is_admin FROM users WHERE id = %s", (r.json["id"],)).fetchone()["is_admin"] is False
+    token = login(client, email="boss@example.com").json["access_token"]
+    assert client.get("/admin/dead-letters", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+
+
+def test_operator_command_grants_and_revokes_admin_live(client, gw_settings, capsys):
+    from shared import cli
+    from shared.settings import set_settings
+
+    set_settings(gw_settings)
+    assert signup(client, email="ops@example.com").status_code == 201
+    headers = {"Authorization": f"Bearer {login(client, email='ops@example.com').json['access_token']}"}
+    assert client.get("/admin/dead-letters", headers=headers).status_code == 403
+    assert cli.main(["admin", "grant", "OPS@example.com"]) == 0
+    assert client.get("/admin/dead-letters", headers=headers).status_code == 200
+    assert cli.main(["admin", "list"]) == 0 and "ops@example.com" in capsys.readouterr().out
+    assert cli.main(["admin", "revoke", "ops@example.com"]) == 0
+    assert client.get("/admin/dead-letters", headers=headers).status_code == 403  # same token, right gone
+    assert cli.main(["admin", "grant", "nobody@example.com"]) == 4

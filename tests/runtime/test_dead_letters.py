@@ -20,7 +20,7 @@ from infra.runtime import topology
 from infra.runtime.config import parse_config
 from infra.runtime.dispatcher import for_config
 from infra.runtime.supervisor import Supervisor
-from shared import auth, db, deadletters
+from shared import admins, auth, db, deadletters
 from shared.settings import Settings
 from tests.e2e.conftest import free_ports, settings_env
 from tests.runtime.conftest import Rig, child_env, graph_doc
@@ -159,7 +159,9 @@ def app(settings: Settings) -> Flask:
 
 @pytest.fixture()
 def admin(conn, settings: Settings) -> dict:
-    return make_user(conn, settings, "admin@example.com")
+    made = make_user(conn, settings, "admin@example.com")
+    admins.set_admin(conn, "admin@example.com", True)  # what `taskforge admin grant` does
+    return made
 
 
 def _record(settings: Settings, event: CloudEvent) -> deadletters.Recorded:
