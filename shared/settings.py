@@ -203,13 +203,13 @@ def _check(s: Settings) -> None:
     if s.production:
         if s.jwt_algorithm == "HS256" and (s.jwt_secret == DEV_SECRET or len(s.jwt_secret) < 32):
             raise SettingsError("production mode refuses the default or a short TASKFORGE_JWT_SECRET")
+        if "guest:guest@" in s.amqp_url:
+            raise SettingsError("production mode refuses RabbitMQ's default guest credentials")
         if s.delivery_auth == "auto" and not s.delivery_secret:
             raise SettingsError("production mode needs TASKFORGE_DELIVERY_SECRET(_FILE), or TASKFORGE_DELIVERY_AUTH=none"
                                 " where the platform keeps internal functions private (Knative cluster-local)")
         if s.delivery_secret and len(s.delivery_secret) < 32:
             raise SettingsError("production mode refuses a TASKFORGE_DELIVERY_SECRET shorter than 32 characters")
-        if "guest:guest@" in s.amqp_url:
-            raise SettingsError("production mode refuses RabbitMQ's default guest credentials")
 
 
 def redacted(s: Settings) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from infra.runtime import topology
 from infra.runtime.config import parse_config
 from infra.runtime.dispatcher import for_config
 from infra.runtime.supervisor import Supervisor
-from shared import admins, auth, db, deadletters
+from shared import admins, apikeys, auth, db, deadletters
+from shared.broker import dead_letter_queue
 from shared.settings import Settings
 from tests.e2e.conftest import free_ports, settings_env
 from tests.runtime.conftest import Rig, child_env, graph_doc
@@ -212,7 +213,7 @@ def test_replay_republishes_through_the_outbox_and_reopens_the_task(app: Flask, 
     h = row["headers"]
     assert (h["type"], h["source"], h["subject"], h["traceparent"]) == \
         (original["type"], original["source"], task_id, original["traceparent"])
-    assert h["replayof"] == original["id"] and h["apikey"] == "k-123"
+    assert h["replayof"] == original["id"] and "apikey" not in h  # a secret never reaches the outbox
     assert not any(k.startswith("knativeerror") for k in h)
     assert row["payload"] == original.get_data()
     # and a second failure of the replayed event is a new dead letter
@@ -242,15 +243,65 @@ def test_replay_of_an_in_flight_task_leaves_its_state(app: Flask, settings: Sett
     assert conn.execute("SELECT status::text FROM tasks WHERE id = %s", (task_id,)).fetchone()["status"] == "queued"
 
 
-def test_listing_never_shows_a_submitted_events_api_key(app: Flask, settings: Settings, conn, owner,
-                                                         admin) -> None:
+def _key(conn, user_id: str) -> tuple[str, str]:
+    row, key = apikeys.create_key(conn, user_id, "producer")
+    return str(row["id"]), key
+
+
+def test_a_submitted_events_api_key_never_reaches_storage(app: Flask, settings: Settings, conn, owner,
+                                                           admin) -> None:
+    key_id, key = _key(conn, owner["id"])
     event = dead(codec.make_event(
         {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
-         "datacontenttype": "application/json", "apikey": "tfk_secret_value"},
-        {"type": "resize-image", "payload": {"width": 10}}))
+         "datacontenttype": "application/json", "apikey": key},
+        {"type": "resize-image", "payload": {"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10}}))
     recorded = _record(settings, event)
-    assert recorded.row["attributes"]["apikey"] == "tfk_secret_value"  # kept: a replay must authenticate
+    stored = conn.execute("SELECT attributes::text AS a FROM dead_letters WHERE id = %s",
+                          (recorded.row["id"],)).fetchone()["a"]
+    assert key not in stored and "apikey\"" not in stored
+    assert recorded.row["attributes"][catalog.API_KEY_ID] == key_id
     shown = app.test_client().get(f"/admin/dead-letters/{recorded.row['id']}", headers=admin["headers"])
-    assert shown.status_code == 200
-    assert shown.get_json()["attributes"]["apikey"] == "***"
-    assert "tfk_secret_value" not in shown.get_data(as_text=True)
+    assert shown.status_code == 200 and key not in shown.get_data(as_text=True)
+
+
+def test_a_dead_lettered_submission_is_replayed_by_key_id_without_the_key(app: Flask, settings: Settings, conn,
+                                                                          owner, admin) -> None:
+    key_id, key = _key(conn, owner["id"])
+    event = dead(codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
+         "datacontenttype": "application/json", "apikey": key, "idempotencykey": "job-7"},
+        {"type": "resize-image", "payload": {"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10}}))
+    rec = _record(settings, event)
+    client = app.test_client()
+    r = client.post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert r.status_code == 202, r.get_data(as_text=True)
+    task = r.get_json()["task"]
+    assert task["type"] == "resize-image" and task["status"] in ("pending", "queued")
+    assert conn.execute("SELECT user_id FROM tasks WHERE id = %s", (task["id"],)).fetchone()["user_id"] == \
+        uuid.UUID(owner["id"])
+    for table, column in (("outbox", "headers"), ("dead_letters", "attributes")):
+        dump = conn.execute(f"SELECT coalesce(string_agg({column}::text, ''), '') AS t FROM {table}").fetchone()["t"]
+        assert key not in dump, table
+    again = client.post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert again.status_code == 202 and again.get_json()["task"]["id"] == task["id"]  # idempotent
+    apikeys.revoke_key(conn, owner["id"], key_id)
+    refused = client.post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "key_revoked"
+
+
+def test_the_event_lost_log_line_carries_no_secret(rig: Rig, settings: Settings, caplog) -> None:
+    """The dead-letter sink itself failing loses the event; the log line that keeps it for
+    an operator must not carry the submission's API key."""
+    import logging
+
+    secret = "tfk_" + "s" * 43
+    headers, props, body = codec.to_amqp(codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
+         "datacontenttype": "application/json", "apikey": secret, "knativeerrordest": "http://x",
+         "knativeerrorcode": "503"}, {"type": "resize-image", "payload": {"width": 1}, "dl_codes": [503]}))
+    rig.publish_raw(dead_letter_queue(settings), (headers, pika.BasicProperties(**props), body))
+    with caplog.at_level(logging.ERROR, logger="taskforge.runtime.dispatcher"):
+        stats = rig.dead_letters().drain(timeout_s=60)
+    assert stats["lost"] == 1
+    lost = [r.getMessage() for r in caplog.records if "event lost" in r.getMessage()]
+    assert lost and secret not in lost[0] and "resize-image" in lost[0]
