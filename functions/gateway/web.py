@@ -19,6 +19,7 @@ from flask import Response, current_app, g, request
 from jsonschema import Draft202012Validator
 from werkzeug.exceptions import HTTPException
 
+from shared import jsontext
 from shared.auth import Principal
 from shared.errors import BadRequest, TaskForgeError, UnsupportedMediaType, ValidationError, http_status
 from shared.payloads import schema_errors
@@ -58,11 +59,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity); ``BadRequest`` for anything else."""
+    """Strict JSON (no NaN/Infinity); ``BadRequest`` for anything else, ``ValidationError``
+    (422, field named) for strings that cannot be stored (``shared.jsontext``)."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest("the body is not valid JSON", code="invalid_json") from exc
+    return jsontext.check(value)
 
 
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
