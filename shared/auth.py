@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -33,7 +35,7 @@ from jose import jwt
 from jose.exceptions import JOSEError
 
 from shared import apikeys
-from shared.errors import AuthError, Conflict, ValidationError
+from shared.errors import AuthError, Conflict, ServiceUnavailable, ValidationError
 from shared.settings import Settings
 
 Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
@@ -82,6 +84,30 @@ def is_admin(settings: Settings, user_id: Any, granted: Any = False) -> bool:
 
 
 # --- passwords and accounts -------------------------------------------------------------
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+@contextmanager
+def hashing_slot(settings: Settings) -> Iterator[None]:
+    """Hold one of the process's ``hash_concurrency`` password-hashing slots.
+
+    Each argon2 hash takes 64 MiB, so concurrent signups and logins could exhaust a small
+    gateway's memory; past the bound a request waits up to ``hash_wait_s`` and then gets
+    ``ServiceUnavailable`` (503, ``Retry-After``) instead of another 64 MiB.
+    """
+    n = max(1, settings.hash_concurrency)
+    with _slots_lock:
+        sem = _slots.setdefault(n, threading.BoundedSemaphore(n))
+    if not sem.acquire(timeout=max(0.0, settings.hash_wait_s)):
+        raise ServiceUnavailable("too many password checks at once; retry shortly", code="busy",
+                                 headers={"Retry-After": "1"})
+    try:
+        yield
+    finally:
+        sem.release()
+
+
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
@@ -118,7 +144,8 @@ def create_user(settings: Settings, conn: Conn, email: Any, password: Any) -> di
     if errors:
         raise ValidationError("invalid signup", details=errors)
     email = email.strip()
-    pw_hash = hash_password(password)  # before the insert: keep the row lock short
+    with hashing_slot(settings):
+        pw_hash = hash_password(password)  # before the insert: keep the row lock short
     row = conn.execute(  # never an admin: that right comes from an operator only
         "INSERT INTO users (email, password_hash) VALUES (%s, %s)"
         " ON CONFLICT ((lower(email))) DO NOTHING RETURNING id, email, is_admin",
@@ -209,7 +236,8 @@ def _admin(settings: Settings, user: Mapping[str, Any]) -> bool:
 
 def login(settings: Settings, conn: Conn, email: Any, password: Any) -> TokenPair:
     """Check credentials and start a new refresh family; ``AuthError`` on bad credentials."""
-    user = check_login(conn, email, password)
+    with hashing_slot(settings):
+        user = check_login(conn, email, password)
     family = conn.execute("INSERT INTO refresh_families (user_id) VALUES (%s) RETURNING id",
                           (user["id"],)).fetchone()
     if family is None:  # pragma: no cover - INSERT ... RETURNING always yields the row

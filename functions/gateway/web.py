@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared import jsontext
 from shared.auth import Principal
+from shared.client_address import client_address
 from shared.errors import BadRequest, TaskForgeError, UnsupportedMediaType, ValidationError, http_status
 from shared.payloads import schema_errors
 from shared.settings import Settings
@@ -44,9 +45,11 @@ def principal() -> Principal:
 
 
 def client_ip() -> str:
-    """The peer address. Proxy headers are not trusted: behind Knative/OpenFaaS, configure
-    the platform's proxy to set REMOTE_ADDR (e.g. with ProxyFix) instead."""
-    return request.remote_addr or "-"
+    """The client's address: the peer, or — with ``trusted_proxy_count`` proxies in front
+    (Knative's, OpenFaaS's) — the entry they appended to ``trusted_proxy_header``
+    (``shared.client_address``)."""
+    s = settings()
+    return client_address(request.remote_addr, request.headers.get(s.trusted_proxy_header), s.trusted_proxy_count)
 
 
 def is_json(content_type: str | None) -> bool:

@@ -75,18 +75,96 @@ def test_login_failures_look_the_same_for_unknown_email_and_wrong_password(clien
     assert wrong.json == unknown.json
 
 
-def test_login_is_rate_limited_per_email_and_ip(make_app):
+def test_failed_logins_are_limited_per_client(make_app):
     app = make_app(login_rate_per_min=3)
     client = app.test_client()
     signup(client)
     codes = [login(client, password="wrong-password").status_code for _ in range(3)]
     assert codes == [401, 401, 401]
-    r = login(client)  # even the right password is refused now
+    r = login(client)  # this client spent its failures: even the right password waits
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) >= 1
-    # Another email from the same address is counted separately.
-    signup(client, email="other@example.com")
-    assert login(client, email="other@example.com").status_code == 200
+
+
+def test_successful_logins_do_not_spend_the_budget(make_app):
+    client = make_app(login_rate_per_min=2, login_account_failures_per_min=2).test_client()
+    signup(client)
+    assert [login(client).status_code for _ in range(6)] == [200] * 6  # an office behind one NAT
+
+
+def _from(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": f"6.6.6.6, {address}"}  # what the client claimed, then what the proxy saw
+
+
+def test_an_attackers_failures_never_lock_the_owner_out_behind_the_proxy(make_app):
+    """Behind the platform's proxy every request has the same peer address. The attacker
+    guesses from one address, then from many; the owner, from their own address, still
+    logs in with the right password."""
+    app = make_app(trusted_proxy_count=1, login_rate_per_min=5, login_account_failures_per_min=8)
+    client = app.test_client()
+    signup(client)
+
+    def attempt(address: str, password: str = "wrong-password"):
+        return client.post("/auth/login", json={"email": "ann@example.com", "password": password},
+                           headers={"X-Forwarded-For": address})
+
+    assert [attempt("203.0.113.7").status_code for _ in range(6)] == [401] * 5 + [429]  # one client: capped
+    # From many addresses: once the account's budget (8) is spent, each new address gets
+    # one guess and then waits like the others.
+    assert [attempt(f"203.0.113.{i}").status_code for i in range(20, 30)] == [401] * 10
+    assert [attempt(f"203.0.113.{i}").status_code for i in range(20, 30)] == [429] * 10
+    owner = attempt("198.51.100.1", "password123")
+    assert owner.status_code == 200, owner.get_data(as_text=True)  # but not for the owner
+
+
+def test_the_proxy_header_is_believed_only_when_configured(make_app):
+    client = make_app(login_rate_per_min=2).test_client()  # no trusted proxy
+    signup(client)
+    codes = [client.post("/auth/login", json={"email": "ann@example.com", "password": "nope-nope"},
+                         headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(3)]
+    assert codes == [401, 401, 429]  # a forged header does not make a new client
+
+
+@pytest.mark.parametrize(("peer", "header", "trusted", "expected"), [
+    ("10.0.0.1", None, 1, "10.0.0.1"),
+    ("10.0.0.1", "198.51.100.4", 0, "10.0.0.1"),
+    ("10.0.0.1", "198.51.100.4", 1, "198.51.100.4"),
+    ("10.0.0.1", "6.6.6.6, 198.51.100.4", 1, "198.51.100.4"),  # the client's own entry is ignored
+    ("10.0.0.1", "6.6.6.6, 198.51.100.4, 10.1.1.1", 2, "198.51.100.4"),
+    ("10.0.0.1", "198.51.100.4", 2, "10.0.0.1"),  # fewer hops than proxies: not believed
+    ("10.0.0.1", "not-an-ip", 1, "10.0.0.1"),
+    ("10.0.0.1", "[2001:db8::5]:443", 1, "2001:db8::5"),
+    ("10.0.0.1", "198.51.100.4:5555", 1, "198.51.100.4"),
+    (None, None, 0, "-"),
+])
+def test_client_address(peer, header, trusted, expected):
+    from shared.client_address import client_address
+
+    assert client_address(peer, header, trusted) == expected
+
+
+def test_signup_is_rate_limited_per_client(make_app):
+    client = make_app(signup_rate_per_min=2, trusted_proxy_count=1).test_client()
+    codes = [client.post("/auth/signup", json={"email": f"s{i}@example.com", "password": "password123"},
+                         headers=_from("203.0.113.9")).status_code for i in range(3)]
+    assert codes == [201, 201, 429]
+    other = client.post("/auth/signup", json={"email": "t@example.com", "password": "password123"},
+                        headers=_from("203.0.113.10"))
+    assert other.status_code == 201
+
+
+def test_concurrent_password_hashing_is_bounded(make_app, gw_settings):
+    """Each argon2 hash takes 64 MiB: past ``hash_concurrency`` hashes at once a request
+    waits ``hash_wait_s`` and then gets 503 instead of more memory."""
+    s = gw_settings.replace(hash_concurrency=1, hash_wait_s=0.05)
+    client = make_app(hash_concurrency=1, hash_wait_s=0.05).test_client()
+    signup(client)
+    with auth.hashing_slot(s):  # another request is hashing
+        for r in (signup(client, email="b@example.com"), login(client)):
+            assert r.status_code == 503 and r.json["error"]["code"] == "busy"
+            assert r.headers["Retry-After"] == "1"
+    assert signup(client, email="b@example.com").status_code == 201
+    assert login(client).status_code == 200
 
 
 def test_refresh_rotates_and_spends_the_old_token(client):

@@ -15,6 +15,7 @@ bp = Blueprint("auth", __name__)
 def signup() -> Response:
     body = json_body(schemas.SIGNUP)
     s = settings()
+    ratelimit.check_signup(s, client_ip())
     with db.connection(s) as conn:
         user = auth.create_user(s, conn, body["email"], body["password"])
     return json_response({"id": str(user["id"]), "email": user["email"]}, 201)
@@ -24,10 +25,12 @@ def signup() -> Response:
 def login() -> Response:
     body = json_body(schemas.LOGIN)
     s = settings()
-    # Counted before the password check, so failed and successful attempts both count.
-    ratelimit.check_login(s, body["email"], client_ip())
+    # Counted as a failure before the password check (parallel guesses cannot overshoot),
+    # taken back on success: only failures spend the client's and the account's budgets.
+    ticket = ratelimit.check_login(s, body["email"], client_ip())
     with db.connection(s) as conn:
         pair = auth.login(s, conn, body["email"], body["password"])
+    ratelimit.login_succeeded(s, ticket)
     return json_response(pair.to_dict(), 200, {"Cache-Control": "no-store"})
 
 
