@@ -99,6 +99,8 @@ class Settings:
     max_video_input_bytes: int = 500 * 1024 * 1024
     pdf_timeout_s: float = 60.0
     chromium_path: str = "/usr/bin/chromium"
+    chromium_sandbox: bool = True  # Chromium's own sandbox; off only where user namespaces are unavailable
+    chromium_user: str = "nobody"  # a root worker starts Chromium as this user (the sandbox refuses root)
     wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf"
     # --- outbox ---
     outbox_batch: int = 1000
