@@ -24,10 +24,9 @@ def set_admin(conn: Conn, email: str, granted: bool) -> dict[str, Any]:
                        (granted, email.strip())).fetchone()
     if row is None:
         raise NotFound(f"no account with email {email.strip()!r}")
-    return dict(row) if not isinstance(row, dict) else row
+    return dict(row)
 
 
 def list_admins(conn: Conn) -> list[dict[str, Any]]:
     """Accounts holding the operator-granted flag (``admin_user_ids`` are in the settings)."""
-    return [dict(r) if not isinstance(r, dict) else r
-            for r in conn.execute("SELECT id, email, is_admin FROM users WHERE is_admin ORDER BY lower(email)")]
+    return [dict(r) for r in conn.execute("SELECT id, email, is_admin FROM users WHERE is_admin ORDER BY lower(email)")]

@@ -182,7 +182,7 @@ def issue_access_token(settings: Settings, user: Mapping[str, Any], now: float |
     issued = int(now if now is not None else time.time())
     claims = {
         "iss": settings.jwt_issuer, "aud": settings.jwt_audience, "sub": str(user["id"]),
-        "email": user["email"], "adm": bool(user.get("is_admin")), "typ": "access",
+        "email": user["email"], "typ": "access",  # no admin claim: rights are checked live
         "iat": issued, "nbf": issued, "exp": issued + settings.access_token_ttl_s, "jti": uuid.uuid4().hex,
     }
     token = jwt.encode(claims, _signing_key(settings), algorithm=settings.jwt_algorithm)

@@ -122,6 +122,30 @@ def test_the_sweeper_is_ticked_by_the_bridge_not_the_cron_connector(stack):
     assert bridge.build_parser().parse_args(["--gateway-url", "http://g"]).tick_interval_s == 60
 
 
+def _loads_in_production(env: dict[str, str], tmp_path) -> None:
+    """The settings of a manifest's environment load (production checks included), with
+    every secret file replaced by a plausible value."""
+    from shared.settings import load_settings
+
+    real = {}
+    for key, value in env.items():
+        if key.endswith("_FILE") and key.startswith("TASKFORGE_"):
+            path = tmp_path / key
+            path.write_text("amqp://u:p@mq/" if "AMQP" in key else "x" * 40)
+            real[key] = str(path)
+        else:
+            real[key] = value
+    load_settings(real)
+
+
+def test_every_openfaas_manifest_starts_in_production_mode(stack, tmp_path):
+    for name in stack["functions"]:
+        _loads_in_production({k: str(v) for k, v in environment(stack, name).items()}, tmp_path)
+    for obj in kustomize(ROOT / "infra" / "openfaas"):
+        (c,) = obj["spec"]["template"]["spec"]["containers"]
+        _loads_in_production({e["name"]: e["value"] for e in c["env"]}, tmp_path)
+
+
 def test_functions_and_the_bridge_share_the_delivery_secret(stack):
     env = environment(stack, "dead-letter")
     assert env["TASKFORGE_DELIVERY_AUTH"] == "signature"
