@@ -5,7 +5,7 @@ sweeper, the dead-letter sink) is meant to be called only by the broker. Where t
 platform exposes those functions publicly (OpenFaaS serves every function on its
 gateway), a forged event could fail any task, fill ``dead_letters`` or trigger work.
 So the dispatcher (local runtime and OpenFaaS bridge) signs each delivery, and the
-function envelopes (``shared.cefunction`` and ``shared.worker``) verify it before
+function envelope (``shared.envelope``, which every such function goes through) verifies it before
 anything else happens.
 
 The signature header::

@@ -288,8 +288,8 @@ def test_a_signup_never_makes_an_admin_and_the_email_setting_is_refused(client, 
 
 
 def test_operator_command_grants_and_revokes_admin_live(client, gw_settings, capsys):
-    from shared import cli
     from shared.settings import set_settings
+    from taskforge import cli
 
     set_settings(gw_settings)
     assert signup(client, email="ops@example.com").status_code == 201

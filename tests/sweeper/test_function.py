@@ -1,4 +1,4 @@
-"""The outbox-sweeper function: binary and structured ticks, answers per DESIGN §5."""
+"""The outbox-sweeper function: binary and structured ticks, answers per docs/architecture.md §5."""
 from __future__ import annotations
 
 import json
@@ -83,7 +83,8 @@ def test_health_metrics_and_methods(client: flask.testing.FlaskClient) -> None:
     assert client.get("/healthz").status_code == 200
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and b"taskforge_outbox_pending_rows" in metrics.data
-    assert client.get("/").status_code == 405
+    assert client.get("/").json == {"function": "outbox-sweeper", "status": "ok"}
+    assert client.put("/").status_code == 405
 
 
 def test_the_sweep_purges_dead_letters_past_their_retention(settings) -> None:
@@ -91,7 +92,7 @@ def test_the_sweep_purges_dead_letters_past_their_retention(settings) -> None:
     ``dead_letter_retention_s`` and keeps the younger ones."""
     from shared import db
     from shared.broker import build_broker
-    from shared.sweeper import sweep_once
+    from shared.outbox.sweep import sweep_once
 
     s = settings.replace(broker_backend="memory", dead_letter_retention_s=3600)
     with db.connection(s) as conn:

@@ -1,0 +1,88 @@
+"""The ``taskforge`` command: operator verbs (``migrate``, ``dev``, ``admin``) and the user client
+(``login``, ``submit``, ``watch``, ... in ``taskforge.commands``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.settings import get_settings
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from shared import db
+
+    settings = get_settings()
+    if db.ensure_database(settings.database_url):
+        print("created database")
+    applied = db.migrate(settings.database_url)
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from infra.runtime.supervisor import run_dev
+
+    return run_dev(args.config)
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    """``taskforge admin grant|revoke EMAIL`` / ``admin list``: the operator's admin flags."""
+    from shared import admins, db
+    from shared.errors import NotFound
+
+    settings = get_settings()
+    with db.connection(settings) as conn:
+        if args.action == "list":
+            for row in admins.list_admins(conn):
+                print(f"{row['id']}  {row['email']}")
+            for uid in settings.admin_user_ids:
+                print(f"{uid}  (TASKFORGE_ADMIN_USER_IDS)")
+            return 0
+        if not args.email:
+            print("taskforge admin: an email is required", file=sys.stderr)
+            return 2
+        try:
+            row = admins.set_admin(conn, args.email, args.action == "grant")
+        except NotFound as exc:
+            print(f"taskforge admin: {exc.message}", file=sys.stderr)
+            return 4
+    print(f"{row['email']} ({row['id']}): admin {'granted' if row['is_admin'] else 'revoked'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from taskforge import commands as cli_client
+
+    parser = argparse.ArgumentParser(prog="taskforge", description="TaskForge command line",
+                                     epilog=cli_client.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("migrate", help="create the database if needed and apply SQL migrations")
+    p.set_defaults(func=_cmd_migrate)
+    p = sub.add_parser("dev", help="run the whole stack locally in the foreground")
+    p.add_argument("--config", default=None, help="runtime config file (default: infra/runtime/taskforge.yaml)")
+    p.set_defaults(func=_cmd_dev)
+    p = sub.add_parser("admin", help="operator: grant, revoke or list administrators (database)")
+    p.add_argument("action", choices=("grant", "revoke", "list"))
+    p.add_argument("email", nargs="?", help="the account's email (grant, revoke)")
+    p.set_defaults(func=_cmd_admin)
+    cli_client.add_commands(sub)  # the user commands: login, submit, watch, get, list, ...
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; user commands return the exit codes documented in ``taskforge.commands``."""
+    from shared.settings import SettingsError
+    from taskforge import commands as cli_client
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.func in (_cmd_migrate, _cmd_dev, _cmd_admin):
+            return int(args.func(args) or 0)
+        return cli_client.run(args)
+    except SettingsError as exc:
+        print(f"taskforge: {exc}", file=sys.stderr)
+        return cli_client.EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
