@@ -10,21 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
-
-from shared.errors import NotFound
-
-Conn = psycopg.Connection[Any]
+from shared.db import Conn
 
 
-def set_admin(conn: Conn, email: str, granted: bool) -> dict[str, Any]:
+def set_admin(conn: Conn, email: str, granted: bool) -> dict[str, Any] | None:
     """Grant (or revoke) the admin flag of the account with ``email`` (case-insensitive).
-    Returns ``{id, email, is_admin}``; ``NotFound`` when there is no such account."""
+    Returns ``{id, email, is_admin}``, or None when there is no such account."""
     row = conn.execute("UPDATE users SET is_admin = %s WHERE lower(email) = lower(%s) RETURNING id, email, is_admin",
                        (granted, email.strip())).fetchone()
-    if row is None:
-        raise NotFound(f"no account with email {email.strip()!r}")
-    return dict(row)
+    return dict(row) if row is not None else None
 
 
 def list_admins(conn: Conn) -> list[dict[str, Any]]:

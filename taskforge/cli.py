@@ -28,23 +28,21 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 def _cmd_admin(args: argparse.Namespace) -> int:
     """``taskforge admin grant|revoke EMAIL`` / ``admin list``: the operator's admin flags."""
     from shared import admins, db
-    from shared.errors import NotFound
 
     settings = get_settings()
     with db.connection(settings) as conn:
         if args.action == "list":
-            for row in admins.list_admins(conn):
-                print(f"{row['id']}  {row['email']}")
+            for admin in admins.list_admins(conn):
+                print(f"{admin['id']}  {admin['email']}")
             for uid in settings.admin_user_ids:
                 print(f"{uid}  (TASKFORGE_ADMIN_USER_IDS)")
             return 0
         if not args.email:
             print("taskforge admin: an email is required", file=sys.stderr)
             return 2
-        try:
-            row = admins.set_admin(conn, args.email, args.action == "grant")
-        except NotFound as exc:
-            print(f"taskforge admin: {exc.message}", file=sys.stderr)
+        row = admins.set_admin(conn, args.email, args.action == "grant")
+        if row is None:
+            print(f"taskforge admin: no account with email {args.email.strip()!r}", file=sys.stderr)
             return 4
     print(f"{row['email']} ({row['id']}): admin {'granted' if row['is_admin'] else 'revoked'}")
     return 0

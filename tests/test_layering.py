@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OWN = ("events", "shared", "functions", "infra", "taskforge", "bench", "tests")
 # The small, named part of shared/ that the local runtime and the OpenFaaS bridge use.
-RUNTIME_SHARED = ("shared.broker", "shared.errors", "shared.httppost", "shared.logging", "shared.metrics",
-                  "shared.settings")
+RUNTIME_SHARED = ("shared.broker", "shared.delivery_auth", "shared.errors", "shared.httppost", "shared.logging",
+                  "shared.metrics", "shared.settings")
 
 
 def allowed(layer: str, path: Path, module: str) -> bool:
@@ -34,7 +34,7 @@ def allowed(layer: str, path: Path, module: str) -> bool:
     if layer == "infra":  # the local stand-in for the platform
         return top == "events" or inside(*RUNTIME_SHARED)
     if layer == "taskforge":  # the client: protocol; the operator verbs start the stack or migrate
-        return top == "events" or inside("shared.settings", "shared.db", "infra.runtime.supervisor")
+        return top == "events" or inside("shared.settings", "shared.db", "shared.admins", "infra.runtime.supervisor")
     if layer == "bench":  # benchmarks drive the product, never the tests' helpers
         return top != "tests"
     return True
