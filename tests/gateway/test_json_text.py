@@ -56,3 +56,12 @@ def test_submitted_events_are_rejected_naming_the_field(client, user):
     r = client.post("/events", headers=headers, data=body)
     assert r.status_code == 200 and r.headers["ce-type"] == "com.taskforge.task.rejected"
     assert json.loads(r.data)["error"]["details"] == [{"field": "data.payload.html", "message": jsontext.MESSAGE}]
+
+
+def test_an_uploads_file_name_is_checked_too(client, user, conn):
+    import io
+
+    r = client.post("/uploads", data={"file": (io.BytesIO(b"abc"), "a\x00b.png")}, headers=user.headers,
+                    content_type="multipart/form-data")
+    assert r.status_code == 422 and r.json["error"]["details"] == [{"field": "file.filename", "message": jsontext.MESSAGE}]
+    assert conn.execute("SELECT count(*) AS n FROM uploads").fetchone()["n"] == 0

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request
 
 from functions.gateway.guards import require_auth
 from functions.gateway.web import principal, settings
-from shared import db, storage
+from shared import db, jsontext, storage
 from shared.envelope import json_response
 from shared.errors import BadRequest, NotFound, TooLarge, UnsupportedMediaType, ValidationError
 from shared.tasks.repository import iso, parse_uuid
@@ -77,6 +77,7 @@ def create() -> Response:
         source: IO[bytes] = part.stream
         content_type = _media_type(part.mimetype)
         filename = (part.filename or "")[:255] or None
+        jsontext.check({"filename": filename}, "file")  # a NUL or lone surrogate cannot be stored: 422
     else:
         source = request.stream
         content_type = _media_type(request.content_type)
