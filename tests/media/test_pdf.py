@@ -331,10 +331,11 @@ def test_missing_engine_is_retryable(tmp_path: Path, engine: str, key: str) -> N
 
 def test_options_from_settings(tmp_path: Path) -> None:
     from shared.settings import load_settings
-    s = load_settings({}, fetch_allow_cidrs=("127.0.0.0/8",), pdf_timeout_s=7.0, fetch_max_bytes=123_456)
+    s = load_settings({}, fetch_allow_cidrs=("127.0.0.0/8",), pdf_timeout_s=7.0, fetch_max_bytes=123_456,
+                      chromium_sandbox=False, chromium_user="daemon")
     opts = pdf.options_from_settings(s)
     assert opts == {"allow": LOOPBACK, "timeout_s": 7.0, "max_bytes": 123_456, "wkhtmltopdf_path": s.wkhtmltopdf_path,
-                    "chromium_path": s.chromium_path}
+                    "chromium_path": s.chromium_path, "chromium_sandbox": False, "chromium_user": "daemon"}
     payload = {"html": "<p>FROM-SETTINGS</p>", "page_size": "A5", "engine": "wkhtmltopdf"}
     info = pdf.render_pdf(tmp_path / "o.pdf", **payload, **opts)
     assert info["pages"] == 1 and "FROM-SETTINGS" in text_of(tmp_path / "o.pdf")
