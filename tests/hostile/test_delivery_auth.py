@@ -102,6 +102,20 @@ def test_workers_and_the_sweeper_refuse_unsigned_events(functions, signed_settin
     assert _status(signed_settings, task_id) == "queued"
 
 
+def test_signed_ticks_reach_the_sweeper(functions, signed_settings) -> None:
+    """What the dispatcher sends for a tick: a binary event without data or content type,
+    and one with JSON data; both signed, both swept."""
+    url = functions["outbox-sweeper"].url
+    for data in (None, {"n": 1}):
+        attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.PING, "source": "/ticker"}
+        if data is not None:
+            attrs["datacontenttype"] = "application/json"
+        headers, body = codec.to_binary_http(codec.make_event(attrs, data))
+        r = httpx.post(url, headers=delivery_auth.sign(signed_settings, headers, body), content=body, timeout=30)
+        assert r.status_code == 200, r.text
+        assert "published" in r.json()
+
+
 @pytest.mark.parametrize("function", ["resize-image", "dead-letter"])
 def test_a_chunked_body_is_capped(functions, signed_settings, function) -> None:
     """No Content-Length: the read itself stops at the body limit (413), signed or not."""
