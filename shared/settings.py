@@ -7,6 +7,7 @@ Nothing else in the project reads ``os.environ``. Every field ``x`` is read from
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -57,6 +58,7 @@ class Settings:
     hash_concurrency: int = 2  # argon2 hashes at once per process (64 MiB each)
     hash_wait_s: float = 2.0  # wait for a hashing slot before answering 503
     trusted_proxy_count: int = 0  # proxies in front of the gateway that append to trusted_proxy_header
+    trusted_proxy_cidrs: tuple[str, ...] = ()  # or: the networks the proxies live in (variable chains)
     trusted_proxy_header: str = "X-Forwarded-For"
     submit_rate_per_min: int = 600
     max_tasks_in_flight: int = 1000
@@ -196,6 +198,11 @@ def _check(s: Settings) -> None:
         raise SettingsError("TASKFORGE_JWT_ALGORITHM must be HS256 or RS256")
     if s.jwt_algorithm == "RS256" and not (s.jwt_private_key and s.jwt_public_key):
         raise SettingsError("RS256 needs TASKFORGE_JWT_PRIVATE_KEY and TASKFORGE_JWT_PUBLIC_KEY")
+    for cidr in s.trusted_proxy_cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as exc:
+            raise SettingsError(f"TASKFORGE_TRUSTED_PROXY_CIDRS: {cidr!r} is not a network") from exc
     if s.delivery_auth not in {"auto", "signature", "none"}:
         raise SettingsError("TASKFORGE_DELIVERY_AUTH must be auto, signature or none")
     if s.delivery_auth == "signature" and not s.delivery_secret:

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 import logging
 from typing import Any
@@ -53,11 +55,17 @@ def principal() -> Principal:
 
 
 def client_ip() -> str:
-    """The client's address: the peer, or — with ``trusted_proxy_count`` proxies in front
-    (Knative's, OpenFaaS's) — the entry they appended to ``trusted_proxy_header``
-    (``shared.client_address``)."""
+    """The client's address: the peer, or — behind the configured proxies
+    (``trusted_proxy_cidrs`` or ``trusted_proxy_count``) — the entry they appended to
+    ``trusted_proxy_header`` (``shared.client_address``)."""
     s = settings()
-    return client_address(request.remote_addr, request.headers.get(s.trusted_proxy_header), s.trusted_proxy_count)
+    return client_address(request.remote_addr, request.headers.get(s.trusted_proxy_header), s.trusted_proxy_count,
+                          _proxy_networks(s.trusted_proxy_cidrs))
+
+
+@functools.cache
+def _proxy_networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
 
 
 def is_json(content_type: str | None) -> bool:

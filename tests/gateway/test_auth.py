@@ -143,6 +143,33 @@ def test_client_address(peer, header, trusted, expected):
     assert client_address(peer, header, trusted) == expected
 
 
+@pytest.mark.parametrize(("peer", "header", "expected"), [
+    ("10.0.0.9", "198.51.100.4, 10.1.2.3", "198.51.100.4"),  # ingress + activator: both skipped
+    ("10.0.0.9", "198.51.100.4", "198.51.100.4"),  # a shorter chain: same answer
+    ("10.0.0.9", "6.6.6.6, 198.51.100.4, 10.1.2.3", "198.51.100.4"),  # the client's own claim is ignored
+    ("198.51.100.7", "6.6.6.6", "198.51.100.7"),  # not from our proxies: the header is not believed
+    ("10.0.0.9", "10.1.2.3", "10.0.0.9"),  # nothing but proxies
+    ("10.0.0.9", "junk, 10.1.2.3", "10.0.0.9"),
+])
+def test_client_address_behind_proxies_in_known_networks(peer, header, expected):
+    import ipaddress
+
+    from shared.client_address import client_address
+
+    nets = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address(peer, header, 0, nets) == expected
+
+
+def test_trusted_proxy_networks_through_the_gateway(make_app):
+    client = make_app(trusted_proxy_cidrs=("127.0.0.0/8", "10.0.0.0/8"), signup_rate_per_min=1).test_client()
+    assert client.post("/auth/signup", json={"email": "p@example.com", "password": "password123"},
+                       headers={"X-Forwarded-For": "203.0.113.1, 10.2.2.2"}).status_code == 201
+    assert client.post("/auth/signup", json={"email": "q@example.com", "password": "password123"},
+                       headers={"X-Forwarded-For": "203.0.113.2"}).status_code == 201  # another client
+    assert client.post("/auth/signup", json={"email": "r@example.com", "password": "password123"},
+                       headers={"X-Forwarded-For": "203.0.113.2, 10.3.3.3"}).status_code == 429  # the same one
+
+
 def test_signup_is_rate_limited_per_client(make_app):
     client = make_app(signup_rate_per_min=2, trusted_proxy_count=1).test_client()
     codes = [client.post("/auth/signup", json={"email": f"s{i}@example.com", "password": "password123"},
