@@ -306,3 +306,21 @@ def test_the_event_lost_log_line_carries_no_secret(rig: Rig, settings: Settings,
     (lost,) = [r for r in caplog.records if "event lost" in r.getMessage()]
     logged = lost.getMessage() + repr(vars(lost))  # the message and every structured field
     assert secret not in logged and "resize-image" in lost.event  # the event is kept, its key is not
+
+
+def test_the_upgrade_scrubs_stored_keys_and_signup_admins(settings: Settings, conn) -> None:
+    """Migration 0003 on data an earlier version wrote: API keys kept in dead letters and
+    copied into outbox headers are removed, and admin flags set by signups withdrawn."""
+    from pathlib import Path
+
+    sql = (Path(__file__).resolve().parents[2] / "infra" / "migrations"
+           / "0003_no_signup_admins_no_stored_secrets.sql").read_text()
+    conn.execute("INSERT INTO users (email, password_hash, is_admin) VALUES ('old-admin@example.com', 'x', true)")
+    conn.execute("INSERT INTO dead_letters (event_id, event_type, source, attributes)"
+                 " VALUES ('e1', %s, '/p', %s)", (catalog.TASK_SUBMITTED, json.dumps({"apikey": "tfk_old", "id": "e1"})))
+    conn.execute("INSERT INTO outbox (event_id, type, headers, payload) VALUES (%s, %s, %s, '{}')",
+                 (str(uuid.uuid4()), catalog.TASK_SUBMITTED, json.dumps({"apikey": "tfk_old", "replayof": "e1"})))
+    conn.execute(sql)
+    assert conn.execute("SELECT count(*) AS n FROM users WHERE is_admin").fetchone()["n"] == 0
+    assert conn.execute("SELECT attributes FROM dead_letters").fetchone()["attributes"] == {"id": "e1"}
+    assert conn.execute("SELECT headers FROM outbox").fetchone()["headers"] == {"replayof": "e1"}
