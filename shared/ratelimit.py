@@ -154,7 +154,7 @@ _UNLIMITED = 2**62
 
 @dataclass(frozen=True)
 class LoginTicket:
-    """An attempt counted as a failure in advance; :func:`login_succeeded` takes it back."""
+    """An attempt counted as a failure in advance; :func:`take_back` takes it back."""
 
     keys: tuple[str, str, str]
 
@@ -179,8 +179,8 @@ def check_login(settings: Settings, email: object, address: str | None,
       typing the right password from elsewhere, still gets in.
 
     The attempt is counted as a failure up front (atomically with the check, so parallel
-    attempts cannot overshoot); pass the returned ticket to :func:`login_succeeded` when
-    the password was right. The email is hashed into the keys, so Redis never holds
+    attempts cannot overshoot); pass the returned ticket to :func:`take_back` unless the
+    password was wrong. The email is hashed into the keys, so Redis never holds
     account names. Fails open (None) when Redis is down, like every limit here.
     """
     client_limit = settings.login_rate_per_min if settings.login_rate_per_min > 0 else _UNLIMITED
@@ -209,8 +209,9 @@ def check_login(settings: Settings, email: object, address: str | None,
     return LoginTicket(keys)
 
 
-def login_succeeded(settings: Settings, ticket: LoginTicket | None) -> None:
-    """Take back the failure :func:`check_login` counted in advance (never raises)."""
+def take_back(settings: Settings, ticket: LoginTicket | None) -> None:
+    """Take back the failure :func:`check_login` counted in advance: the password was
+    right, or the attempt never got an answer (busy, database down). Never raises."""
     if ticket is None:
         return
     try:

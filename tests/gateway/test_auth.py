@@ -194,6 +194,15 @@ def test_concurrent_password_hashing_is_bounded(make_app, gw_settings):
     assert login(client).status_code == 200
 
 
+def test_a_busy_answer_does_not_count_as_a_failed_login(make_app, gw_settings):
+    s = gw_settings.replace(hash_concurrency=1, hash_wait_s=0.05)
+    client = make_app(hash_concurrency=1, hash_wait_s=0.05, login_rate_per_min=2).test_client()
+    signup(client)
+    with auth.hashing_slot(s):
+        assert [login(client).status_code for _ in range(3)] == [503] * 3
+    assert login(client).status_code == 200  # the three busy answers spent nothing
+
+
 def test_refresh_rotates_and_spends_the_old_token(client):
     signup(client)
     first = login(client).json

@@ -68,7 +68,7 @@ def test_check_login_raises_with_retry_after(gw_settings):
 def test_a_success_takes_its_attempt_back(gw_settings):
     s = gw_settings.replace(login_rate_per_min=1)
     for _ in range(5):
-        ratelimit.login_succeeded(s, ratelimit.check_login(s, "c@example.com", "127.0.0.11"))
+        ratelimit.take_back(s, ratelimit.check_login(s, "c@example.com", "127.0.0.11"))
 
 
 def test_zero_disables_a_limit(gw_settings):
