@@ -281,7 +281,7 @@ class DramatiqDriver:
 
 def run(ctx: BenchContext) -> list[Figure]:
     workdir = Path(tempfile.mkdtemp(prefix="taskforge-bench-e2e-"))
-    s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0,
+    s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0, signup_rate_per_min=0,
                              storage_dir=str(workdir / "storage"))
     png = png_bytes()
     src = workdir / "in.png"

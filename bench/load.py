@@ -194,7 +194,7 @@ def run(ctx: BenchContext) -> list[Figure]:
     from bench.e2e import SIZE_OUT, png_bytes
 
     workdir = Path(tempfile.mkdtemp(prefix="taskforge-bench-load-"))
-    s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0,
+    s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0, signup_rate_per_min=0,
                              storage_dir=str(workdir / "storage"))
     rounds, gw_s, bare_s = (4, 45.0, 10.0) if ctx.full else (4, 15.0, 4.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}

@@ -38,6 +38,16 @@ TASK_REJECTED = f"{PREFIX}.task.rejected"
 OUTBOX_SWEEP = f"{PREFIX}.outbox.sweep"
 PING = "dev.knative.sources.ping"
 
+# Extensions that carry credentials (a submitted event's API key): never stored, never
+# logged. A recorded dead letter keeps the key's id instead, under API_KEY_ID.
+SECRET_EXTENSIONS = frozenset({"apikey"})
+API_KEY_ID = "apikeyid"
+
+
+def without_secrets(attrs: dict[str, Any]) -> dict[str, Any]:
+    """``attrs`` minus the credential-carrying extensions (pure)."""
+    return {k: v for k, v in attrs.items() if k not in SECRET_EXTENSIONS}
+
 REQUESTED_TYPES: tuple[str, ...] = tuple(f"{PREFIX}.{t}.requested" for t in TASK_TYPES)
 REPLY_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_ACCEPTED, TASK_REJECTED)
 TICK_TYPES: tuple[str, ...] = (OUTBOX_SWEEP, PING)

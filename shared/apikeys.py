@@ -77,6 +77,24 @@ def revoke_key(conn: Conn, user_id: str, key_id: Any) -> dict[str, Any]:
     return row
 
 
+def key_id(conn: Conn, key: str) -> str | None:
+    """The id of the key ``key`` (revoked or not), or None; never stores or logs the key."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 100:
+        return None
+    row = conn.execute("SELECT id FROM api_keys WHERE key_hash = %s", (_hash(key),)).fetchone()
+    return str(row["id"]) if row else None
+
+
+def active_owner(conn: Conn, key_id_: str) -> str | None:
+    """The user id owning the active (unrevoked) key with id ``key_id_``, or None."""
+    try:
+        ident = uuid.UUID(key_id_)
+    except ValueError:
+        return None
+    row = conn.execute("SELECT user_id FROM api_keys WHERE id = %s AND revoked_at IS NULL", (ident,)).fetchone()
+    return str(row["user_id"]) if row else None
+
+
 def lookup(conn: Conn, key: str) -> dict[str, Any] | None:
     """The active key row joined with its user's ``email``/``is_admin``, or None."""
     if not key.startswith(KEY_PREFIX) or len(key) > 100:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -36,7 +38,7 @@ from jose.exceptions import JOSEError
 
 from shared import apikeys
 from shared.db import Conn
-from shared.errors import AuthError, Conflict, ValidationError
+from shared.errors import AuthError, Conflict, ServiceUnavailable, ValidationError
 from shared.settings import Settings
 
 REFRESH_PREFIX = "tfr_"
@@ -76,11 +78,38 @@ def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def is_admin_email(settings: Settings, email: str) -> bool:
-    return email.strip().lower() in {e.strip().lower() for e in settings.admin_emails}
+def is_admin(settings: Settings, user_id: Any, granted: Any = False) -> bool:
+    """Live admin check: the user's operator-granted flag (``taskforge admin grant``) or
+    its id in ``settings.admin_user_ids``. Never derived from an email: emails are not
+    verified, so whoever signs up first with an address would own it."""
+    return bool(granted) or str(user_id) in {u.strip().lower() for u in settings.admin_user_ids}
 
 
 # --- passwords and accounts -------------------------------------------------------------
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+@contextmanager
+def hashing_slot(settings: Settings) -> Iterator[None]:
+    """Hold one of the process's ``hash_concurrency`` password-hashing slots.
+
+    Each argon2 hash takes 64 MiB, so concurrent signups and logins could exhaust a small
+    gateway's memory; past the bound a request waits up to ``hash_wait_s`` and then gets
+    ``ServiceUnavailable`` (503, ``Retry-After``) instead of another 64 MiB.
+    """
+    n = max(1, settings.hash_concurrency)
+    with _slots_lock:
+        sem = _slots.setdefault(n, threading.BoundedSemaphore(n))
+    if not sem.acquire(timeout=max(0.0, settings.hash_wait_s)):
+        raise ServiceUnavailable("too many password checks at once; retry shortly", code="busy",
+                                 headers={"Retry-After": "1"})
+    try:
+        yield
+    finally:
+        sem.release()
+
+
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
@@ -117,11 +146,12 @@ def create_user(settings: Settings, conn: Conn, email: Any, password: Any) -> di
     if errors:
         raise ValidationError("invalid signup", details=errors)
     email = email.strip()
-    pw_hash = hash_password(password)  # before the insert: keep the row lock short
-    row = conn.execute(
-        "INSERT INTO users (email, password_hash, is_admin) VALUES (%s, %s, %s)"
+    with hashing_slot(settings):
+        pw_hash = hash_password(password)  # before the insert: keep the row lock short
+    row = conn.execute(  # never an admin: that right comes from an operator only
+        "INSERT INTO users (email, password_hash) VALUES (%s, %s)"
         " ON CONFLICT ((lower(email))) DO NOTHING RETURNING id, email, is_admin",
-        (email, pw_hash, is_admin_email(settings, email))).fetchone()
+        (email, pw_hash)).fetchone()
     if row is None:
         raise Conflict("an account with this email already exists", code="email_taken")
     return row
@@ -156,7 +186,7 @@ def issue_access_token(settings: Settings, user: Mapping[str, Any], now: float |
     issued = int(now if now is not None else time.time())
     claims = {
         "iss": settings.jwt_issuer, "aud": settings.jwt_audience, "sub": str(user["id"]),
-        "email": user["email"], "adm": bool(user.get("is_admin")), "typ": "access",
+        "email": user["email"], "typ": "access",  # no admin claim: rights are checked live
         "iat": issued, "nbf": issued, "exp": issued + settings.access_token_ttl_s, "jti": uuid.uuid4().hex,
     }
     if family_id is not None:
@@ -218,12 +248,13 @@ def _pair(settings: Settings, conn: Conn, user: Mapping[str, Any], family_id: st
 
 
 def _admin(settings: Settings, user: Mapping[str, Any]) -> bool:
-    return bool(user.get("is_admin")) or is_admin_email(settings, str(user["email"]))
+    return is_admin(settings, user.get("user_id", user.get("id")), user.get("is_admin"))
 
 
 def login(settings: Settings, conn: Conn, email: Any, password: Any) -> TokenPair:
     """Check credentials and start a new refresh family; ``AuthError`` on bad credentials."""
-    user = check_login(conn, email, password)
+    with hashing_slot(settings):
+        user = check_login(conn, email, password)
     family = conn.execute("INSERT INTO refresh_families (user_id) VALUES (%s) RETURNING id",
                           (user["id"],)).fetchone()
     if family is None:  # pragma: no cover - INSERT ... RETURNING always yields the row
@@ -335,7 +366,7 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
         raise
     family = family_of(claims)
     row = conn.execute(
-        "SELECT u.email, u.is_admin, EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %s)"
+        "SELECT u.id, u.email, u.is_admin, EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %s)"
         " OR EXISTS (SELECT 1 FROM refresh_families f WHERE f.id = %s::uuid AND f.revoked_at IS NOT NULL) AS revoked"
         " FROM users u WHERE u.id = %s", (claims["jti"], family, claims["sub"])).fetchone()
     if row is None or row["revoked"]:

@@ -6,6 +6,8 @@
   marked ``failed`` with a clear error (through ``shared.tasks.state``). Idempotent on the
   event's ``source`` + ``id``: a redelivered dead letter is recorded once.
 * :func:`list_page` / :func:`public` — the admin listing, newest first, keyset-paginated.
+* :func:`purge` — retention: rows older than ``dead_letter_retention_s`` are deleted by
+  the outbox sweeper's periodic work, so the table cannot grow without bound.
 * :func:`replay` — re-publish a dead letter's original event through the outbox (a new
   event id, extension ``replayof`` = the original id) and put its failed task back to
   ``queued`` with a full set of attempts.
@@ -27,7 +29,7 @@ from cloudevents.http import CloudEvent
 from psycopg.types.json import Jsonb
 
 from events import catalog
-from shared import pagination
+from shared import apikeys, pagination
 from shared.db import Conn
 from shared.errors import Conflict, NotFound
 from shared.outbox import writer as outbox
@@ -112,7 +114,13 @@ def record(conn: Conn, event: CloudEvent) -> Recorded:
     A dead letter already recorded (and not replayed since) is not recorded again. Raises
     only on database errors (the caller answers 5xx so the broker retries).
     """
-    attrs = {name: event[name] for name in event}
+    raw_attrs = {name: event[name] for name in event}
+    # Secrets never reach storage: the API key of a submission is replaced by its id.
+    attrs = catalog.without_secrets(raw_attrs)
+    if isinstance(raw_attrs.get("apikey"), str):
+        key_id = apikeys.key_id(conn, raw_attrs["apikey"])
+        if key_id is not None:
+            attrs[catalog.API_KEY_ID] = key_id
     source, event_id, event_type = str(attrs["source"]), str(attrs["id"]), str(attrs["type"])
     # Serialise concurrent deliveries of the same dead letter (the dispatcher may retry
     # while a slow first attempt is still committing).
@@ -152,6 +160,26 @@ def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (str, int, bool, float)) or v is None else str(v) for k, v in attrs.items()}
 
 
+# --- retention ---------------------------------------------------------------------------
+def purge(settings: Any, chunk: int = 5000, max_chunks: int = 20) -> int:
+    """Delete dead letters received more than ``settings.dead_letter_retention_s`` ago,
+    ``chunk`` rows per transaction, at most ``max_chunks`` chunks per call. Returns how
+    many rows went. Raises ``ServiceUnavailable`` when the database is down."""
+    from shared import db
+
+    total = 0
+    for _ in range(max_chunks):
+        with db.connection(settings) as conn:
+            n = conn.execute(
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters"
+                " WHERE received_at < now() - %s * interval '1 second' LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (float(settings.dead_letter_retention_s), chunk)).rowcount
+        total += max(n, 0)
+        if n < chunk:
+            break
+    return total
+
+
 # --- admin: list -------------------------------------------------------------------------
 def public(row: Row) -> dict[str, Any]:
     """A dead letter as the admin API shows it."""
@@ -171,15 +199,11 @@ def public(row: Row) -> dict[str, Any]:
     }
 
 
-# Extensions that carry credentials: kept (a replayed submission must authenticate again)
-# but never shown, not even to admins.
-_SECRET_EXTENSIONS = frozenset({"apikey"})
-
-
 def _redacted(attrs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Attributes as shown to admins (rows recorded before secrets were stripped included)."""
     if attrs is None:
         return None
-    return {k: ("***" if k in _SECRET_EXTENSIONS else v) for k, v in attrs.items()}
+    return {k: ("***" if k in catalog.SECRET_EXTENSIONS else v) for k, v in attrs.items()}
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -240,7 +264,9 @@ def replay(conn: Conn, dead_letter_id: str) -> Replayed:
             task = state.reopen(conn, str(row["task_id"]))
         # pending/queued/running/retrying: still in flight; a duplicate event is harmless
         # because a worker claims the task through a conditional state change.
-    extensions = {k: str(v) for k, v in attrs.items() if k not in _REBUILT}
+    if row["event_type"] == catalog.TASK_SUBMITTED:
+        raise Conflict("a submitted event is replayed as a submission (replay_submission)")
+    extensions = {k: str(v) for k, v in catalog.without_secrets(attrs).items() if k not in _REBUILT}
     extensions["replayof"] = row["event_id"]
     event_id = outbox.add_event(conn, type=row["event_type"], source=row["source"],
                                 data=row["data"], subject=row["subject"],
@@ -249,3 +275,33 @@ def replay(conn: Conn, dead_letter_id: str) -> Replayed:
         "UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1 WHERE id = %s RETURNING *",
         (ident,)))
     return Replayed(updated, event_id, task)
+
+
+def submission_of(conn: Conn, dead_letter_id: str) -> tuple[Row, str, dict[str, Any]]:
+    """For replaying a dead-lettered ``task.submitted`` event: ``(dead letter row, user id
+    of the submitting API key, the event's attributes)``, with the row locked.
+
+    The key itself was never stored; the row names it by id, and the key must still be
+    active. Raises ``NotFound`` for an unknown id and ``Conflict`` when the event is not a
+    submission or its key is unknown or revoked.
+    """
+    try:
+        ident = uuid.UUID(str(dead_letter_id))
+    except ValueError:
+        raise NotFound("no such dead letter") from None
+    row = conn.execute("SELECT * FROM dead_letters WHERE id = %s FOR UPDATE", (ident,)).fetchone()
+    if row is None:
+        raise NotFound("no such dead letter")
+    if row["event_type"] != catalog.TASK_SUBMITTED:
+        raise Conflict("not a submitted event")
+    attrs: dict[str, Any] = row["attributes"] or {}
+    user_id = apikeys.active_owner(conn, str(attrs.get(catalog.API_KEY_ID) or ""))
+    if user_id is None:
+        raise Conflict("the submission's API key is unknown or revoked; it cannot be replayed", code="key_revoked")
+    return dict(row), user_id, attrs
+
+
+def mark_replayed(conn: Conn, dead_letter_id: Any) -> Row:
+    return _one(conn.execute(
+        "UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1 WHERE id = %s RETURNING *",
+        (dead_letter_id,)))

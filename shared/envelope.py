@@ -13,6 +13,8 @@ Knative's ``/health/liveness``, ``/``)      liveness answer for every platform's
 any other method                            405 ``method_not_allowed`` with ``Allow``
 a body over ``max_body_bytes``              413 ``too_large`` (a chunked body has no length,
                                             so the read itself is capped)
+``POST`` without a valid delivery signature  401 ``unsigned_delivery`` (``shared.delivery_auth``;
+                                            only where the policy asks for one)
 ``POST`` with the event                     whatever ``handle(headers, body)`` answers
 ==========================================  =================================================
 
@@ -31,6 +33,7 @@ from typing import Any
 
 import flask
 
+from shared import delivery_auth
 from shared.errors import TaskForgeError, TooLarge, error_body, error_document
 from shared.settings import get_settings
 
@@ -99,11 +102,18 @@ def serve(request: flask.Request, handle: Handler, *, name: str) -> flask.Respon
     if request.method != "POST":
         return json_response(error_body("method_not_allowed", "POST a CloudEvent"), 405,
                              {"Allow": "GET, POST"})
-    limit = get_settings().max_body_bytes
+    settings = get_settings()
+    limit = settings.max_body_bytes
     declared = request.content_length or 0
     body = request.stream.read(limit + 1) if declared <= limit else b""
     if declared > limit or len(body) > limit:
         answer = error_answer(TooLarge("the event is larger than the body limit"))
     else:
-        answer = handle(request.headers, body)
+        try:
+            delivery_auth.verify(settings, request.headers, body)
+        except delivery_auth.UnsignedDelivery as exc:
+            log.warning("refused an unsigned or badly signed delivery", extra={"function": name, "reason": exc.message})
+            answer = error_answer(exc)
+        else:
+            answer = handle(request.headers, body)
     return flask.Response(answer.body, status=answer.status, headers=answer.headers)

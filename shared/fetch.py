@@ -113,7 +113,25 @@ _NAMED_RANGES: tuple[tuple[str, str], ...] = (
     ("198.18.0.0/15", "reserved"),
 )
 _NAMED = tuple((ipaddress.ip_network(cidr), why) for cidr, why in _NAMED_RANGES)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+# IPv6: only global unicast (2000::/3) may be reached, minus its special-purpose blocks.
+_V6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+_V6_SPECIAL = tuple((ipaddress.ip_network(cidr), why) for cidr, why in (
+    ("2001:db8::/32", "documentation"),
+    ("2001::/23", "special-purpose"),  # IETF protocol assignments: Teredo, benchmarking, ORCHID...
+    ("2002::/16", "6to4"),  # tunnels to the IPv4 address it embeds
+    ("3fff::/20", "documentation"),
+))
+# Forms that embed an IPv4 address in their last 32 bits (outside 2000::/3, so refused
+# anyway; the embedded address only makes the refusal say why).
+_V4_TAIL = tuple(ipaddress.ip_network(c) for c in (
+    "::ffff:0:0/96",  # IPv4-mapped
+    "::/96",  # IPv4-compatible (deprecated)
+    "::ffff:0:0:0/96",  # SIIT (IPv4-translated)
+    "64:ff9b::/96",  # NAT64, well-known prefix
+    "64:ff9b:1::/48",  # NAT64, local-use prefix (some translators put the address last)
+))
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 def parse_allow(cidrs: Iterable[str]) -> tuple[Network, ...]:
@@ -121,38 +139,62 @@ def parse_allow(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
 
 
-def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address tunnels to (mapped, 6to4, NAT64), if any."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.sixtofour is not None:
-            return ip.sixtofour
-        if ip in _NAT64:
-            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+def _embedded_v4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address may tunnel or translate to (mapped, compatible,
+    SIIT, NAT64, 6to4); empty for an IPv4 address or a plain IPv6 one."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    out: list[ipaddress.IPv4Address] = []
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if any(ip in net for net in _V4_TAIL) and int(ip) > 1:
+        out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip in _NAT64_LOCAL:  # RFC 6052 layout for a /48 prefix: bits 48-63 and 72-87
+        b = ip.packed
+        out.append(ipaddress.IPv4Address(b[6:8] + b[9:11]))
+    return [v4 for v4 in out if int(v4)]  # an all-zero part embeds nothing
+
+
+def _v4_reason(addr: ipaddress.IPv4Address) -> str | None:
+    for net, why in _NAMED:
+        if net.version == 4 and addr in net:
+            return why
+    if not addr.is_global or addr.is_multicast:
+        return "not globally routable"
+    return None
+
+
+def _v6_reason(addr: ipaddress.IPv6Address) -> str | None:
+    for net, why in _NAMED:
+        if net.version == 6 and addr in net:
+            return why
+    if addr not in _V6_GLOBAL_UNICAST:
+        return "not global unicast"
+    for net, why in _V6_SPECIAL:
+        if addr in net:
+            return why
     return None
 
 
 def refusal_reason(ip: IPAddress | str, allow: Sequence[Network] = ()) -> str | None:
     """Why the guard refuses ``ip`` (e.g. ``"loopback"``), or ``None`` when it may be reached.
 
-    An address inside ``allow`` is always permitted; otherwise it must be globally
-    routable, and an IPv6 address that tunnels to IPv4 is judged by that IPv4 address.
+    An address inside ``allow`` (or whose embedded IPv4 address is) is permitted.
+    Otherwise IPv4 must be globally routable, and IPv6 must be global unicast (2000::/3)
+    outside the special-purpose blocks; IPv6 forms that embed an IPv4 address (mapped,
+    compatible, SIIT, NAT64, 6to4) are refused, named after that address when it is
+    itself private (``::ffff:127.0.0.1`` is "loopback").
     """
     addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-    candidates: list[IPAddress] = [addr]
     inner = _embedded_v4(addr)
-    if inner is not None:
-        candidates.insert(0, inner)
+    candidates: list[IPAddress] = [*inner, addr]
     if any(c in net for c in candidates for net in allow if c.version == net.version):
         return None
-    for cand in candidates:
-        for net, why in _NAMED:
-            if cand.version == net.version and cand in net:
-                return why
-        if not cand.is_global or cand.is_multicast:
-            return "not globally routable"
-    return None
+    for v4 in inner:
+        why = _v4_reason(v4)
+        if why:
+            return why
+    return _v4_reason(addr) if isinstance(addr, ipaddress.IPv4Address) else _v6_reason(addr)
 
 
 # --- URL checking --------------------------------------------------------------------
@@ -255,8 +297,8 @@ def check_url(url: str, *, allow: Sequence[Network] = (), resolver: Resolver = s
         except ValueError:
             raise FetchFailed(f"the resolver returned a bad address for {host!r}", details={"host": host}) from None
         if why:
-            shown = "" if address == host else f" (resolves to {address})"
-            raise UrlRefused(f"refused to fetch {host}{shown}: {why} address", details={"reason": why})
+            # Never name the resolved address: that would map internal DNS for the caller.
+            raise UrlRefused(f"refused to fetch {host}: it points at a {why} address", details={"reason": why})
     return Target(url=url, scheme=scheme, host=host, port=port, address=addresses[0],
                   request_target=request_target)
 

@@ -4,7 +4,8 @@ Two window algorithms, both one Redis round trip (a pipeline):
 
 - **fixed window**: ``INCR`` a counter named after the current window and give it a TTL.
   Cheap and exact per window; a burst may straddle a boundary (up to 2× the limit over
-  a window-sized span). Used for login attempts, where the bound matters, not smoothness.
+  a window-sized span). Used for signups and (as a script) failed logins, where the
+  bound matters, not smoothness.
 - **sliding window** (weighted two-window approximation): the previous window's count
   weighted by how much of it still overlaps the sliding window, plus the current
   count. Smooth without per-request entries. Used for task submissions.
@@ -135,14 +136,99 @@ def _enforce(settings: Settings, algorithm: Callable[..., Decision], key: str, l
     return decision
 
 
-def check_login(settings: Settings, email: object, ip: str | None) -> None:
-    """Throttle login attempts per (email, client IP); raises ``RateLimited``.
+# KEYS: client failures, account failures, (account, client) failures — one window each.
+# ARGV: client limit, account limit, ttl (s). Decide and count in one atomic step, so
+# concurrent attempts cannot slip past the limits together. Returns {allowed, which}.
+_LOGIN = """
+local c = tonumber(redis.call('GET', KEYS[1]) or '0')
+if c >= tonumber(ARGV[1]) then return {0, 'client'} end
+local a = tonumber(redis.call('GET', KEYS[2]) or '0')
+local p = tonumber(redis.call('GET', KEYS[3]) or '0')
+if a >= tonumber(ARGV[2]) and p > 0 then return {0, 'account'} end
+for i = 1, 3 do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3]), 'NX')
+end
+return {1, ''}
+"""
+_UNLIMITED = 2**62
 
-    The email is hashed into the key so Redis never holds account names.
+
+@dataclass(frozen=True)
+class LoginTicket:
+    """An attempt counted as a failure in advance; :func:`take_back` takes it back."""
+
+    keys: tuple[str, str, str]
+
+
+def _login_keys(settings: Settings, email: object, address: str, window: int) -> tuple[str, str, str]:
+    account = hashlib.sha256(str(email).strip().lower().encode()).hexdigest()[:24]
+    return (settings.key("rl", "login-client", address, str(window)),
+            settings.key("rl", "login-account", account, str(window)),
+            settings.key("rl", "login-pair", account, address, str(window)))
+
+
+def check_login(settings: Settings, email: object, address: str | None,
+                now: float | None = None) -> LoginTicket | None:
+    """Gate one login attempt; raises ``RateLimited`` (429 + ``Retry-After``).
+
+    Two separate budgets of *failed* attempts per minute, so neither an attacker sharing
+    nothing with the owner nor one hammering from many addresses can lock the owner out:
+
+    * per client address (``login_rate_per_min``, any account): one client guessing;
+    * per account (``login_account_failures_per_min``, any client): once spent, only
+      clients without a failure on that account this minute may still try — the owner,
+      typing the right password from elsewhere, still gets in.
+
+    The attempt is counted as a failure up front (atomically with the check, so parallel
+    attempts cannot overshoot); pass the returned ticket to :func:`take_back` unless the
+    password was wrong. The email is hashed into the keys, so Redis never holds
+    account names. Fails open (None) when Redis is down, like every limit here.
     """
-    ident = hashlib.sha256(str(email).strip().lower().encode()).hexdigest()[:24]
-    key = settings.key("rl", "login", ident, ip or "-")
-    _enforce(settings, fixed_window, key, settings.login_rate_per_min, 60, "login attempts")
+    client_limit = settings.login_rate_per_min if settings.login_rate_per_min > 0 else _UNLIMITED
+    account_limit = (settings.login_account_failures_per_min if settings.login_account_failures_per_min > 0
+                     else _UNLIMITED)
+    if client_limit == account_limit == _UNLIMITED:
+        return None
+    now = time.time() if now is None else now
+    window = int(now // 60)
+    keys = _login_keys(settings, email, address or "-", window)
+    try:
+        r = client(settings)
+        script = _scripts.get(-id(r))
+        if script is None:
+            script = _scripts[-id(r)] = r.register_script(_LOGIN)
+        allowed, which = script(keys=list(keys), args=[client_limit, account_limit, 61])
+    except redis.RedisError as exc:
+        log.warning("login attempts not limited: redis unavailable (%s)", exc.__class__.__name__)
+        return None
+    if not int(allowed):
+        retry = max(1, math.ceil((window + 1) * 60 - now))
+        what = "this account from this client" if (which.decode() if isinstance(which, bytes) else which) == \
+            "account" else "this client"
+        raise RateLimited(f"too many failed logins for {what}; retry in {retry} s",
+                          headers={"Retry-After": str(retry)}, details={"retry_after_s": retry, "window_s": 60})
+    return LoginTicket(keys)
+
+
+def take_back(settings: Settings, ticket: LoginTicket | None) -> None:
+    """Take back the failure :func:`check_login` counted in advance: the password was
+    right, or the attempt never got an answer (busy, database down). Never raises."""
+    if ticket is None:
+        return
+    try:
+        pipe = client(settings).pipeline(transaction=False)
+        for key in ticket.keys:
+            pipe.decr(key)
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("login success not recorded: redis unavailable (%s)", exc.__class__.__name__)
+
+
+def check_signup(settings: Settings, address: str | None) -> None:
+    """Throttle signups per client address (``signup_rate_per_min``); raises ``RateLimited``."""
+    key = settings.key("rl", "signup", address or "-")
+    _enforce(settings, fixed_window, key, settings.signup_rate_per_min, 60, "signups")
 
 
 def check_submit(settings: Settings, user_id: str, n: int = 1) -> None:

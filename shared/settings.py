@@ -7,6 +7,7 @@ Nothing else in the project reads ``os.environ``. Every field ``x`` is read from
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -50,14 +51,26 @@ class Settings:
     jwt_audience: str = "taskforge-api"
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 7 * 24 * 3600
-    admin_emails: tuple[str, ...] = ()
-    login_rate_per_min: int = 10
+    admin_user_ids: tuple[str, ...] = ()  # administrators by user id, checked on every request
+    login_rate_per_min: int = 10  # login attempts per client address (any account)
+    login_account_failures_per_min: int = 20  # failed logins per account before it needs a clean client
+    signup_rate_per_min: int = 5  # signups per client address
+    hash_concurrency: int = 2  # argon2 hashes at once per process (64 MiB each)
+    hash_wait_s: float = 2.0  # wait for a hashing slot before answering 503
+    trusted_proxy_count: int = 0  # proxies in front of the gateway that append to trusted_proxy_header
+    trusted_proxy_cidrs: tuple[str, ...] = ()  # or: the networks the proxies live in (variable chains)
+    trusted_proxy_header: str = "X-Forwarded-For"
     submit_rate_per_min: int = 600
     max_tasks_in_flight: int = 1000
     # --- limits ---
     max_body_bytes: int = 1024 * 1024
     max_upload_bytes: int = 200 * 1024 * 1024
     max_batch_items: int = 100
+    # --- internal deliveries (broker -> functions) ---
+    delivery_secret: str = ""  # HMAC key the dispatcher signs deliveries with
+    delivery_auth: str = "auto"  # "auto" | "signature" | "none" (see shared.delivery_auth)
+    delivery_signature_max_age_s: int = 300
+    dead_letter_retention_s: int = 30 * 24 * 3600  # recorded dead letters older than this are purged
     # --- storage ---
     storage_backend: str = "local"  # "local" | "s3"
     storage_dir: str = "var/storage"
@@ -90,6 +103,8 @@ class Settings:
     max_video_input_bytes: int = 500 * 1024 * 1024
     pdf_timeout_s: float = 60.0
     chromium_path: str = "/usr/bin/chromium"
+    chromium_sandbox: bool = True  # Chromium's own sandbox; off only where user namespaces are unavailable
+    chromium_user: str = "nobody"  # a root worker starts Chromium as this user (the sandbox refuses root)
     wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf"
     # --- outbox ---
     outbox_batch: int = 1000
@@ -133,7 +148,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-_SECRETS = {"jwt_secret", "jwt_private_key", "jwt_public_key", "database_url", "amqp_url", "redis_url"}
+_SECRETS = {"delivery_secret", "jwt_secret", "jwt_private_key", "jwt_public_key", "database_url", "amqp_url", "redis_url"}
 
 
 def _coerce(name: str, raw: str, typ: Any) -> Any:
@@ -162,6 +177,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     secret still has its development default.
     """
     env = os.environ if environ is None else environ
+    if env.get("TASKFORGE_ADMIN_EMAILS"):
+        raise SettingsError("TASKFORGE_ADMIN_EMAILS is no longer honoured (an email is not verified):"
+                            " list administrators by id in TASKFORGE_ADMIN_USER_IDS, or use `taskforge admin grant`")
     hints = get_type_hints(Settings)
     values: dict[str, Any] = {}
     for f in fields(Settings):
@@ -194,6 +212,15 @@ def _check(s: Settings) -> None:
         raise SettingsError("TASKFORGE_JWT_ALGORITHM must be HS256 or RS256")
     if s.jwt_algorithm == "RS256" and not (s.jwt_private_key and s.jwt_public_key):
         raise SettingsError("RS256 needs TASKFORGE_JWT_PRIVATE_KEY and TASKFORGE_JWT_PUBLIC_KEY")
+    for cidr in s.trusted_proxy_cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as exc:
+            raise SettingsError(f"TASKFORGE_TRUSTED_PROXY_CIDRS: {cidr!r} is not a network") from exc
+    if s.delivery_auth not in {"auto", "signature", "none"}:
+        raise SettingsError("TASKFORGE_DELIVERY_AUTH must be auto, signature or none")
+    if s.delivery_auth == "signature" and not s.delivery_secret:
+        raise SettingsError("TASKFORGE_DELIVERY_AUTH=signature needs TASKFORGE_DELIVERY_SECRET(_FILE)")
     if s.storage_backend not in {"local", "s3"}:
         raise SettingsError("TASKFORGE_STORAGE_BACKEND must be local or s3")
     if s.production:
@@ -201,6 +228,11 @@ def _check(s: Settings) -> None:
             raise SettingsError("production mode refuses the default or a short TASKFORGE_JWT_SECRET")
         if "guest:guest@" in s.amqp_url:
             raise SettingsError("production mode refuses RabbitMQ's default guest credentials")
+        if s.delivery_auth == "auto" and not s.delivery_secret:
+            raise SettingsError("production mode needs TASKFORGE_DELIVERY_SECRET(_FILE), or TASKFORGE_DELIVERY_AUTH=none"
+                                " where the platform keeps internal functions private (Knative cluster-local)")
+        if s.delivery_secret and len(s.delivery_secret) < 32:
+            raise SettingsError("production mode refuses a TASKFORGE_DELIVERY_SECRET shorter than 32 characters")
 
 
 def redacted(s: Settings) -> dict[str, Any]:

@@ -66,7 +66,11 @@ class LocalStorage:
         return self.root / check_key(key)
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> int:
+        """Write to a ``.tmp-*`` file beside the target, then rename. On any failure — the
+        stream raising (too large, truncated, client gone), a full disk — the temporary
+        files are removed before the error propagates (``OSError`` as ``StorageError``)."""
         path = self._path(key)
+        tmp = ""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -76,8 +80,12 @@ class LocalStorage:
             Path(tmp + ".ct").write_text(content_type)
             os.replace(tmp + ".ct", str(path) + ".ct")
             os.replace(tmp, path)
-        except OSError as exc:
-            raise StorageError(f"local storage write failed: {exc.strerror}") from exc
+        except BaseException as exc:
+            for leftover in (tmp, tmp + ".ct") if tmp else ():
+                Path(leftover).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"local storage write failed: {exc.strerror}") from exc
+            raise
         return size
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> int:

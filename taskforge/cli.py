@@ -1,4 +1,4 @@
-"""The ``taskforge`` command: operator verbs (``migrate``, ``doctor``, ``dev``) and the user client
+"""The ``taskforge`` command: operator verbs (``migrate``, ``doctor``, ``dev``, ``admin``) and the user client
 (``login``, ``submit``, ``watch``, ... in ``taskforge.commands``)."""
 from __future__ import annotations
 
@@ -37,6 +37,29 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(args.config)
 
 
+def _cmd_admin(args: argparse.Namespace) -> int:
+    """``taskforge admin grant|revoke EMAIL`` / ``admin list``: the operator's admin flags."""
+    from shared import admins, db
+
+    settings = get_settings()
+    with db.connection(settings) as conn:
+        if args.action == "list":
+            for admin in admins.list_admins(conn):
+                print(f"{admin['id']}  {admin['email']}")
+            for uid in settings.admin_user_ids:
+                print(f"{uid}  (TASKFORGE_ADMIN_USER_IDS)")
+            return 0
+        if not args.email:
+            print("taskforge admin: an email is required", file=sys.stderr)
+            return 2
+        row = admins.set_admin(conn, args.email, args.action == "grant")
+        if row is None:
+            print(f"taskforge admin: no account with email {args.email.strip()!r}", file=sys.stderr)
+            return 4
+    print(f"{row['email']} ({row['id']}): admin {'granted' if row['is_admin'] else 'revoked'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from taskforge import commands as cli_client
 
@@ -53,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the whole stack locally in the foreground")
     p.add_argument("--config", default=None, help="runtime config file (default: infra/runtime/taskforge.yaml)")
     p.set_defaults(func=_cmd_dev)
+    p = sub.add_parser("admin", help="operator: grant, revoke or list administrators (database)")
+    p.add_argument("action", choices=("grant", "revoke", "list"))
+    p.add_argument("email", nargs="?", help="the account's email (grant, revoke)")
+    p.set_defaults(func=_cmd_admin)
     cli_client.add_commands(sub)  # the user commands: login, submit, watch, get, list, ...
     return parser
 
@@ -64,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.func in (_cmd_migrate, _cmd_dev, _cmd_doctor):
+        if args.func in (_cmd_migrate, _cmd_dev, _cmd_doctor, _cmd_admin):
             return int(args.func(args) or 0)
         return cli_client.run(args)
     except SettingsError as exc:

@@ -61,7 +61,7 @@ def base_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         broker_name=f"tftest-{RUN_ID}",
         storage_dir=str(storage),
         login_rate_per_min=1000,
-        admin_emails=("admin@example.com",),
+        signup_rate_per_min=1000,
     )
 
 

@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OWN = ("events", "shared", "functions", "infra", "taskforge", "bench", "tests")
 # The small, named part of shared/ that the local runtime and the OpenFaaS bridge use.
-RUNTIME_SHARED = ("shared.broker", "shared.errors", "shared.httppost", "shared.logging", "shared.metrics",
-                  "shared.settings")
+RUNTIME_SHARED = ("shared.broker", "shared.delivery_auth", "shared.errors", "shared.httppost", "shared.logging",
+                  "shared.metrics", "shared.settings")
 
 
 def allowed(layer: str, path: Path, module: str) -> bool:
@@ -33,8 +33,9 @@ def allowed(layer: str, path: Path, module: str) -> bool:
         return top in ("events", "shared") or inside(own)
     if layer == "infra":  # the local stand-in for the platform
         return top == "events" or inside(*RUNTIME_SHARED)
-    if layer == "taskforge":  # the client: protocol; the operator verbs start the stack, migrate or check it
-        return top == "events" or inside("shared.settings", "shared.db", "shared.doctor", "infra.runtime.supervisor")
+    if layer == "taskforge":  # the client: protocol; the operator verbs start the stack, migrate, check it, grant admin
+        return top == "events" or inside("shared.settings", "shared.db", "shared.doctor", "shared.admins",
+                                         "infra.runtime.supervisor")
     if layer == "bench":  # benchmarks drive the product, never the tests' helpers
         return top != "tests"
     return True

@@ -9,7 +9,9 @@
 * ``POST /admin/dead-letters/{id}/replay`` — re-publish the original event through the
   outbox (new event id, ``replayof`` extension) and put its failed task back to
   ``queued``; 202 with ``{dead_letter, event_id, task}``. 409 when the task already
-  succeeded or was cancelled. The eager relay publishes it right away; the sweeper is
+  succeeded or was cancelled. A dead-lettered ``task.submitted`` event is replayed as
+  the submission itself for the owner of the API key it names by id (the key is never
+  stored; 409 once it is revoked); ``event_id`` is then null. The eager relay publishes it right away; the sweeper is
   the safety net.
 
 Every route needs an administrator (``guards.require_admin``: 401 without credentials,
@@ -21,11 +23,12 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from events import catalog
 from functions.gateway.guards import require_admin
 from functions.gateway.web import settings
 from shared import db, deadletters
 from shared.envelope import json_response
-from shared.errors import NotFound, ValidationError
+from shared.errors import Conflict, NotFound, ValidationError
 from shared.outbox import relay
 from shared.tasks import repository as tasks
 from shared.tasks import unit
@@ -94,10 +97,38 @@ def get_dead_letter(dead_letter_id: str) -> Response:
     return json_response(deadletters.public(row))
 
 
+def _replay_submission(s: Any, dead_letter_id: str) -> Response:
+    """A dead-lettered ``task.submitted`` event is replayed as the submission itself, on
+    behalf of the owner of the API key it named (by id: the key was never stored), with
+    the event's idempotency key — a replay never creates a second task."""
+    from functions.gateway.routes.events import default_idempotency_key
+    from functions.gateway.submit import submit_one
+
+    with db.connection(s) as conn:
+        row, user_id, attrs = deadletters.submission_of(conn, dead_letter_id)
+    data = row["data"]
+    if not isinstance(data, dict) or "type" not in data or "payload" not in data:
+        raise Conflict("the submitted event carried no {type, payload} data; nothing to replay")
+    key = attrs.get("idempotencykey") or default_idempotency_key(
+        {"source": row["source"], "id": row["event_id"]})  # type: ignore[arg-type]
+    sub = submit_one(s, user_id, data["type"], data["payload"], idempotency_key=str(key),
+                     traceparent=attrs.get("traceparent"))
+    with db.connection(s) as conn:
+        updated = deadletters.mark_replayed(conn, row["id"])
+    return json_response({"dead_letter": deadletters.public(updated), "event_id": None,
+                          "task": tasks.public_task(sub.row)}, 202)
+
+
 @bp.post("/admin/dead-letters/<dead_letter_id>/replay")
 @require_admin
 def replay_dead_letter(dead_letter_id: str) -> Response:
     s = settings()
+    if tasks.parse_uuid(dead_letter_id) is None:
+        raise NotFound("no such dead letter")
+    with db.connection(s) as conn:
+        kind = conn.execute("SELECT event_type FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
+    if kind is not None and kind["event_type"] == catalog.TASK_SUBMITTED:
+        return _replay_submission(s, dead_letter_id)
     with unit.changes(s) as ch:
         done = deadletters.replay(ch.conn, dead_letter_id)
         ch.record(done.task)
@@ -183,7 +214,7 @@ OPENAPI_PATHS: dict[str, Any] = {
                        "set of attempts. 409 when the task already succeeded or was cancelled.",
         "responses": {"202": _ok("replayed", {"type": "object", "required": ["dead_letter", "event_id", "task"],
                                               "properties": {"dead_letter": _DEAD_LETTER,
-                                                             "event_id": {"type": "string"},
+                                                             "event_id": {"type": ["string", "null"]},
                                                              "task": {"type": ["object", "null"]}}}),
                       **{c: _ERR[c] for c in ("401", "403", "404", "409", "503")}},
     }},

@@ -3,7 +3,8 @@
 ``@require_auth`` accepts ``Authorization: Bearer <access token>``, ``Authorization: ApiKey
 <key>`` and ``X-API-Key``; ``@require_bearer`` accepts only an access token (logout);
 ``@require_admin`` additionally needs ``Principal.is_admin`` (a user flagged in the
-database or whose email is in ``settings.admin_emails``) and answers 403 otherwise.
+database by an operator, or whose id is in ``settings.admin_user_ids``; checked live on
+every request) and answers 403 otherwise.
 The caller is ``web.principal()``.
 """
 from __future__ import annotations

@@ -118,11 +118,16 @@ _CE_HEADERS = [{"name": f"ce-{n}", "in": "header", "required": False, "schema": 
 def _paths() -> dict[str, Any]:
     return {
         "/auth/signup": {"post": _op("Create an account", "auth", _ok("201", "created", "User"),
-                                     errors="409", body="Signup", auth=None)},
+                                     errors="409 429 503", body="Signup", auth=None,
+                                     description="Rate-limited per client address (429). 503 `busy` when too "
+                                                 "many passwords are being hashed at once.")},
         "/auth/login": {"post": _op("Log in: an access and a refresh token", "auth", _ok("200", "tokens", "Tokens"),
-                                    errors="401 429", body="Login", auth=None,
-                                    description="Rate-limited per email and client address. Any wrong email or "
-                                                "password gets the same 401.")},
+                                    errors="401 429 503", body="Login", auth=None,
+                                    description="Failed attempts are limited per client address and per "
+                                                "account; once an account's budget is spent only clients "
+                                                "without a failure on it may try. Any wrong email or "
+                                                "password gets the same 401; 503 `busy` when too many "
+                                                "passwords are being hashed at once.")},
         "/auth/refresh": {"post": _op("Rotate a refresh token", "auth", _ok("200", "a new token pair", "Tokens"),
                                       errors="401", body="Refresh", auth=None,
                                       description="The presented token is spent. Presenting a spent token "

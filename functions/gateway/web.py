@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 import logging
 from typing import Any
@@ -20,7 +22,9 @@ from jsonschema import Draft202012Validator
 from werkzeug.exceptions import HTTPException
 
 from events.payloads import schema_errors
+from shared import jsontext
 from shared.auth import Principal
+from shared.client_address import client_address
 from shared.envelope import json_response
 from shared.errors import (
     BadRequest,
@@ -51,9 +55,17 @@ def principal() -> Principal:
 
 
 def client_ip() -> str:
-    """The peer address. Proxy headers are not trusted: behind Knative/OpenFaaS, configure
-    the platform's proxy to set REMOTE_ADDR (e.g. with ProxyFix) instead."""
-    return request.remote_addr or "-"
+    """The client's address: the peer, or — behind the configured proxies
+    (``trusted_proxy_cidrs`` or ``trusted_proxy_count``) — the entry they appended to
+    ``trusted_proxy_header`` (``shared.client_address``)."""
+    s = settings()
+    return client_address(request.remote_addr, request.headers.get(s.trusted_proxy_header), s.trusted_proxy_count,
+                          _proxy_networks(s.trusted_proxy_cidrs))
+
+
+@functools.cache
+def _proxy_networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
 
 
 def is_json(content_type: str | None) -> bool:
@@ -66,11 +78,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity); ``BadRequest`` for anything else."""
+    """Strict JSON (no NaN/Infinity); ``BadRequest`` for anything else, ``ValidationError``
+    (422, field named) for strings that cannot be stored (``shared.jsontext``)."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest("the body is not valid JSON", code="invalid_json") from exc
+    return jsontext.check(value)
 
 
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:

@@ -6,7 +6,10 @@ RabbitMQ broker plays there (docs/architecture.md §5, §7): it declares the bro
 ``infra/runtime/taskforge.yaml`` in RabbitMQ, runs one dispatcher per trigger plus the
 dead-letter dispatcher, and POSTs every event in binary mode to
 ``<gateway>/function/<subscriber><path>``, with the trigger's delivery spec (retry,
-backoff, timeout, dead letter) and parallelism. Scaling from zero is the OpenFaaS
+backoff, timeout, dead letter) and parallelism, each POST signed with the delivery
+secret (``shared.delivery_auth``: the functions refuse anything unsigned, since the
+OpenFaaS gateway serves them publicly). It also publishes the outbox sweeper's tick
+every minute (the cron-connector cannot sign). Scaling from zero is the OpenFaaS
 gateway's job; a 5xx or timeout while a function starts is retried like any other.
 
     python -m infra.openfaas.bridge --gateway-url http://gateway.openfaas:8080
@@ -19,6 +22,7 @@ by RabbitMQ), 2 on bad arguments or config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -29,12 +33,16 @@ from collections.abc import Sequence
 from infra.runtime import topology
 from infra.runtime.config import ConfigError, RuntimeConfig, load_config
 from infra.runtime.dispatcher import Dispatcher
+from infra.runtime.ticker import Ticker
 from shared import logging as tf_logging
 from shared.broker import dead_letter_queue, trigger_queue
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("taskforge.bridge")
 
+# The sweeper's tick, published into RabbitMQ and delivered (signed) like any event: the
+# OpenFaaS cron-connector cannot sign its requests, so the bridge ticks instead.
+TICK_INTERVAL_S = 60.0
 # The dead-letter sink must not lose events: a few deliveries at once, like the local stack.
 DEAD_LETTER_PARALLELISM = 2
 
@@ -80,17 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the function graph (default: the bundled infra/runtime/taskforge.yaml)")
     p.add_argument("--metrics-port", type=int, default=9102, help="port of /metrics (0: none)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds")
+    p.add_argument("--tick-interval-s", type=float, default=TICK_INTERVAL_S,
+                   help="publish the outbox sweeper's tick this often (0: never)")
     return p
 
 
-def run(config: RuntimeConfig, settings: Settings, gateway_url: str, stop: threading.Event) -> None:
-    """Declare the topology, run the dispatchers until ``stop`` is set, stop them."""
+def run(config: RuntimeConfig, settings: Settings, gateway_url: str, stop: threading.Event,
+        tick_interval_s: float = TICK_INTERVAL_S) -> None:
+    """Declare the topology, run the dispatchers (and the ticker, every
+    ``tick_interval_s`` seconds; 0: none) until ``stop`` is set, stop them."""
     topology.declare(settings, config)
     running = dispatchers(config, settings, gateway_url)
     for d in running:
         d.start()
+    tick = None
+    if config.ticker is not None and tick_interval_s > 0:
+        tick = Ticker(settings, dataclasses.replace(config.ticker, interval_s=tick_interval_s))
+        tick.start()
     log.info("bridge running", extra={"gateway": gateway_url, "dispatchers": [d.name for d in running]})
     stop.wait()
+    if tick is not None:
+        tick.stop()
     for d in running:
         d.stop()
 
@@ -112,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run(config, settings, args.gateway_url, stop)
+    run(config, settings, args.gateway_url, stop, args.tick_interval_s)
     return 0
 
 

@@ -8,6 +8,8 @@ binary mode, and settle the message by Knative's rules (``infra.runtime.delivery
 * Exhausted: the event, with ``knativeerrordest``/``knativeerrorcode``/``knativeerrordata``,
   is published (with a confirm) to the dead-letter queue, whose own dispatcher delivers it
   to the dead-letter function with that function's generous delivery spec.
+* Every POST carries ``X-TaskForge-Signature`` (``shared.delivery_auth``) when a delivery
+  secret is configured: internal functions refuse requests without it.
 * A 2xx answer carrying a CloudEvent is a reply: published (confirmed) into the broker.
 * A message is acked only after its outcome is settled (and anything it produced is
   confirmed): a crashed dispatcher loses nothing, RabbitMQ redelivers.
@@ -35,11 +37,11 @@ import pika
 import pika.exceptions
 from cloudevents.http import CloudEvent
 
-from events import codec
+from events import catalog, codec
 from infra.runtime.config import DeliverySpec, RuntimeConfig
 from infra.runtime.delivery import Attempt, Outcome, dead_letter_event, reply_of
 from infra.runtime.process import ColdStartError, FunctionProcess
-from shared import httppost, metrics
+from shared import delivery_auth, httppost, metrics
 from shared.broker import dead_letter_queue, exchange_name, trigger_queue
 from shared.errors import BadRequest
 from shared.settings import Settings
@@ -330,7 +332,9 @@ class Dispatcher:
     def _attempt(self, headers: Mapping[str, str], body: bytes) -> Attempt:
         try:
             with self.activate() if self.activate else contextlib.nullcontext():
-                return self.poster(self.url, headers, body, self.delivery.timeout_s)
+                # Signed per attempt (fresh timestamp): the function refuses unsigned requests.
+                signed = delivery_auth.sign(self.settings, headers, body)
+                return self.poster(self.url, signed, body, self.delivery.timeout_s)
         except ColdStartError as exc:
             return Attempt(None, {}, b"", f"cold start failed: {exc}")
 
@@ -361,10 +365,12 @@ class Dispatcher:
 
     def _exhausted(self, msg: _Msg, event: CloudEvent, attempt: Attempt) -> str:
         if self.dead_letter is None:
-            # The dead-letter sink itself failed: like Knative, the event is lost — say so loudly.
+            # The dead-letter sink itself failed: like Knative, the event is lost — say so loudly
+            # (the whole event, for an operator to recover, minus any credential it carries).
+            shown = codec.make_event(catalog.without_secrets(codec.attributes_of(event)), event.get_data())
             log.error("dead-letter delivery exhausted; event lost", extra=({
                 "trigger": self.name, "event_id": event["id"], "event_type": event["type"],
-                "answer": attempt.describe(), "event": codec.to_structured_http(event)[1].decode("utf-8", "replace")}))
+                "answer": attempt.describe(), "event": codec.to_structured_http(shown)[1].decode("utf-8", "replace")}))
             self._ack(msg)
             return "lost"
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -195,6 +196,19 @@ def banner(config: RuntimeConfig) -> str:
     return "\n".join(lines)
 
 
+def with_delivery_secret(settings: Settings, env: Mapping[str, str]) -> tuple[Settings, dict[str, str]]:
+    """Settings and function environment with a delivery secret: the configured one, or a
+    fresh random one for this run, so the stack's functions refuse unsigned requests
+    exactly as in production (``shared.delivery_auth``). ``delivery_auth=none`` opts out."""
+    out = dict(env)
+    if settings.delivery_secret or settings.delivery_auth == "none":
+        return settings, out
+    secret = secrets.token_urlsafe(32)
+    out.pop("TASKFORGE_DELIVERY_SECRET_FILE", None)
+    out["TASKFORGE_DELIVERY_SECRET"] = secret
+    return settings.replace(delivery_secret=secret), out
+
+
 def run_dev(config_path: str | None = None) -> int:
     """Run the whole stack in the foreground until Ctrl-C / SIGTERM. Returns the exit code."""
     from shared import logging as tf_logging
@@ -214,7 +228,8 @@ def run_dev(config_path: str | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    stack = Stack(config, settings, os.environ)
+    settings, env = with_delivery_secret(settings, os.environ)
+    stack = Stack(config, settings, env)
     try:
         stack.start()
         print(banner(config), file=sys.stderr, flush=True)

@@ -15,6 +15,9 @@ API::
     nav.error       # Chromium's navigation error (e.g. "net::ERR_TUNNEL_CONNECTION_FAILED"), or None
     nav.printed     # whether dest_path was written (only when the page loaded with a status < 400)
 
+Chromium runs with its own sandbox (never ``--no-sandbox`` unless configured off): as
+the unprivileged ``chromium_user`` when the worker is root (:func:`launch`).
+
 Raises ``EngineTimeout`` (permanent: an endless script or a page that never finishes
 loading) when ``timeout_s`` passes, ``Cancelled``, ``PdfTooLarge``, and ``RetryableError``
 when Chromium is missing or dies. On every exit the whole process group is killed and the
@@ -25,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import selectors
 import shutil
 import signal
@@ -73,16 +77,16 @@ _QUIET = (
 )
 
 
-def chromium_args(exe: str, proxy_url: str, profile_dir: str) -> list[str]:
+def chromium_args(exe: str, proxy_url: str, profile_dir: str, sandbox: bool = True) -> list[str]:
     """The command line: headless, every request through ``proxy_url``, nothing else on the network. Pure.
 
     ``proxy_url`` is the *browser-wide* proxy: :func:`print_to_pdf` points it at a dead
     loopback port so Chromium's own background traffic (updates, sign-in; Debian's wrapper
     even adds remote extensions) goes nowhere, and gives the page's browser context the
-    guarded proxy.
+    guarded proxy. ``sandbox=False`` adds ``--no-sandbox`` (see :func:`launch`).
     """
     return [
-        exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+        exe, "--headless", *(() if sandbox else ("--no-sandbox",)), "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
         "--mute-audio", "--remote-debugging-pipe", f"--user-data-dir={profile_dir}",
         f"--proxy-server={proxy_url}", "--proxy-bypass-list=<-loopback>",  # loopback too: no exceptions
         # Chromium itself resolves nothing: proxied names are resolved by the proxy, and a
@@ -93,13 +97,41 @@ def chromium_args(exe: str, proxy_url: str, profile_dir: str) -> list[str]:
     ]
 
 
+def launch(args: list[str], *, sandbox: bool, euid: int, user: str,
+           setpriv: str | None) -> tuple[list[str], tuple[int, int] | None]:
+    """How to start Chromium: ``(argv, (uid, gid) to own the profile or None)``. Pure but
+    for the user lookup.
+
+    Chromium renders untrusted HTML, so it runs inside its own sandbox (namespaces and
+    seccomp-bpf per renderer). That sandbox refuses to run as root: a root worker
+    (a local stack, CI) starts Chromium as the unprivileged ``user`` through ``setpriv``;
+    the container image already runs as non-root and starts it directly. Raises
+    ``RetryableError`` when root must drop privileges but cannot (no such user, no
+    ``setpriv``): never silently unsandboxed.
+    """
+    if not sandbox or euid != 0:
+        return args, None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise RetryableError(f"no user {user!r} to run the chromium sandbox as") from None
+    if not setpriv:
+        raise RetryableError("setpriv is needed to start chromium unprivileged") from None
+    return ([setpriv, f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--", *args],
+            (pw.pw_uid, pw.pw_gid))
+
+
 class _Browser:
     """One Chromium process and its protocol pipe; ``call`` is synchronous with a global deadline."""
 
     def __init__(self, exe: str, proxy_url: str, deadline: float, timeout_s: float,
-                 should_cancel: CancelFn) -> None:
+                 should_cancel: CancelFn, sandbox: bool = True, user: str = "nobody") -> None:
         self.deadline, self.timeout_s, self.should_cancel = deadline, timeout_s, should_cancel
         self.profile = tempfile.mkdtemp(prefix="tf-chromium-")
+        argv, owner = launch(chromium_args(exe, proxy_url, self.profile, sandbox), sandbox=sandbox,
+                             euid=os.geteuid(), user=user, setpriv=shutil.which("setpriv"))
+        if owner is not None:
+            os.chown(self.profile, *owner)
         self.stderr = tempfile.TemporaryFile()
         self.events: list[dict[str, Any]] = []
         self._next_id, self._buf, self._last_poll = 0, b"", 0.0
@@ -112,8 +144,7 @@ class _Browser:
         try:
             # posix_spawn, not Popen: the protocol wants exactly fds 3 and 4, and setsid
             # makes Chromium lead a process group we can kill whole.
-            self.pid = os.posix_spawn(exe, chromium_args(exe, proxy_url, self.profile),
-                                      child_env(self.profile), file_actions=actions, setsid=True)
+            self.pid = os.posix_spawn(argv[0], argv, child_env(self.profile), file_actions=actions, setsid=True)
         except FileNotFoundError:
             self._cleanup_fds(cmd_r, out_w, devnull)
             self.close()
@@ -271,8 +302,10 @@ def _kill_strays(profile: str) -> None:
 def print_to_pdf(exe: str, *, page_url: str, dest_path: str | os.PathLike[str], paper_in: tuple[float, float],
                  margin_in: float, landscape: bool, proxy_url: str, timeout_s: float, js_delay_ms: int,
                  max_bytes: int, should_cancel: CancelFn = never_cancel,
-                 on_progress: ProgressFn = no_progress) -> Navigation:
-    """Load ``page_url`` and print it to ``dest_path``; see the module docstring."""
+                 on_progress: ProgressFn = no_progress, sandbox: bool = True,
+                 user: str = "nobody") -> Navigation:
+    """Load ``page_url`` and print it to ``dest_path``; see the module docstring.
+    ``sandbox``/``user``: Chromium's own sandbox, and who runs it when we are root (:func:`launch`)."""
     deadline = time.monotonic() + timeout_s
     # A bound, never-listening socket: connections to it are refused, and no one else can
     # take the port while we hold it.
@@ -280,7 +313,8 @@ def print_to_pdf(exe: str, *, page_url: str, dest_path: str | os.PathLike[str], 
     hole.bind(("127.0.0.1", 0))
     browser: _Browser | None = None
     try:
-        browser = _Browser(exe, f"http://127.0.0.1:{hole.getsockname()[1]}", deadline, timeout_s, should_cancel)
+        browser = _Browser(exe, f"http://127.0.0.1:{hole.getsockname()[1]}", deadline, timeout_s, should_cancel,
+                           sandbox, user)
         context = browser.call("Target.createBrowserContext", {
             "proxyServer": proxy_url, "proxyBypassList": "<-loopback>", "disposeOnDetach": True})["browserContextId"]
         target = browser.call("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]

@@ -105,7 +105,8 @@ def options_from_settings(settings: Any) -> dict[str, Any]:
     **options_from_settings(s), on_progress=..., should_cancel=...)``."""
     return {"allow": fetch.parse_allow(settings.fetch_allow_cidrs), "timeout_s": settings.pdf_timeout_s,
             "max_bytes": settings.fetch_max_bytes, "wkhtmltopdf_path": settings.wkhtmltopdf_path,
-            "chromium_path": settings.chromium_path}
+            "chromium_path": settings.chromium_path, "chromium_sandbox": settings.chromium_sandbox,
+            "chromium_user": settings.chromium_user}
 
 
 def make_job(url: str | None = None, html: str | None = None, engine: str = "wkhtmltopdf", page_size: str = "A4",
@@ -169,7 +170,8 @@ def render_pdf(dest_path: str | os.PathLike[str], *, url: str | None = None, htm
                resolver: fetch.Resolver = fetch.system_resolver, timeout_s: float = 60.0, js_delay_ms: int = 500,
                max_bytes: int = 100 * 1024 * 1024, wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf",
                chromium_path: str = "/usr/bin/chromium", on_progress: ProgressFn = no_progress,
-               should_cancel: CancelFn = never_cancel, **_ignored: Any) -> dict[str, Any]:
+               should_cancel: CancelFn = never_cancel, chromium_sandbox: bool = True,
+               chromium_user: str = "nobody", **_ignored: Any) -> dict[str, Any]:
     """Render the page to ``dest_path``; see the module docstring. ``**_ignored`` takes extra payload keys."""
     job = make_job(url, html, engine, page_size, orientation, margin_mm)
     if job.url is not None:
@@ -184,7 +186,7 @@ def render_pdf(dest_path: str | os.PathLike[str], *, url: str | None = None, htm
             page_url = proxy.page_url() if job.html is not None else str(job.url)
             if job.engine == "chromium":
                 _run_chromium(chromium_path, page_url, dest_path, job, proxy, timeout_s, js_delay_ms, max_bytes,
-                              should_cancel, on_progress)
+                              should_cancel, on_progress, chromium_sandbox, chromium_user)
             else:
                 _run_wkhtmltopdf(wkhtmltopdf_path, page_url, dest_path, job, proxy, timeout_s, js_delay_ms,
                                  should_cancel, on_progress)
@@ -359,12 +361,12 @@ def _classify_wkhtmltopdf(rc: int, stderr: str, proxy: EgressProxy, page_url: st
 # --- chromium ------------------------------------------------------------------------
 def _run_chromium(exe: str, page_url: str, dest: str | os.PathLike[str], job: PdfJob, proxy: EgressProxy,
                   timeout_s: float, js_delay_ms: int, max_bytes: int, should_cancel: CancelFn,
-                  on_progress: ProgressFn) -> None:
+                  on_progress: ProgressFn, sandbox: bool = True, user: str = "nobody") -> None:
     w_mm, h_mm = PAGE_SIZES_MM[job.page_size]
     nav: Navigation = print_to_pdf(
         exe, page_url=page_url, dest_path=dest, paper_in=(w_mm / 25.4, h_mm / 25.4), margin_in=job.margin_mm / 25.4,
         landscape=job.landscape, proxy_url=proxy.url, timeout_s=timeout_s, js_delay_ms=js_delay_ms,
-        max_bytes=max_bytes, should_cancel=should_cancel, on_progress=on_progress)
+        max_bytes=max_bytes, should_cancel=should_cancel, on_progress=on_progress, sandbox=sandbox, user=user)
     failure = _chain_failure(proxy, nav.chain or (page_url,))
     if failure is not None:
         raise failure

@@ -10,7 +10,8 @@ at once (each batch is claimed with ``FOR UPDATE SKIP LOCKED``):
 2. Park rows whose events the broker's alternate exchange caught (no trigger matched).
 3. Rescue stale tasks (``shared.tasks.state.reap_stale``: dead workers, lost redeliveries) and
    let the status fan-out catch up on changes Redis missed (``shared.tasks.status.catch_up``).
-4. Purge dispatched rows older than the retention period, in bounded chunks.
+4. Purge dispatched rows older than the retention period, in bounded chunks, and
+   recorded dead letters older than theirs (``shared.deadletters.purge``).
 5. Refresh the outbox gauges (pending rows, oldest pending age).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from events import catalog
-from shared import batch_release, db, metrics
+from shared import batch_release, db, deadletters, metrics
 from shared.broker import Broker, backend_of
 from shared.outbox.publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
@@ -48,6 +49,7 @@ class SweepStats:
     reaped: int = 0
     released: int = 0  # batch items turned into tasks by this sweep (shared/batch_release.py)
     purged: int = 0
+    dead_letters_purged: int = 0
     pending: int = 0
     oldest_pending_age_s: float = 0.0
     duration_s: float = 0.0
@@ -97,6 +99,7 @@ def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = N
     stats.reaped = reap(settings)
     status.catch_up(settings)  # status changes Redis missed while it was down (never raises)
     stats.purged = purge(settings)
+    stats.dead_letters_purged = deadletters.purge(settings, PURGE_CHUNK, PURGE_MAX_CHUNKS)
     stats.pending, stats.oldest_pending_age_s = refresh_gauges(settings)
     stats.duration_s = round(clock() - start, 4)
     return stats

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 from cloudevents.http import CloudEvent
 
-from shared import deadletters
+from shared import admins, deadletters
 from tests.cli.conftest import Stack, Worker, new_email
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64  # the test plays the worker: the bytes need not decode
@@ -148,6 +148,8 @@ def test_dead_letter_commands_need_an_admin(stack: Stack, worker: Worker, logged
     signup = stack.cli("signup", "--email", "admin@example.com", "--password-stdin", input="a long password\n",
                        env=admin_env)
     assert signup.returncode == 0, signup.stderr
+    with psycopg.connect(stack.settings.database_url, row_factory=psycopg.rows.dict_row) as conn:
+        admins.set_admin(conn, "admin@example.com", True)  # an operator's grant
 
     task_id = json.loads(stack.cli("submit", "resize-image", "--url", "http://127.0.0.1:9/x.png", "--width", "5",
                                    "--json").stdout)["id"]

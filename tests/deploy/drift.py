@@ -216,7 +216,6 @@ def _scaling_and_timeouts(graph: RuntimeConfig, objs: list[Mapping[str, Any]]) -
 def _openfaas(graph: RuntimeConfig, stack: Mapping[str, Any]) -> list[str]:
     out = []
     fns = stack.get("functions") or {}
-    ping_subscribers = {t.subscriber for t in graph.triggers.values() if t.type == catalog.PING}
     for name, f in graph.functions.items():
         fn = fns.get(name)
         if fn is None:
@@ -235,12 +234,9 @@ def _openfaas(graph: RuntimeConfig, stack: Mapping[str, Any]) -> list[str]:
         if sig != ("cloudevent" if f.signature == "cloudevent" else "http"):
             out.append(f"{where}: build_args.SIGNATURE {sig!r} does not match signature {f.signature!r}")
         direct = sorted({t.type for t in graph.triggers.values() if t.subscriber == name and t.path == "/"})
-        if name in ping_subscribers:
-            if ann.get("topic") != CRON_TOPIC:
-                out.append(f"{where}: receives {catalog.PING!r} ticks, so its topic must be {CRON_TOPIC!r}")
-            if graph.ticker is not None and ann.get("schedule") != graph.ticker.schedule:
-                out.append(f"{where}: schedule {ann.get('schedule')!r} != ticker.schedule {graph.ticker.schedule!r}")
-        elif direct:
+        if ann.get("topic") == CRON_TOPIC or "schedule" in ann:
+            out.append(f"{where}: on the cron-connector, whose ticks are unsigned and refused; the bridge ticks")
+        if direct:
             topics = sorted(p.strip() for p in str(ann.get("topic", "")).split(",") if p.strip())
             if topics != direct:
                 out.append(f"{where}: topic {ann.get('topic')!r} != the types it consumes {','.join(direct)!r}")

@@ -162,8 +162,8 @@ def _openfaas_topic_differs(g, objs, st):
     return g, objs, st
 
 
-def _openfaas_cron_topic_lost(g, objs, st):
-    st["functions"]["outbox-sweeper"]["annotations"]["topic"] = "com.taskforge.outbox.sweep"
+def _openfaas_back_on_the_cron_connector(g, objs, st):
+    st["functions"]["outbox-sweeper"]["annotations"].update(topic="cron-function", schedule="* * * * *")
     return g, objs, st
 
 
@@ -198,7 +198,7 @@ CASES: list[tuple[Mutation, str]] = [
     (_no_ping_source, "no PingSource sends it into the Broker"),
     (_ping_schedule_differs, "schedule '*/5 * * * *' != ticker.schedule"),
     (_openfaas_topic_differs, "stack.yml function 'resize-image': topic"),
-    (_openfaas_cron_topic_lost, "its topic must be 'cron-function'"),
+    (_openfaas_back_on_the_cron_connector, "on the cron-connector, whose ticks are unsigned"),
     (_openfaas_build_arg_differs, "stack.yml function 'status-stream': build_args.ASGI"),
     (_openfaas_idle_differs, "stack.yml function 'generate-pdf': com.openfaas.scale.zero-duration '10m'"),
 ]

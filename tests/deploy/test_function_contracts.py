@@ -4,8 +4,8 @@ infra/runtime/taskforge.yaml):
 
 * every function of the graph has its source where the image's entrypoint looks;
 * GET /healthz answers 200 (Knative httpGet probes, OpenFaaS health-path annotations);
-* the OpenFaaS cron-connector's tick — a bare POST with an empty body, no CloudEvent
-  headers — makes the outbox-sweeper sweep (2xx), like a PingSource event does.
+* a bare tick — a POST with an empty body, no CloudEvent headers — makes the
+  outbox-sweeper sweep (2xx) where deliveries are not signed, and is refused where they are.
 """
 from __future__ import annotations
 
@@ -47,8 +47,18 @@ def test_every_function_answers_the_health_path(settings, name):
     assert status == 200, f"{name}: GET /healthz -> {status} {body[:200]}"
 
 
-def test_the_cron_connector_tick_makes_the_sweeper_sweep(settings):
+def test_a_bare_tick_sweeps_only_where_deliveries_are_not_signed(settings):
+    """An empty POST (what OpenFaaS's cron-connector sends) is a tick where the platform
+    keeps the function private (``delivery_auth=none``); with a delivery secret it is an
+    unsigned request like any other, refused with 401."""
+    from shared.settings import set_settings
+
     spec = GRAPH.functions["outbox-sweeper"]
     app = functions_framework.create_app(spec.target, str(spec.source), "http")
-    r = app.test_client().post("/", data=b"")  # exactly what the cron-connector sends
-    assert 200 <= r.status_code < 300, f"cron-connector tick -> {r.status_code} {r.get_data(as_text=True)[:300]}"
+    set_settings(settings.replace(delivery_auth="none"))
+    r = app.test_client().post("/", data=b"")
+    assert 200 <= r.status_code < 300, f"bare tick -> {r.status_code} {r.get_data(as_text=True)[:300]}"
+    set_settings(settings.replace(delivery_secret="t" * 40))
+    r = app.test_client().post("/", data=b"")
+    assert r.status_code == 401 and r.json["error"]["code"] == "unsigned_delivery"
+    set_settings(settings)

@@ -245,6 +245,20 @@ def test_containers_run_unprivileged(base):
         assert sc["capabilities"] == {"drop": ["ALL"]}
 
 
+def test_internal_functions_are_cluster_local_where_deliveries_cannot_be_signed(rendered):
+    """Knative's broker cannot sign its deliveries, so the signature check is off there;
+    what keeps the internal functions closed is that only the cluster can reach them."""
+    for build in ("knative/base", "knative/overlays/dev", "knative/overlays/prod"):
+        objs = rendered[build]
+        assert by_kind(objs, "ConfigMap")["taskforge-config"]["data"]["TASKFORGE_DELIVERY_AUTH"] == "none"
+        for name, svc in by_kind(objs, "Service").items():
+            visibility = svc["metadata"].get("labels", {}).get("networking.knative.dev/visibility")
+            if name in CLOUDEVENT_ONLY:
+                assert visibility == "cluster-local", (build, name)
+            else:  # the gateway and the status stream are the public doors
+                assert visibility is None, (build, name)
+
+
 def test_migration_job(base, rendered):
     job = by_kind(base, "Job")["taskforge-migrate"]
     (c,) = job["spec"]["template"]["spec"]["containers"]

@@ -20,10 +20,11 @@ import pika
 import pytest
 import yaml
 
-from events import codec
+from events import catalog, codec
 from infra.openfaas import bridge
 from infra.runtime import topology
 from infra.runtime.config import load_config, parse_config
+from shared import delivery_auth
 from shared.broker import exchange_name
 from shared.settings import Settings
 from tests.deploy.k8s import ROOT, kustomize
@@ -111,15 +112,48 @@ def _cron_field_ok(field: str, lo: int, hi: int) -> bool:
     return True
 
 
-def test_sweeper_is_on_the_cron_connector(stack):
+def test_the_sweeper_is_ticked_by_the_bridge_not_the_cron_connector(stack):
+    """The cron-connector cannot sign its requests and the functions refuse unsigned ones,
+    so nothing is on it: the bridge publishes the tick and delivers it signed."""
+    assert not [n for n, f in stack["functions"].items() if f["annotations"].get("topic") == "cron-function"]
+    assert all("schedule" not in f["annotations"] for f in stack["functions"].values())
     ann = stack["functions"]["outbox-sweeper"]["annotations"]
-    assert ann["topic"] == "cron-function"
-    fields_ = ann["schedule"].split()
-    assert len(fields_) == 5 and all(_cron_field_ok(f, lo, hi) for f, (lo, hi) in
-                                     zip(fields_, [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)], strict=True))
-    assert ann["schedule"] == load_config().ticker.schedule
-    assert [n for n, f in stack["functions"].items() if f["annotations"].get("topic") == "cron-function"] \
-        == ["outbox-sweeper"]
+    assert sorted(ann["topic"].split(",")) == [catalog.OUTBOX_SWEEP, catalog.PING]
+    assert bridge.build_parser().parse_args(["--gateway-url", "http://g"]).tick_interval_s == 60
+
+
+def _loads_in_production(env: dict[str, str], tmp_path) -> None:
+    """The settings of a manifest's environment load (production checks included), with
+    every secret file replaced by a plausible value."""
+    from shared.settings import load_settings
+
+    real = {}
+    for key, value in env.items():
+        if key.endswith("_FILE") and key.startswith("TASKFORGE_"):
+            path = tmp_path / key
+            path.write_text("amqp://u:p@mq/" if "AMQP" in key else "x" * 40)
+            real[key] = str(path)
+        else:
+            real[key] = value
+    load_settings(real)
+
+
+def test_every_openfaas_manifest_starts_in_production_mode(stack, tmp_path):
+    for name in stack["functions"]:
+        _loads_in_production({k: str(v) for k, v in environment(stack, name).items()}, tmp_path)
+    for obj in kustomize(ROOT / "infra" / "openfaas"):
+        (c,) = obj["spec"]["template"]["spec"]["containers"]
+        _loads_in_production({e["name"]: e["value"] for e in c["env"]}, tmp_path)
+
+
+def test_functions_and_the_bridge_share_the_delivery_secret(stack):
+    env = environment(stack, "dead-letter")
+    assert env["TASKFORGE_DELIVERY_AUTH"] == "signature"
+    assert env["TASKFORGE_DELIVERY_SECRET_FILE"] == SECRETS_DIR + "taskforge-delivery-secret"
+    dep = next(o for o in kustomize(ROOT / "infra" / "openfaas") if o["kind"] == "Deployment")
+    benv = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert benv["TASKFORGE_DELIVERY_AUTH"] == "signature"
+    assert benv["TASKFORGE_DELIVERY_SECRET_FILE"].startswith("/etc/taskforge/secrets/")
 
 
 def test_environment_and_secrets(stack):
@@ -271,20 +305,23 @@ def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
 def test_bridge_delivers_rabbitmq_events_to_openfaas_functions(base_settings, gateway):
     """Real RabbitMQ, the real bridge: events reach /function/<name><path> in binary mode,
     and one whose function keeps failing ends at /function/dead-letter after its retries."""
-    settings = base_settings.replace(broker_name=f"{base_settings.broker_name}-bridge")
+    settings = base_settings.replace(broker_name=f"{base_settings.broker_name}-bridge",
+                                     delivery_secret="b" * 40, delivery_auth="signature")
     fast = {"backoffPolicy": "linear", "backoffDelay": "PT0.01S", "timeout": "PT5S", "deadLetterSink": "dead-letter"}
     graph = parse_config({
         "functions": {"worker": {"port": 18001}, "broken": {"port": 18002}, "dead-letter": {"port": 18003}},
+        "ticker": {"type": "test.bridge.tick"},
         "triggers": {
             "work": {"type": "test.bridge.work", "subscriber": "worker", "path": "/events",
                      "delivery": {**fast, "retry": 0}},
             "fail": {"type": "test.bridge.fail", "subscriber": "broken", "delivery": {**fast, "retry": 2}},
+            "tick": {"type": "test.bridge.tick", "subscriber": "worker", "delivery": {**fast, "retry": 0}},
         },
         "dead_letter": {"subscriber": "dead-letter", "delivery": {"retry": 1, "timeout": "PT5S"}},
     })
     url = f"http://127.0.0.1:{gateway.server_address[1]}"
     stop = threading.Event()
-    runner = threading.Thread(target=bridge.run, args=(graph, settings, url, stop), daemon=True)
+    runner = threading.Thread(target=bridge.run, args=(graph, settings, url, stop, 0.2), daemon=True)
     runner.start()
     try:
         _wait_for(lambda: _declared(settings, graph))
@@ -309,6 +346,11 @@ def test_bridge_delivers_rabbitmq_events_to_openfaas_functions(base_settings, ga
         assert json.loads(call["body"]) == {"n": 1}
         assert dead["headers"]["ce-knativeerrordest"].endswith("/function/broken")
         assert dead["headers"]["ce-knativeerrorcode"] == "500"
+        _wait_for(lambda: len(ids("/function/worker")) >= 1)  # the bridge's own tick
+        with gateway.lock:
+            calls = list(gateway.calls)
+        for c in calls:  # every delivery is signed with the shared secret
+            delivery_auth.verify(settings, c["headers"], c["body"])
     finally:
         stop.set()
         runner.join(timeout=30)

@@ -101,6 +101,21 @@ def test_dead_letter_reaches_the_sink_and_the_admin_can_replay_it(stack: LocalSt
     assert task["status"] == "failed" and task["error"]["code"] == "dead_lettered"
     assert http.get("/admin/dead-letters", headers=user).status_code == 403
 
+    # The sink is running now: a forged dead letter POSTed straight to it (not through the
+    # broker, so unsigned) is refused and fails nothing.
+    with psycopg.connect(stack.settings.database_url, autocommit=True) as conn:
+        victim = str(conn.execute(
+            "INSERT INTO tasks (user_id, type, status, payload) VALUES (%s, 'resize-image', 'queued', '{}')"
+            " RETURNING id", (user_id,)).fetchone()[0])
+    fh, fbody = codec.to_binary_http(codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": "com.taskforge.resize-image.requested",
+         "source": "/attacker", "subject": victim, "datacontenttype": "application/json",
+         "knativeerrordest": "x", "knativeerrorcode": "500"},
+        {"task_id": victim, "user_id": user_id, "type": "resize-image", "payload": {}}))
+    forged = httpx.post(stack.url("dead-letter"), headers=fh, content=fbody, timeout=10)
+    assert forged.status_code == 401, forged.text
+    assert http.get(f"/tasks/{victim}", headers=user).json()["status"] == "queued"
+
     r = http.post(f"/admin/dead-letters/{item['id']}/replay", headers=admin)
     assert r.status_code == 202, r.text
     assert r.json()["task"]["status"] == "queued" and r.json()["event_id"] != event["id"]

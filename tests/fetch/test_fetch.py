@@ -51,12 +51,22 @@ def body_route(h: BaseHTTPRequestHandler) -> None:
     # IPv6 spellings that tunnel to a private IPv4 address are judged by that address
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:169.254.169.254", "cloud metadata"),
     ("64:ff9b::a00:1", "private"), ("2002:c0a8:0101::1", "private"),
+    # ... including the compatible, SIIT and local-use NAT64 spellings
+    ("::7f00:1", "loopback"), ("::ffff:0:a9fe:a9fe", "cloud metadata"), ("64:ff9b:1::7f00:1", "loopback"),
+    ("64:ff9b:1:7f00:0:100::", "loopback"),  # RFC 6052 layout of a /48 prefix
+    # IPv6 outside global unicast, or in its special-purpose blocks, whatever it embeds
+    ("fec0::1", "not global unicast"), ("::ffff:8.8.8.8", "not global unicast"),
+    ("64:ff9b::808:808", "not global unicast"), ("64:ff9b:1::808:808", "not global unicast"),
+    ("2001:db8::1", "documentation"), ("2002:808:808::1", "6to4"), ("2001::1", "special-purpose"),
+    ("2001:2::1", "special-purpose"), ("3fff::1", "documentation"), ("5f00::1", "not global unicast"),
+    ("100::1", "not global unicast"), ("4000::1", "not global unicast"),
 ])
 def test_refused_ranges(ip: str, why: str) -> None:
     assert fetch.refusal_reason(ip) == why
 
 
-@pytest.mark.parametrize("ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"])
+@pytest.mark.parametrize("ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e",
+                                "2001:4860:4860::8888"])
 def test_public_addresses_pass(ip: str) -> None:
     assert fetch.refusal_reason(ip) is None
 
@@ -106,9 +116,18 @@ def test_literal_private_addresses_refused_without_dns(url: str) -> None:
 def test_hostname_resolving_to_private_address_refused() -> None:
     calls: list[str] = []
     resolver = stub_resolver({"evil.example": ["10.0.0.5"]}, calls)
-    with pytest.raises(fetch.UrlRefused, match="10.0.0.5"):
+    with pytest.raises(fetch.UrlRefused, match="private") as err:
         fetch.check_url("http://evil.example/x", resolver=resolver)
     assert calls == ["evil.example"]
+    assert "10.0.0.5" not in str(err.value.to_dict())  # the caller never learns internal addresses
+
+
+@pytest.mark.parametrize("answer", ["::7f00:1", "64:ff9b:1::7f00:1", "::ffff:0:a9fe:a9fe", "fec0::1", "fd00::5"])
+def test_ipv6_answers_are_refused_without_revealing_them(answer: str) -> None:
+    with pytest.raises(fetch.UrlRefused) as err:
+        fetch.check_url("http://sneaky.example/", resolver=stub_resolver({"sneaky.example": [answer]}))
+    shown = str(err.value.to_dict())
+    assert answer not in shown and "sneaky.example" in shown
 
 
 def test_any_private_answer_refuses_the_name() -> None:

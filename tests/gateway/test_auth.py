@@ -75,18 +75,132 @@ def test_login_failures_look_the_same_for_unknown_email_and_wrong_password(clien
     assert wrong.json == unknown.json
 
 
-def test_login_is_rate_limited_per_email_and_ip(make_app):
+def test_failed_logins_are_limited_per_client(make_app):
     app = make_app(login_rate_per_min=3)
     client = app.test_client()
     signup(client)
     codes = [login(client, password="wrong-password").status_code for _ in range(3)]
     assert codes == [401, 401, 401]
-    r = login(client)  # even the right password is refused now
+    r = login(client)  # this client spent its failures: even the right password waits
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) >= 1
-    # Another email from the same address is counted separately.
-    signup(client, email="other@example.com")
-    assert login(client, email="other@example.com").status_code == 200
+
+
+def test_successful_logins_do_not_spend_the_budget(make_app):
+    client = make_app(login_rate_per_min=2, login_account_failures_per_min=2).test_client()
+    signup(client)
+    assert [login(client).status_code for _ in range(6)] == [200] * 6  # an office behind one NAT
+
+
+def _from(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": f"6.6.6.6, {address}"}  # what the client claimed, then what the proxy saw
+
+
+def test_an_attackers_failures_never_lock_the_owner_out_behind_the_proxy(make_app):
+    """Behind the platform's proxy every request has the same peer address. The attacker
+    guesses from one address, then from many; the owner, from their own address, still
+    logs in with the right password."""
+    app = make_app(trusted_proxy_count=1, login_rate_per_min=5, login_account_failures_per_min=8)
+    client = app.test_client()
+    signup(client)
+
+    def attempt(address: str, password: str = "wrong-password"):
+        return client.post("/auth/login", json={"email": "ann@example.com", "password": password},
+                           headers={"X-Forwarded-For": address})
+
+    assert [attempt("203.0.113.7").status_code for _ in range(6)] == [401] * 5 + [429]  # one client: capped
+    # From many addresses: once the account's budget (8) is spent, each new address gets
+    # one guess and then waits like the others.
+    assert [attempt(f"203.0.113.{i}").status_code for i in range(20, 30)] == [401] * 10
+    assert [attempt(f"203.0.113.{i}").status_code for i in range(20, 30)] == [429] * 10
+    owner = attempt("198.51.100.1", "password123")
+    assert owner.status_code == 200, owner.get_data(as_text=True)  # but not for the owner
+
+
+def test_the_proxy_header_is_believed_only_when_configured(make_app):
+    client = make_app(login_rate_per_min=2).test_client()  # no trusted proxy
+    signup(client)
+    codes = [client.post("/auth/login", json={"email": "ann@example.com", "password": "nope-nope"},
+                         headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(3)]
+    assert codes == [401, 401, 429]  # a forged header does not make a new client
+
+
+@pytest.mark.parametrize(("peer", "header", "trusted", "expected"), [
+    ("10.0.0.1", None, 1, "10.0.0.1"),
+    ("10.0.0.1", "198.51.100.4", 0, "10.0.0.1"),
+    ("10.0.0.1", "198.51.100.4", 1, "198.51.100.4"),
+    ("10.0.0.1", "6.6.6.6, 198.51.100.4", 1, "198.51.100.4"),  # the client's own entry is ignored
+    ("10.0.0.1", "6.6.6.6, 198.51.100.4, 10.1.1.1", 2, "198.51.100.4"),
+    ("10.0.0.1", "198.51.100.4", 2, "10.0.0.1"),  # fewer hops than proxies: not believed
+    ("10.0.0.1", "not-an-ip", 1, "10.0.0.1"),
+    ("10.0.0.1", "[2001:db8::5]:443", 1, "2001:db8::5"),
+    ("10.0.0.1", "198.51.100.4:5555", 1, "198.51.100.4"),
+    (None, None, 0, "-"),
+])
+def test_client_address(peer, header, trusted, expected):
+    from shared.client_address import client_address
+
+    assert client_address(peer, header, trusted) == expected
+
+
+@pytest.mark.parametrize(("peer", "header", "expected"), [
+    ("10.0.0.9", "198.51.100.4, 10.1.2.3", "198.51.100.4"),  # ingress + activator: both skipped
+    ("10.0.0.9", "198.51.100.4", "198.51.100.4"),  # a shorter chain: same answer
+    ("10.0.0.9", "6.6.6.6, 198.51.100.4, 10.1.2.3", "198.51.100.4"),  # the client's own claim is ignored
+    ("198.51.100.7", "6.6.6.6", "198.51.100.7"),  # not from our proxies: the header is not believed
+    ("10.0.0.9", "10.1.2.3", "10.0.0.9"),  # nothing but proxies
+    ("10.0.0.9", "junk, 10.1.2.3", "10.0.0.9"),
+])
+def test_client_address_behind_proxies_in_known_networks(peer, header, expected):
+    import ipaddress
+
+    from shared.client_address import client_address
+
+    nets = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address(peer, header, 0, nets) == expected
+
+
+def test_trusted_proxy_networks_through_the_gateway(make_app):
+    client = make_app(trusted_proxy_cidrs=("127.0.0.0/8", "10.0.0.0/8"), signup_rate_per_min=1).test_client()
+    assert client.post("/auth/signup", json={"email": "p@example.com", "password": "password123"},
+                       headers={"X-Forwarded-For": "203.0.113.1, 10.2.2.2"}).status_code == 201
+    assert client.post("/auth/signup", json={"email": "q@example.com", "password": "password123"},
+                       headers={"X-Forwarded-For": "203.0.113.2"}).status_code == 201  # another client
+    assert client.post("/auth/signup", json={"email": "r@example.com", "password": "password123"},
+                       headers={"X-Forwarded-For": "203.0.113.2, 10.3.3.3"}).status_code == 429  # the same one
+
+
+def test_signup_is_rate_limited_per_client(make_app):
+    client = make_app(signup_rate_per_min=2, trusted_proxy_count=1).test_client()
+    codes = [client.post("/auth/signup", json={"email": f"s{i}@example.com", "password": "password123"},
+                         headers=_from("203.0.113.9")).status_code for i in range(3)]
+    assert codes == [201, 201, 429]
+    other = client.post("/auth/signup", json={"email": "t@example.com", "password": "password123"},
+                        headers=_from("203.0.113.10"))
+    assert other.status_code == 201
+
+
+def test_concurrent_password_hashing_is_bounded(make_app, gw_settings):
+    """Each argon2 hash takes 64 MiB: past ``hash_concurrency`` hashes at once a request
+    waits ``hash_wait_s`` and then gets 503 instead of more memory."""
+    s = gw_settings.replace(hash_concurrency=1, hash_wait_s=0.05)
+    client = make_app(hash_concurrency=1, hash_wait_s=0.05).test_client()
+    signup(client)
+    with auth.hashing_slot(s):  # another request is hashing
+        for r in (signup(client, email="b@example.com"), login(client)):
+            assert r.status_code == 503 and r.json["error"]["code"] == "busy"
+            assert r.headers["Retry-After"] == "1"
+    assert signup(client, email="b@example.com").status_code == 201
+    assert login(client).status_code == 200
+
+
+def test_a_busy_answer_does_not_count_as_a_failed_login(make_app, gw_settings):
+    s = gw_settings.replace(hash_concurrency=1, hash_wait_s=0.05)
+    client = make_app(hash_concurrency=1, hash_wait_s=0.05, login_rate_per_min=2).test_client()
+    signup(client)
+    with auth.hashing_slot(s):
+        assert [login(client).status_code for _ in range(3)] == [503] * 3
+    assert login(client).status_code == 200  # the three busy answers spent nothing
 
 
 def test_refresh_rotates_and_spends_the_old_token(client):
@@ -208,15 +322,45 @@ def test_token_of_a_deleted_user_is_refused(client, user, gw_settings):
     assert client.get("/me", headers=user.headers).status_code == 401
 
 
-def test_admin_emails_make_admins(gw_settings, make_user):
-    admin = make_user(email="Admin@Example.com")
-    plain = make_user()
-    with db.connection(gw_settings) as c:
-        p_admin = auth.authenticate(gw_settings, c, admin.headers)
-        p_plain = auth.authenticate(gw_settings, c, plain.headers)
-    assert p_admin.is_admin and not p_plain.is_admin
+def test_admin_rights_come_from_configuration_by_id_checked_live(gw_settings, make_user, make_app):
+    """Admin by ``admin_user_ids``, read on every request: removing the id removes the right
+    for a token issued while it was there."""
+    from shared.settings import set_settings
+
+    admin = make_user()
+    set_settings(gw_settings.replace(admin_user_ids=(admin.id,)))
+    on = make_app(admin_user_ids=(admin.id,)).test_client()
+    assert on.get("/admin/dead-letters", headers=admin.headers).status_code == 200
+    set_settings(gw_settings)
+    off = make_app().test_client()
+    assert off.get("/admin/dead-letters", headers=admin.headers).status_code == 403
 
 
-def test_signup_of_an_admin_email_flags_the_account(client, conn):
-    r = signup(client, email="admin@example.com")
-    assert conn.execute("SELECT is_admin FROM users WHERE id = %s", (r.json["id"],)).fetchone()["is_admin"]
+def test_a_signup_never_makes_an_admin_and_the_email_setting_is_refused(client, conn):
+    """The old rule (first signup of an address listed in TASKFORGE_ADMIN_EMAILS becomes a
+    persisted admin) is gone: the setting is refused outright, and signup never flags."""
+    from shared.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="ADMIN_EMAILS"):
+        load_settings({"TASKFORGE_ADMIN_EMAILS": "boss@example.com"})
+    r = signup(client, email="boss@example.com")
+    assert r.status_code == 201
+    assert conn.execute("SELECT is_admin FROM users WHERE id = %s", (r.json["id"],)).fetchone()["is_admin"] is False
+    token = login(client, email="boss@example.com").json["access_token"]
+    assert client.get("/admin/dead-letters", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+
+
+def test_operator_command_grants_and_revokes_admin_live(client, gw_settings, capsys):
+    from shared.settings import set_settings
+    from taskforge import cli
+
+    set_settings(gw_settings)
+    assert signup(client, email="ops@example.com").status_code == 201
+    headers = {"Authorization": f"Bearer {login(client, email='ops@example.com').json['access_token']}"}
+    assert client.get("/admin/dead-letters", headers=headers).status_code == 403
+    assert cli.main(["admin", "grant", "OPS@example.com"]) == 0
+    assert client.get("/admin/dead-letters", headers=headers).status_code == 200
+    assert cli.main(["admin", "list"]) == 0 and "ops@example.com" in capsys.readouterr().out
+    assert cli.main(["admin", "revoke", "ops@example.com"]) == 0
+    assert client.get("/admin/dead-letters", headers=headers).status_code == 403  # same token, right gone
+    assert cli.main(["admin", "grant", "nobody@example.com"]) == 4

@@ -11,6 +11,7 @@ from openapi_spec_validator import validate as validate_openapi
 from functions.gateway.app import create_app
 from functions.gateway.guards import require_admin
 from functions.gateway.openapi import build_document
+from shared import admins, db
 from shared.errors import ServiceUnavailable
 
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -148,8 +149,11 @@ def test_dependency_errors_are_503_without_internals(failing_app):
     assert "db.internal" not in r.get_data(as_text=True)
 
 
-def test_require_admin(failing_app, make_user):
+def test_require_admin(failing_app, make_user, gw_settings):
     client = failing_app.test_client()
     assert client.get("/admin-only").status_code == 401
     assert client.get("/admin-only", headers=make_user().headers).status_code == 403
-    assert client.get("/admin-only", headers=make_user(email="admin@example.com").headers).json == {"ok": True}
+    admin = make_user(email="admin@example.com")
+    with db.connection(gw_settings) as conn:
+        admins.set_admin(conn, admin.email, True)
+    assert client.get("/admin-only", headers=admin.headers).json == {"ok": True}

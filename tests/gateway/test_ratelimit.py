@@ -58,11 +58,17 @@ def test_limits_fail_open_when_redis_is_down(gw_settings):
 
 def test_check_login_raises_with_retry_after(gw_settings):
     s = gw_settings.replace(login_rate_per_min=1)
-    ratelimit.check_login(s, "b@example.com", "127.0.0.9")
+    ratelimit.check_login(s, "b@example.com", "127.0.0.9")  # counted as a failure until taken back
     with pytest.raises(RateLimited) as exc:
-        ratelimit.check_login(s, "B@example.com ", "127.0.0.9")  # same account, normalised
+        ratelimit.check_login(s, "B@example.com ", "127.0.0.9")
     assert 1 <= int(exc.value.headers["Retry-After"]) <= 60
     ratelimit.check_login(s, "b@example.com", "127.0.0.10")  # another address
+
+
+def test_a_success_takes_its_attempt_back(gw_settings):
+    s = gw_settings.replace(login_rate_per_min=1)
+    for _ in range(5):
+        ratelimit.take_back(s, ratelimit.check_login(s, "c@example.com", "127.0.0.11"))
 
 
 def test_zero_disables_a_limit(gw_settings):

@@ -194,3 +194,51 @@ def test_gateway_with_s3_uploads_and_redirects_results(gw_settings, user, conn):
         r = client.get(f"/tasks/{task['id']}/result", headers=user.headers)
         assert r.status_code == 302
         assert "/results/" in r.headers["Location"] and "Signature" in r.headers["Location"]
+
+
+def _files_under(root: str) -> list[str]:
+    """Every file below ``root``, dot-files (``.tmp-*``) included."""
+    import os
+
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_a_refused_upload_leaves_no_temporary_file(make_app, user, gw_settings, conn):
+    """Cut off mid-stream (over the cap, no Content-Length): the half-written ``.tmp-*``
+    file is removed too, not only the object."""
+    client = make_app(max_upload_bytes=1000).test_client()
+    before = _files_under(gw_settings.storage_dir)
+    r = client.post("/uploads", input_stream=io.BytesIO(b"y" * 5000), content_type="video/mp4",
+                    headers={**user.headers, "Transfer-Encoding": "chunked"},
+                    environ_overrides={"wsgi.input_terminated": True})
+    assert r.status_code == 413
+    assert _files_under(gw_settings.storage_dir) == before
+
+
+def test_a_body_shorter_than_its_content_length_is_refused_by_the_running_gateway(gw_settings, user, conn):
+    """Through the real gateway process (gunicorn): a client that announces 100 000 bytes,
+    sends 10 and closes its side gets 400, and nothing is stored — no row, no object, no
+    temporary file."""
+    import socket
+
+    from tests.hostile.procs import start_functions, stop_functions
+
+    running = start_functions(gw_settings, ["gateway"])
+    try:
+        port = int(running["gateway"].url.rsplit(":", 1)[1])
+        before = _files_under(gw_settings.storage_dir)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            head = (f"POST /uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {user.headers['Authorization']}\r\n"
+                    "Content-Type: image/png\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n")
+            sock.sendall(head.encode() + b"0123456789")
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        status_line = answer.split(b"\r\n", 1)[0].decode()
+        assert " 400 " in status_line + " ", answer[:500]
+        assert b"truncated_body" in answer
+        assert conn.execute("SELECT count(*) AS n FROM uploads").fetchone()["n"] == 0
+        assert _files_under(gw_settings.storage_dir) == before
+    finally:
+        stop_functions(running.values())

@@ -86,6 +86,60 @@ def test_chromium_args_route_everything_through_the_given_proxy() -> None:
     assert any(a.startswith("--host-resolver-rules=MAP * ~NOTFOUND") for a in args)
 
 
+def test_chromium_runs_sandboxed_unless_configured_off() -> None:
+    assert "--no-sandbox" not in chromium.chromium_args("/usr/bin/chromium", "http://127.0.0.1:9", "/tmp/p")
+    assert "--no-sandbox" in chromium.chromium_args("/usr/bin/chromium", "http://127.0.0.1:9", "/tmp/p", False)
+    args = ["/usr/bin/chromium", "--headless"]
+    assert chromium.launch(args, sandbox=True, euid=1000, user="nobody", setpriv="/usr/bin/setpriv") == (args, None)
+    argv, owner = chromium.launch(args, sandbox=True, euid=0, user="nobody", setpriv="/usr/bin/setpriv")
+    assert argv[0] == "/usr/bin/setpriv" and argv[-2:] == args and owner is not None and owner[0] != 0
+    with pytest.raises(RetryableError):  # never silently unsandboxed as root
+        chromium.launch(args, sandbox=True, euid=0, user="nobody", setpriv=None)
+
+
+def _chromium_processes(marker: str) -> list[tuple[int, list[str]]]:
+    """(uid, argv) of every live process whose command line mentions ``marker``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            uid = int(next(line for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                           if line.startswith("Uid:")).split()[1])
+        except (OSError, StopIteration, ValueError):
+            continue
+        if any(marker in a for a in argv) and "chromium" in argv[0]:
+            out.append((uid, argv))
+    return out
+
+
+def test_chromium_renders_inside_its_sandbox(tmp_path: Path) -> None:
+    """While it renders, no Chromium process runs with ``--no-sandbox``, and none runs as
+    root (a root worker hands Chromium to an unprivileged user, as the sandbox requires)."""
+    import threading
+
+    seen: list[tuple[int, list[str]]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.extend(_chromium_processes("tf-chromium-"))
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, info = render(tmp_path, "chromium", html="<h1>sandboxed</h1>", js_delay_ms=1500)
+    finally:
+        done.set()
+        watcher.join(5)
+    assert "sandboxed" in text_of(out) and info["pages"] >= 1
+    assert seen, "no chromium process observed during the render"
+    assert not [argv for _, argv in seen if "--no-sandbox" in argv]
+    assert all(uid != 0 for uid, _ in seen)
+
+
 # --- html sources ------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ENGINES)
 def test_html_renders_with_page_size_orientation_and_margin(tmp_path: Path, engine: str) -> None:
@@ -277,10 +331,11 @@ def test_missing_engine_is_retryable(tmp_path: Path, engine: str, key: str) -> N
 
 def test_options_from_settings(tmp_path: Path) -> None:
     from shared.settings import load_settings
-    s = load_settings({}, fetch_allow_cidrs=("127.0.0.0/8",), pdf_timeout_s=7.0, fetch_max_bytes=123_456)
+    s = load_settings({}, fetch_allow_cidrs=("127.0.0.0/8",), pdf_timeout_s=7.0, fetch_max_bytes=123_456,
+                      chromium_sandbox=False, chromium_user="daemon")
     opts = pdf.options_from_settings(s)
     assert opts == {"allow": LOOPBACK, "timeout_s": 7.0, "max_bytes": 123_456, "wkhtmltopdf_path": s.wkhtmltopdf_path,
-                    "chromium_path": s.chromium_path}
+                    "chromium_path": s.chromium_path, "chromium_sandbox": False, "chromium_user": "daemon"}
     payload = {"html": "<p>FROM-SETTINGS</p>", "page_size": "A5", "engine": "wkhtmltopdf"}
     info = pdf.render_pdf(tmp_path / "o.pdf", **payload, **opts)
     assert info["pages"] == 1 and "FROM-SETTINGS" in text_of(tmp_path / "o.pdf")

@@ -97,7 +97,7 @@ def chaos(base_settings: Settings, tmp_path: Path) -> Iterator[Chaos]:
         broker_name=f"{base_settings.broker_name}-chaos",
         redis_prefix=f"{base_settings.redis_prefix}:chaos",
         storage_dir=str(tmp_path / "storage"),
-        submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0,
+        submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0, signup_rate_per_min=0,
         # A killed worker's lease runs out quickly, so its redelivery takes over soon.
         lease_s=10, claim_wait_s=20.0,
     )

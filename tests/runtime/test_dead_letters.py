@@ -21,7 +21,8 @@ from infra.runtime.config import parse_config
 from infra.runtime.dispatcher import for_config
 from infra.runtime.launcher import free_ports, settings_env
 from infra.runtime.supervisor import Supervisor
-from shared import auth, db, deadletters
+from shared import admins, apikeys, auth, db, deadletters
+from shared.broker import dead_letter_queue
 from shared.settings import Settings
 from tests.runtime.conftest import Rig, child_env, graph_doc
 
@@ -159,7 +160,9 @@ def app(settings: Settings) -> Flask:
 
 @pytest.fixture()
 def admin(conn, settings: Settings) -> dict:
-    return make_user(conn, settings, "admin@example.com")
+    made = make_user(conn, settings, "admin@example.com")
+    admins.set_admin(conn, "admin@example.com", True)  # what `taskforge admin grant` does
+    return made
 
 
 def _record(settings: Settings, event: CloudEvent) -> deadletters.Recorded:
@@ -210,7 +213,7 @@ def test_replay_republishes_through_the_outbox_and_reopens_the_task(app: Flask, 
     h = row["headers"]
     assert (h["type"], h["source"], h["subject"], h["traceparent"]) == \
         (original["type"], original["source"], task_id, original["traceparent"])
-    assert h["replayof"] == original["id"] and h["apikey"] == "k-123"
+    assert h["replayof"] == original["id"] and "apikey" not in h  # a secret never reaches the outbox
     assert not any(k.startswith("knativeerror") for k in h)
     assert row["payload"] == original.get_data()
     # and a second failure of the replayed event is a new dead letter
@@ -240,15 +243,84 @@ def test_replay_of_an_in_flight_task_leaves_its_state(app: Flask, settings: Sett
     assert conn.execute("SELECT status::text FROM tasks WHERE id = %s", (task_id,)).fetchone()["status"] == "queued"
 
 
-def test_listing_never_shows_a_submitted_events_api_key(app: Flask, settings: Settings, conn, owner,
-                                                         admin) -> None:
+def _key(conn, user_id: str) -> tuple[str, str]:
+    row, key = apikeys.create_key(conn, user_id, "producer")
+    return str(row["id"]), key
+
+
+def test_a_submitted_events_api_key_never_reaches_storage(app: Flask, settings: Settings, conn, owner,
+                                                           admin) -> None:
+    key_id, key = _key(conn, owner["id"])
     event = dead(codec.make_event(
         {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
-         "datacontenttype": "application/json", "apikey": "tfk_secret_value"},
-        {"type": "resize-image", "payload": {"width": 10}}))
+         "datacontenttype": "application/json", "apikey": key},
+        {"type": "resize-image", "payload": {"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10}}))
     recorded = _record(settings, event)
-    assert recorded.row["attributes"]["apikey"] == "tfk_secret_value"  # kept: a replay must authenticate
+    stored = conn.execute("SELECT attributes::text AS a FROM dead_letters WHERE id = %s",
+                          (recorded.row["id"],)).fetchone()["a"]
+    assert key not in stored and "apikey\"" not in stored
+    assert recorded.row["attributes"][catalog.API_KEY_ID] == key_id
     shown = app.test_client().get(f"/admin/dead-letters/{recorded.row['id']}", headers=admin["headers"])
-    assert shown.status_code == 200
-    assert shown.get_json()["attributes"]["apikey"] == "***"
-    assert "tfk_secret_value" not in shown.get_data(as_text=True)
+    assert shown.status_code == 200 and key not in shown.get_data(as_text=True)
+
+
+def test_a_dead_lettered_submission_is_replayed_by_key_id_without_the_key(app: Flask, settings: Settings, conn,
+                                                                          owner, admin) -> None:
+    key_id, key = _key(conn, owner["id"])
+    event = dead(codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
+         "datacontenttype": "application/json", "apikey": key, "idempotencykey": "job-7"},
+        {"type": "resize-image", "payload": {"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10}}))
+    rec = _record(settings, event)
+    client = app.test_client()
+    r = client.post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert r.status_code == 202, r.get_data(as_text=True)
+    task = r.get_json()["task"]
+    assert task["type"] == "resize-image" and task["status"] in ("pending", "queued")
+    assert conn.execute("SELECT user_id FROM tasks WHERE id = %s", (task["id"],)).fetchone()["user_id"] == \
+        uuid.UUID(owner["id"])
+    for table, column in (("outbox", "headers"), ("dead_letters", "attributes")):
+        dump = conn.execute(f"SELECT coalesce(string_agg({column}::text, ''), '') AS t FROM {table}").fetchone()["t"]
+        assert key not in dump, table
+    again = client.post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert again.status_code == 202 and again.get_json()["task"]["id"] == task["id"]  # idempotent
+    apikeys.revoke_key(conn, owner["id"], key_id)
+    refused = client.post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "key_revoked"
+
+
+def test_the_event_lost_log_line_carries_no_secret(rig: Rig, settings: Settings, caplog) -> None:
+    """The dead-letter sink itself failing loses the event; the log line that keeps it for
+    an operator must not carry the submission's API key."""
+    import logging
+
+    secret = "tfk_" + "s" * 43
+    headers, props, body = codec.to_amqp(codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
+         "datacontenttype": "application/json", "apikey": secret, "knativeerrordest": "http://x",
+         "knativeerrorcode": "503"}, {"type": "resize-image", "payload": {"width": 1}, "dl_codes": [503]}))
+    rig.publish_raw(dead_letter_queue(settings), (headers, pika.BasicProperties(**props), body))
+    with caplog.at_level(logging.ERROR, logger="taskforge.runtime.dispatcher"):
+        stats = rig.dead_letters().drain(timeout_s=60)
+    assert stats["lost"] == 1
+    (lost,) = [r for r in caplog.records if "event lost" in r.getMessage()]
+    logged = lost.getMessage() + repr(vars(lost))  # the message and every structured field
+    assert secret not in logged and "resize-image" in lost.event  # the event is kept, its key is not
+
+
+def test_the_upgrade_scrubs_stored_keys_and_signup_admins(settings: Settings, conn) -> None:
+    """Migration 0003 on data an earlier version wrote: API keys kept in dead letters and
+    copied into outbox headers are removed, and admin flags set by signups withdrawn."""
+    from pathlib import Path
+
+    sql = (Path(__file__).resolve().parents[2] / "infra" / "migrations"
+           / "0005_no_signup_admins_no_stored_secrets.sql").read_text()
+    conn.execute("INSERT INTO users (email, password_hash, is_admin) VALUES ('old-admin@example.com', 'x', true)")
+    conn.execute("INSERT INTO dead_letters (event_id, event_type, source, attributes)"
+                 " VALUES ('e1', %s, '/p', %s)", (catalog.TASK_SUBMITTED, json.dumps({"apikey": "tfk_old", "id": "e1"})))
+    conn.execute("INSERT INTO outbox (event_id, type, headers, payload) VALUES (%s, %s, %s, '{}')",
+                 (str(uuid.uuid4()), catalog.TASK_SUBMITTED, json.dumps({"apikey": "tfk_old", "replayof": "e1"})))
+    conn.execute(sql)
+    assert conn.execute("SELECT count(*) AS n FROM users WHERE is_admin").fetchone()["n"] == 0
+    assert conn.execute("SELECT attributes FROM dead_letters").fetchone()["attributes"] == {"id": "e1"}
+    assert conn.execute("SELECT headers FROM outbox").fetchone()["headers"] == {"replayof": "e1"}

@@ -30,9 +30,17 @@ def test_production_refuses_default_secrets():
         load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_AMQP_URL": "amqp://u:p@mq/"})
     with pytest.raises(SettingsError, match="guest"):
         load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_JWT_SECRET": "x" * 40})
-    s = load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_JWT_SECRET": "x" * 40,
+    with pytest.raises(SettingsError, match="DELIVERY_SECRET"):
+        load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_JWT_SECRET": "x" * 40,
                        "TASKFORGE_AMQP_URL": "amqp://u:p@mq/"})
-    assert s.production
+    s = load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_JWT_SECRET": "x" * 40,
+                       "TASKFORGE_AMQP_URL": "amqp://u:p@mq/", "TASKFORGE_DELIVERY_SECRET": "d" * 40})
+    assert s.production and s.delivery_secret == "d" * 40
+    # Knative: the broker cannot sign; internal services are cluster-local instead
+    assert not load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_JWT_SECRET": "x" * 40,
+                              "TASKFORGE_AMQP_URL": "amqp://u:p@mq/", "TASKFORGE_DELIVERY_AUTH": "none"}).delivery_secret
+    with pytest.raises(SettingsError, match="DELIVERY_AUTH"):
+        load_settings({"TASKFORGE_DELIVERY_AUTH": "signature"})
 
 
 def test_settings_are_frozen_and_redacted():

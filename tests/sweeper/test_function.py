@@ -85,3 +85,21 @@ def test_health_metrics_and_methods(client: flask.testing.FlaskClient) -> None:
     assert metrics.status_code == 200 and b"taskforge_outbox_pending_rows" in metrics.data
     assert client.get("/").json == {"function": "outbox-sweeper", "status": "ok"}
     assert client.put("/").status_code == 405
+
+
+def test_the_sweep_purges_dead_letters_past_their_retention(settings) -> None:
+    """``dead_letters`` cannot grow without bound: each sweep deletes rows older than
+    ``dead_letter_retention_s`` and keeps the younger ones."""
+    from shared import db
+    from shared.broker import build_broker
+    from shared.outbox.sweep import sweep_once
+
+    s = settings.replace(broker_backend="memory", dead_letter_retention_s=3600)
+    with db.connection(s) as conn:
+        for age_h in (0, 2, 48):
+            conn.execute("INSERT INTO dead_letters (event_id, event_type, source, attributes, received_at)"
+                         " VALUES (%s, 'x', '/t', '{}', now() - %s * interval '1 hour')", (f"e{age_h}", age_h))
+    stats = sweep_once(s, build_broker(s))
+    assert stats.dead_letters_purged == 2
+    with db.connection(s) as conn:
+        assert [r["event_id"] for r in conn.execute("SELECT event_id FROM dead_letters")] == ["e0"]

@@ -8,6 +8,7 @@ from functions.gateway.guards import require_auth, require_bearer
 from functions.gateway.web import client_ip, json_body, principal, settings
 from shared import auth, db, ratelimit
 from shared.envelope import json_response
+from shared.errors import AuthError
 
 bp = Blueprint("auth", __name__)
 
@@ -16,6 +17,7 @@ bp = Blueprint("auth", __name__)
 def signup() -> Response:
     body = json_body(schemas.SIGNUP)
     s = settings()
+    ratelimit.check_signup(s, client_ip())
     with db.connection(s) as conn:
         user = auth.create_user(s, conn, body["email"], body["password"])
     return json_response({"id": str(user["id"]), "email": user["email"]}, 201)
@@ -25,10 +27,19 @@ def signup() -> Response:
 def login() -> Response:
     body = json_body(schemas.LOGIN)
     s = settings()
-    # Counted before the password check, so failed and successful attempts both count.
-    ratelimit.check_login(s, body["email"], client_ip())
-    with db.connection(s) as conn:
-        pair = auth.login(s, conn, body["email"], body["password"])
+    # Counted as a failure before the password check (parallel guesses cannot overshoot),
+    # taken back on success: only failures spend the client's and the account's budgets.
+    ticket = ratelimit.check_login(s, body["email"], client_ip())
+    failed = False
+    try:
+        with db.connection(s) as conn:
+            pair = auth.login(s, conn, body["email"], body["password"])
+    except AuthError:
+        failed = True
+        raise
+    finally:
+        if not failed:  # a success, or no answer at all (busy, database down): not a failure
+            ratelimit.take_back(s, ticket)
     return json_response(pair.to_dict(), 200, {"Cache-Control": "no-store"})
 
 

@@ -36,7 +36,7 @@ from events import catalog, codec
 from functions.gateway import schemas
 from functions.gateway.submit import submit_one
 from functions.gateway.web import settings, validate
-from shared import auth, db
+from shared import auth, db, jsontext
 from shared.errors import AuthError, BadRequest, Conflict, TooLarge, ValidationError
 from shared.tasks import repository as tasks
 
@@ -83,6 +83,8 @@ def handle(event: CloudEvent) -> tuple[str, dict[str, Any], str]:
         with db.connection(s) as conn:
             principal = auth.authenticate(s, conn, {"X-API-Key": apikey})
         data = event.get_data()
+        jsontext.check(codec.attributes_of(event))  # NUL / lone surrogates: a rejection naming the field
+        jsontext.check(data, "data")
         if not isinstance(data, dict):
             raise ValidationError("the event data must be a JSON object {type, payload}",
                                   details=[{"field": "data", "message": "must be a JSON object"}])

@@ -11,9 +11,9 @@ from flask import Blueprint, Response, request
 
 from functions.gateway.guards import require_auth
 from functions.gateway.web import principal, settings
-from shared import db, storage
+from shared import db, jsontext, storage
 from shared.envelope import json_response
-from shared.errors import NotFound, TooLarge, UnsupportedMediaType, ValidationError
+from shared.errors import BadRequest, NotFound, TooLarge, UnsupportedMediaType, ValidationError
 from shared.tasks.repository import iso, parse_uuid
 
 bp = Blueprint("uploads", __name__)
@@ -26,16 +26,21 @@ class MeteredReader:
     """A read-only stream that counts, hashes and caps what passes through it.
 
     Raises ``TooLarge`` as soon as more than ``limit`` bytes were read, so an oversize
-    body without a Content-Length is cut off mid-stream instead of filling the disk.
+    body without a Content-Length is cut off mid-stream instead of filling the disk, and
+    ``BadRequest`` when the stream ends short of ``expected`` bytes (the client sent less
+    than its Content-Length: a truncated upload is never stored as complete).
     """
 
-    def __init__(self, source: IO[bytes], limit: int) -> None:
-        self.source, self.limit = source, limit
+    def __init__(self, source: IO[bytes], limit: int, expected: int | None = None) -> None:
+        self.source, self.limit, self.expected = source, limit, expected
         self.size = 0
         self.digest = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
         chunk = self.source.read(n if n and n > 0 else _CHUNK)
+        if not chunk and self.expected is not None and self.size < self.expected:
+            raise BadRequest(f"the body ended after {self.size} of its {self.expected} bytes (Content-Length)",
+                             code="truncated_body")
         self.size += len(chunk)
         if self.size > self.limit:
             raise TooLarge(f"the upload exceeds {self.limit} bytes")
@@ -64,6 +69,7 @@ def create() -> Response:
     s = settings()
     user_id = principal().user_id
     filename: str | None = None
+    expected: int | None = None  # multipart: werkzeug's parser refuses a truncated body itself
     if (request.mimetype or "") == "multipart/form-data":
         part = request.files.get("file")  # werkzeug spools parts to temporary files, bounded by the body cap
         if part is None:
@@ -71,12 +77,14 @@ def create() -> Response:
         source: IO[bytes] = part.stream
         content_type = _media_type(part.mimetype)
         filename = (part.filename or "")[:255] or None
+        jsontext.check({"filename": filename}, "file")  # a NUL or lone surrogate cannot be stored: 422
     else:
         source = request.stream
         content_type = _media_type(request.content_type)
+        expected = request.content_length  # None for a chunked body
     upload_id = uuid.uuid4()
     key = f"uploads/{user_id}/{upload_id}"
-    reader = MeteredReader(source, s.max_upload_bytes)
+    reader = MeteredReader(source, s.max_upload_bytes, expected)
     store = storage.get_storage(s)
     store.put_file(key, reader, content_type)  # type: ignore[arg-type]
     if reader.size == 0:

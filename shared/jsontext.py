@@ -1,0 +1,52 @@
+"""The one check every decoded JSON document passes before it is used: no string (value
+or key) may hold a NUL character or an unpaired UTF-16 surrogate.
+
+JSON allows both (``"\\u0000"``, ``"\\ud800"``), but neither can be stored: PostgreSQL's
+``text`` and ``jsonb`` refuse NUL, and a lone surrogate is not encodable as UTF-8, so
+such input used to fail deep inside a query or an encoder (a 500). Checked here, it is
+a 422 naming the field. Pure; iterative (no recursion limit on deep documents).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shared.errors import ValidationError
+
+_BAD = re.compile("[\x00\ud800-\udfff]")
+MESSAGE = "must not contain NUL characters or unpaired surrogates"
+
+
+def _field(path: tuple[Any, ...], prefix: str) -> str:
+    out = prefix
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def bad_fields(value: Any, prefix: str = "", limit: int = 20) -> list[str]:
+    """Paths (``a.b[2]``) of the strings in ``value`` that cannot be stored, at most ``limit``."""
+    found: list[str] = []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), value)]
+    while stack and len(found) < limit:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _BAD.search(v):
+                found.append(_field(path, prefix))
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key = str(k)
+                if _BAD.search(key):
+                    found.append(_field(path + (_BAD.sub("?", key),), prefix))
+                stack.append((path + (key,), item))
+        elif isinstance(v, list):
+            stack.extend((path + (i,), item) for i, item in enumerate(v))
+    return sorted(found)
+
+
+def check(value: Any, prefix: str = "") -> Any:
+    """Return ``value``; raise ``ValidationError`` (422) naming every unstorable field."""
+    fields = bad_fields(value, prefix)
+    if fields:
+        raise ValidationError("the request is invalid", details=[{"field": f, "message": MESSAGE} for f in fields])
+    return value
