@@ -3,7 +3,7 @@
 Every function takes the caller's connection (``shared.db.connection``) and runs in the
 caller's transaction unless it says otherwise. Progress is read from the counters on the
 batch row (kept by a trigger on ``tasks`` in the same transaction as each status
-change, see migration 0003), so ``GET /batches/{id}`` costs one primary-key read at any
+change, see migration 0004), so ``GET /batches/{id}`` costs one primary-key read at any
 size. Items become tasks only when ``shared.batch_release`` releases them.
 
 Item statuses: ``waiting`` (accepted, not released yet), then the status of its task

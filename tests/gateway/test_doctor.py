@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import broker, db, doctor, storage
+from shared import admins, broker, db, doctor, storage
 from shared.outbox.sweep import sweep_once
 from shared.tasks import repository as tasks
 
@@ -140,6 +140,8 @@ def test_the_cli_exits_1_with_a_json_report(gw_settings, user):
 def test_the_admin_route_serves_the_report_to_administrators_only(make_app, make_user, gw_settings):
     client = make_app(storage_dir=gw_settings.storage_dir).test_client()
     admin = make_user(email="admin@example.com")
+    with db.connection(gw_settings) as conn:
+        admins.set_admin(conn, admin.email, True)  # what `taskforge admin grant` does
     someone = make_user()
     assert client.get("/admin/doctor").status_code == 401
     assert client.get("/admin/doctor", headers=someone.headers).status_code == 403

@@ -309,7 +309,7 @@ def test_the_event_lost_log_line_carries_no_secret(rig: Rig, settings: Settings,
 
 
 def test_the_upgrade_scrubs_stored_keys_and_signup_admins(settings: Settings, conn) -> None:
-    """Migration 0003 on data an earlier version wrote: API keys kept in dead letters and
+    """Migration 0005 on data an earlier version wrote: API keys kept in dead letters and
     copied into outbox headers are removed, and admin flags set by signups withdrawn."""
     from pathlib import Path
 
