@@ -10,7 +10,11 @@
 #                --build-arg ASGI=true -t taskforge/status-stream .
 #
 # stack.yml carries the same arguments per function (build_args), so `faas-cli build`
-# and a plain `docker build` produce the same images. The gateway image also runs the
+# and a plain `docker build` produce the same images; `make images` builds them all
+# (infra/images/build.py). Behind a TLS-inspecting proxy or a private package index, pass
+# the CA bundle and pip configuration as build secrets: they are mounted only while the
+# install steps run and never stored in a layer (DOCKER_BUILDKIT=1 for docker):
+#   podman build --secret id=ca-bundle,src=/path/ca.pem --secret id=pip-conf,src=pip.conf ... The gateway image also runs the
 # migration Job (`taskforge migrate`) and the OpenFaaS bridge dispatcher.
 
 # bookworm, not the floating tag: Debian 13 dropped wkhtmltopdf, which the PDF image needs.
@@ -36,9 +40,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2; exit 1; }
 
-RUN if [ -n "${APT_PACKAGES}" ]; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends ${APT_PACKAGES} \
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -n "${APT_PACKAGES}" ]; then \
+        ca=""; [ -f /run/secrets/ca-bundle ] && ca="-o Acquire::https::CAInfo=/run/secrets/ca-bundle"; \
+        apt-get $ca update \
+        && apt-get $ca install -y --no-install-recommends ${APT_PACKAGES} \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
@@ -46,7 +52,10 @@ WORKDIR /app
 
 # Dependencies first, so code changes do not reinstall them.
 COPY requirements.txt infra/images/select-requirements.sh /tmp/build/
-RUN sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/image.txt \
+RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip-conf \
+    if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    if [ -f /run/secrets/pip-conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip-conf; fi; \
+    sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/image.txt \
     && pip install -r /tmp/build/image.txt \
     && rm -rf /tmp/build
 
@@ -59,6 +68,10 @@ COPY infra/migrations ./infra/migrations
 COPY infra/openfaas/*.py ./infra/openfaas/
 COPY infra/images/entrypoint.sh /usr/local/bin/taskforge-function
 
+# Byte-compiled at build time: the root filesystem is read-only at run time, and a cold
+# start should not pay for compiling the project.
+RUN python -m compileall -q -j 0 /app
+
 # `taskforge migrate` (the migration Job) without installing the project a second time.
 RUN printf '#!/bin/sh\nexec python -m shared.cli "$@"\n' > /usr/local/bin/taskforge \
     && chmod 0755 /usr/local/bin/taskforge /usr/local/bin/taskforge-function \
@@ -68,6 +81,9 @@ RUN printf '#!/bin/sh\nexec python -m shared.cli "$@"\n' > /usr/local/bin/taskfo
 
 # functions-framework reads FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, FUNCTION_USE_ASGI,
 # PORT, WORKERS and THREADS; the platform may override PORT (Knative and OpenFaaS use 8080).
+# The root filesystem may be read-only: /tmp is the only place written at run time
+# (task work directories, gunicorn's heartbeat files and its control socket, found
+# through XDG_RUNTIME_DIR).
 ENV PYTHONPATH=/app \
     PORT=8080 \
     WORKERS=1 \
@@ -76,7 +92,8 @@ ENV PYTHONPATH=/app \
     FUNCTION_SIGNATURE_TYPE=${SIGNATURE} \
     FUNCTION_USE_ASGI=${ASGI} \
     TASKFORGE_FUNCTION_NAME=${FUNCTION} \
-    TASKFORGE_ENV=production
+    TASKFORGE_ENV=production \
+    XDG_RUNTIME_DIR=/tmp
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test bench chaos migrate services system-deps lint clean
+.PHONY: dev test bench chaos migrate services system-deps lint clean images images-test
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: $(STAMP) system-deps services
 ## The full reliability run (`make test` runs its short form); prints the chaos report.
 chaos: $(STAMP) system-deps services
 	$(BIN)/python -m pytest tests/reliability --chaos=full $(PYTEST_ARGS)
+
+## Build the function images (FUNCTIONS=resize-image,generate-pdf for some; ENGINE=podman|docker).
+images: $(STAMP)
+	$(BIN)/python -m infra.images.build $(if $(FUNCTIONS),--functions $(FUNCTIONS),) $(if $(ENGINE),--engine $(ENGINE),)
+
+## Build every image, then run the image contract and container tests against all of them.
+images-test: images services
+	TASKFORGE_IMAGES_ALL=1 $(BIN)/python -m pytest tests/images $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
