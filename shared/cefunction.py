@@ -31,8 +31,12 @@ def json_response(status: int, body: dict[str, Any]) -> flask.Response:
 def serve(request: flask.Request, core: Core, *, what: str) -> flask.Response:
     """Answer one request to a CloudEvent function whose ``core(headers, body)`` returns
     the JSON body of a 200. ``what`` names the work in log lines."""
-    if request.method == "GET" and request.path in ("/healthz", "/readyz"):
+    if request.method == "GET" and request.path == "/healthz":
         return json_response(200, {"status": "ok"})
+    if request.method == "GET" and request.path == "/readyz":  # settings accepted, dependencies up
+        from shared import readiness
+
+        return readiness.answer()
     if request.method == "GET" and request.path == "/metrics":
         return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
     if request.method != "POST":

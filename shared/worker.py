@@ -158,6 +158,10 @@ class Worker:
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
             return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        if request.method == "GET" and request.path == "/readyz":  # settings accepted, dependencies up
+            from shared import readiness
+
+            return readiness.answer()
         if request.method == "GET":  # liveness probes (the supervisor, kubelet)
             return flask.jsonify({"function": self.task_type, "status": "ok"})
         if request.method != "POST":
