@@ -43,8 +43,8 @@ RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2
 RUN --mount=type=secret,id=ca-bundle \
     if [ -n "${APT_PACKAGES}" ]; then \
         ca=""; [ -f /run/secrets/ca-bundle ] && ca="-o Acquire::https::CAInfo=/run/secrets/ca-bundle"; \
-        apt-get $ca update \
-        && apt-get $ca install -y --no-install-recommends ${APT_PACKAGES} \
+        apt-get update $ca \
+        && apt-get install $ca -y --no-install-recommends ${APT_PACKAGES} \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
