@@ -21,13 +21,6 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-# FUNCTION: the function's name in infra/runtime/taskforge.yaml (its folder under
-# functions/ has underscores for hyphens). TARGET: the functions-framework target.
-ARG FUNCTION
-ARG TARGET=handle
-# SIGNATURE: http or cloudevent; ASGI=true serves an async target (status-stream).
-ARG SIGNATURE=http
-ARG ASGI=false
 # Debian packages only this image needs (the PDF renderers; nothing for the others).
 ARG APT_PACKAGES=""
 # Media-only Python packages (listed in requirements.txt) this image adds back.
@@ -37,8 +30,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-
-RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2; exit 1; }
 
 RUN --mount=type=secret,id=ca-bundle \
     if [ -n "${APT_PACKAGES}" ]; then \
@@ -50,14 +41,31 @@ RUN --mount=type=secret,id=ca-bundle \
 
 WORKDIR /app
 
-# Dependencies first, so code changes do not reinstall them.
+# Dependencies first, so code changes do not reinstall them. Of botocore's service models
+# only S3's and the credential providers' (STS, SSO) are kept: the functions use nothing
+# else, and the rest is most of botocore's size.
 COPY requirements.txt infra/images/select-requirements.sh /tmp/build/
 RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip-conf \
     if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
     if [ -f /run/secrets/pip-conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip-conf; fi; \
     sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/image.txt \
     && pip install -r /tmp/build/image.txt \
-    && rm -rf /tmp/build
+    && rm -rf /tmp/build \
+    && models=$(python -c 'import botocore, os; print(os.path.join(os.path.dirname(botocore.__file__), "data"))') \
+    && for d in "$models"/*/; do \
+         case "$(basename "$d")" in s3|sts|sso|sso-oidc) ;; *) rm -rf "$d" ;; esac; \
+       done
+
+# Declared after the dependency layers, so every image with the same APT_PACKAGES and
+# PIP_EXTRAS shares them. FUNCTION: the function's name in infra/runtime/taskforge.yaml
+# (its folder under functions/ has underscores for hyphens). TARGET: the
+# functions-framework target. SIGNATURE: http or cloudevent; ASGI=true serves an async
+# target (status-stream).
+ARG FUNCTION
+ARG TARGET=handle
+ARG SIGNATURE=http
+ARG ASGI=false
+RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2; exit 1; }
 
 COPY shared ./shared
 COPY events ./events
