@@ -83,6 +83,12 @@ def container_env(env: Mapping[str, str], settings: Settings, secret_files: Mapp
     return out
 
 
+def container_name(settings: Settings, spec: FunctionSpec) -> str:
+    """The container's name: unique per stack (broker name) and port, so parallel stacks
+    never remove each other's containers."""
+    return f"{settings.broker_name}-{spec.name}-{spec.port}"
+
+
 @dataclass
 class ContainerLauncher:
     """Starts one function as a container of ``image`` (see module docstring)."""
@@ -164,7 +170,7 @@ def launchers_for(config: RuntimeConfig, settings: Settings, envs: Mapping[str, 
     for name in names:
         launchers[name] = ContainerLauncher(
             engine=engine, spec=config.functions[name], image=refs[name],
-            name=f"{settings.broker_name}-{name}-{config.functions[name].port}",
+            name=container_name(settings, config.functions[name]),
             env=container_env(envs[name], settings, files, storage), secrets_dir=secrets_dir, storage_dir=storage)
     log.info("functions run as containers (%s)", kv({"engine": engine.name, "functions": ",".join(names)}))
     return ContainerSet(launchers, workdir)

@@ -154,6 +154,9 @@ def stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}
     env.update(settings_env(base_settings))
     env["PYTHONUNBUFFERED"] = "1"
+    # TASKFORGE_TEST_RUNTIME=containers: the same walk-through with every function in a
+    # container of its image (`make images` first), as `TASKFORGE_RUNTIME=containers make dev`.
+    env["TASKFORGE_RUNTIME"] = os.environ.get("TASKFORGE_TEST_RUNTIME", "processes")
     log_path = workdir / "stack.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

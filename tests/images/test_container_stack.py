@@ -28,6 +28,7 @@ from PIL import Image
 
 from infra.images.engine import Engine, image_refs
 from infra.runtime.config import DEFAULT_PATH, load_config
+from infra.runtime.containers import container_name
 from shared import db
 from shared.settings import Settings
 from tests.e2e.conftest import RunningStack, _wait_ready, free_ports, settings_env, stop_group, write_config
@@ -115,7 +116,7 @@ def container_stack(base_settings: Settings, engine: Engine,
 
 
 def _container_of(engine: Engine, stack: RunningStack, function: str) -> str:
-    return f"{stack.settings.broker_name}-{function}-{stack.config.function(function).port}"
+    return container_name(stack.settings, stack.config.function(function))
 
 
 def _running(engine: Engine, name: str) -> bool:
