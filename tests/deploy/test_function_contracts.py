@@ -52,3 +52,31 @@ def test_the_cron_connector_tick_makes_the_sweeper_sweep(settings):
     app = functions_framework.create_app(spec.target, str(spec.source), "http")
     r = app.test_client().post("/", data=b"")  # exactly what the cron-connector sends
     assert 200 <= r.status_code < 300, f"cron-connector tick -> {r.status_code} {r.get_data(as_text=True)[:300]}"
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH.functions))
+def test_every_function_answers_the_readiness_path(settings, name):
+    """GET /readyz (the Knative readiness probe) is 200 when settings and dependencies are fine."""
+    status, body = _get(GRAPH.functions[name], "/readyz")
+    assert status == 200, f"{name}: GET /readyz -> {status} {body[:200]}"
+
+
+def test_readiness_names_what_is_wrong(settings):
+    from shared import readiness
+    from shared.settings import SettingsError
+
+    def refused() -> Any:
+        raise SettingsError("production mode refuses RabbitMQ's default guest credentials")
+
+    def down(_s: Any) -> None:
+        raise ConnectionRefusedError("127.0.0.1:5672")
+
+    status, body = readiness.probe(refused)
+    assert status == 503 and body["checks"] == {"settings": "refused", "postgres": "skipped",
+                                                 "redis": "skipped", "broker": "skipped"}
+    status, body = readiness.probe(lambda: settings, {**readiness.CHECKS, "broker": down})
+    assert status == 503 and body["checks"] == {"settings": "ok", "postgres": "ok", "redis": "ok",
+                                                 "broker": "unavailable"}
+    assert "5672" not in str(body)
+    assert readiness.probe(lambda: settings) == (200, {"status": "ready", "checks": {
+        "settings": "ok", "postgres": "ok", "redis": "ok", "broker": "ok"}})
