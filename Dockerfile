@@ -1,13 +1,13 @@
 # One parameterised image definition for every TaskForge function (DESIGN §7).
 #
-#   docker build --build-arg FUNCTION=resize-image -t taskforge/resize-image .
+#   docker build --build-arg FUNCTION=resize-image --build-arg PIP_EXTRAS=pillow -t taskforge/resize-image .
 #   docker build --build-arg FUNCTION=compress-video --build-arg PIP_EXTRAS=imageio-ffmpeg \
 #                -t taskforge/compress-video .
 #   docker build --build-arg FUNCTION=generate-pdf --build-arg PIP_EXTRAS=pdfkit \
 #                --build-arg "APT_PACKAGES=wkhtmltopdf chromium fonts-dejavu-core fonts-liberation" \
 #                -t taskforge/generate-pdf .
 #   docker build --build-arg FUNCTION=status-stream --build-arg TARGET=status_stream \
-#                --build-arg ASGI=true -t taskforge/status-stream .
+#                --build-arg ASGI=true --build-arg "PIP_EXTRAS=uvloop httptools" -t taskforge/status-stream .
 #
 # stack.yml carries the same arguments per function (build_args), so `faas-cli build`
 # and a plain `docker build` produce the same images; `make images` builds them all
@@ -23,7 +23,7 @@ FROM ${PYTHON_IMAGE}
 
 # Debian packages only this image needs (the PDF renderers; nothing for the others).
 ARG APT_PACKAGES=""
-# Media-only Python packages (listed in requirements.txt) this image adds back.
+# Python packages only some images need (listed in requirements.txt) this one adds back.
 ARG PIP_EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
