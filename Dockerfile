@@ -1,4 +1,4 @@
-# One parameterised image definition for every TaskForge function (DESIGN §7).
+# One parameterised image definition for every TaskForge function (docs/architecture.md §7).
 #
 #   docker build --build-arg FUNCTION=resize-image --build-arg PIP_EXTRAS=pillow -t taskforge/resize-image .
 #   docker build --build-arg FUNCTION=compress-video --build-arg PIP_EXTRAS=imageio-ffmpeg \
@@ -70,6 +70,7 @@ RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2
 COPY shared ./shared
 COPY events ./events
 COPY functions ./functions
+COPY taskforge ./taskforge
 COPY infra/__init__.py ./infra/__init__.py
 COPY infra/runtime ./infra/runtime
 COPY infra/migrations ./infra/migrations
@@ -81,7 +82,7 @@ COPY infra/images/entrypoint.sh /usr/local/bin/taskforge-function
 RUN python -m compileall -q -j 0 /app
 
 # `taskforge migrate` (the migration Job) without installing the project a second time.
-RUN printf '#!/bin/sh\nexec python -m shared.cli "$@"\n' > /usr/local/bin/taskforge \
+RUN printf '#!/bin/sh\nexec python -m taskforge.cli "$@"\n' > /usr/local/bin/taskforge \
     && chmod 0755 /usr/local/bin/taskforge /usr/local/bin/taskforge-function \
     && groupadd --system --gid 10001 taskforge \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/taskforge \

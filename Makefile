@@ -53,8 +53,10 @@ images-ci: $(STAMP) services
 	$(MAKE) images FUNCTIONS=resize-image,generate-pdf
 	$(BIN)/python -m pytest tests/images $(PYTEST_ARGS)
 
+## Static checks: ruff (style, imports, bugbear) and mypy (every product def typed).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

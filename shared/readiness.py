@@ -7,8 +7,8 @@ guest account) and PostgreSQL, Redis and the broker answer. A refused setting or
 dependency that is down makes ``/readyz`` answer 503 naming what failed, never the
 error text (it could reveal hosts or credentials).
 
-:func:`probe` is the pure-ish core (it takes the settings loader and the checks, so
-tests can run it without a server); :func:`answer` is what the HTTP handlers return.
+:func:`probe` takes the settings loader and the checks (so tests can run it without a
+server) and returns the status and JSON body the functions' HTTP envelopes answer.
 """
 from __future__ import annotations
 
@@ -83,11 +83,3 @@ def probe(load: Callable[[], Settings] = get_settings,
             verdicts[name] = "unavailable"
     ready = all(v == "ok" for v in verdicts.values())
     return (200 if ready else 503), {"status": "ready" if ready else "unavailable", "checks": verdicts}
-
-
-def answer() -> object:
-    """A Flask response for ``GET /readyz`` (functions-framework ``http`` functions)."""
-    import flask
-
-    status, body = probe()
-    return flask.Response(flask.json.dumps(body), status=status, mimetype="application/json")

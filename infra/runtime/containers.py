@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.images.engine import IMAGE_UID, SECRETS_MOUNT, Engine, EngineError, image_refs, require
-from infra.runtime import kv
 from infra.runtime.config import HOST, FunctionSpec, RuntimeConfig
 from shared.settings import Settings
 
@@ -172,5 +171,5 @@ def launchers_for(config: RuntimeConfig, settings: Settings, envs: Mapping[str, 
             engine=engine, spec=config.functions[name], image=refs[name],
             name=container_name(settings, config.functions[name]),
             env=container_env(envs[name], settings, files, storage), secrets_dir=secrets_dir, storage_dir=storage)
-    log.info("functions run as containers (%s)", kv({"engine": engine.name, "functions": ",".join(names)}))
+    log.info("functions run as containers", extra={"engine": engine.name, "functions": ",".join(names)})
     return ContainerSet(launchers, workdir)

@@ -14,8 +14,8 @@ from pathlib import Path
 from infra.images.engine import Engine, image_refs
 from infra.runtime.config import FunctionSpec, load_config
 from infra.runtime.containers import ContainerLauncher, container_env, settings_files
+from infra.runtime.launcher import free_ports, settings_env
 from shared.settings import Settings
-from tests.e2e.conftest import free_ports, settings_env
 
 START_TIMEOUT_S = 60.0
 # CI builds these two; `make images-test` (TASKFORGE_IMAGES_ALL=1) tests every image.

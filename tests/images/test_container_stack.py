@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import http.server
 import io
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import psycopg
@@ -27,15 +23,16 @@ import yaml
 from PIL import Image
 
 from infra.images.engine import Engine, image_refs
-from infra.runtime.config import DEFAULT_PATH, load_config
+from infra.runtime.config import DEFAULT_PATH
 from infra.runtime.containers import container_name
+from infra.runtime.launcher import LocalStack, StackError
 from shared import db
 from shared.settings import Settings
-from tests.e2e.conftest import RunningStack, _wait_ready, free_ports, settings_env, stop_group, write_config
 from tests.images import harness
 from tests.images.conftest import need_image
 
 pytestmark = pytest.mark.e2e
+START_TIMEOUT_S = 120.0
 IDLE_S = 4  # resize-image's scale-to-zero delay in this stack (taskforge.yaml: 120 s)
 
 
@@ -67,9 +64,9 @@ def picture_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def container_stack(base_settings: Settings, engine: Engine,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningStack, list[str]]]:
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, list[str]]]:
     """A whole local stack (its own database, Redis prefix, broker name and storage) whose
-    tested functions run as containers."""
+    tested functions run as containers; resize-image scales to zero after IDLE_S."""
     in_containers = harness.tested_functions()
     for name in in_containers:
         need_image(engine, image_refs()[name])
@@ -82,32 +79,21 @@ def container_stack(base_settings: Settings, engine: Engine,
         broker_name=base_settings.broker_name + "-ctr", fetch_allow_cidrs=("127.0.0.0/8",),
         storage_dir=str(tmp_path_factory.mktemp("ctr-storage")))
     workdir = tmp_path_factory.mktemp("ctr-stack")
-    graph = load_config(DEFAULT_PATH)
-    names = list(graph.ports())
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    config_path = write_config(workdir / "taskforge.yaml", ports)
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    raw = yaml.safe_load(DEFAULT_PATH.read_text(encoding="utf-8"))
     raw["functions"]["resize-image"]["idle_s"] = IDLE_S
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    config = load_config(config_path)
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}
-    env.update(settings_env(settings))
-    env.update({"PYTHONUNBUFFERED": "1", "TASKFORGE_RUNTIME": "containers",
-                "TASKFORGE_RUNTIME_CONTAINERS": ",".join(in_containers), "TASKFORGE_CONTAINER_ENGINE": engine.name})
-    log_path = workdir / "stack.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "dev", "--config", str(config_path)],
-                                cwd=Path(__file__).resolve().parents[2], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    running = RunningStack(gateway=config.function("gateway").url, status=config.function("status-stream").url,
-                           ingress=config.broker.ingress_url.rstrip("/"), settings=settings, config=config,
-                           pid=proc.pid, log_path=log_path)
+    graph = workdir / "graph.yaml"
+    graph.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    stack = LocalStack(settings, workdir, graph=graph, extra_env={
+        "TASKFORGE_RUNTIME": "containers", "TASKFORGE_RUNTIME_CONTAINERS": ",".join(in_containers),
+        "TASKFORGE_CONTAINER_ENGINE": engine.name})
     try:
-        _wait_ready(proc, running)
-        yield running, in_containers
+        try:
+            stack.start(START_TIMEOUT_S)
+        except StackError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield stack, in_containers
     finally:
-        stop_group(proc)
+        stack.stop()
         db.close_pools()
         admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -115,7 +101,7 @@ def container_stack(base_settings: Settings, engine: Engine,
                 psycopg.sql.Identifier(base_name + "_ctr")))
 
 
-def _container_of(engine: Engine, stack: RunningStack, function: str) -> str:
+def _container_of(engine: Engine, stack: LocalStack, function: str) -> str:
     return container_name(stack.settings, stack.config.function(function))
 
 
@@ -124,7 +110,7 @@ def _running(engine: Engine, name: str) -> bool:
     return name in out.split()
 
 
-def _wait(predicate, timeout_s: float, what: str, stack: RunningStack) -> None:
+def _wait(predicate, timeout_s: float, what: str, stack: LocalStack) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -133,7 +119,7 @@ def _wait(predicate, timeout_s: float, what: str, stack: RunningStack) -> None:
     pytest.fail(f"timed out waiting for {what}\n{stack.log_tail()}")
 
 
-def _finished(http: httpx.Client, task_id: str, stack: RunningStack) -> dict:
+def _finished(http: httpx.Client, task_id: str, stack: LocalStack) -> dict:
     seen: dict = {}
 
     def done() -> bool:

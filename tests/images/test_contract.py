@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from infra.images.engine import IMAGE_UID, Engine, image_refs
-from tests.e2e.conftest import free_ports
+from infra.runtime.launcher import free_ports
 from tests.images import harness
 from tests.images.conftest import need_image
 from tests.worker.helpers import requested_event
@@ -177,3 +177,14 @@ def test_sigterm_lets_the_in_flight_task_finish(engine: Engine, settings, conn, 
         assert row["result"]["width"] == 100
     finally:
         c.stop()
+
+
+def test_the_image_runs_the_migration_job(engine: Engine, settings):
+    """`taskforge migrate` (the Knative/OpenFaaS migration Job) works from an image, on a
+    read-only root, against the real database (already migrated: nothing left to apply)."""
+    ref = image_refs()[FUNCTIONS[0]]
+    need_image(engine, ref)
+    proc = engine.run(["run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp",
+                       "--env", f"TASKFORGE_DATABASE_URL={settings.database_url}", "--env", "TASKFORGE_ENV=test",
+                       "--entrypoint", "taskforge", ref, "migrate"], check=False, timeout_s=120)
+    assert proc.returncode == 0, proc.stderr

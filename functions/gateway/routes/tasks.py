@@ -9,9 +9,12 @@ from werkzeug.wrappers import Response as BaseResponse
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth
 from functions.gateway.submit import submit_batch, submit_one
-from functions.gateway.web import json_body, json_response, principal, settings
-from shared import db, state, status, storage, tasks
+from functions.gateway.web import json_body, principal, settings
+from shared import db, storage
+from shared.envelope import json_response
 from shared.errors import NotFound, ValidationError
+from shared.tasks import repository as tasks
+from shared.tasks import state, unit
 
 bp = Blueprint("tasks", __name__)
 
@@ -86,9 +89,8 @@ def cancel(task_id: str) -> Response:
     s = settings()
     if tasks.parse_uuid(task_id) is None:
         raise NotFound("task not found")
-    with db.connection(s) as conn:
-        row = state.request_cancel(conn, principal().user_id, task_id)
-    status.publish_rows(s, [row])
+    with unit.changes(s) as ch:
+        row = ch.record(state.request_cancel(ch.conn, principal().user_id, task_id))
     return json_response(tasks.public_task(row), 202, _location(row["id"]))
 
 
