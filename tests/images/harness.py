@@ -3,6 +3,7 @@
 port, read-only root filesystem with a tmpfs ``/tmp``, secret settings as files."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -78,8 +79,7 @@ def start(engine: Engine, function: str, settings: Settings, workdir: Path, *,
     until its port accepts connections. Raises ``AssertionError`` with its log otherwise."""
     graph = load_config()
     (port,) = free_ports(1)
-    spec: FunctionSpec = graph.functions[function].__class__(
-        **{**graph.functions[function].__dict__, "port": port})
+    spec: FunctionSpec = dataclasses.replace(graph.functions[function], port=port)
     workdir.mkdir(parents=True, exist_ok=True)
     secrets = workdir / f"secrets-{uuid.uuid4().hex[:6]}"
     files = settings_files(settings, secrets)
