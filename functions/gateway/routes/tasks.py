@@ -80,7 +80,8 @@ def list_() -> Response:
         rows, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
                                         task_type=args.get("type") or None, limit=int(raw_limit),
                                         cursor=args.get("cursor") or None)
-    return json_response({"items": [tasks.public_task(r) for r in rows], "next_cursor": cursor})
+    # Pages carry summaries (no payload): 100 items stay small whatever was submitted.
+    return json_response({"items": [tasks.task_summary(r) for r in rows], "next_cursor": cursor})
 
 
 @bp.post("/tasks/<task_id>/cancel")
@@ -109,7 +110,9 @@ def result(task_id: str) -> BaseResponse:
             or not key.startswith(f"results/{user_id}/{row['id']}/"):
         raise NotFound("the task has no result (yet)", code="no_result")
     store = storage.get_storage(s)
-    filename = key.rsplit("/", 1)[-1]
+    stored = key.rsplit("/", 1)[-1]
+    # Named by task (keeping the extension), so two results never download to one name.
+    filename = f"{row['id']}{stored[stored.rfind('.'):] if '.' in stored else ''}"
     url = store.signed_url(key, s.signed_url_ttl_s, filename)
     if url:
         resp = redirect(url, 302)
