@@ -4,13 +4,13 @@
 # requirements.txt stays the one list of pinned runtime dependencies; this only
 # decides which image carries the heavy ones: ffmpeg's wheel (compress-video), the PDF
 # glue (generate-pdf), Pillow (resize-image), uvicorn's uvloop and httptools
-# (status-stream, the only ASGI server).
+# (status-stream, the only ASGI server), jsonschema-rs (the gateway's batch manifests).
 #
 #   sh select-requirements.sh requirements.txt [extra-package ...]
 #
 # Fails when an extra is not one of those packages or not listed in requirements.txt.
 set -eu
-MEDIA_ONLY="imageio-ffmpeg pdfkit pillow uvloop httptools"
+MEDIA_ONLY="imageio-ffmpeg pdfkit pillow uvloop httptools jsonschema-rs"
 
 req=${1:?usage: select-requirements.sh requirements.txt [extra ...]}
 shift

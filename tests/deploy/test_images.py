@@ -21,7 +21,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 SELECT = ROOT / "infra" / "images" / "select-requirements.sh"
 ENTRYPOINT = ROOT / "infra" / "images" / "entrypoint.sh"
 STACK = yaml.safe_load((ROOT / "stack.yml").read_text(encoding="utf-8"))
-MEDIA_ONLY = {"imageio-ffmpeg", "pdfkit", "pillow", "uvloop", "httptools"}
+MEDIA_ONLY = {"imageio-ffmpeg", "pdfkit", "pillow", "uvloop", "httptools", "jsonschema-rs"}
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -66,6 +66,7 @@ def test_media_dependencies_only_where_needed():
         assert ("pdfkit" in extras) == (name == "generate-pdf"), name
         assert ("pillow" in extras) == (name == "resize-image"), name
         assert ("uvloop" in extras) == ("httptools" in extras) == (name == "status-stream"), name
+        assert ("jsonschema-rs" in extras) == (name == "gateway"), name
         assert not any("ffmpeg" in p for p in apt), f"{name}: ffmpeg comes from the imageio-ffmpeg wheel"
 
 
@@ -184,7 +185,7 @@ from functions_framework.aio import create_asgi_app
 target, source, asgi = sys.argv[1], sys.argv[2], sys.argv[3] == "asgi"
 (create_asgi_app if asgi else functions_framework.create_app)(target, source, "http")
 print(json.dumps(sorted(m for m in sys.modules
-                      if m.split(".")[0] in {"imageio_ffmpeg", "pdfkit", "PIL", "uvloop", "httptools"})))
+                      if m.split(".")[0] in {"imageio_ffmpeg", "pdfkit", "PIL", "uvloop", "httptools", "jsonschema_rs"})))
 """
 
 
