@@ -1,32 +1,29 @@
 # One parameterised image definition for every TaskForge function (docs/architecture.md §7).
 #
-#   docker build --build-arg FUNCTION=resize-image -t taskforge/resize-image .
+#   docker build --build-arg FUNCTION=resize-image --build-arg PIP_EXTRAS=pillow -t taskforge/resize-image .
 #   docker build --build-arg FUNCTION=compress-video --build-arg PIP_EXTRAS=imageio-ffmpeg \
 #                -t taskforge/compress-video .
 #   docker build --build-arg FUNCTION=generate-pdf --build-arg PIP_EXTRAS=pdfkit \
 #                --build-arg "APT_PACKAGES=wkhtmltopdf chromium fonts-dejavu-core fonts-liberation" \
 #                -t taskforge/generate-pdf .
 #   docker build --build-arg FUNCTION=status-stream --build-arg TARGET=status_stream \
-#                --build-arg ASGI=true -t taskforge/status-stream .
+#                --build-arg ASGI=true --build-arg "PIP_EXTRAS=uvloop httptools" -t taskforge/status-stream .
 #
 # stack.yml carries the same arguments per function (build_args), so `faas-cli build`
-# and a plain `docker build` produce the same images. The gateway image also runs the
+# and a plain `docker build` produce the same images; `make images` builds them all
+# (infra/images/build.py). Behind a TLS-inspecting proxy or a private package index, pass
+# the CA bundle and pip configuration as build secrets: they are mounted only while the
+# install steps run and never stored in a layer (DOCKER_BUILDKIT=1 for docker):
+#   podman build --secret id=ca-bundle,src=/path/ca.pem --secret id=pip-conf,src=pip.conf ... The gateway image also runs the
 # migration Job (`taskforge migrate`) and the OpenFaaS bridge dispatcher.
 
 # bookworm, not the floating tag: Debian 13 dropped wkhtmltopdf, which the PDF image needs.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-# FUNCTION: the function's name in infra/runtime/taskforge.yaml (its folder under
-# functions/ has underscores for hyphens). TARGET: the functions-framework target.
-ARG FUNCTION
-ARG TARGET=handle
-# SIGNATURE: http or cloudevent; ASGI=true serves an async target (status-stream).
-ARG SIGNATURE=http
-ARG ASGI=false
 # Debian packages only this image needs (the PDF renderers; nothing for the others).
 ARG APT_PACKAGES=""
-# Media-only Python packages (listed in requirements.txt) this image adds back.
+# Python packages only some images need (listed in requirements.txt) this one adds back.
 ARG PIP_EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -34,30 +31,55 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2; exit 1; }
-
-RUN if [ -n "${APT_PACKAGES}" ]; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends ${APT_PACKAGES} \
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -n "${APT_PACKAGES}" ]; then \
+        ca=""; [ -f /run/secrets/ca-bundle ] && ca="-o Acquire::https::CAInfo=/run/secrets/ca-bundle"; \
+        apt-get update $ca \
+        && apt-get install $ca -y --no-install-recommends ${APT_PACKAGES} \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
 WORKDIR /app
 
-# Dependencies first, so code changes do not reinstall them.
+# Dependencies first, so code changes do not reinstall them. Of botocore's service models
+# only S3's and the credential providers' (STS, SSO) are kept: the functions use nothing
+# else, and the rest is most of botocore's size.
 COPY requirements.txt infra/images/select-requirements.sh /tmp/build/
-RUN sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/image.txt \
+RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip-conf \
+    if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    if [ -f /run/secrets/pip-conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip-conf; fi; \
+    sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/image.txt \
     && pip install -r /tmp/build/image.txt \
-    && rm -rf /tmp/build
+    && rm -rf /tmp/build \
+    && models=$(python -c 'import botocore, os; print(os.path.join(os.path.dirname(botocore.__file__), "data"))') \
+    && for d in "$models"/*/; do \
+         case "$(basename "$d")" in s3|sts|sso|sso-oidc) ;; *) rm -rf "$d" ;; esac; \
+       done
+
+# Declared after the dependency layers, so every image with the same APT_PACKAGES and
+# PIP_EXTRAS shares them. FUNCTION: the function's name in infra/runtime/taskforge.yaml
+# (its folder under functions/ has underscores for hyphens). TARGET: the
+# functions-framework target. SIGNATURE: http or cloudevent; ASGI=true serves an async
+# target (status-stream).
+ARG FUNCTION
+ARG TARGET=handle
+ARG SIGNATURE=http
+ARG ASGI=false
+RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<name>" >&2; exit 1; }
 
 COPY shared ./shared
 COPY events ./events
 COPY functions ./functions
+COPY taskforge ./taskforge
 COPY infra/__init__.py ./infra/__init__.py
 COPY infra/runtime ./infra/runtime
 COPY infra/migrations ./infra/migrations
 COPY infra/openfaas/*.py ./infra/openfaas/
 COPY infra/images/entrypoint.sh /usr/local/bin/taskforge-function
+
+# Byte-compiled at build time: the root filesystem is read-only at run time, and a cold
+# start should not pay for compiling the project.
+RUN python -m compileall -q -j 0 /app
 
 # `taskforge migrate` (the migration Job) without installing the project a second time.
 RUN printf '#!/bin/sh\nexec python -m taskforge.cli "$@"\n' > /usr/local/bin/taskforge \
@@ -68,6 +90,9 @@ RUN printf '#!/bin/sh\nexec python -m taskforge.cli "$@"\n' > /usr/local/bin/tas
 
 # functions-framework reads FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, FUNCTION_USE_ASGI,
 # PORT, WORKERS and THREADS; the platform may override PORT (Knative and OpenFaaS use 8080).
+# The root filesystem may be read-only: /tmp is the only place written at run time
+# (task work directories, gunicorn's heartbeat files and its control socket, found
+# through XDG_RUNTIME_DIR).
 ENV PYTHONPATH=/app \
     PORT=8080 \
     WORKERS=1 \
@@ -76,7 +101,8 @@ ENV PYTHONPATH=/app \
     FUNCTION_SIGNATURE_TYPE=${SIGNATURE} \
     FUNCTION_USE_ASGI=${ASGI} \
     TASKFORGE_FUNCTION_NAME=${FUNCTION} \
-    TASKFORGE_ENV=production
+    TASKFORGE_ENV=production \
+    XDG_RUNTIME_DIR=/tmp
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

@@ -15,6 +15,13 @@ Figure ``cold_start_ms_<function>`` = median over rounds of (first answer − sp
 Baseline: a bare functions-framework function that does nothing (``bench/bare/main.py``,
 the ASGI variant for ASGI functions), started the same way with the same request,
 alternating with the function in the same run.
+
+Figure ``cold_start_ms_container_<function>`` = median over rounds of (first answer −
+``<engine> run``), ms: the function started as a container of its image exactly as the
+runtime's container mode starts it (host networking, read-only root, settings files),
+the same first request. Baseline: the same function as a local process (the figure
+above), alternating. Functions whose image is not built (``make images``) or hosts
+without a working container engine are reported as not measured.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import httpx
 
 from bench.harness import BenchContext, Figure, alternate, median
 from events import catalog, codec
+from infra.images.engine import Engine, detect, image_refs
 from infra.runtime.config import FunctionSpec, load_config
 from infra.runtime.launcher import free_ports, settings_env
 from infra.runtime.process import function_command
@@ -100,6 +108,79 @@ def time_first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[st
         proc.wait(timeout=10)
 
 
+def time_first_answer_container(launcher: Any, request: tuple[str, str, dict[str, str], bytes]) -> float:
+    """Start ``launcher``'s container, return ms until its first non-5xx answer; removes it."""
+    method, path, headers, body = request
+    url = f"http://127.0.0.1:{launcher.spec.port}"
+    launcher.prepare()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(launcher.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with httpx.Client(timeout=10.0) as client:
+            while True:
+                if time.perf_counter() - t0 > FIRST_ANSWER_TIMEOUT_S or proc.poll() is not None:
+                    raise RuntimeError(f"{launcher.spec.name} container never answered (exit {proc.poll()})")
+                try:
+                    r = client.request(method, f"{url}{path}", headers=headers, content=body)
+                except httpx.TransportError:
+                    time.sleep(0.005)
+                    continue
+                if r.status_code < 500:
+                    return (time.perf_counter() - t0) * 1000
+                raise RuntimeError(f"{launcher.spec.name} container answered {r.status_code}: {r.text[:300]}")
+    finally:
+        launcher.cleanup()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def container_figures(ctx: BenchContext, engine: Engine | None, rounds: int) -> list[Figure]:
+    """``cold_start_ms_container_<function>`` for every function whose image is built."""
+    import tempfile
+
+    from infra.runtime.containers import ContainerLauncher, container_env, settings_files
+
+    if engine is None:
+        print("cold start: no working container engine, containers not measured", file=sys.stderr)
+        return []
+    s: Settings = ctx.settings
+    graph = load_config()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}
+    base_env.update(settings_env(s))
+    base_env["WORKERS"] = "1"
+    refs = image_refs()
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="taskforge-bench-") as tmp:
+        files = settings_files(s, Path(tmp) / "secrets")
+        storage = Path(tmp) / "storage"
+        storage.mkdir()
+        if os.geteuid() == 0:
+            os.chown(storage, 10001, 10001)
+        for name, spec in graph.functions.items():
+            if not engine.image_exists(refs[name]):
+                print(f"cold start: image {refs[name]} not built, container not measured", file=sys.stderr)
+                continue
+            spec = dataclasses.replace(spec, port=free_ports(1)[0])
+            env = function_env(graph, name, base_env)
+            env["PORT"] = str(spec.port)
+            request = first_request(name)
+            launcher = ContainerLauncher(engine=engine, spec=spec, image=refs[name],
+                                         name=f"{s.broker_name}-bench-{name}",
+                                         env=container_env(env, s, files, str(storage)),
+                                         secrets_dir=Path(tmp) / "secrets", storage_dir=str(storage))
+            value, base = alternate(functools.partial(time_first_answer_container, launcher, request),
+                                    functools.partial(time_first_answer, spec, env, request), rounds)
+            figures.append(Figure(f"cold_start_ms_container_{name.replace('-', '_')}", median(value), "ms",
+                                  "the same function as a local process, same start and request", median(base),
+                                  {"first_request": " ".join(request[:2]), "rounds": rounds, "engine": engine.name,
+                                   "image": refs[name]}))
+    return figures
+
+
 def run(ctx: BenchContext) -> list[Figure]:
     s: Settings = ctx.settings
     graph = load_config()
@@ -123,4 +204,4 @@ def run(ctx: BenchContext) -> list[Figure]:
         figures.append(Figure(f"cold_start_ms_{name.replace('-', '_')}", median(value), "ms",
                               f"bare functions-framework function ({spec.signature}), same start",
                               median(base), {"first_request": " ".join(request[:2]), "rounds": rounds}))
-    return figures
+    return figures + container_figures(ctx, detect(s.container_engine), rounds)

@@ -8,7 +8,10 @@ core, the same way everywhere:
 request                                     answer
 ==========================================  =================================================
 ``GET /metrics``                            the Prometheus page
-any other ``GET`` (``/healthz``, ``/readyz``,  200 ``{"function": name, "status": "ok"}``: a
+``GET /readyz``                             readiness (``shared.readiness``): 200, or 503
+                                            when the settings are refused or PostgreSQL,
+                                            Redis or the broker is down
+any other ``GET`` (``/healthz``,             200 ``{"function": name, "status": "ok"}``: a
 Knative's ``/health/liveness``, ``/``)      liveness answer for every platform's probe path
 any other method                            405 ``method_not_allowed`` with ``Allow``
 a body over ``max_body_bytes``              413 ``too_large`` (a chunked body has no length,
@@ -97,6 +100,11 @@ def serve(request: flask.Request, handle: Handler, *, name: str) -> flask.Respon
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    if request.method == "GET" and request.path == "/readyz":
+        from shared import readiness
+
+        status, ready = readiness.probe()
+        return json_response(ready, status)
     if request.method == "GET":
         return json_response({"function": name, "status": "ok"})
     if request.method != "POST":

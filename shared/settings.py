@@ -42,6 +42,9 @@ class Settings:
     broker_connect_timeout_s: float = 5.0
     publish_timeout_s: float = 15.0  # max wait for all confirms of one publish call
     dev_port_offset: int = 0  # `taskforge dev`: added to every port of the graph (parallel local stacks)
+    runtime: str = "processes"  # `taskforge dev`: run functions as "processes" or "containers" of their images
+    runtime_containers: tuple[str, ...] = ()  # with runtime=containers: only these functions ("" = all)
+    container_engine: str = ""  # "podman" | "docker" ("" = the first that works)
     # --- auth ---
     jwt_secret: str = DEV_SECRET
     jwt_algorithm: str = "HS256"  # HS256 or RS256
@@ -221,6 +224,8 @@ def _check(s: Settings) -> None:
         raise SettingsError("TASKFORGE_DELIVERY_AUTH must be auto, signature or none")
     if s.delivery_auth == "signature" and not s.delivery_secret:
         raise SettingsError("TASKFORGE_DELIVERY_AUTH=signature needs TASKFORGE_DELIVERY_SECRET(_FILE)")
+    if s.runtime not in {"processes", "containers"}:
+        raise SettingsError("TASKFORGE_RUNTIME must be processes or containers")
     if s.storage_backend not in {"local", "s3"}:
         raise SettingsError("TASKFORGE_STORAGE_BACKEND must be local or s3")
     if s.production:

@@ -163,6 +163,11 @@ class StatusStreamApp:
                 return Response(json.dumps({"status": "ok", "streams": hub.count_streams if hub else 0,
                                             "redis": bool(hub and hub.healthy)}),
                                 media_type="application/json")
+            if path == "/readyz":  # settings accepted, PostgreSQL, Redis and the broker up
+                from shared import readiness
+
+                status, body = await asyncio.to_thread(readiness.probe)
+                return Response(json.dumps(body), status_code=status, media_type="application/json")
             if path == "/metrics":
                 return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
             batch = BATCH_EVENTS.match(path)

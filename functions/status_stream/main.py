@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from functions.status_stream.app import StatusStreamApp
 from shared import logging as tflogging
-from shared.settings import get_settings
+from shared.settings import SettingsError, get_settings
 
 _app: StatusStreamApp | None = None
 
@@ -32,4 +32,15 @@ def app() -> StatusStreamApp:
 
 @functions_framework.aio.http
 async def status_stream(request: Request) -> Response:
-    return await app().handle(request)
+    try:
+        handler = app()
+    except SettingsError:  # refused settings (production mode): alive, never ready
+        import json
+
+        from shared import readiness
+
+        if request.url.path == "/healthz":
+            return Response(json.dumps({"status": "ok"}), media_type="application/json")
+        status, body = readiness.probe()
+        return Response(json.dumps(body), status_code=status, media_type="application/json")
+    return await handler.handle(request)

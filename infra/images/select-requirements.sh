@@ -1,14 +1,16 @@
 #!/bin/sh
 # Print the requirements one function image installs: every line of requirements.txt
-# except the media-only packages, plus the media-only packages named as arguments.
+# except the packages only some images need, plus those named as arguments.
 # requirements.txt stays the one list of pinned runtime dependencies; this only
-# decides which image carries the heavy ones (ffmpeg's wheel, the PDF glue).
+# decides which image carries the heavy ones: ffmpeg's wheel (compress-video), the PDF
+# glue (generate-pdf), Pillow (resize-image), uvicorn's uvloop and httptools
+# (status-stream, the only ASGI server), jsonschema-rs (the gateway's batch manifests).
 #
 #   sh select-requirements.sh requirements.txt [extra-package ...]
 #
-# Fails when an extra is not a media-only package listed in requirements.txt.
+# Fails when an extra is not one of those packages or not listed in requirements.txt.
 set -eu
-MEDIA_ONLY="imageio-ffmpeg pdfkit"
+MEDIA_ONLY="imageio-ffmpeg pdfkit pillow uvloop httptools jsonschema-rs"
 
 req=${1:?usage: select-requirements.sh requirements.txt [extra ...]}
 shift
@@ -23,7 +25,7 @@ is_media() {
 
 for extra in "$@"; do
     if ! is_media "$extra"; then
-        echo "select-requirements: $extra is not a media-only package ($MEDIA_ONLY)" >&2
+        echo "select-requirements: $extra is not one of the packages only some images carry ($MEDIA_ONLY)" >&2
         exit 2
     fi
 done

@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Protocol
 
 from infra.runtime.config import HOST, FunctionSpec
-from shared.errors import RetryableError
+from shared.errors import RetryableError, TaskForgeError
 
 log = logging.getLogger("taskforge.runtime.process")
 
@@ -59,6 +60,17 @@ def function_command(spec: FunctionSpec, parent_pid: int) -> list[str]:
     return cmd
 
 
+class Launcher(Protocol):
+    """Starts a function some other way than as a local process (container mode): the
+    command of the client process the supervisor owns, and cleanup around it."""
+
+    def command(self) -> list[str]: ...
+
+    def prepare(self) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+
 # Every child is forked from this one long-lived thread: PR_SET_PDEATHSIG fires when the
 # *thread* that forked a child exits, so forking from short-lived dispatcher threads would
 # kill their functions with them.
@@ -75,8 +87,10 @@ class FunctionProcess:
     """A function's process and its activator state (thread-safe)."""
 
     def __init__(self, spec: FunctionSpec, env: Mapping[str, str], *, cwd: str,
-                 ready_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 ready_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 launcher: Launcher | None = None) -> None:
         self.spec = spec
+        self.launcher = launcher
         self.env = dict(env)
         self.cwd = cwd
         self.ready_timeout_s = ready_timeout_s
@@ -154,10 +168,12 @@ class FunctionProcess:
         if port_accepts(self.spec.port):
             self._start_failed()
             raise ColdStartError(f"{name}: port {self.spec.port} is already taken by another program")
-        cmd = function_command(self.spec, os.getpid())
         try:
+            if self.launcher is not None:
+                self.launcher.prepare()
+            cmd = self.launcher.command() if self.launcher is not None else function_command(self.spec, os.getpid())
             proc = _spawner.submit(_spawn, cmd, self.env, self.cwd).result()
-        except OSError as exc:
+        except (OSError, TaskForgeError) as exc:
             self._start_failed()
             raise ColdStartError(f"{name}: cannot start: {exc}") from exc
         t0 = self._clock()
@@ -167,11 +183,13 @@ class FunctionProcess:
         log.info("starting function", extra=({"function": name, "pid": proc.pid, "port": self.spec.port}))
         while not port_accepts(self.spec.port):
             if proc.poll() is not None:
+                self._cleanup()
                 self._start_failed()
                 raise ColdStartError(f"{name}: exited with code {proc.returncode} before opening port "
                                      f"{self.spec.port}")
             if self._clock() > deadline or self._closed:
                 _terminate(proc, grace_s=2.0)
+                self._cleanup()
                 self._start_failed()
                 raise ColdStartError(f"{name}: port {self.spec.port} not open before the deadline")
             time.sleep(0.02)
@@ -181,6 +199,15 @@ class FunctionProcess:
             self.last_used = self.started_at
             self._cond.notify_all()
         log.info("function ready", extra=({"function": name, "cold_start_ms": round((self._clock() - t0) * 1000)}))
+
+    def _cleanup(self) -> None:
+        """Let the launcher remove what outlives its client (a container); never raises."""
+        if self.launcher is None:
+            return
+        try:
+            self.launcher.cleanup()
+        except Exception:  # noqa: BLE001 - best effort; prepare() removes leftovers next start
+            log.exception("cleanup after %s failed", self.spec.name)
 
     def _start_failed(self) -> None:
         with self._cond:
@@ -229,6 +256,7 @@ class FunctionProcess:
         log.info("scaling to zero", extra=({"function": self.spec.name, "idle_s": idle_s}))
         if proc is not None:
             _terminate(proc, grace_s=10.0)
+            self._cleanup()
         with self._cond:
             self.state = "stopped"
             self._proc = None
@@ -246,6 +274,7 @@ class FunctionProcess:
             self._cond.notify_all()
         if proc is not None:
             _terminate(proc, grace_s)
+            self._cleanup()
         with self._cond:
             self.state = "stopped"
             self._proc = None

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.runtime.config import PROJECT_ROOT, ConfigError, RuntimeConfig, load_config
-from infra.runtime.process import FunctionProcess
+from infra.runtime.process import FunctionProcess, Launcher
 from shared.errors import TaskForgeError
 from shared.settings import Settings, get_settings
 
@@ -73,11 +73,13 @@ class Supervisor:
 
     def __init__(self, config: RuntimeConfig, base_env: Mapping[str, str], *,
                  cwd: str | Path = PROJECT_ROOT, ready_timeout_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 launchers: Mapping[str, Launcher] | None = None) -> None:
         self.config = config
+        launchers = launchers or {}
         self.processes = {
             name: FunctionProcess(spec, function_env(config, name, base_env), cwd=str(cwd),
-                                  ready_timeout_s=ready_timeout_s, clock=clock)
+                                  ready_timeout_s=ready_timeout_s, clock=clock, launcher=launchers.get(name))
             for name, spec in config.functions.items()
         }
         self._stop = threading.Event()
@@ -146,7 +148,15 @@ class Stack:
     def __init__(self, config: RuntimeConfig, settings: Settings, base_env: Mapping[str, str]) -> None:
         self.config = config
         self.settings = settings
-        self.supervisor = Supervisor(config, base_env)
+        self.containers: Any = None
+        if settings.runtime == "containers":  # each function as a container of its image
+            from infra.runtime import containers
+
+            envs = {name: function_env(config, name, base_env) for name in config.functions}
+            self.containers = containers.launchers_for(config, settings, envs, cwd=PROJECT_ROOT,
+                                                       only=settings.runtime_containers)
+        self.supervisor = Supervisor(config, base_env,
+                                     launchers=self.containers.launchers if self.containers else None)
         self.ingress: Any = None
         self.ticker: Any = None
         self.dispatchers: list[Any] = []
@@ -182,6 +192,8 @@ class Stack:
                 log.exception("stopping %s failed", type(part).__name__)
         self.ticker, self.ingress, self.dispatchers = None, None, []
         self.supervisor.stop()
+        if self.containers is not None:
+            self.containers.close()
 
 
 def banner(config: RuntimeConfig) -> str:
@@ -229,7 +241,11 @@ def run_dev(config_path: str | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     settings, env = with_delivery_secret(settings, os.environ)
-    stack = Stack(config, settings, env)
+    try:
+        stack = Stack(config, settings, env)
+    except TaskForgeError as exc:  # container mode without an engine or its images
+        print(f"taskforge dev: {exc}", file=sys.stderr)
+        return 2
     try:
         stack.start()
         print(banner(config), file=sys.stderr, flush=True)

@@ -45,7 +45,9 @@ def consumed_types() -> set[str]:
 
 
 def problems(graph: RuntimeConfig, knative: Iterable[Mapping[str, Any]], stack: Mapping[str, Any],
-             published: set[str], consumed: set[str]) -> list[str]:
+             published: set[str], consumed: set[str],
+             funcs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """``funcs`` (function name -> parsed ``func.yaml``), when given, is checked too."""
     objs = list(knative)
     out: list[str] = []
     out += _functions(graph, objs, stack)
@@ -54,6 +56,8 @@ def problems(graph: RuntimeConfig, knative: Iterable[Mapping[str, Any]], stack: 
     out += _dead_letter_sinks(graph, objs)
     out += _scaling_and_timeouts(graph, objs)
     out += _openfaas(graph, stack)
+    if funcs is not None:
+        out += func_yaml_problems(graph, objs, stack, funcs)
     return out
 
 
@@ -251,4 +255,88 @@ def _openfaas(graph: RuntimeConfig, stack: Mapping[str, Any]) -> list[str]:
                 idle = None
             if idle != f.idle_s:
                 out.append(f"{where}: com.openfaas.scale.zero-duration {raw!r} != idle_s {f.idle_s:g} s")
+    return out
+
+
+# --- Knative func (func.yaml per function) ------------------------------------------------
+
+FUNC_SECRETS_PATH = "/etc/taskforge/secrets"
+
+
+def _number(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def func_yaml_problems(graph: RuntimeConfig, objs: list[Mapping[str, Any]], stack: Mapping[str, Any],
+                       funcs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each function's ``func.yaml`` against its Knative Service (scale, concurrency,
+    resources, THREADS, the secrets volume), stack.yml (image) and the graph (whether it
+    is invoked with CloudEvents). Keys are function names; ``funcs`` holds the parsed files."""
+    out = []
+    services = _of_kind(objs, "Service")
+    fns = stack.get("functions") or {}
+    cloudevent = {t.subscriber for t in graph.triggers.values() if t.path == "/"} | {graph.dead_letter.subscriber}
+    for name in sorted(set(graph.functions) - set(funcs)):
+        out.append(f"function {name!r} has no func.yaml (functions/{graph.functions[name].module_dir}/func.yaml)")
+    for name in sorted(set(funcs) - set(graph.functions)):
+        out.append(f"func.yaml {name!r} describes a function infra/runtime/taskforge.yaml does not have")
+    for name, fy in sorted(funcs.items()):
+        if name not in graph.functions:
+            continue
+        where = f"func.yaml of {name!r}"
+        if fy.get("name") != name:
+            out.append(f"{where}: name {fy.get('name')!r} != {name!r}")
+        if fy.get("runtime") != "python":
+            out.append(f"{where}: runtime {fy.get('runtime')!r} != 'python'")
+        if not fy.get("specVersion") or not (fy.get("build") or {}).get("builder"):
+            out.append(f"{where}: specVersion and build.builder are required")
+        want_image = (fns.get(name) or {}).get("image")
+        if want_image and fy.get("image") != want_image:
+            out.append(f"{where}: image {fy.get('image')!r} != stack.yml's {want_image!r}")
+        invoke = "cloudevent" if name in cloudevent else "http"
+        if fy.get("invoke") != invoke:
+            out.append(f"{where}: invoke {fy.get('invoke')!r} != {invoke!r}")
+        deploy = fy.get("deploy") or {}
+        health = deploy.get("healthEndpoints") or {}
+        if health != {"liveness": "/healthz", "readiness": "/readyz"}:
+            out.append(f"{where}: healthEndpoints {health} != liveness /healthz, readiness /readyz")
+        run = fy.get("run") or {}
+        volumes = run.get("volumes") or []
+        if not any(v.get("secret") and v.get("path") == FUNC_SECRETS_PATH for v in volumes):
+            out.append(f"{where}: no secret volume at {FUNC_SECRETS_PATH} (settings read *_FILE there)")
+        svc = services.get(name)
+        if svc is None:
+            continue
+        tmpl = svc["spec"]["template"]
+        ann = (tmpl.get("metadata") or {}).get("annotations") or {}
+        spec = tmpl["spec"]
+        container = spec["containers"][0]
+        opts = deploy.get("options") or {}
+        scale = opts.get("scale") or {}
+        for key, annotation in (("min", "min-scale"), ("max", "max-scale"), ("target", "target")):
+            got, want = _number(scale.get(key)), _number(ann.get(f"autoscaling.knative.dev/{annotation}"))
+            if got != want:
+                out.append(f"{where}: scale.{key} {scale.get(key)!r} != Knative {annotation} "
+                           f"{ann.get(f'autoscaling.knative.dev/{annotation}')!r}")
+        if scale.get("metric") != ann.get("autoscaling.knative.dev/metric", "concurrency"):
+            out.append(f"{where}: scale.metric {scale.get('metric')!r} != Knative's "
+                       f"{ann.get('autoscaling.knative.dev/metric')!r}")
+        resources = opts.get("resources") or {}
+        limits = dict(resources.get("limits") or {})
+        concurrency = limits.pop("concurrency", None)
+        if concurrency != spec.get("containerConcurrency", 0):
+            out.append(f"{where}: limits.concurrency {concurrency!r} != containerConcurrency "
+                       f"{spec.get('containerConcurrency', 0)!r}")
+        kres = container.get("resources") or {}
+        for part, got in (("requests", dict(resources.get("requests") or {})), ("limits", limits)):
+            want = {k: str(v) for k, v in (kres.get(part) or {}).items()}
+            if {k: str(v) for k, v in got.items()} != want:
+                out.append(f"{where}: resources.{part} {got} != Knative's {want}")
+        want_env = {e["name"]: str(e.get("value")) for e in container.get("env") or [] if "name" in e}
+        got_env = {e["name"]: str(e.get("value")) for e in run.get("envs") or [] if "name" in e}
+        if got_env != want_env:
+            out.append(f"{where}: run.envs {got_env} != the Knative Service's env {want_env}")
     return out

@@ -34,13 +34,24 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
     return {o: kustomize(ROOT / "knative" / o) for o in OVERLAYS}
 
 
-def check(graph: RuntimeConfig, objs: list[dict[str, Any]], stack: dict[str, Any]) -> list[str]:
-    return drift.problems(graph, objs, stack, drift.published_types(), drift.consumed_types())
+def func_yamls() -> dict[str, dict[str, Any]]:
+    """Every ``functions/*/func.yaml``, by the function name it declares (or its folder)."""
+    out = {}
+    for path in sorted((ROOT / "functions").glob("*/func.yaml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        out[str(doc.get("name") or path.parent.name)] = doc
+    return out
+
+
+def check(graph: RuntimeConfig, objs: list[dict[str, Any]], stack: dict[str, Any],
+          funcs: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    return drift.problems(graph, objs, stack, drift.published_types(), drift.consumed_types(), funcs)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_three_descriptions_agree(graph, rendered, stack, overlay):
-    assert check(graph, rendered[overlay], stack) == []
+    # func.yaml describes the base Service (overlays tune scale and resources per cluster).
+    assert check(graph, rendered[overlay], stack, func_yamls() if overlay == "base" else None) == []
 
 
 def test_every_function_and_trigger_of_the_graph_is_deployed(graph, rendered, stack):
@@ -228,3 +239,63 @@ def test_published_types_come_from_the_catalogue():
     assert "dev.knative.sources.ping" in types
     assert "com.taskforge.task.submitted" in types
     assert not any(t.startswith("https://") for t in types)  # SCHEMA_BASE is not a type
+
+
+# --- func.yaml ----------------------------------------------------------------------------
+
+def _func_missing(funcs):
+    del funcs["compress-video"]
+
+
+def _func_concurrency(funcs):
+    funcs["resize-image"]["deploy"]["options"]["resources"]["limits"]["concurrency"] = 8
+
+
+def _func_scale(funcs):
+    funcs["status-stream"]["deploy"]["options"]["scale"]["min"] = 0
+
+
+def _func_image(funcs):
+    funcs["generate-pdf"]["image"] = "taskforge/generate-pdf:0.0.9"
+
+
+def _func_threads(funcs):
+    funcs["dead-letter"]["run"]["envs"] = [e for e in funcs["dead-letter"]["run"]["envs"] if e.get("name") != "THREADS"]
+
+
+def _func_secrets(funcs):
+    funcs["gateway"]["run"]["volumes"] = []
+
+
+def _func_readiness(funcs):
+    funcs["outbox-sweeper"]["deploy"]["healthEndpoints"]["readiness"] = "/health/readiness"
+
+
+def _func_invoke(funcs):
+    funcs["resize-image"]["invoke"] = "http"
+
+
+FUNC_CASES = [
+    (_func_missing, "function 'compress-video' has no func.yaml"),
+    (_func_concurrency, "func.yaml of 'resize-image': limits.concurrency 8 != containerConcurrency 2"),
+    (_func_scale, "func.yaml of 'status-stream': scale.min 0 != Knative min-scale '1'"),
+    (_func_image, "func.yaml of 'generate-pdf': image 'taskforge/generate-pdf:0.0.9' != stack.yml's"),
+    (_func_threads, "func.yaml of 'dead-letter': run.envs {} != the Knative Service's env {'THREADS': '10'}"),
+    (_func_secrets, "func.yaml of 'gateway': no secret volume at /etc/taskforge/secrets"),
+    (_func_readiness, "func.yaml of 'outbox-sweeper': healthEndpoints"),
+    (_func_invoke, "func.yaml of 'resize-image': invoke 'http' != 'cloudevent'"),
+]
+
+
+def test_a_func_yaml_per_function_agrees():
+    funcs = func_yamls()
+    assert set(funcs) == {p.parent.name.replace("_", "-") for p in (ROOT / "functions").glob("*/func.yaml")}
+    assert set(funcs) == set(load_config().functions)
+
+
+@pytest.mark.parametrize(("mutate", "expected"), FUNC_CASES, ids=[m.__name__.strip("_") for m, _ in FUNC_CASES])
+def test_each_kind_of_func_yaml_drift_is_reported(graph, rendered, stack, mutate, expected):
+    funcs = copy.deepcopy(func_yamls())
+    mutate(funcs)
+    found = check(graph, copy.deepcopy(rendered["base"]), stack, funcs)
+    assert any(expected in line for line in found), found

@@ -62,3 +62,31 @@ def test_a_bare_tick_sweeps_only_where_deliveries_are_not_signed(settings):
     r = app.test_client().post("/", data=b"")
     assert r.status_code == 401 and r.json["error"]["code"] == "unsigned_delivery"
     set_settings(settings)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH.functions))
+def test_every_function_answers_the_readiness_path(settings, name):
+    """GET /readyz (the Knative readiness probe) is 200 when settings and dependencies are fine."""
+    status, body = _get(GRAPH.functions[name], "/readyz")
+    assert status == 200, f"{name}: GET /readyz -> {status} {body[:200]}"
+
+
+def test_readiness_names_what_is_wrong(settings):
+    from shared import readiness
+    from shared.settings import SettingsError
+
+    def refused() -> Any:
+        raise SettingsError("production mode refuses RabbitMQ's default guest credentials")
+
+    def down(_s: Any) -> None:
+        raise ConnectionRefusedError("127.0.0.1:5672")
+
+    status, body = readiness.probe(refused)
+    assert status == 503 and body["checks"] == {"settings": "refused", "postgres": "skipped",
+                                                 "redis": "skipped", "broker": "skipped"}
+    status, body = readiness.probe(lambda: settings, {**readiness.CHECKS, "broker": down})
+    assert status == 503 and body["checks"] == {"settings": "ok", "postgres": "ok", "redis": "ok",
+                                                 "broker": "unavailable"}
+    assert "5672" not in str(body)
+    assert readiness.probe(lambda: settings) == (200, {"status": "ready", "checks": {
+        "settings": "ok", "postgres": "ok", "redis": "ok", "broker": "ok"}})

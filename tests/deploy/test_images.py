@@ -21,7 +21,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 SELECT = ROOT / "infra" / "images" / "select-requirements.sh"
 ENTRYPOINT = ROOT / "infra" / "images" / "entrypoint.sh"
 STACK = yaml.safe_load((ROOT / "stack.yml").read_text(encoding="utf-8"))
-MEDIA_ONLY = {"imageio-ffmpeg", "pdfkit"}
+MEDIA_ONLY = {"imageio-ffmpeg", "pdfkit", "pillow", "uvloop", "httptools", "jsonschema-rs"}
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -64,6 +64,9 @@ def test_media_dependencies_only_where_needed():
         assert ("chromium" in apt) == (name == "generate-pdf"), name
         assert ("imageio-ffmpeg" in extras) == (name == "compress-video"), name
         assert ("pdfkit" in extras) == (name == "generate-pdf"), name
+        assert ("pillow" in extras) == (name == "resize-image"), name
+        assert ("uvloop" in extras) == ("httptools" in extras) == (name == "status-stream"), name
+        assert ("jsonschema-rs" in extras) == (name == "gateway"), name
         assert not any("ffmpeg" in p for p in apt), f"{name}: ffmpeg comes from the imageio-ffmpeg wheel"
 
 
@@ -89,7 +92,7 @@ def test_each_image_installs_its_own_requirements(name):
     assert "functions-framework" in _names(lines)
 
 
-@pytest.mark.parametrize("extra", ["pillow", "imageio_ffmpeg2", "numpy"])
+@pytest.mark.parametrize("extra", ["flask", "imageio_ffmpeg2", "numpy"])
 def test_select_requirements_refuses_anything_but_media_extras(extra):
     proc = select(extra)
     assert proc.returncode == 2 and extra in proc.stderr
@@ -181,13 +184,14 @@ import functions_framework
 from functions_framework.aio import create_asgi_app
 target, source, asgi = sys.argv[1], sys.argv[2], sys.argv[3] == "asgi"
 (create_asgi_app if asgi else functions_framework.create_app)(target, source, "http")
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {"imageio_ffmpeg", "pdfkit"})))
+print(json.dumps(sorted(m for m in sys.modules
+                      if m.split(".")[0] in {"imageio_ffmpeg", "pdfkit", "PIL", "uvloop", "httptools", "jsonschema_rs"})))
 """
 
 
 @pytest.mark.parametrize("name", sorted(STACK["functions"]))
 def test_a_function_loads_with_only_its_image_packages(name):
-    """Loading a function (as its container does) imports no media-only package its image
+    """Loading a function (as its container does) imports no package its image
     leaves out: the gateway must not need ffmpeg's wheel, the workers not each other's."""
     spec = load_config().functions[name]
     assert spec.source.is_file(), f"{name}: no source at {spec.source}"
@@ -195,6 +199,7 @@ def test_a_function_loads_with_only_its_image_packages(name):
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
                           env={k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_")})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = {m.split(".")[0].replace("_", "-") for m in json.loads(proc.stdout.strip().splitlines()[-1])}
+    loaded = {{"PIL": "pillow"}.get(m.split(".")[0], m.split(".")[0].replace("_", "-"))
+              for m in json.loads(proc.stdout.strip().splitlines()[-1])}
     allowed = set(STACK["functions"][name].get("build_args", {}).get("PIP_EXTRAS", "").split())
     assert loaded <= allowed, f"{name} imports {sorted(loaded - allowed)} which its image does not install"

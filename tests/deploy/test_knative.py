@@ -132,16 +132,18 @@ def test_prod_keeps_the_dead_letter_sink_up(rendered):
     assert template_annotations(prod["dead-letter"])[AUTOSCALING + "min-scale"] == "1"
 
 
-def test_probes_fit_each_signature(base):
+def test_probes_are_readiness_and_liveness_and_the_root_is_read_only(base):
+    # Every function answers GET /readyz (settings accepted, dependencies up) and /healthz
+    # (the process answers), CloudEvent workers included; tests/images checks both on the images.
     for name, svc in by_kind(base, "Service").items():
-        (container,) = svc["spec"]["template"]["spec"]["containers"]
-        for probe in ("readinessProbe", "livenessProbe"):
-            p = container[probe]
-            if name in CLOUDEVENT_ONLY:
-                assert "tcpSocket" in p and "httpGet" not in p, f"{name}: answers only POSTed events"
-            else:
-                assert p["httpGet"]["path"] == "/healthz", name
+        spec = svc["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
         assert container["ports"] == [{"name": "http1", "containerPort": 8080}]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+        tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert {"name": tmp["name"], "emptyDir": {}} in spec["volumes"], name
 
 
 def test_concurrency_timeouts_and_resources(base):

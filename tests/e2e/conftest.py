@@ -9,6 +9,7 @@ with 200 and stops the whole process group at the end. Its output goes to
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import psycopg
@@ -51,7 +52,10 @@ def stack_settings(base_settings: Settings, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="session")
 def stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    running = LocalStack(stack_settings, tmp_path_factory.mktemp("stack"))
+    # TASKFORGE_TEST_RUNTIME=containers: the same walk-through with every function in a
+    # container of its image (`make images` first), as `TASKFORGE_RUNTIME=containers make dev`.
+    runtime = {"TASKFORGE_RUNTIME": os.environ.get("TASKFORGE_TEST_RUNTIME", "processes")}
+    running = LocalStack(stack_settings, tmp_path_factory.mktemp("stack"), extra_env=runtime)
     try:
         try:
             running.start(START_TIMEOUT_S)

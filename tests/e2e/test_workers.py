@@ -167,7 +167,7 @@ def test_worker_killed_mid_task_is_retried_and_succeeds_once(stack, client, tmp_
     with db(stack) as conn:
         owner = conn.execute("SELECT lease_owner FROM tasks WHERE id = %s", (task["id"],)).fetchone()["lease_owner"]
         pid = int(owner.split(":")[-2])  # owners are "<function>@<host>:<pid>:<nonce>"
-        os.kill(pid, signal.SIGKILL)
+        kill_worker(stack, "compress-video", pid)
         # The dispatcher sees the dropped connection and redelivers; the new worker waits
         # for the dead worker's lease. Expire it now instead of waiting the full lease_s.
         conn.execute("UPDATE tasks SET lease_until = now() WHERE id = %s AND lease_owner = %s",
@@ -178,6 +178,19 @@ def test_worker_killed_mid_task_is_retried_and_succeeds_once(stack, client, tmp_
     prefix = f"results/{uuid_of_user(stack, task['id'])}/{task['id']}/"
     assert len(storage.get_storage(stack.settings).list(prefix)) == 1  # one result object
     assert client.result(task["id"]).content[4:8] == b"ftyp"
+
+
+def kill_worker(stack, function: str, pid: int) -> None:
+    """SIGKILL a function's worker process: ``pid`` is in the function's own PID namespace,
+    the host's in process mode, the container's in container mode."""
+    if os.environ.get("TASKFORGE_TEST_RUNTIME") == "containers":
+        from infra.images.engine import require
+        from infra.runtime.containers import container_name
+
+        require().run(["exec", container_name(stack.settings, stack.config.function(function)),
+                       "sh", "-c", f"kill -9 {pid}"], timeout_s=30)
+    else:
+        os.kill(pid, signal.SIGKILL)
 
 
 def uuid_of_user(stack, task_id: str) -> str:
