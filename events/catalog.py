@@ -12,6 +12,8 @@ TASK_TYPES: tuple[str, ...] = ("resize-image", "compress-video", "generate-pdf")
 
 TASK_SUCCEEDED = f"{PREFIX}.task.succeeded"
 TASK_FAILED = f"{PREFIX}.task.failed"
+TASK_CANCELLED = f"{PREFIX}.task.cancelled"
+WEBHOOK_REDELIVER = f"{PREFIX}.webhook.redeliver"
 TASK_SUBMITTED = f"{PREFIX}.task.submitted"
 TASK_ACCEPTED = f"{PREFIX}.task.accepted"
 TASK_REJECTED = f"{PREFIX}.task.rejected"
@@ -21,8 +23,11 @@ PING = "dev.knative.sources.ping"
 REQUESTED_TYPES: tuple[str, ...] = tuple(f"{PREFIX}.{t}.requested" for t in TASK_TYPES)
 REPLY_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_ACCEPTED, TASK_REJECTED)
 TICK_TYPES: tuple[str, ...] = (OUTBOX_SWEEP, PING)
+# A task reached a terminal state: what completion webhooks are sent for.
+COMPLETION_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_CANCELLED)
 # Every type TaskForge produces or consumes; each has a data schema in events/schemas/.
-ALL_TYPES: tuple[str, ...] = (*REQUESTED_TYPES, *REPLY_TYPES, TASK_SUBMITTED, *TICK_TYPES)
+ALL_TYPES: tuple[str, ...] = (*REQUESTED_TYPES, *REPLY_TYPES, TASK_SUBMITTED, *TICK_TYPES, TASK_CANCELLED,
+                               WEBHOOK_REDELIVER)
 
 
 def requested_type(task_type: str) -> str:

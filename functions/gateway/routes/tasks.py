@@ -6,11 +6,12 @@ from typing import Any
 from flask import Blueprint, Response, redirect, request, send_file
 from werkzeug.wrappers import Response as BaseResponse
 
+from events import completions
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth
 from functions.gateway.submit import submit_batch, submit_one
 from functions.gateway.web import json_body, json_response, principal, settings
-from shared import db, state, status, storage, tasks
+from shared import db, relay, state, status, storage, tasks
 from shared.errors import NotFound, ValidationError
 
 bp = Blueprint("tasks", __name__)
@@ -89,6 +90,8 @@ def cancel(task_id: str) -> Response:
     with db.connection(s) as conn:
         row = state.request_cancel(conn, principal().user_id, task_id)
     status.publish_rows(s, [row])
+    if str(row["status"]) == "cancelled":  # its task.cancelled event is in the outbox: publish it now
+        relay.after_commit(s, [completions.event_id_of(row)])
     return json_response(tasks.public_task(row), 202, _location(row["id"]))
 
 

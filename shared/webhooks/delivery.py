@@ -1,0 +1,159 @@
+"""Completion webhooks end to end: fan an event out to messages, attempt them, retry.
+
+Flow (the ``webhook-delivery`` function binds these to broker events):
+
+1. ``fan_out(event)``: a ``task.succeeded|failed|cancelled`` event becomes one message
+   per subscribed endpoint of the task's owner, plus one for the task's one-off
+   ``callback_url``, all in one transaction. A message is unique per (endpoint, event
+   id), so a broker redelivery of the event adds nothing: one logical delivery per event
+   per endpoint. Its body ``{type, timestamp, data}`` is fixed here, so every retry sends
+   the same bytes under the same ``webhook-id``.
+2. ``attempt(message_id)``: claim the message (a lease, so two deliverers never send it
+   at once), sign it with the endpoint's active secrets, send it (``sender``), record
+   the attempt and the ``policy`` decision: done, retry at ``next_attempt_at``, stop, or
+   dead letter.
+3. ``run_due()``: on each tick, attempt the messages whose ``next_attempt_at`` passed
+   (oldest first, within ``webhook_tick_budget_s``). No worker ever sleeps waiting for a
+   retry: the schedule lives in PostgreSQL.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from events import catalog
+from shared import db, metrics
+from shared.errors import BadRequest
+from shared.fetch import Resolver, system_resolver
+from shared.settings import Settings
+from shared.webhooks import policy, sender, signing, store
+
+log = logging.getLogger("taskforge.webhooks")
+
+EVENT_NAMES = {catalog.TASK_SUCCEEDED: "task.succeeded", catalog.TASK_FAILED: "task.failed",
+               catalog.TASK_CANCELLED: "task.cancelled"}
+_TASK_FIELDS = ("id", "type", "status", "progress", "payload", "result", "error", "attempts",
+                "created_at", "updated_at")
+
+
+@dataclass
+class Options:
+    """Injection points for tests: the DNS resolver of the SSRF guard, a CA bundle, the
+    jitter's random source."""
+
+    resolver: Resolver = system_resolver
+    ca_certs: str | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def message_body(name: str, event_time: str, data: Mapping[str, Any], max_bytes: int) -> str:
+    """The JSON body of a message: ``{type, timestamp, data}`` with ``data`` the public task.
+    When it would exceed ``max_bytes`` the payload and result are left out (``truncated``)."""
+    task = {k: data.get(k) for k in _TASK_FIELDS}
+    body = json.dumps({"type": name, "timestamp": event_time, "data": task}, separators=(",", ":"))
+    if len(body.encode()) > max_bytes:
+        task = {**task, "payload": None, "result": None, "truncated": True}
+        if isinstance(task.get("error"), dict):
+            task["error"] = {k: str(v)[:500] for k, v in task["error"].items()}
+        body = json.dumps({"type": name, "timestamp": event_time, "data": task}, separators=(",", ":"))
+    return body
+
+
+def fan_out(settings: Settings, event: Any) -> list[str]:
+    """Create the messages of one completion event; the ids of its messages due now
+    (new ones, or ones a crashed earlier delivery left). ``BadRequest`` for an event
+    that is not a completion event with task data."""
+    name = EVENT_NAMES.get(event["type"])
+    data = event.get_data()
+    if name is None or not isinstance(data, dict) or not data.get("user_id") or not data.get("id"):
+        raise BadRequest("not a completion event with task data", code="bad_event_data")
+    user_id, task_id = str(data["user_id"]), str(data["id"])
+    body = message_body(name, str(event.get("time") or now_utc().isoformat()), data, settings.webhook_max_body_bytes)
+    with db.connection(settings) as conn:
+        for endpoint in store.subscribed(conn, user_id, name):
+            store.add_message(conn, endpoint=endpoint, event_id=event["id"], event_type=name,
+                              url=endpoint["url"], body=body)
+        url = store.task_callback(conn, task_id)
+        signer = store.callback_signer(conn, user_id) if url else None
+        if url and signer is not None:
+            store.add_message(conn, endpoint=signer, event_id=event["id"], event_type=name, url=url, body=body)
+        return store.pending_for_event(conn, user_id, event["id"])
+
+
+def _deliver(settings: Settings, message: dict[str, Any], opts: Options) -> str:
+    """Send one claimed message and record the outcome; returns the outcome."""
+    with db.connection(settings) as conn:
+        endpoint = store.endpoint_of(conn, message)
+    if endpoint is None:  # deleted meanwhile (its messages go with it)
+        return "failed"
+    body = message["body"].encode()
+    sent_at = now_utc()
+    headers = signing.headers(signing.message_id(str(message["id"])), int(sent_at.timestamp()), body,
+                              store.signing_secrets(settings, endpoint, sent_at))
+    result = sender.send(settings, message["url"], body, headers, resolver=opts.resolver, ca_certs=opts.ca_certs)
+    decision = policy.decide(
+        status=result.status, retryable_error=result.retryable, retry_after=result.retry_after,
+        attempt=int(message["attempts"]), window_started_at=message["window_started_at"], now=now_utc(),
+        base_s=settings.webhook_backoff_base_s, max_s=settings.webhook_backoff_max_s,
+        window_s=settings.webhook_retry_window_s, max_attempts=settings.webhook_max_attempts, rng=opts.rng)
+    with db.connection(settings) as conn:
+        store.record_attempt(conn, message, outcome=decision.outcome, status_code=result.status, error=result.error,
+                             duration_ms=result.duration_ms, next_at=decision.next_at, reason=decision.reason)
+    metrics.WEBHOOK_ATTEMPTS.labels(decision.outcome).inc()
+    metrics.WEBHOOK_ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
+    log.info("webhook attempt %d of %s: %s (%s)", message["attempts"], message["id"], decision.outcome,
+             result.status if result.status is not None else result.error,
+             extra={"webhook_message_id": str(message["id"]), "webhook_endpoint_id": str(message["endpoint_id"])})
+    return decision.outcome
+
+
+def attempt(settings: Settings, message_id: str, opts: Options | None = None) -> str | None:
+    """Attempt one message if it is due and nobody holds it; the outcome, or None when
+    it was not claimed."""
+    with db.connection(settings) as conn:
+        message = store.claim(conn, message_id, settings.webhook_lease_s)
+    if message is None:
+        return None
+    return _deliver(settings, message, opts or Options())
+
+
+def attempt_many(settings: Settings, message_ids: list[str], opts: Options | None = None) -> dict[str, int]:
+    """Attempt several messages concurrently (``webhook_parallelism``); outcome counts."""
+    opts = opts or Options()
+    counts: dict[str, int] = {}
+    if not message_ids:
+        return counts
+    workers = max(1, min(settings.webhook_parallelism, len(message_ids)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook") as pool:
+        for outcome in pool.map(lambda mid: attempt(settings, mid, opts), message_ids):
+            key = outcome or "skipped"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def run_due(settings: Settings, opts: Options | None = None, budget_s: float | None = None) -> dict[str, int]:
+    """Attempt due messages until none is due or the budget (seconds) is spent."""
+    opts = opts or Options()
+    deadline = time.monotonic() + (settings.webhook_tick_budget_s if budget_s is None else budget_s)
+    counts: dict[str, int] = {}
+    batch = max(1, settings.webhook_parallelism)
+    with ThreadPoolExecutor(max_workers=batch, thread_name_prefix="webhook") as pool:
+        while time.monotonic() < deadline:
+            with db.connection(settings) as conn:
+                claimed = store.claim_due(conn, batch, settings.webhook_lease_s)
+            if not claimed:
+                break
+            for outcome in pool.map(lambda m: _deliver(settings, m, opts), claimed):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
