@@ -13,7 +13,7 @@ TASK_TYPES: tuple[str, ...] = ("resize-image", "compress-video", "generate-pdf")
 TASK_SUCCEEDED = f"{PREFIX}.task.succeeded"
 TASK_FAILED = f"{PREFIX}.task.failed"
 TASK_CANCELLED = f"{PREFIX}.task.cancelled"
-WEBHOOK_REDELIVER = f"{PREFIX}.webhook.redeliver"
+WEBHOOK_DUE = f"{PREFIX}.webhook.due"  # webhook messages wait for an attempt
 TASK_SUBMITTED = f"{PREFIX}.task.submitted"
 TASK_ACCEPTED = f"{PREFIX}.task.accepted"
 TASK_REJECTED = f"{PREFIX}.task.rejected"
@@ -27,7 +27,7 @@ TICK_TYPES: tuple[str, ...] = (OUTBOX_SWEEP, PING)
 COMPLETION_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_CANCELLED)
 # Every type TaskForge produces or consumes; each has a data schema in events/schemas/.
 ALL_TYPES: tuple[str, ...] = (*REQUESTED_TYPES, *REPLY_TYPES, TASK_SUBMITTED, *TICK_TYPES, TASK_CANCELLED,
-                               WEBHOOK_REDELIVER)
+                               WEBHOOK_DUE)
 
 
 def requested_type(task_type: str) -> str:

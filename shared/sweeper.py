@@ -28,6 +28,7 @@ from shared import db, metrics, state, status, task_health
 from shared.broker import Broker, backend_of
 from shared.outbox_publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
+from shared.webhooks import due as webhook_due
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = N
     deadline = start + (settings.outbox_budget_s if budget_s is None else budget_s)
     size = batch or settings.outbox_batch
     stats = SweepStats()
+    webhook_due.nudge(settings)  # before the lanes, so this sweep publishes it
     lock = threading.Lock()
     backlog = threading.Event()  # set by the first full batch: more lanes are worth it
     # The status fan-out (Redis) of finished batches overlaps the next batches; one

@@ -152,7 +152,7 @@ def _insert_task(conn: Conn, user_id: str, task_type: str, payload: dict[str, An
 
 def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
                 idempotency_key: str | None = None, traceparent: str | None = None,
-                validated: bool = False) -> Submission:
+                validated: bool = False, callback_url: str | None = None) -> Submission:
     """Insert a pending task and its requested event in the caller's transaction.
 
     Raises ``ValidationError`` (422, field details) for an unknown type, an invalid
@@ -160,6 +160,8 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
     idempotency key was used for a different request. A repeated request with the same
     key returns the existing task with ``created=False`` and writes nothing.
     ``traceparent`` is the caller's trace context; the event carries a child span.
+    ``callback_url`` (already checked by the caller) is stored with a new task for its
+    one-off completion callback.
     """
     key = check_idempotency_key(idempotency_key)
     if not validated:
@@ -178,6 +180,10 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         if existing is None:  # pragma: no cover - the unique index guarantees a winner
             raise Conflict("idempotency key in use, retry")
         return _replay(existing, rhash)
+    if callback_url:
+        from shared.webhooks import store as webhook_store  # it imports this module
+
+        webhook_store.add_task_callback(conn, row["id"], callback_url)
     event_id = outbox.add_requested(conn, row, source=SOURCE, traceparent=span)
     return Submission(row=row, created=True, event_ids=[event_id])
 

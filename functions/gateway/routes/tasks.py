@@ -9,10 +9,12 @@ from werkzeug.wrappers import Response as BaseResponse
 from events import completions
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth
+from functions.gateway.routes import webhooks
 from functions.gateway.submit import submit_batch, submit_one
 from functions.gateway.web import json_body, json_response, principal, settings
 from shared import db, relay, state, status, storage, tasks
 from shared.errors import NotFound, ValidationError
+from shared.webhooks import callbacks
 
 bp = Blueprint("tasks", __name__)
 
@@ -25,9 +27,13 @@ def _location(task_id: object) -> dict[str, str]:
 @require_auth
 def create() -> Response:
     body = json_body(schemas.TASK_SUBMIT)
+    callback_url = body.get("callback_url")
+    if callback_url is not None:
+        callback_url = callbacks.check_callback(settings(), principal().user_id, callback_url,
+                                                resolver=webhooks.resolver())
     sub = submit_one(settings(), principal().user_id, body["type"], body["payload"],
                      idempotency_key=request.headers.get("Idempotency-Key"),
-                     traceparent=request.headers.get("traceparent"))
+                     traceparent=request.headers.get("traceparent"), callback_url=callback_url)
     # 202: accepted for processing; 200: an idempotent replay of an earlier submission.
     return json_response(tasks.public_task(sub.row), 202 if sub.created else 200, _location(sub.row["id"]))
 
