@@ -272,7 +272,7 @@ def test_dev_overlay_is_self_contained(rendered):
     secrets = by_kind(dev, "Secret")
     assert set(secrets) == {"taskforge-secrets", "rabbitmq-connection"}
     assert set(secrets["taskforge-secrets"]["data"]) == {"database_url", "redis_url", "amqp_url", "jwt_secret",
-                                                         "aws_credentials"}
+                                                         "aws_credentials", "webhook_encryption_key"}
     assert by_kind(dev, "ConfigMap")["taskforge-config"]["data"]["TASKFORGE_ENV"] == "dev"
     assert by_kind(dev, "RabbitmqBrokerConfig")["taskforge-rabbitmq"]["spec"]["queueType"] == "classic"
     assert not by_kind(rendered["knative/overlays/prod"], "Secret"), "prod never ships secrets"
