@@ -91,10 +91,12 @@ def fan_out(settings: Settings, event: Any) -> list[str]:
         return store.pending_for_event(conn, user_id, event["id"])
 
 
-def _deliver(settings: Settings, message: dict[str, Any], opts: Options) -> str:
+def _deliver(settings: Settings, message: dict[str, Any], opts: Options,
+             endpoint: dict[str, Any] | None = None) -> str:
     """Send one claimed message and record the outcome; returns the outcome."""
-    with db.connection(settings) as conn:
-        endpoint = store.endpoint_of(conn, message)
+    if endpoint is None:
+        with db.connection(settings) as conn:
+            endpoint = store.endpoint_of(conn, message)
     if endpoint is None:  # deleted meanwhile (its messages go with it)
         return "failed"
     body = message["body"].encode()
@@ -123,9 +125,10 @@ def attempt(settings: Settings, message_id: str, opts: Options | None = None) ->
     it was not claimed."""
     with db.connection(settings) as conn:
         message = store.claim(conn, message_id, settings.webhook_lease_s)
+        endpoint = store.endpoint_of(conn, message) if message is not None else None
     if message is None:
         return None
-    return _deliver(settings, message, opts or Options())
+    return _deliver(settings, message, opts or Options(), endpoint)
 
 
 def attempt_many(settings: Settings, message_ids: list[str], opts: Options | None = None) -> dict[str, int]:
@@ -134,6 +137,9 @@ def attempt_many(settings: Settings, message_ids: list[str], opts: Options | Non
     counts: dict[str, int] = {}
     if not message_ids:
         return counts
+    if len(message_ids) == 1:  # the common case: no thread pool for one send
+        outcome = attempt(settings, message_ids[0], opts) or "skipped"
+        return {outcome: 1}
     workers = max(1, min(settings.webhook_parallelism, len(message_ids)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook") as pool:
         for outcome in pool.map(lambda mid: attempt(settings, mid, opts), message_ids):
