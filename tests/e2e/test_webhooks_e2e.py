@@ -1,0 +1,146 @@
+"""Completion webhooks through the whole local runtime (what `make dev` runs): a worker's
+task.succeeded reply and a cancellation's task.cancelled event travel the broker to the
+scale-to-zero webhook-delivery function, which calls a real receiver on loopback with
+Standard Webhooks signatures; nothing ends in the unroutable queue any more.
+
+This module starts its own stack (own database, Redis prefix and broker name) whose
+settings allow loopback receivers, like `make dev` does.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+import psycopg.sql
+import pytest
+from standardwebhooks import Webhook
+
+from infra.runtime.config import DEFAULT_PATH, load_config
+from shared import db
+from shared.settings import Settings
+from tests.e2e.conftest import RunningStack, _wait_ready, free_ports, settings_env, stop_group, write_config
+from tests.e2e.test_workers import Client, jpeg_bytes
+from tests.webhooks.conftest import Receiver, receiver  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def wh_stack(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    base_name = str(psycopg.conninfo.conninfo_to_dict(base_settings.database_url)["dbname"]) + "_whstack"
+    url = psycopg.conninfo.make_conninfo(base_settings.database_url, dbname=base_name)
+    db.ensure_database(url)
+    db.migrate(url)
+    settings = base_settings.replace(database_url=url, redis_prefix=base_settings.redis_prefix + ":whstack",
+                                     broker_name=base_settings.broker_name + "-whstack",
+                                     storage_dir=str(tmp_path_factory.mktemp("whstack-storage")),
+                                     fetch_allow_cidrs=("127.0.0.0/8",), log_level="INFO")
+    workdir = tmp_path_factory.mktemp("whstack")
+    names = list(load_config(DEFAULT_PATH).ports())
+    config_path = write_config(workdir / "taskforge.yaml", dict(zip(names, free_ports(len(names)), strict=True)))
+    config = load_config(config_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}
+    env.update(settings_env(settings))
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = workdir / "stack.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "dev", "--config", str(config_path)],
+                                cwd=str(DEFAULT_PATH.parents[2]), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    running = RunningStack(gateway=config.function("gateway").url, status=config.function("status-stream").url,
+                           ingress=config.broker.ingress_url.rstrip("/"), settings=settings, config=config,
+                           pid=proc.pid, log_path=log_path)
+    try:
+        _wait_ready(proc, running)
+        yield running
+    finally:
+        stop_group(proc)
+        db.close_pools()
+        with psycopg.connect(psycopg.conninfo.make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                psycopg.sql.Identifier(base_name)))
+
+
+@pytest.fixture()
+def stalling_source() -> Iterator[str]:
+    """A loopback source that sends its headers and then a byte a second: a task fetching
+    from it stays running until it is cancelled."""
+    stop = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            while not stop.is_set():
+                try:
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                stop.wait(1.0)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.jpg"
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _wait_requests(stack: RunningStack, rec: Receiver, n: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(rec.requests) < n:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(rec.requests)} of {n} webhook requests arrived\n{stack.log_tail(120)}", pytrace=False)
+        time.sleep(0.2)
+
+
+def test_completion_and_cancellation_webhooks_through_the_broker(wh_stack, receiver, stalling_source):  # noqa: F811
+    client = Client(wh_stack)
+    hook = client.http.post("/webhooks", json={"url": receiver.url(), "events": ["task.succeeded",
+                                                                                "task.cancelled"]})
+    assert hook.status_code == 201, hook.text
+    cb = client.http.post("/webhooks/callback-secret")
+    assert cb.status_code == 201, cb.text
+
+    upload = client.upload(jpeg_bytes(320, 240), "image/jpeg")
+    r = client.http.post("/tasks", json={"type": "resize-image", "payload": {"source": {"upload_id": upload},
+                                                                            "width": 50},
+                                         "callback_url": receiver.url("/once")})
+    assert r.status_code == 202, r.text
+    task_id = r.json()["id"]
+    assert client.finished(task_id)["status"] == "succeeded"
+    _wait_requests(wh_stack, receiver, 2)
+    by_path = {q.path: q for q in receiver.requests}
+    assert set(by_path) == {"/hook", "/once"}
+    for path, secret in (("/hook", hook.json()["secret"]), ("/once", cb.json()["secret"])):
+        event = Webhook(secret).verify(by_path[path].body, by_path[path].headers)
+        assert event["type"] == "task.succeeded" and event["data"]["id"] == task_id
+
+    slow = client.submit("resize-image", {"source": {"url": stalling_source}, "width": 50})
+    client.wait(slow["id"], lambda t: t["status"] == "running")
+    assert client.http.post(f"/tasks/{slow['id']}/cancel").status_code == 202
+    assert client.finished(slow["id"])["status"] == "cancelled"
+    _wait_requests(wh_stack, receiver, 3)
+    last = receiver.requests[-1]
+    event = Webhook(hook.json()["secret"]).verify(last.body, last.headers)
+    assert event["type"] == "task.cancelled" and event["data"]["id"] == slow["id"]
+
+    time.sleep(6)  # a sweeper tick: it would report any event no trigger took
+    log = wh_stack.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "unroutable" not in log, wh_stack.log_tail(200)
+    assert len(receiver.requests) == 3  # and nothing was sent twice
