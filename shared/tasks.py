@@ -139,20 +139,22 @@ def check_submission(conn: Conn, user_id: str, task_type: Any, payload: Any,
 
 
 def _insert_task(conn: Conn, user_id: str, task_type: str, payload: dict[str, Any],
-                 key: str | None, rhash: str, trace_id: str | None) -> dict[str, Any] | None:
-    sql = ("INSERT INTO tasks (user_id, type, payload, idempotency_key, request_hash, trace_id) "
-           "VALUES (%s, %s, %s, %s, %s, %s)")
+                 key: str | None, rhash: str, trace_id: str | None,
+                 batch_id: str | None = None) -> dict[str, Any] | None:
+    sql = ("INSERT INTO tasks (user_id, type, payload, idempotency_key, request_hash, trace_id, batch_id) "
+           "VALUES (%s, %s, %s, %s, %s, %s, %s)")
     if key is not None:
         # A concurrent insert with the same key waits for the other transaction, then
         # yields no row here; the caller then reads the winner.
         sql += " ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
     return conn.execute(sql + " RETURNING *",
-                        (user_id, task_type, json.dumps(payload), key, rhash, trace_id)).fetchone()
+                        (user_id, task_type, json.dumps(payload), key, rhash, trace_id, batch_id)).fetchone()
 
 
 def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
                 idempotency_key: str | None = None, traceparent: str | None = None,
-                validated: bool = False, callback_url: str | None = None) -> Submission:
+                validated: bool = False, callback_url: str | None = None,
+                batch_id: str | None = None) -> Submission:
     """Insert a pending task and its requested event in the caller's transaction.
 
     Raises ``ValidationError`` (422, field details) for an unknown type, an invalid
@@ -161,7 +163,7 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
     key returns the existing task with ``created=False`` and writes nothing.
     ``traceparent`` is the caller's trace context; the event carries a child span.
     ``callback_url`` (already checked by the caller) is stored with a new task for its
-    one-off completion callback.
+    one-off completion callback; ``batch_id`` groups the tasks of one batch submission.
     """
     key = check_idempotency_key(idempotency_key)
     if not validated:
@@ -174,7 +176,7 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         if existing is not None:
             return _replay(existing, rhash)
     span = tracing.child_of(traceparent)
-    row = _insert_task(conn, user_id, task_type, payload, key, rhash, tracing.trace_id_of(span))
+    row = _insert_task(conn, user_id, task_type, payload, key, rhash, tracing.trace_id_of(span), batch_id)
     if row is None:  # lost an idempotency race: the other request's task is committed now
         existing = _by_key(conn, user_id, key)
         if existing is None:  # pragma: no cover - the unique index guarantees a winner
@@ -220,6 +222,7 @@ def create_batch(conn: Conn, *, user_id: str, items: Sequence[Any],
     """
     answers: list[BatchItem] = []
     event_ids: list[str] = []
+    batch_id = str(uuid.uuid4())  # on every accepted task: batch.completed fires when all are terminal
     for i, item in enumerate(items):
         prefix = f"tasks[{i}]"
         if not isinstance(item, dict):
@@ -234,7 +237,7 @@ def create_batch(conn: Conn, *, user_id: str, items: Sequence[Any],
             answers.append(BatchItem(i, 422, errors=errors))
             continue
         sub = create_task(conn, user_id=user_id, task_type=item["type"], payload=item["payload"],
-                          traceparent=traceparent, validated=True)
+                          traceparent=traceparent, validated=True, batch_id=batch_id)
         event_ids.extend(sub.event_ids)
         answers.append(BatchItem(i, 202, row=sub.row))
     return answers, event_ids

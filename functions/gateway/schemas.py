@@ -77,7 +77,10 @@ TASK_PAGE = _obj({"items": {"type": "array", "items": ref("Task")},
 BATCH_RESULT = _obj({"items": {"type": "array", "items": _obj({
     "index": {"type": "integer"}, "status": {"enum": [202, 422]},
     "task": ref("Task"), "error": ref("ErrorDetail")}, ("index", "status"))},
-    "accepted": {"type": "integer"}, "rejected": {"type": "integer"}}, ("items", "accepted", "rejected"))
+    "accepted": {"type": "integer"}, "rejected": {"type": "integer"},
+    "batch_id": {"type": ["string", "null"], "format": "uuid",
+                 "description": "names the batch in its batch.completed webhook (null when nothing was accepted)"}},
+    ("items", "accepted", "rejected"))
 API_KEY = _obj({"id": _uuid, "name": _str, "prefix": {"type": "string", "description": "first characters of the key"},
                 "created_at": _time, "last_used_at": _nullable_time, "revoked_at": _nullable_time},
                ("id", "name", "prefix", "created_at"))

@@ -82,3 +82,8 @@ CREATE TABLE webhook_dead_letters (
     redeliver_count integer NOT NULL DEFAULT 0
 );
 CREATE INDEX webhook_dead_letters_endpoint ON webhook_dead_letters (endpoint_id, dead_at DESC);
+
+-- The tasks of one POST /tasks/batch share a batch_id; batch.completed webhooks fire when
+-- the last of them is terminal.
+ALTER TABLE tasks ADD COLUMN batch_id uuid;
+CREATE INDEX tasks_batch ON tasks (batch_id) WHERE batch_id IS NOT NULL;

@@ -4,7 +4,8 @@ Flow (the ``webhook-delivery`` function binds these to broker events):
 
 1. ``fan_out(event)``: a ``task.succeeded|failed|cancelled`` event becomes one message
    per subscribed endpoint of the task's owner, plus one for the task's one-off
-   ``callback_url``, all in one transaction. A message is unique per (endpoint, event
+   ``callback_url``, all in one transaction; when it finished the last open task of a
+   batch, ``batch.completed`` messages too. A message is unique per (endpoint, event
    id), so a broker redelivery of the event adds nothing: one logical delivery per event
    per endpoint. Its body ``{type, timestamp, data}`` is fixed here, so every retry sends
    the same bytes under the same ``webhook-id``.
@@ -22,6 +23,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,12 +35,15 @@ from shared import db, metrics
 from shared.errors import BadRequest
 from shared.fetch import Resolver, system_resolver
 from shared.settings import Settings
+from shared.tasks import TERMINAL_STATUSES as TERMINAL
+from shared.tasks import iso
 from shared.webhooks import policy, sender, signing, store
 
 log = logging.getLogger("taskforge.webhooks")
 
 EVENT_NAMES = {catalog.TASK_SUCCEEDED: "task.succeeded", catalog.TASK_FAILED: "task.failed",
                catalog.TASK_CANCELLED: "task.cancelled"}
+_BATCH_NS = uuid.UUID("5b0f3f8e-8a53-4f0e-9d7c-2f4b1c9a7e21")  # batch.completed event ids: uuid5(batch id)
 _TASK_FIELDS = ("id", "type", "status", "progress", "payload", "result", "error", "attempts",
                 "created_at", "updated_at")
 
@@ -88,7 +93,39 @@ def fan_out(settings: Settings, event: Any) -> list[str]:
         signer = store.callback_signer(conn, user_id) if url else None
         if url and signer is not None:
             store.add_message(conn, endpoint=signer, event_id=event["id"], event_type=name, url=url, body=body)
-        return store.pending_for_event(conn, user_id, event["id"])
+        due = store.pending_for_event(conn, user_id, event["id"])
+        batch_event = _batch_completed(settings, conn, user_id, task_id)
+        if batch_event is not None:
+            due += store.pending_for_event(conn, user_id, batch_event)
+        return due
+
+
+def _batch_completed(settings: Settings, conn: Any, user_id: str, task_id: str) -> str | None:
+    """When ``task_id`` belongs to a batch whose tasks are now all terminal, add the
+    ``batch.completed`` messages (once per batch: its event id is derived from the batch
+    id, so the last two tasks finishing together, or a redelivery, add nothing more).
+    Returns that event id, or None."""
+    row = conn.execute("SELECT batch_id FROM tasks WHERE id = %s AND user_id = %s", (task_id, user_id)).fetchone()
+    if row is None or row["batch_id"] is None:
+        return None
+    batch_id = str(row["batch_id"])
+    members = conn.execute("SELECT id, type, status, updated_at FROM tasks WHERE batch_id = %s ORDER BY created_at, id",
+                           (batch_id,)).fetchall()
+    if not members or any(str(m["status"]) not in TERMINAL for m in members):
+        return None
+    endpoints = store.subscribed(conn, user_id, "batch.completed")
+    event_id = str(uuid.uuid5(_BATCH_NS, batch_id))
+    if not endpoints:
+        return event_id
+    counts = {s: sum(1 for m in members if str(m["status"]) == s) for s in TERMINAL}
+    finished = max(m["updated_at"] for m in members)
+    data = {"id": batch_id, "total": len(members), **counts,
+            "tasks": [{"id": str(m["id"]), "type": m["type"], "status": str(m["status"])} for m in members]}
+    body = json.dumps({"type": "batch.completed", "timestamp": iso(finished), "data": data}, separators=(",", ":"))
+    for endpoint in endpoints:
+        store.add_message(conn, endpoint=endpoint, event_id=event_id, event_type="batch.completed",
+                          url=endpoint["url"], body=body)
+    return event_id
 
 
 def _deliver(settings: Settings, message: dict[str, Any], opts: Options,

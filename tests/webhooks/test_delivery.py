@@ -245,3 +245,38 @@ def test_a_body_larger_than_the_cap_is_cut_to_the_summary():
            "result": {"key": "k"}, "error": None}
     text = delivery.message_body("task.succeeded", "2026-01-01T00:00:00Z", big, 1000)
     assert len(text) < 1000 and '"truncated":true' in text and '"payload":null' in text
+
+
+def test_batch_completed_fires_once_when_the_last_task_of_a_batch_ends(wh_client, wh_settings, user, receiver,
+                                                                      deliver):
+    import json as _json
+
+    from shared.worker import reply_event
+
+    ep = register(wh_client, user, receiver.url(), events=("batch.completed",))
+    r = wh_client.post("/tasks/batch", json={"tasks": [{"type": "generate-pdf", "payload": {"html": "<p>1</p>"}},
+                                                       {"type": "generate-pdf", "payload": {"html": "<p>2</p>"}},
+                                                       {"type": "nope", "payload": {}}]}, headers=user.headers)
+    assert r.status_code == 202 and r.json["batch_id"]
+    ids = [i["task"]["id"] for i in r.json["items"] if i["status"] == 202]
+
+    def finish(task_id: str, status: str):
+        with db.connection(wh_settings) as conn:
+            row = conn.execute("UPDATE tasks SET status = %s, finished_at = now(), error = %s,"
+                               " status_version = status_version + 1 WHERE id = %s RETURNING *",
+                               (status, _json.dumps({"code": "x", "message": "y"}) if status == "failed" else None,
+                                task_id)).fetchone()
+        return reply_event("/taskforge/generate-pdf", row, None)
+
+    first = finish(ids[0], "succeeded")
+    assert deliver(*first)["messages"] == 0  # one task still open
+    second = finish(ids[1], "failed")
+    deliver(*second)
+    deliver(*second)  # redelivered
+    deliver(*first)
+    (req,) = receiver.requests
+    event = Webhook(ep["secret"]).verify(req.body, req.headers)
+    assert event["type"] == "batch.completed"
+    assert event["data"]["id"] == r.json["batch_id"]
+    assert (event["data"]["total"], event["data"]["succeeded"], event["data"]["failed"]) == (2, 1, 1)
+    assert [t["id"] for t in event["data"]["tasks"]] == ids

@@ -56,9 +56,10 @@ def create_batch() -> Response:
             items.append({"index": a.index, "status": 422, "error": {
                 "code": "validation_failed", "message": "the task is invalid", "details": a.errors}})
     accepted = sum(1 for a in answers if a.row is not None)
+    batch_id = next((str(a.row["batch_id"]) for a in answers if a.row is not None), None)
     # 202 when anything was accepted; 422 when every item was refused (nothing happened).
-    return json_response({"items": items, "accepted": accepted, "rejected": len(items) - accepted},
-                         202 if accepted else 422)
+    return json_response({"items": items, "accepted": accepted, "rejected": len(items) - accepted,
+                          "batch_id": batch_id}, 202 if accepted else 422)
 
 
 @bp.get("/tasks/<task_id>")
