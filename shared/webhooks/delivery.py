@@ -36,7 +36,7 @@ from shared.errors import BadRequest
 from shared.fetch import Resolver, system_resolver
 from shared.settings import Settings
 from shared.tasks import TERMINAL_STATUSES as TERMINAL
-from shared.tasks import iso
+from shared.tasks import iso, parse_uuid
 from shared.webhooks import policy, sender, signing, store
 
 log = logging.getLogger("taskforge.webhooks")
@@ -81,8 +81,9 @@ def fan_out(settings: Settings, event: Any) -> list[str]:
     that is not a completion event with task data."""
     name = EVENT_NAMES.get(event["type"])
     data = event.get_data()
-    if name is None or not isinstance(data, dict) or not data.get("user_id") or not data.get("id"):
-        raise BadRequest("not a completion event with task data", code="bad_event_data")
+    if name is None or not isinstance(data, dict) or parse_uuid(data.get("user_id")) is None \
+            or parse_uuid(data.get("id")) is None:
+        raise BadRequest("not a completion event with task data (id and user_id)", code="bad_event_data")
     user_id, task_id = str(data["user_id"]), str(data["id"])
     body = message_body(name, str(event.get("time") or now_utc().isoformat()), data, settings.webhook_max_body_bytes)
     with db.connection(settings) as conn:
@@ -138,9 +139,14 @@ def _deliver(settings: Settings, message: dict[str, Any], opts: Options,
         return "failed"
     body = message["body"].encode()
     sent_at = now_utc()
-    headers = signing.headers(signing.message_id(str(message["id"])), int(sent_at.timestamp()), body,
-                              store.signing_secrets(settings, endpoint, sent_at))
-    result = sender.send(settings, message["url"], body, headers, resolver=opts.resolver, ca_certs=opts.ca_certs)
+    try:
+        headers = signing.headers(signing.message_id(str(message["id"])), int(sent_at.timestamp()), body,
+                                  store.signing_secrets(settings, endpoint, sent_at))
+        result = sender.send(settings, message["url"], body, headers, resolver=opts.resolver,
+                             ca_certs=opts.ca_certs)
+    except Exception as exc:  # e.g. a secret that no longer decrypts: counted like a failed attempt
+        log.exception("webhook attempt of %s could not be made", message["id"])
+        result = sender.SendResult(None, 0, f"internal: {type(exc).__name__}", retryable=True)
     decision = policy.decide(
         status=result.status, retryable_error=result.retryable, retry_after=result.retry_after,
         attempt=int(message["attempts"]), window_started_at=message["window_started_at"], now=now_utc(),

@@ -170,15 +170,17 @@ def record_attempt(conn: Conn, message: Row, *, outcome: str, status_code: int |
                    duration_ms: int, next_at: datetime | None, reason: str = "") -> None:
     """Store one attempt and move the message on: ``succeeded``/``failed`` finish it,
     ``retry`` schedules ``next_at``, ``dead`` finishes it with a dead letter."""
+    status = "pending" if outcome == "retry" else outcome
+    updated = conn.execute(
+        "UPDATE webhook_messages SET status = %s, lease_until = NULL, last_status_code = %s, last_error = %s,"
+        " next_attempt_at = coalesce(%s, next_attempt_at), updated_at = now(),"
+        " finished_at = CASE WHEN %s = 'pending' THEN NULL ELSE now() END WHERE id = %s RETURNING id",
+        (status, status_code, error or (reason or None), next_at, status, message["id"])).fetchone()
+    if updated is None:  # the endpoint was deleted during the attempt: nothing left to record
+        return
     conn.execute("INSERT INTO webhook_attempts (message_id, attempt, duration_ms, status_code, error, outcome)"
                  " VALUES (%s, %s, %s, %s, %s, %s)",
                  (message["id"], message["attempts"], duration_ms, status_code, error, outcome))
-    status = "pending" if outcome == "retry" else outcome
-    conn.execute(
-        "UPDATE webhook_messages SET status = %s, lease_until = NULL, last_status_code = %s, last_error = %s,"
-        " next_attempt_at = coalesce(%s, next_attempt_at), updated_at = now(),"
-        " finished_at = CASE WHEN %s = 'pending' THEN NULL ELSE now() END WHERE id = %s",
-        (status, status_code, error or (reason or None), next_at, status, message["id"]))
     if outcome == "dead":
         conn.execute(
             "INSERT INTO webhook_dead_letters (message_id, endpoint_id, user_id, reason) VALUES (%s, %s, %s, %s)"

@@ -280,3 +280,37 @@ def test_batch_completed_fires_once_when_the_last_task_of_a_batch_ends(wh_client
     assert event["data"]["id"] == r.json["batch_id"]
     assert (event["data"]["total"], event["data"]["succeeded"], event["data"]["failed"]) == (2, 1, 1)
     assert [t["id"] for t in event["data"]["tasks"]] == ids
+
+
+def test_malformed_completion_events_are_refused_without_touching_anything(wh_settings, deliver):
+    from cloudevents.http import CloudEvent
+
+    from events import codec
+    from shared.errors import BadRequest
+
+    for data in ({"id": "x", "user_id": "y"}, {"id": None}, ["not", "an", "object"]):
+        headers, body = codec.to_binary_http(CloudEvent({"type": catalog.TASK_SUCCEEDED, "source": "/t",
+                                                         "id": "e1"}, data))
+        with pytest.raises(BadRequest):
+            deliver(headers, body)
+    headers, body = codec.to_binary_http(CloudEvent({"type": "com.example.other", "source": "/t", "id": "e2"}, {}))
+    with pytest.raises(BadRequest):
+        deliver(headers, body)
+    assert messages(wh_settings) == []
+
+
+def test_an_endpoint_deleted_during_an_attempt_leaves_nothing_behind(wh_client, wh_settings, user, receiver,
+                                                                     deliver, finished_task):
+    ep = register(wh_client, user, receiver.url())
+    receiver.answers(503)
+    _, headers, body = finished_task(user)
+    deliver(headers, body)
+    with db.connection(wh_settings) as conn:
+        (msg,) = conn.execute("SELECT * FROM webhook_messages").fetchall()
+    assert wh_client.delete(f"/webhooks/{ep['id']}", headers=user.headers).status_code == 204
+    from shared.webhooks import store
+
+    with db.connection(wh_settings) as conn:  # the in-flight attempt records its outcome afterwards
+        store.record_attempt(conn, msg, outcome="retry", status_code=503, error=None, duration_ms=1,
+                             next_at=datetime.now(UTC))
+        assert conn.execute("SELECT count(*) AS n FROM webhook_attempts").fetchone()["n"] == 0
