@@ -1,4 +1,4 @@
-# One parameterised image definition for every TaskForge function (DESIGN §7).
+# One parameterised image definition for every TaskForge function (docs/architecture.md §7).
 #
 #   docker build --build-arg FUNCTION=resize-image -t taskforge/resize-image .
 #   docker build --build-arg FUNCTION=compress-video --build-arg PIP_EXTRAS=imageio-ffmpeg \
@@ -60,7 +60,7 @@ COPY infra/openfaas/*.py ./infra/openfaas/
 COPY infra/images/entrypoint.sh /usr/local/bin/taskforge-function
 
 # `taskforge migrate` (the migration Job) without installing the project a second time.
-RUN printf '#!/bin/sh\nexec python -m shared.cli "$@"\n' > /usr/local/bin/taskforge \
+RUN printf '#!/bin/sh\nexec python -m taskforge.cli "$@"\n' > /usr/local/bin/taskforge \
     && chmod 0755 /usr/local/bin/taskforge /usr/local/bin/taskforge-function \
     && groupadd --system --gid 10001 taskforge \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/taskforge \

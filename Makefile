@@ -39,8 +39,10 @@ bench: $(STAMP) system-deps services
 chaos: $(STAMP) system-deps services
 	$(BIN)/python -m pytest tests/reliability --chaos=full $(PYTEST_ARGS)
 
+## Static checks: ruff (style, imports, bugbear) and mypy (every product def typed).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -34,10 +34,10 @@ import httpx
 from bench.harness import BenchContext, Figure, alternate, median
 from events import catalog, codec
 from infra.runtime.config import FunctionSpec, load_config
+from infra.runtime.launcher import free_ports, settings_env
 from infra.runtime.process import function_command
 from infra.runtime.supervisor import function_env
 from shared.settings import Settings
-from tests.e2e.conftest import free_ports, settings_env
 
 BARE = Path(__file__).resolve().parent / "bare" / "main.py"
 FIRST_ANSWER_TIMEOUT_S = 60.0

@@ -41,13 +41,14 @@ from psycopg.rows import dict_row
 
 from bench.harness import BenchContext, Figure, alternate, median, percentile
 from bench.stackproc import LocalStack, local_stack, user_client
+from events.catalog import TERMINAL
+from infra.runtime.launcher import stop_group
 from shared.settings import Settings
-from tests.e2e.conftest import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE_IN, SIZE_OUT = (32, 32), (8, 8)
 CLIENT_THREADS = 8
-TERMINAL = ("succeeded", "failed", "cancelled")
+
 
 
 def png_bytes() -> bytes:

@@ -36,9 +36,9 @@ from bench.coldstart import BARE
 from bench.harness import BenchContext, Figure, percentile
 from bench.stackproc import ROOT, LocalStack, local_stack, rss_mb, user_client
 from infra.runtime.config import load_config
+from infra.runtime.launcher import free_ports, settings_env
 from infra.runtime.process import function_command, port_accepts
 from infra.runtime.supervisor import function_env
-from tests.e2e.conftest import free_ports, settings_env
 
 CLIENTS = 12
 SSE_CLIENTS = 10

@@ -39,9 +39,9 @@ import psycopg
 import redis.asyncio as aioredis
 
 from bench.harness import BenchContext, Figure, median, percentile
+from infra.runtime.launcher import free_ports, settings_env
 from shared import auth
 from shared.settings import Settings
-from tests.e2e.conftest import free_ports, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("functions/status_stream/main.py", "status_stream", True)

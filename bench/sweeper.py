@@ -7,7 +7,7 @@ committed task's event is in its trigger queue with the eager relay.
   ``BlockingConnection`` loop with one confirm per message over the same messages;
   ``limit_value``: the same loop without confirms (unusable for an outbox: the ceiling).
 * ``dispatch_latency_p50_ms`` / ``_p99_ms``: from the commit of task + outbox row to the
-  event's arrival at a consumer of the trigger queue, through ``shared.relay.after_commit``.
+  event's arrival at a consumer of the trigger queue, through ``shared.outbox.relay.after_commit``.
   Baseline: publishing inline in the committing thread right after commit (pika
   ``BlockingConnection``, one confirm) — the transport's lower bound, which the relay
   must approach without making the request wait for the broker.
@@ -27,10 +27,13 @@ from events import codec
 from infra.runtime import topology
 from infra.runtime.config import load_config
 from shared import broker as broker_mod
-from shared import db, relay, status, tasks
-from shared.rabbit import RabbitBroker
+from shared import db
+from shared.broker.rabbit import RabbitBroker
+from shared.outbox import relay
+from shared.outbox.sweep import sweep_once
 from shared.settings import Settings
-from shared.sweeper import sweep_once
+from shared.tasks import repository as tasks
+from shared.tasks import status
 
 BACKLOG = 20_000
 PAYLOAD = {"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10}

@@ -1,7 +1,8 @@
-"""Every CloudEvent type TaskForge produces or consumes (DESIGN §4)."""
+"""Every CloudEvent type TaskForge produces or consumes (docs/architecture.md §4)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 PREFIX = "com.taskforge"
@@ -9,6 +10,25 @@ SPECVERSION = "1.0"
 SCHEMA_BASE = "https://taskforge.dev/schemas/events"
 
 TASK_TYPES: tuple[str, ...] = ("resize-image", "compress-video", "generate-pdf")
+
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its lifecycle (docs/architecture.md §3); every API, stream and event
+    that carries a status uses these names."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+STATUSES: tuple[str, ...] = tuple(s.value for s in TaskStatus)
+TERMINAL: frozenset[TaskStatus] = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+ACTIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
 
 TASK_SUCCEEDED = f"{PREFIX}.task.succeeded"
 TASK_FAILED = f"{PREFIX}.task.failed"
@@ -57,7 +77,7 @@ def dataschema_of(event_type: str) -> str:
 
 def attributes(event_type: str, *, id: str, source: str, subject: str | None = None,
                traceparent: str | None = None) -> dict[str, Any]:
-    """The CloudEvent attributes every TaskForge event carries (DESIGN §4): JSON data with its
+    """The CloudEvent attributes every TaskForge event carries (docs/architecture.md §4): JSON data with its
     ``dataschema``, the current time, and ``subject``/``traceparent`` when known."""
     attrs: dict[str, Any] = {
         "specversion": SPECVERSION,

@@ -1,4 +1,4 @@
-"""The pure codec between CloudEvents and their wire forms (DESIGN §4, §5). No I/O.
+"""The pure codec between CloudEvents and their wire forms (docs/architecture.md §4, §5). No I/O.
 
 Wire forms:
 
@@ -34,7 +34,7 @@ from urllib.parse import quote, unquote
 
 from cloudevents.http import CloudEvent
 
-from shared.errors import BadRequest
+from events.errors import BadRequest
 
 SPECVERSION = "1.0"
 STRUCTURED_CT = "application/cloudevents+json"

@@ -1,13 +1,13 @@
-"""Validation of event data against the JSON Schemas in ``events/schemas/`` (DESIGN §4).
+"""Validation of event data against the JSON Schemas in ``events/schemas/`` (docs/architecture.md §4).
 
 One schema per event type, named ``<type>.json`` with ``$id`` = ``catalog.dataschema_of(type)``
 (the URL events carry as ``dataschema``). The ``*.requested`` and ``task.submitted``
-schemas embed the task payload schemas of ``shared/schemas/`` by reference
+schemas embed the task payload schemas of ``events/schemas/payloads/`` by reference
 (``../payloads/<type>.json``), so a payload has exactly one definition. References are
 resolved from the two folders only; nothing is ever fetched over the network.
 
 Failures raise ``shared.errors.ValidationError`` with the field errors of
-``shared.payloads.schema_errors`` (``[{"field": "data.payload.width", "message": ...}]``).
+``events.payloads.schema_errors`` (``[{"field": "data.payload.width", "message": ...}]``).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from events import catalog
-from shared.errors import ValidationError
-from shared.payloads import SCHEMA_DIR as PAYLOAD_SCHEMA_DIR
-from shared.payloads import schema_errors
+from events.errors import ValidationError
+from events.payloads import SCHEMA_DIR as PAYLOAD_SCHEMA_DIR
+from events.payloads import schema_errors
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 

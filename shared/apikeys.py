@@ -12,11 +12,8 @@ import secrets
 import uuid
 from typing import Any
 
-import psycopg
-
+from shared.db import Conn
 from shared.errors import Conflict, NotFound, ValidationError
-
-Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
 
 KEY_PREFIX = "tfk_"
 MAX_NAME = 100
@@ -30,7 +27,7 @@ def _hash(key: str) -> str:
 
 def public_key(row: dict[str, Any]) -> dict[str, Any]:
     """The listing JSON of a key (never the key or its hash)."""
-    from shared.tasks import iso
+    from shared.tasks.repository import iso
 
     return {"id": str(row["id"]), "name": row["name"], "prefix": row["prefix"],
             "created_at": iso(row["created_at"]), "last_used_at": iso(row.get("last_used_at")),

@@ -1,6 +1,6 @@
 """Accounts and credentials: password hashing, JWT access tokens, rotating refresh
 tokens, logout revocation, and ``authenticate`` — the one function that turns request
-headers into a :class:`Principal` (DESIGN §8, contract 9).
+headers into a :class:`Principal` (docs/architecture.md §8).
 
 - Access tokens are JWTs (python-jose) signed with the single algorithm pinned in
   settings (HS256, or RS256 with a key pair). Decoding accepts only that algorithm, so
@@ -26,17 +26,15 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Protocol
 
-import psycopg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from jose import jwt
 from jose.exceptions import JOSEError
 
 from shared import apikeys
+from shared.db import Conn
 from shared.errors import AuthError, Conflict, ValidationError
 from shared.settings import Settings
-
-Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
 
 REFRESH_PREFIX = "tfr_"
 MIN_PASSWORD = 8

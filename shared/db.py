@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import psycopg.conninfo
@@ -20,6 +21,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.errors import ServiceUnavailable
 from shared.settings import Settings
+
+Conn = psycopg.Connection[Any]  # a pooled connection whose rows are dicts (``connection()``)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def get_pool(settings: Settings) -> ConnectionPool:
 
 
 @contextmanager
-def connection(settings: Settings) -> Iterator[psycopg.Connection]:
+def connection(settings: Settings) -> Iterator[Conn]:
     """A pooled connection inside a transaction (committed on success, rolled back on error).
 
     Connection failures surface as ``ServiceUnavailable`` (retryable).
@@ -98,7 +101,7 @@ def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                         raise RuntimeError(f"migration {path.name} changed after it was applied")
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[arg-type]
+                    conn.execute(sql)
                     conn.execute(
                         "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
                         (path.name, checksum),

@@ -1,9 +1,9 @@
-"""Dead letters: events the broker gave up delivering (DESIGN §5), recorded for operators.
+"""Dead letters: events the broker gave up delivering (docs/architecture.md §5), recorded for operators.
 
 * :func:`record` — what the dead-letter function does with each event: one row in
   ``dead_letters`` with the Knative error attributes (``knativeerrordest``,
   ``knativeerrorcode``, ``knativeerrordata``), and, for a ``*.requested`` event, the task
-  marked ``failed`` with a clear error (through ``shared.state``). Idempotent on the
+  marked ``failed`` with a clear error (through ``shared.tasks.state``). Idempotent on the
   event's ``source`` + ``id``: a redelivered dead letter is recorded once.
 * :func:`list_page` / :func:`public` — the admin listing, newest first, keyset-paginated.
 * :func:`replay` — re-publish a dead letter's original event through the outbox (a new
@@ -27,8 +27,11 @@ from cloudevents.http import CloudEvent
 from psycopg.types.json import Jsonb
 
 from events import catalog
-from shared import outbox, state
-from shared.errors import BadRequest, Conflict, NotFound
+from shared import pagination
+from shared.db import Conn
+from shared.errors import Conflict, NotFound
+from shared.outbox import writer as outbox
+from shared.tasks import state
 
 Row = dict[str, Any]
 ERROR_EXTENSIONS = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
@@ -66,7 +69,7 @@ def error_text(value: Any) -> str | None:
 
 
 def task_id_of(event_type: str, subject: str | None, data: Any) -> str | None:
-    """The task a dead-lettered event was about (contract 4: subject and ``data.task_id``),
+    """The task a dead-lettered event was about (subject and ``data.task_id``),
     or None when it is not a task event or names no valid task id."""
     candidates = [data.get("task_id")] if isinstance(data, dict) else []
     candidates.append(subject)
@@ -103,7 +106,7 @@ def _data_columns(event: CloudEvent) -> tuple[Any, dict[str, Any]]:
 
 
 # --- record (the dead-letter function) ---------------------------------------------------
-def record(conn: psycopg.Connection[Any], event: CloudEvent) -> Recorded:
+def record(conn: Conn, event: CloudEvent) -> Recorded:
     """Store one dead-lettered event and fail its task. Idempotent on ``source`` + ``id``.
 
     A dead letter already recorded (and not replayed since) is not recorded again. Raises
@@ -183,29 +186,14 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def encode_cursor(row: Row) -> str:
-    raw = f"{row['received_at'].isoformat()}|{row['id']}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """Raises ``BadRequest`` for a cursor this API did not hand out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        when, _, ident = raw.partition("|")
-        return datetime.fromisoformat(when), uuid.UUID(ident)
-    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
-        raise BadRequest("invalid cursor", code="invalid_cursor") from exc
-
-
-def list_page(conn: psycopg.Connection[Any], *, limit: int = 20, cursor: str | None = None,
+def list_page(conn: Conn, *, limit: int = 20, cursor: str | None = None,
               event_type: str | None = None, task_id: str | None = None,
               replayed: bool | None = None) -> tuple[list[Row], str | None]:
     """Newest first: ``(rows, next_cursor)``; ``next_cursor`` is None on the last page."""
     limit = max(1, min(MAX_LIMIT, int(limit)))
     where, params = ["true"], []
     if cursor:
-        when, ident = decode_cursor(cursor)
+        when, ident = pagination.decode(cursor)
         where.append("(received_at, id) < (%s, %s)")
         params += [when, ident]
     if event_type:
@@ -221,11 +209,11 @@ def list_page(conn: psycopg.Connection[Any], *, limit: int = 20, cursor: str | N
         " ORDER BY received_at DESC, id DESC LIMIT %s", (*params, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+    return rows, (pagination.encode(rows[-1]["received_at"], rows[-1]["id"]) if more and rows else None)
 
 
 # --- admin: replay -----------------------------------------------------------------------
-def replay(conn: psycopg.Connection[Any], dead_letter_id: str) -> Replayed:
+def replay(conn: Conn, dead_letter_id: str) -> Replayed:
     """Re-publish the original event through the outbox; reopen its failed task.
 
     Raises ``NotFound`` for an unknown id, ``Conflict`` when the task already succeeded or

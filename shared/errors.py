@@ -2,43 +2,18 @@
 
 Every error raised on purpose derives from :class:`TaskForgeError`. Each group carries
 the HTTP status it maps to (gateway answers) and whether a worker should let the broker
-retry it (delivery outcome). ``HTTP_STATUS`` and ``is_retryable`` are the one table.
+retry it (delivery outcome). ``http_status``, ``is_retryable`` and ``error_document`` (the
+one renderer every HTTP surface uses) are the one table.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from events.errors import BadRequest, TaskForgeError, ValidationError
 
-class TaskForgeError(Exception):
-    """Root of every deliberate error. ``code`` is a stable machine-readable string."""
-
-    status: int = 500
-    code: str = "internal"
-    retryable: bool = False
-
-    def __init__(self, message: str = "", *, code: str | None = None, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message or self.__class__.__name__)
-        self.message = message or self.__class__.__name__
-        if code:
-            self.code = code
-        self.details = details
-        self.headers = headers or {}
-
-    def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            body["details"] = self.details
-        return body
-
-
-# --- client errors (never retried) -------------------------------------------------
-class BadRequest(TaskForgeError):
-    status, code = 400, "bad_request"
-
-
-class ValidationError(TaskForgeError):
-    status, code = 422, "validation_failed"
+__all__ = ["AuthError", "BadRequest", "Cancelled", "Conflict", "Forbidden", "NotFound", "PermanentError",
+           "RateLimited", "RetryableError", "ServiceUnavailable", "TaskForgeError", "TooLarge",
+           "UnsupportedMediaType", "ValidationError", "error_body", "error_document", "http_status", "is_retryable"]
 
 
 class AuthError(TaskForgeError):
@@ -106,3 +81,31 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, TaskForgeError):
         return exc.retryable
     return True
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The one JSON error shape: ``{"error": {"code", "message", "details"?}}``."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err}
+
+
+def error_document(exc: BaseException, *, public: bool = True) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The status, JSON body and headers any HTTP surface answers ``exc`` with.
+
+    A ``TaskForgeError`` answers its own status, body and headers; a retryable one adds
+    ``Retry-After: 1``. Anything else is a 500 ``internal`` with no detail. On a
+    ``public`` surface (gateway, status stream) a 5xx never carries its message: a
+    dependency's message can name hosts or databases. Internal surfaces (the functions the
+    broker calls) keep it, because the dispatcher records it with a dead letter.
+    """
+    if not isinstance(exc, TaskForgeError):
+        return 500, error_body("internal", "internal error"), {}
+    status = http_status(exc)
+    headers = dict(exc.headers)
+    if exc.retryable:
+        headers.setdefault("Retry-After", "1")
+    if public and status >= 500:
+        return status, error_body(exc.code, "the service is temporarily unavailable"), headers
+    return status, {"error": exc.to_dict()}, headers

@@ -1,4 +1,4 @@
-"""Fetching a source URL to a file behind the SSRF guard (DESIGN §8).
+"""Fetching a source URL to a file behind the SSRF guard (docs/architecture.md §8).
 
 API (what the worker adapter and the PDF engines bind to)::
 

@@ -1,7 +1,9 @@
 """JSON log lines with the task, event and trace ids of whatever is being handled.
 
 ``bind(task_id=..., event_id=..., trace_id=...)`` sets context for the current thread or
-asyncio task; every record logged inside carries it. Secrets never reach the formatter:
+asyncio task; every record logged inside carries it. Every ``extra={...}`` field a caller
+passes reaches the line as its own key (values that are not JSON are written with
+``str``); keys that name a secret are redacted. Secrets never reach the formatter:
 log ids and codes, never tokens, passwords or keys.
 """
 from __future__ import annotations
@@ -16,7 +18,11 @@ from contextlib import contextmanager
 from typing import Any
 
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("taskforge_log_context")
-_FIELDS = ("task_id", "event_id", "trace_id", "user_id", "function")
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` and is kept.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# Field names that must never carry a value into a log line, whoever passes them.
+_SECRET_KEYS = frozenset({"password", "token", "access_token", "refresh_token", "apikey", "api_key",
+                          "authorization", "secret"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,9 +34,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         line.update(_context.get({}))
-        for key in _FIELDS:
-            if key in record.__dict__:
-                line[key] = record.__dict__[key]
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                line[key] = "[redacted]" if key.lower() in _SECRET_KEYS else value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)

@@ -18,7 +18,7 @@ TASK_DURATION = Histogram("taskforge_task_duration_seconds", "Time a worker spen
                           ["type", "outcome"], buckets=DURATION_BUCKETS)
 TASK_ATTEMPTS = Counter("taskforge_task_attempts_total", "Worker attempts by result", ["type", "result"])
 TASKS_STALE_RUNNING = Gauge("taskforge_tasks_stale_running",
-                            "Tasks still running after their worker's lease expired (shared.task_health)")
+                            "Tasks still running after their worker's lease expired (shared.tasks.health)")
 
 OUTBOX_PENDING = Gauge("taskforge_outbox_pending_rows", "Outbox rows not yet dispatched")
 OUTBOX_OLDEST_AGE = Gauge("taskforge_outbox_oldest_pending_age_seconds", "Age of the oldest undispatched row")

@@ -1,4 +1,4 @@
-"""Rate limits in Redis and the per-user cap on tasks in flight (DESIGN §8).
+"""Rate limits in Redis and the per-user cap on tasks in flight (docs/architecture.md §8).
 
 Two window algorithms, both one Redis round trip (a pipeline):
 
@@ -25,25 +25,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import redis
 
-from shared import tasks
+from shared import redisclient
+from shared.db import Conn
 from shared.errors import RateLimited
 from shared.settings import Settings
-
-Conn = psycopg.Connection[Any]  # rows are dicts (shared.db's row factory)
+from shared.tasks import repository as tasks
 
 log = logging.getLogger(__name__)
 
-_clients: dict[str, redis.Redis] = {}
-_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -55,23 +51,13 @@ class Decision:
 
 
 def client(settings: Settings) -> redis.Redis:
-    """The process's Redis client for rate limiting (short timeouts: never stall a request)."""
-    c = _clients.get(settings.redis_url)
-    if c is None:
-        with _lock:
-            c = _clients.get(settings.redis_url)
-            if c is None:
-                c = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-                _clients[settings.redis_url] = c
-    return c
+    """The process's Redis client for rate limiting (the ``request`` profile: never stall a request)."""
+    return redisclient.client(settings.redis_url, "request")
 
 
 def reset_clients() -> None:
-    with _lock:
-        for c in _clients.values():
-            c.close()
-        _clients.clear()
-        _scripts.clear()
+    redisclient.reset()
+    _scripts.clear()
 
 
 def fixed_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float | None = None) -> Decision:

@@ -13,9 +13,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote
 
 from shared.errors import NotFound, RetryableError, ValidationError
@@ -143,7 +144,8 @@ class _CountingReader:
 class S3Storage:
     """Objects in an S3 bucket (boto3). Network errors become ``StorageError`` (retryable)."""
 
-    def __init__(self, bucket: str, *, endpoint_url: str = "", region: str = "us-east-1", client=None) -> None:
+    def __init__(self, bucket: str, *, endpoint_url: str = "", region: str = "us-east-1",
+                 client: Any = None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -153,7 +155,7 @@ class S3Storage:
             config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
         )
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

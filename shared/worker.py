@@ -6,7 +6,7 @@
     @functions_framework.http
     def handle(request): return worker.http(request)
 
-Per request (DESIGN §1, §5): decode the event (binary or structured) → check its type
+Per request (docs/architecture.md §1, §5): decode the event (binary or structured) → check its type
 and data → claim the task in PostgreSQL (waiting out a dead worker's lease; a duplicate
 of finished work is acknowledged without work) → run the core in a temporary directory
 with progress and cancel callbacks, a heartbeat renewing the lease → store the output
@@ -30,7 +30,6 @@ malformed event or data                     (no task touched)    400, dropped
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -45,21 +44,22 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from events import catalog, codec, completions
-from shared import breakers, db, metrics, payloads, sources, state, status, storage, tracing
+from events import catalog, codec, completions, payloads
+from shared import breakers, envelope, metrics, storage, tracing
 from shared import logging as logs
+from shared.envelope import Answer, error_answer, json_answer
 from shared.errors import (
     BadRequest,
     Cancelled,
     RetryableError,
     TaskForgeError,
-    TooLarge,
     http_status,
     is_retryable,
 )
-from shared.heartbeat import Heartbeat
 from shared.settings import Settings, get_settings
-from shared.tasks import public_task
+from shared.tasks import sources, state, unit
+from shared.tasks.heartbeat import Heartbeat
+from shared.tasks.repository import public_task
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +115,6 @@ class Job:
         )
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def _json_answer(status_code: int, body: Mapping[str, Any]) -> Answer:
-    return Answer(status_code, {"content-type": "application/json"}, json.dumps(body).encode())
-
-
-def _error_answer(status_code: int, exc: TaskForgeError) -> Answer:
-    return _json_answer(status_code, {"error": exc.to_dict()})
-
-
 class Worker:
     """The adapter for one task type. ``run(job) -> Output`` is the pure core binding."""
 
@@ -151,22 +136,7 @@ class Worker:
     # --- HTTP ----------------------------------------------------------------------------
     def http(self, request: Any) -> Any:
         """functions-framework entry: a Flask request in, a Flask response out."""
-        import flask
-
-        if request.method == "GET" and request.path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-            return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-        if request.method == "GET":  # liveness probes (the supervisor, kubelet)
-            return flask.jsonify({"function": self.task_type, "status": "ok"})
-        if request.method != "POST":
-            return flask.Response(status=405, headers={"Allow": "GET, POST"})
-        settings = get_settings()
-        if (request.content_length or 0) > settings.max_body_bytes:
-            answer = _error_answer(413, TooLarge("the event is larger than the body limit"))
-        else:
-            answer = self.handle(request.headers, request.get_data(cache=False), settings)
-        return flask.Response(answer.body, status=answer.status, headers=answer.headers)
+        return envelope.serve(request, self.handle, name=self.task_type)
 
     def handle(self, headers: Mapping[str, str] | Any, body: bytes, settings: Settings | None = None) -> Answer:
         """Process one delivery. Never raises: every outcome is an ``Answer``."""
@@ -178,7 +148,7 @@ class Worker:
         except BadRequest as exc:
             log.warning("refused a malformed event: %s", exc.message)
             metrics.TASK_ATTEMPTS.labels(self.task_type, "malformed").inc()
-            return _error_answer(400, exc)
+            return error_answer(exc, 400)
         span = tracing.child_of(event.get("traceparent"))
         with logs.bind(task_id=data["task_id"], event_id=event["id"], trace_id=tracing.trace_id_of(span),
                        user_id=data["user_id"]):
@@ -186,11 +156,11 @@ class Worker:
                 return self._process(settings, data, span)
             except state.LeaseLost:  # taken over while recording the outcome: the new owner answers
                 log.warning("lost the task to another worker while recording its outcome")
-                return _json_answer(202, {"outcome": "lease_lost"})
+                return json_answer(202, {"outcome": "lease_lost"})
             except Exception as exc:  # the state write itself failed (database down): retry later
                 log.exception("could not record the task's state")
                 err = exc if isinstance(exc, RetryableError) else RetryableError("internal error", code="internal")
-                return _error_answer(max(503, http_status(err)), err)
+                return error_answer(err, max(503, http_status(err)))
 
     def _first_request(self, settings: Settings) -> None:
         if self._started:
@@ -220,11 +190,11 @@ class Worker:
         if that worker died, its lease runs out and this delivery takes the task over."""
         deadline = time.monotonic() + settings.claim_wait_s
         while True:
-            with db.connection(settings) as conn:
-                claim = state.claim(conn, data["task_id"], owner, settings.lease_s,
+            with unit.changes(settings) as ch:
+                claim = state.claim(ch.conn, data["task_id"], owner, settings.lease_s,
                                     user_id=data["user_id"], task_type=self.task_type)
-            if claim.changed:
-                status.publish_rows(settings, [claim.row])
+                if claim.changed:
+                    ch.record(claim.row)
             if claim.outcome is not state.ClaimOutcome.BUSY or time.monotonic() >= deadline:
                 return claim
             time.sleep(BUSY_POLL_S)
@@ -237,13 +207,13 @@ class Worker:
             metrics.TASK_ATTEMPTS.labels(self.task_type, outcome.value).inc()
             if outcome is state.ClaimOutcome.MISSING:
                 log.warning("event for an unknown task (or one that does not match it): dropped")
-                return _json_answer(200, {"outcome": "missing"})
+                return json_answer(200, {"outcome": "missing"})
             if outcome is state.ClaimOutcome.BUSY:
                 log.info("another worker holds a live lease on this task: acknowledged")
-                return _json_answer(202, {"outcome": "busy"})
+                return json_answer(202, {"outcome": "busy"})
             if outcome is state.ClaimOutcome.CANCELLED:
                 metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
-                return _json_answer(200, {"outcome": "cancelled"})
+                return json_answer(200, {"outcome": "cancelled"})
             log.info("duplicate event for a finished task: acknowledged without work")
             return self._reply(settings, _row(claim), span)
         return self._attempt(settings, _row(claim), owner, span)
@@ -252,7 +222,7 @@ class Worker:
         task_id, user_id = str(row["id"]), str(row["user_id"])
         started = time.monotonic()
         store = breakers.GuardedStorage(storage.get_storage(settings), key=settings.storage_backend)
-        hb = Heartbeat(settings, task_id, owner, lambda rows: status.publish_rows(settings, rows))
+        hb = Heartbeat(settings, task_id, owner)
         log.info("attempt %d started", row["attempts"])
         try:
             with hb, tempfile.TemporaryDirectory(prefix=f"taskforge-{self.task_type}-") as tmp:
@@ -266,9 +236,8 @@ class Worker:
                 result = self._store(store, user_id, task_id, output)
         except Exception as exc:
             return self._failed(settings, row, owner, exc, hb, started, span)
-        with db.connection(settings) as conn:
-            done = state.succeed(conn, task_id, owner, result)
-        status.publish_rows(settings, [done])
+        with unit.changes(settings) as ch:
+            done = ch.record(state.succeed(ch.conn, task_id, owner, result))
         self._observe("succeeded", started, terminal=True)
         log.info("task succeeded (%d bytes)", result["size"])
         return self._reply(settings, done, span)
@@ -286,14 +255,13 @@ class Worker:
         if isinstance(exc, state.LeaseLost) or hb.lost.is_set():
             log.warning("lost the task to another worker; recording nothing")
             self._observe("lease_lost", started, terminal=False)
-            return _json_answer(202, {"outcome": "lease_lost"})
+            return json_answer(202, {"outcome": "lease_lost"})
         if isinstance(exc, Cancelled) or hb.cancel.is_set():
-            with db.connection(settings) as conn:
-                done = state.finish_cancelled(conn, task_id, owner)
-            status.publish_rows(settings, [done])
+            with unit.changes(settings) as ch:
+                done = ch.record(state.finish_cancelled(ch.conn, task_id, owner))
             self._observe("cancelled", started, terminal=True)
             log.info("task cancelled during work")
-            return _json_answer(200, {"outcome": "cancelled"})
+            return json_answer(200, {"outcome": "cancelled"})
         if isinstance(exc, TaskForgeError):
             error = exc
         else:  # a bug or an unknown dependency error: retry it, but never show internals
@@ -301,14 +269,13 @@ class Worker:
             error = RetryableError(f"internal error ({exc.__class__.__name__})", code="internal")
         retryable = is_retryable(exc)
         last = int(row["attempts"]) >= settings.max_attempts
-        with db.connection(settings) as conn:
+        with unit.changes(settings) as ch:
             if retryable and not last:
-                done = state.mark_retrying(conn, task_id, owner, error)
+                done = ch.record(state.mark_retrying(ch.conn, task_id, owner, error))
             else:
                 # A retryable failure on the last attempt gets no reply (the broker
                 # dead-letters the event), so the task.failed event goes through the outbox.
-                done = state.fail(conn, task_id, owner, error, announce=retryable)
-        status.publish_rows(settings, [done])
+                done = ch.record(state.fail(ch.conn, task_id, owner, error, announce=retryable))
         if retryable:
             outcome = "failed" if last else "retrying"
             self._observe(outcome, started, terminal=last)
@@ -317,7 +284,7 @@ class Worker:
             code = http_status(error) if http_status(error) >= 500 else 503
             # Even on the last attempt answer 5xx: the broker then dead-letters the event,
             # so an operator can inspect and replay it.
-            return _error_answer(code, error)
+            return error_answer(error, code)
         self._observe("failed", started, terminal=True)
         log.info("task failed permanently (%s)", error.code)
         return self._reply(settings, done, span)
@@ -334,7 +301,7 @@ class Worker:
         derived from the task, its status and version, so a repeated reply dedupes."""
         st = str(row["status"])
         if st not in ("succeeded", "failed"):
-            return _json_answer(200, {"outcome": st})
+            return json_answer(200, {"outcome": st})
         return Answer(200, *reply_event(self.source, row, span))
 
 

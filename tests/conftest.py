@@ -94,7 +94,8 @@ def _fresh_process_state() -> Iterator[None]:
     """Process-wide state (circuit breakers, cached brokers, Redis clients, rate-limit
     clients) starts fresh in every test, so a test that breaks a dependency on purpose
     cannot leave a breaker open, nor an in-memory broker its messages, for the tests after it."""
-    from shared import breakers, broker, ratelimit, status
+    from shared import breakers, broker, ratelimit
+    from shared.tasks import status
 
     broker.close_brokers()
     breakers.reset_all()

@@ -1,4 +1,4 @@
-"""dead-letter: the broker's dead-letter sink (DESIGN §5).
+"""dead-letter: the broker's dead-letter sink (docs/architecture.md §5).
 
 Receives every event whose delivery was exhausted, with Knative's ``knativeerrordest``,
 ``knativeerrorcode`` and ``knativeerrordata`` extensions, in binary or structured mode.
@@ -19,9 +19,10 @@ import flask
 import functions_framework
 
 from events import codec
-from shared import cefunction, db, deadletters, metrics, status
+from shared import deadletters, envelope, metrics
 from shared import logging as tf_logging
 from shared.settings import get_settings
+from shared.tasks import unit
 
 log = logging.getLogger("taskforge.dead_letter")
 
@@ -31,10 +32,9 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
     body that is not a CloudEvent and ``ServiceUnavailable`` when the database is down."""
     event = codec.from_http(headers, body)
     settings = get_settings()
-    with db.connection(settings) as conn:
-        rec = deadletters.record(conn, event)
-    if rec.task is not None:
-        status.publish_rows(settings, [rec.task])  # best effort: Postgres already has the truth
+    with unit.changes(settings) as ch:
+        rec = deadletters.record(ch.conn, event)
+        ch.record(rec.task)
     if rec.created:
         metrics.DEAD_LETTERS.labels(event["type"]).inc()
         log.warning("dead letter recorded: %s %s from %s (dest=%s code=%s)", event["type"], event["id"],
@@ -45,9 +45,12 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
             "task_failed": rec.task is not None}
 
 
+_HANDLER = envelope.json_handler(take, what="recording a dead letter")
+
+
 @functions_framework.http
 def handle(request: flask.Request) -> flask.Response:
-    return cefunction.serve(request, take, what="recording a dead letter")
+    return envelope.serve(request, _HANDLER, name="dead-letter")
 
 
 tf_logging.setup("dead-letter", get_settings().log_level)

@@ -19,9 +19,13 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from functions.gateway.guards import require_admin
-from functions.gateway.web import json_response, settings
-from shared import db, deadletters, relay, status, tasks
+from functions.gateway.web import settings
+from shared import db, deadletters
+from shared.envelope import json_response
 from shared.errors import NotFound, ValidationError
+from shared.outbox import relay
+from shared.tasks import repository as tasks
+from shared.tasks import unit
 
 bp = Blueprint("admin", __name__)
 
@@ -72,7 +76,7 @@ def get_dead_letter(dead_letter_id: str) -> Response:
         raise NotFound("no such dead letter")
     with db.connection(settings()) as conn:
         row: dict[str, Any] | None = conn.execute(
-            "SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()  # type: ignore[assignment]
+            "SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
     if row is None:
         raise NotFound("no such dead letter")
     return json_response(deadletters.public(row))
@@ -82,12 +86,10 @@ def get_dead_letter(dead_letter_id: str) -> Response:
 @require_admin
 def replay_dead_letter(dead_letter_id: str) -> Response:
     s = settings()
-    with db.connection(s) as conn:
-        done = deadletters.replay(conn, dead_letter_id)
-    # After commit: fan the task change out and publish the new event now (best effort).
-    if done.task is not None:
-        status.publish_rows(s, [done.task])
-    relay.after_commit(s, [done.event_id])
+    with unit.changes(s) as ch:
+        done = deadletters.replay(ch.conn, dead_letter_id)
+        ch.record(done.task)
+    relay.after_commit(s, [done.event_id])  # after commit: publish the new event now (best effort)
     return json_response({"dead_letter": deadletters.public(done.row), "event_id": done.event_id,
                           "task": tasks.public_task(done.task) if done.task else None}, 202)
 

@@ -1,4 +1,4 @@
-"""The gateway's Flask app factory (contract 10): ``create_app(settings=None) -> Flask``.
+"""The gateway's Flask app factory: ``create_app(settings=None) -> Flask``.
 
 The factory wires what every route relies on:
 

@@ -1,7 +1,7 @@
 """The gateway's OpenAPI 3.1 document, served at ``/openapi.json``.
 
 Built from the same schema objects the routes validate with (``schemas.py``) and from the
-task payload schemas in ``shared/schemas/``, so the document says exactly what the code
+task payload schemas in ``events/schemas/payloads/``, so the document says exactly what the code
 accepts. Blueprints owned elsewhere (admin, console) contribute their operations by
 defining a module-level ``OPENAPI_PATHS`` dict (OpenAPI path items keyed by path); a
 test fails when a route of the app is missing from the document.
@@ -15,9 +15,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app
 
 from events.catalog import TASK_TYPES
+from events.payloads import schema_of
 from functions.gateway import schemas
-from functions.gateway.web import json_response
-from shared.payloads import schema_of
+from shared.envelope import json_response
 
 bp = Blueprint("openapi", __name__)
 

@@ -2,15 +2,14 @@
 
 Routes validate request bodies against these objects and ``openapi.py`` publishes the
 very same objects, so the document cannot drift from what the code accepts. Task
-payload schemas live in ``shared/schemas/`` (shared with workers and events) and are
+payload schemas live in ``events/schemas/payloads/`` (shared with workers and events) and are
 referenced from here by name (``#/components/schemas/<Name>``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from events.catalog import TASK_TYPES
-from shared.tasks import STATUSES
+from events.catalog import STATUSES, TASK_TYPES
 
 MAX_BATCH = 100  # hard ceiling; settings.max_batch_items may lower it
 
@@ -91,7 +90,7 @@ API_KEY_LIST = _obj({"items": {"type": "array", "items": ref("ApiKey")}}, ("item
 HEALTH = {"type": "object", "properties": {"status": _str, "checks": {"type": "object"}}, "required": ["status"]}
 
 # Named schemas published under #/components/schemas (the task payloads are added there
-# from shared/schemas/ by openapi.py).
+# from events/schemas/payloads/ by openapi.py).
 COMPONENTS: dict[str, dict[str, Any]] = {
     "Signup": SIGNUP, "Login": LOGIN, "Refresh": REFRESH, "Logout": LOGOUT,
     "TaskSubmission": TASK_SUBMIT, "BatchSubmission": BATCH_SUBMIT, "ApiKeyCreate": API_KEY_CREATE,

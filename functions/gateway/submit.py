@@ -4,16 +4,16 @@ Shared by ``POST /tasks``, ``POST /tasks/batch`` and the CloudEvent route ``POST
 so the three paths apply the same rules:
 
 1. the per-user submission rate (Redis, 429 + ``Retry-After``);
-2. task rows and their outbox rows in one transaction (``shared.tasks``);
+2. task rows and their outbox rows in one transaction (``shared.tasks.repository``);
 3. the in-flight cap, counted inside that transaction *after* the insert, so a refused
    submission rolls back with it and a replayed idempotent request is never refused;
-4. after commit: the eager relay (``shared.relay.after_commit``) and the submitted-tasks
+4. after commit: the eager relay (``shared.outbox.relay.after_commit``) and the submitted-tasks
    metric. Neither may fail the request — the task is committed and the sweeper is the
    safety net for the relay.
 
 The new ``pending`` rows are deliberately not pushed to the status stream here: the
 relay's ``pending → queued`` change follows within milliseconds and is published, and a
-row that never gets that far is replayed by ``shared.status.catch_up`` (new rows start
+row that never gets that far is replayed by ``shared.tasks.status.catch_up`` (new rows start
 with ``published_version < status_version``). Publishing in the request path cost a
 Redis script call plus an extra PostgreSQL transaction per submission — about a third of
 the request's time (bench/submit.py).
@@ -24,8 +24,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from shared import db, metrics, ratelimit, tasks
+from shared import db, metrics, ratelimit
 from shared.settings import Settings
+from shared.tasks import repository as tasks
 
 log = logging.getLogger("taskforge.gateway")
 
@@ -34,7 +35,7 @@ def after_commit(settings: Settings, rows: Sequence[dict[str, Any]], event_ids: 
     """Best-effort work once task rows are committed (never raises)."""
     if event_ids:
         try:
-            from shared import relay
+            from shared.outbox import relay
 
             relay.after_commit(settings, list(event_ids))
         except Exception:  # the relay promises not to raise; a bug there must not turn a 202 into a 500

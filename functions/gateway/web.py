@@ -19,9 +19,17 @@ from flask import Response, current_app, g, request
 from jsonschema import Draft202012Validator
 from werkzeug.exceptions import HTTPException
 
+from events.payloads import schema_errors
 from shared.auth import Principal
-from shared.errors import BadRequest, TaskForgeError, UnsupportedMediaType, ValidationError, http_status
-from shared.payloads import schema_errors
+from shared.envelope import json_response
+from shared.errors import (
+    BadRequest,
+    TaskForgeError,
+    UnsupportedMediaType,
+    ValidationError,
+    error_body,
+    error_document,
+)
 from shared.settings import Settings
 
 log = logging.getLogger("taskforge.gateway")
@@ -98,33 +106,13 @@ def json_body(schema: dict[str, Any] | None = None, *, optional: bool = False) -
     return validate(schema, value) if schema is not None else value
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    resp = Response(json.dumps(body, separators=(",", ":"), default=str), status=status,
-                    mimetype="application/json")
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
-    return resp
-
-
-def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        err["details"] = details
-    return {"error": err}
-
-
 def error_response(exc: BaseException) -> Response:
     """The JSON answer for any exception (never a stack trace or an internal message)."""
     if isinstance(exc, TaskForgeError):
-        status = http_status(exc)
-        headers = dict(exc.headers)
+        status, body, headers = error_document(exc)
         if status >= 500:
-            log.warning("request failed: %s (%s)", exc.code, exc.__class__.__name__)
-            if exc.retryable:
-                headers.setdefault("Retry-After", "1")
-            # Dependency messages can name hosts or databases: keep them in the log only.
-            return json_response(error_body(exc.code, "the service is temporarily unavailable"), status, headers)
-        return json_response({"error": exc.to_dict()}, status, headers)
+            log.warning("request failed", extra={"code": exc.code, "error_class": exc.__class__.__name__})
+        return json_response(body, status, headers)
     if isinstance(exc, HTTPException):
         status = exc.code or 500
         headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after")}
@@ -132,4 +120,5 @@ def error_response(exc: BaseException) -> Response:
                    413: "the request body is too large"}.get(status, exc.name)
         return json_response(error_body(_HTTP_CODES.get(status, "error"), message), status, headers)
     log.exception("unhandled error")
-    return json_response(error_body("internal", "internal error"), 500)
+    status, body, headers = error_document(exc)
+    return json_response(body, status, headers)

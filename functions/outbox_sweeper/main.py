@@ -1,9 +1,9 @@
-"""outbox-sweeper: publishes pending outbox rows when a tick arrives (DESIGN §4, §5).
+"""outbox-sweeper: publishes pending outbox rows when a tick arrives (docs/architecture.md §4, §5).
 
 Triggered by ``com.taskforge.outbox.sweep`` (the local ticker, a gateway nudge) and by
 Knative's ``dev.knative.sources.ping`` (PingSource), in binary or structured mode, and by
 the empty POST of OpenFaaS's cron-connector. Runs
-one ``shared.sweeper.sweep_once`` — drain until empty or the time budget ends — and
+one ``shared.outbox.sweep.sweep_once`` — drain until empty or the time budget ends — and
 answers 200 with its statistics as JSON (never a CloudEvent: no reply event goes back
 into the broker). A request that is not one of those events gets 400 (the dispatcher
 acks and drops it); a database outage gets 503 so the tick is retried.
@@ -17,11 +17,11 @@ import flask
 import functions_framework
 
 from events import catalog, codec
-from shared import cefunction
+from shared import envelope
 from shared.broker import get_broker
 from shared.errors import BadRequest
+from shared.outbox.sweep import sweep_once
 from shared.settings import get_settings
-from shared.sweeper import sweep_once
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ def sweep_request(headers: Any, body: bytes) -> dict[str, Any]:
     return stats.to_dict()
 
 
+_HANDLER = envelope.json_handler(sweep_request, what="outbox sweep")
+
+
 @functions_framework.http
 def handle(request: flask.Request) -> flask.Response:
-    return cefunction.serve(request, sweep_request, what="outbox sweep")
+    return envelope.serve(request, _HANDLER, name="outbox-sweeper")

@@ -1,11 +1,11 @@
-"""status-stream: live task status as Server-Sent Events (DESIGN §3).
+"""status-stream: live task status as Server-Sent Events (docs/architecture.md §3).
 
 Run it as functions-framework does in ASGI mode::
 
     functions-framework --asgi --target status_stream --source functions/status_stream/main.py
 
 One long-lived process holds thousands of streams: one Redis reader fans entries out to
-per-stream mailboxes (``shared/sse``). This module is the thin adapter.
+per-stream mailboxes (``functions/status_stream``). This module is the thin adapter.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from functions.status_stream.app import StatusStreamApp
 from shared import logging as tflogging
 from shared.settings import get_settings
-from shared.sse.app import StatusStreamApp
 
 _app: StatusStreamApp | None = None
 

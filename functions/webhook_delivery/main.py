@@ -22,7 +22,7 @@ import flask
 import functions_framework
 
 from events import catalog, codec
-from shared import cefunction
+from shared import envelope
 from shared import logging as tf_logging
 from shared.errors import BadRequest
 from shared.settings import get_settings
@@ -46,9 +46,12 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
     raise BadRequest(f"webhook-delivery does not handle events of type {event['type']!r}", code="unexpected_event")
 
 
+_HANDLER = envelope.json_handler(take, what="delivering webhooks")
+
+
 @functions_framework.http
 def handle(request: flask.Request) -> flask.Response:
-    return cefunction.serve(request, take, what="delivering webhooks")
+    return envelope.serve(request, _HANDLER, name="webhook-delivery")
 
 
 tf_logging.setup("webhook-delivery", get_settings().log_level)

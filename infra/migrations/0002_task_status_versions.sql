@@ -1,9 +1,9 @@
--- Status fan-out bookkeeping (shared/state.py, shared/status.py).
+-- Status fan-out bookkeeping (shared/tasks/state.py, shared/tasks/status.py).
 --
 -- Every state change bumps status_version in the same UPDATE that changes the task.
 -- After the change is appended to the user's Redis stream, published_version catches up.
 -- A row with published_version < status_version was committed but never reached Redis
--- (Redis down, or the process died between commit and publish): shared/status.py
+-- (Redis down, or the process died between commit and publish): shared/tasks/status.py
 -- replays such rows later, reading their current state, so the stream catches up.
 --
 -- Existing rows count as published (version 1 = 1); new rows start unpublished, so a

@@ -2,7 +2,7 @@
 the OpenFaaS gateway instead of local processes.
 
 OpenFaaS CE has no RabbitMQ connector, so this process plays the part the Knative
-RabbitMQ broker plays there (DESIGN §5, §7): it declares the broker topology of
+RabbitMQ broker plays there (docs/architecture.md §5, §7): it declares the broker topology of
 ``infra/runtime/taskforge.yaml`` in RabbitMQ, runs one dispatcher per trigger plus the
 dead-letter dispatcher, and POSTs every event in binary mode to
 ``<gateway>/function/<subscriber><path>``, with the trigger's delivery spec (retry,

@@ -5,7 +5,7 @@ they listen, which triggers feed them and with which delivery spec. Everything t
 needs the graph — the local runtime, the broker topology, the drift test against the
 Knative manifests and ``stack.yml`` — reads it through :func:`load_config`.
 
-Delivery specs use Knative's vocabulary (DESIGN §5): ``retry`` (attempts = retry + 1),
+Delivery specs use Knative's vocabulary (docs/architecture.md §5): ``retry`` (attempts = retry + 1),
 ``backoffPolicy`` ``linear`` | ``exponential``, ``backoffDelay`` and ``timeout`` as
 ISO-8601 durations, ``deadLetterSink`` naming a function. A trigger's ``delivery``
 replaces the broker's default entirely, exactly as in Knative.

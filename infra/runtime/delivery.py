@@ -1,4 +1,4 @@
-"""Pure rules of the Knative RabbitMQ dispatcher (DESIGN §5): how an answer is read, what
+"""Pure rules of the Knative RabbitMQ dispatcher (docs/architecture.md §5): how an answer is read, what
 a dead-lettered event carries, and when a reply is a CloudEvent. No I/O.
 
 Response-code table (eventing-rabbitmq ``pkg/dispatcher``, Knative's ``SelectiveRetry``):

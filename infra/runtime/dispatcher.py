@@ -21,12 +21,10 @@ binary mode, and settle the message by Knative's rules (``infra.runtime.delivery
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import queue
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -38,11 +36,10 @@ import pika.exceptions
 from cloudevents.http import CloudEvent
 
 from events import codec
-from infra.runtime import kv
 from infra.runtime.config import DeliverySpec, RuntimeConfig
 from infra.runtime.delivery import Attempt, Outcome, dead_letter_event, reply_of
 from infra.runtime.process import ColdStartError, FunctionProcess
-from shared import metrics
+from shared import httppost, metrics
 from shared.broker import dead_letter_queue, exchange_name, trigger_queue
 from shared.errors import BadRequest
 from shared.settings import Settings
@@ -56,69 +53,11 @@ Activate = Callable[[], AbstractContextManager[Any]]
 Poster = Callable[[str, Mapping[str, str], bytes, float], Attempt]
 
 
-_local = threading.local()  # each delivery thread keeps its own keep-alive connections
-# A kept-alive connection the server closed meanwhile fails like this before any answer:
-# safe to send again on a fresh connection.
-_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
-
-
-def _connection(parts: urllib.parse.SplitResult, timeout_s: float) -> tuple[http.client.HTTPConnection, bool]:
-    """A kept-alive connection for this thread and origin if there is one, else a new one."""
-    pool: dict[tuple[str, str, int], http.client.HTTPConnection] = _local.__dict__.setdefault("conns", {})
-    https = parts.scheme == "https"
-    key = (parts.scheme, parts.hostname or "127.0.0.1", parts.port or (443 if https else 80))
-    conn = pool.pop(key, None)
-    if conn is not None:
-        conn.timeout = timeout_s
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout_s)
-        return conn, True
-    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-    return cls(key[1], key[2], timeout=timeout_s), False
-
-
-def _keep(parts: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
-    pool = _local.__dict__.setdefault("conns", {})
-    https = parts.scheme == "https"
-    pool[(parts.scheme, parts.hostname or "127.0.0.1", parts.port or (443 if https else 80))] = conn
-
-
 def post(url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> Attempt:
-    """POST once (http or https); never raises for network trouble (it becomes an
-    answer-less Attempt). ``timeout_s`` bounds connecting and every read of the answer.
-
-    Connections are kept alive per delivery thread; one the server has closed in the
-    meantime is replaced transparently (the request never reached the function).
-    """
-    parts = urllib.parse.urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn, reused = _connection(parts, timeout_s)
-    try:
-        try:
-            conn.request("POST", path, body=body, headers={**headers, "content-length": str(len(body))})
-            resp = conn.getresponse()
-        except _STALE:
-            if not reused:
-                raise
-            conn.close()
-            conn, reused = _connection(parts, timeout_s)  # a fresh one: the pool entry was taken
-            conn.request("POST", path, body=body, headers={**headers, "content-length": str(len(body))})
-            resp = conn.getresponse()
-        data = resp.read(MAX_RESPONSE_BYTES + 1)
-        if len(data) > MAX_RESPONSE_BYTES:
-            conn.close()
-            return Attempt(None, {}, b"", f"answer larger than {MAX_RESPONSE_BYTES} bytes")
-        if resp.will_close:
-            conn.close()
-        else:
-            _keep(parts, conn)
-        return Attempt(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-    except TimeoutError:
-        conn.close()
-        return Attempt(None, {}, b"", f"timeout: no answer within {timeout_s:g}s")
-    except (OSError, http.client.HTTPException) as exc:
-        conn.close()
-        return Attempt(None, {}, b"", f"connection error: {exc.__class__.__name__}: {exc}")
+    """POST one delivery over this thread's keep-alive connection (``shared.httppost``);
+    never raises for network trouble (it becomes an answer-less Attempt)."""
+    reply = httppost.post(url, headers, body, timeout_s, MAX_RESPONSE_BYTES)
+    return Attempt(reply.status, reply.headers, reply.body, reply.error)
 
 
 class _Session:
@@ -218,7 +157,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - RabbitMQ trouble (or a bug): back off, reconnect
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
-                log.warning("dispatcher lost RabbitMQ, reconnecting (%s)", kv({
+                log.warning("dispatcher lost RabbitMQ, reconnecting", extra=({
                     "trigger": self.name, "error": repr(exc), "retry_in_s": delay}))
                 self._stop.wait(delay)
 
@@ -330,7 +269,7 @@ class Dispatcher:
             except _Settle:
                 outcome = "interrupted"  # unacked: RabbitMQ redelivers it
             except Exception:  # noqa: BLE001 - a bug must not kill the worker or lose the message
-                log.exception("delivery failed unexpectedly (%s)", kv({"trigger": self.name}))
+                log.exception("delivery failed unexpectedly", extra=({"trigger": self.name}))
                 outcome = "error"
                 with contextlib.suppress(Exception):
                     time.sleep(1.0)
@@ -353,7 +292,7 @@ class Dispatcher:
         try:
             event = codec.from_amqp(headers, msg.props, msg.body)
         except BadRequest as exc:
-            log.error("undecodable message rejected (%s)", kv({"trigger": self.name, "error": str(exc)}))
+            log.error("undecodable message rejected", extra=({"trigger": self.name, "error": str(exc)}))
             self._nack(msg, requeue=False)  # to the DLX, as upstream does
             return "undecodable"
         # A hand-off's attempt number, clamped: the spec may have shrunk since it was queued.
@@ -370,7 +309,7 @@ class Dispatcher:
             if outcome is Outcome.SUCCESS:
                 return self._succeeded(msg, event, attempt)
             if outcome is Outcome.DROP:
-                log.warning("delivery refused, dropped (%s)", kv({
+                log.warning("delivery refused, dropped", extra=({
                     "trigger": self.name, "event_id": event["id"], "status": attempt.status}))
                 self._ack(msg)
                 return "dropped"
@@ -381,7 +320,7 @@ class Dispatcher:
             held = time.monotonic() - held_since
             if held + delay + self.delivery.timeout_s > self.hold_budget_s or self._stop.is_set():
                 return self._hand_off(msg, event, n + 1, time.time() + delay)
-            log.info("delivery failed, retrying (%s)", kv({
+            log.info("delivery failed, retrying", extra=({
                 "trigger": self.name, "event_id": event["id"], "attempt": n, "answer": attempt.describe(),
                 "backoff_s": delay}))
             if self._stop.wait(delay):
@@ -399,14 +338,14 @@ class Dispatcher:
         try:
             reply = reply_of(attempt)
         except BadRequest as exc:
-            log.warning("answer claims to be a CloudEvent but is not; ignored (%s)", kv({
+            log.warning("answer claims to be a CloudEvent but is not; ignored", extra=({
                 "trigger": self.name, "event_id": event["id"], "error": str(exc)}))
             reply = None
         if reply is None:
             self._ack(msg)
             return "delivered"
         if self.loop_guard_type and reply["type"] == self.loop_guard_type:
-            log.error("reply has the trigger's own type (would loop); dropped (%s)", kv({
+            log.error("reply has the trigger's own type (would loop); dropped", extra=({
                 "trigger": self.name, "event_id": event["id"], "reply_type": reply["type"]}))
             self._ack(msg)
             return "reply_loop"
@@ -414,7 +353,7 @@ class Dispatcher:
             self._publish(msg, exchange_name(self.settings), "", reply)
         except (pika.exceptions.AMQPError, _Settle) as exc:
             # Upstream dead-letters the original when its reply cannot be sent.
-            log.error("reply could not be published (%s)", kv({"trigger": self.name, "error": repr(exc)}))
+            log.error("reply could not be published", extra=({"trigger": self.name, "error": repr(exc)}))
             failed = Attempt(attempt.status, attempt.headers, f"reply not published: {exc!r}".encode())
             return self._exhausted(msg, event, failed)
         self._ack(msg)
@@ -423,7 +362,7 @@ class Dispatcher:
     def _exhausted(self, msg: _Msg, event: CloudEvent, attempt: Attempt) -> str:
         if self.dead_letter is None:
             # The dead-letter sink itself failed: like Knative, the event is lost — say so loudly.
-            log.error("dead-letter delivery exhausted; event lost (%s)", kv({
+            log.error("dead-letter delivery exhausted; event lost", extra=({
                 "trigger": self.name, "event_id": event["id"], "event_type": event["type"],
                 "answer": attempt.describe(), "event": codec.to_structured_http(event)[1].decode("utf-8", "replace")}))
             self._ack(msg)
@@ -431,12 +370,12 @@ class Dispatcher:
         try:
             self._publish(msg, "", self.dead_letter, dead_letter_event(event, self.url, attempt))
         except (pika.exceptions.AMQPError, _Settle) as exc:
-            log.error("dead-letter publish failed; message requeued (%s)", kv({
+            log.error("dead-letter publish failed; message requeued", extra=({
                 "trigger": self.name, "event_id": event["id"], "error": repr(exc)}))
             self._stop.wait(1.0)
             self._nack(msg, requeue=True)
             return "requeued"
-        log.warning("delivery exhausted, dead-lettered (%s)", kv({
+        log.warning("delivery exhausted, dead-lettered", extra=({
             "trigger": self.name, "event_id": event["id"], "answer": attempt.describe(),
             "attempts": self.delivery.attempts}))
         self._ack(msg)
@@ -449,7 +388,7 @@ class Dispatcher:
                           {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
         except (pika.exceptions.AMQPError, _Settle) as exc:
             # Give it back as it came (its own attempt number) rather than hold it unacked.
-            log.warning("hand-off failed, message requeued (%s)", kv({"trigger": self.name, "error": repr(exc)}))
+            log.warning("hand-off failed, message requeued", extra=({"trigger": self.name, "error": repr(exc)}))
             self._nack(msg, requeue=True)
             return "requeued"
         self._ack(msg)

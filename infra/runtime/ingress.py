@@ -1,4 +1,4 @@
-"""The broker's HTTP ingress for ``K_SINK``-style producers (DESIGN §5, §6).
+"""The broker's HTTP ingress for ``K_SINK``-style producers (docs/architecture.md §5, §6).
 
 ``POST /`` with a CloudEvent in binary or structured mode: published to the broker's
 headers exchange, answered **202 only after RabbitMQ confirmed** it. 400 for anything
@@ -17,10 +17,9 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events import codec
-from infra.runtime import kv
 from infra.runtime.config import HOST
 from shared.broker import Broker, Rejected, build_broker
-from shared.errors import BadRequest, RetryableError, TaskForgeError
+from shared.errors import BadRequest, RetryableError, TaskForgeError, error_document
 from shared.settings import Settings
 
 log = logging.getLogger("taskforge.runtime.ingress")
@@ -46,7 +45,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def _error(self, exc: TaskForgeError, status: int, headers: dict[str, str] | None = None) -> None:
-        self._answer(status, {"error": exc.to_dict()}, headers=headers)
+        _, body, _ = error_document(exc, public=False)
+        self._answer(status, body, headers=headers)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         if self.path == "/healthz":
@@ -82,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(exc, 400)
             return
         except RetryableError as exc:
-            log.warning("ingress publish failed (%s)", kv({"event_id": event["id"], "error": str(exc)}))
+            log.warning("ingress publish failed", extra=({"event_id": event["id"], "error": str(exc)}))
             self._error(exc, 503, {"Retry-After": "1"})
             return
         self._answer(202)

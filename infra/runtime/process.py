@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from infra.runtime import kv
 from infra.runtime.config import HOST, FunctionSpec
 from shared.errors import RetryableError
 
@@ -165,7 +164,7 @@ class FunctionProcess:
         with self._cond:
             self._proc = proc
             self.starts += 1
-        log.info("starting function (%s)", kv({"function": name, "pid": proc.pid, "port": self.spec.port}))
+        log.info("starting function", extra=({"function": name, "pid": proc.pid, "port": self.spec.port}))
         while not port_accepts(self.spec.port):
             if proc.poll() is not None:
                 self._start_failed()
@@ -181,7 +180,7 @@ class FunctionProcess:
             self.started_at = self._clock()
             self.last_used = self.started_at
             self._cond.notify_all()
-        log.info("function ready (%s)", kv({"function": name, "cold_start_ms": round((self._clock() - t0) * 1000)}))
+        log.info("function ready", extra=({"function": name, "cold_start_ms": round((self._clock() - t0) * 1000)}))
 
     def _start_failed(self) -> None:
         with self._cond:
@@ -203,7 +202,7 @@ class FunctionProcess:
         self._not_before = self._clock() + self._backoff_s()
         self.state = "stopped"
         self._cond.notify_all()
-        log.warning("function exited unexpectedly (%s)", kv({"function": self.spec.name, "exit_code": code,
+        log.warning("function exited unexpectedly", extra=({"function": self.spec.name, "exit_code": code,
                                                            "restart_in_s": self._backoff_s()}))
 
     # --- supervision ---------------------------------------------------------------------
@@ -227,7 +226,7 @@ class FunctionProcess:
                 return False
             self.state = "stopping"
             proc = self._proc
-        log.info("scaling to zero (%s)", kv({"function": self.spec.name, "idle_s": idle_s}))
+        log.info("scaling to zero", extra=({"function": self.spec.name, "idle_s": idle_s}))
         if proc is not None:
             _terminate(proc, grace_s=10.0)
         with self._cond:
@@ -262,7 +261,7 @@ def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        log.warning("function ignored SIGTERM, killing (%s)", kv({"pid": proc.pid}))
+        log.warning("function ignored SIGTERM, killing", extra=({"pid": proc.pid}))
         _kill_group(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
     _kill_group(proc.pid, signal.SIGKILL)

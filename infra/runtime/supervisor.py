@@ -2,7 +2,7 @@
 to zero when idle, cold-started on demand — and ``run_dev``, the whole local stack in the
 foreground (``taskforge dev`` / ``make dev``).
 
-What ``run_dev`` runs (DESIGN §6), all from the one graph file:
+What ``run_dev`` runs (docs/architecture.md §6), all from the one graph file:
   * one process per function (functions-framework: gunicorn for ``http`` targets,
     gunicorn + uvicorn workers for ``asgi``), ``min_scale >= 1`` ones started at boot;
   * the broker topology (headers exchange, one queue per trigger, dead-letter queue);
@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from infra.runtime import kv
 from infra.runtime.config import PROJECT_ROOT, ConfigError, RuntimeConfig, load_config
 from infra.runtime.process import FunctionProcess
 from shared.errors import TaskForgeError
@@ -106,7 +105,7 @@ class Supervisor:
         try:
             proc.start()
         except Exception as exc:  # noqa: BLE001 - reported, then retried by the monitor
-            log.error("function failed to start (%s)", kv({"function": proc.spec.name, "error": str(exc)}))
+            log.error("function failed to start", extra=({"function": proc.spec.name, "error": str(exc)}))
 
     def monitor_once(self) -> None:
         """One pass: note crashes, restart min_scale >= 1 functions that are due, scale
@@ -210,7 +209,7 @@ def run_dev(config_path: str | None = None) -> int:
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal received, stopping (%s)", kv({"signal": signal.Signals(signum).name}))
+        log.info("signal received, stopping", extra=({"signal": signal.Signals(signum).name}))
         stop.set()
 
     signal.signal(signal.SIGINT, _on_signal)

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from cloudevents.http import CloudEvent
 
 from events import codec
-from infra.runtime import kv
 from infra.runtime.config import TickerSpec
 from shared.broker import Broker, build_broker
 from shared.errors import TaskForgeError
@@ -67,7 +66,7 @@ class Ticker:
                 tick_once(self.broker, self.spec)
                 self.ticks += 1
             except TaskForgeError as exc:
-                log.warning("tick not published (%s)", kv({"error": str(exc)}))
+                log.warning("tick not published", extra=({"error": str(exc)}))
 
     def stop(self) -> None:
         self._stop.set()

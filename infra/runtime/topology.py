@@ -1,4 +1,4 @@
-"""The local broker's RabbitMQ topology, as eventing-rabbitmq lays it out (DESIGN §5, §6).
+"""The local broker's RabbitMQ topology, as eventing-rabbitmq lays it out (docs/architecture.md §5, §6).
 
 * ``<broker>.broker``: the durable **headers** exchange every event is published to. Its
   alternate exchange ``<broker>.unroutable`` (fanout, with a queue of the same name)
@@ -88,7 +88,7 @@ def plan(settings: Settings, config: RuntimeConfig) -> Topology:
 
 @contextmanager
 def blocking_channel(settings: Settings) -> Iterator[BlockingChannel]:
-    """A short-lived blocking channel (declarations only; publishing uses ``shared.rabbit``)."""
+    """A short-lived blocking channel (declarations only; publishing uses ``shared.broker.rabbit``)."""
     params = pika.URLParameters(settings.amqp_url)
     params.connection_attempts = 1
     params.socket_timeout = settings.broker_connect_timeout_s

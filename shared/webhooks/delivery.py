@@ -31,12 +31,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from events import catalog
+from events.catalog import TERMINAL
 from shared import db, metrics
 from shared.errors import BadRequest
 from shared.fetch import Resolver, system_resolver
 from shared.settings import Settings
-from shared.tasks import TERMINAL_STATUSES as TERMINAL
-from shared.tasks import iso, parse_uuid
+from shared.tasks.repository import iso, parse_uuid
 from shared.webhooks import policy, sender, signing, store
 
 log = logging.getLogger("taskforge.webhooks")
@@ -69,8 +69,9 @@ def message_body(name: str, event_time: str, data: Mapping[str, Any], max_bytes:
     body = json.dumps({"type": name, "timestamp": event_time, "data": task}, separators=(",", ":"))
     if len(body.encode()) > max_bytes:
         task = {**task, "payload": None, "result": None, "truncated": True}
-        if isinstance(task.get("error"), dict):
-            task["error"] = {k: str(v)[:500] for k, v in task["error"].items()}
+        error = task.get("error")
+        if isinstance(error, dict):
+            task["error"] = {k: str(v)[:500] for k, v in error.items()}
         body = json.dumps({"type": name, "timestamp": event_time, "data": task}, separators=(",", ":"))
     return body
 
@@ -118,9 +119,9 @@ def _batch_completed(settings: Settings, conn: Any, user_id: str, task_id: str) 
     event_id = str(uuid.uuid5(_BATCH_NS, batch_id))
     if not endpoints:
         return event_id
-    counts = {s: sum(1 for m in members if str(m["status"]) == s) for s in TERMINAL}
+    counts: dict[str, int] = {s.value: sum(1 for m in members if str(m["status"]) == s.value) for s in TERMINAL}
     finished = max(m["updated_at"] for m in members)
-    data = {"id": batch_id, "total": len(members), **counts,
+    data: dict[str, Any] = {"id": batch_id, "total": len(members), **counts,
             "tasks": [{"id": str(m["id"]), "type": m["type"], "status": str(m["status"])} for m in members]}
     body = json.dumps({"type": "batch.completed", "timestamp": iso(finished), "data": data}, separators=(",", ":"))
     for endpoint in endpoints:
@@ -185,8 +186,8 @@ def attempt_many(settings: Settings, message_ids: list[str], opts: Options | Non
         return {outcome: 1}
     workers = max(1, min(settings.webhook_parallelism, len(message_ids)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook") as pool:
-        for outcome in pool.map(lambda mid: attempt(settings, mid, opts), message_ids):
-            key = outcome or "skipped"
+        for result in pool.map(lambda mid: attempt(settings, mid, opts), message_ids):
+            key = result or "skipped"
             counts[key] = counts.get(key, 0) + 1
     return counts
 

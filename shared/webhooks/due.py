@@ -10,7 +10,8 @@ at most one tick after its time.
 from __future__ import annotations
 
 from events import catalog
-from shared import db, outbox
+from shared import db
+from shared.outbox import writer as outbox
 from shared.settings import Settings
 
 SOURCE = catalog.source_of("outbox-sweeper")

@@ -14,7 +14,7 @@ import psycopg
 
 from shared.errors import Conflict, NotFound, ValidationError
 from shared.settings import Settings
-from shared.tasks import iso, parse_uuid
+from shared.tasks.repository import iso, parse_uuid
 from shared.webhooks import secrets as wsecrets
 
 Conn = psycopg.Connection[Any]

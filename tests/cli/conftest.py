@@ -20,8 +20,9 @@ import pytest
 from psycopg.rows import dict_row
 from werkzeug.serving import make_server
 
-from shared import state, status, storage
+from shared import storage
 from shared.settings import Settings, set_settings
+from shared.tasks import state, status
 from tests.status_stream.conftest import Server, Tasks, free_port, serve_status_stream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ class Stack:
     def cli(self, *argv: str, input: str | None = None, timeout_s: float = 120,
             env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``taskforge <argv>`` the way a user does (console script entry point)."""
-        return subprocess.run([sys.executable, "-m", "shared.cli", *argv], input=input, text=True,
+        return subprocess.run([sys.executable, "-m", "taskforge.cli", *argv], input=input, text=True,
                               capture_output=True, timeout=timeout_s, env=env or self.env(), cwd=cwd or ROOT)
 
     def wait_streams(self, n: int = 1, timeout_s: float = 60) -> None:
@@ -62,7 +63,7 @@ class Stack:
         raise AssertionError(f"fewer than {n} open streams")
 
     def popen(self, *argv: str, cwd: Path | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], text=True, stdin=subprocess.DEVNULL,
+        return subprocess.Popen([sys.executable, "-m", "taskforge.cli", *argv], text=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(), cwd=cwd or ROOT)
 
 

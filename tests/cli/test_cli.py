@@ -197,8 +197,8 @@ def test_watch_all_prints_every_task_change_as_json_lines(stack: Stack, worker: 
 
 
 def test_an_api_key_works_without_a_login(stack: Stack, logged_in: str, tmp_path: Path):
-    from shared.client import Client
-    from shared.credentials import CredentialStore
+    from taskforge.client import Client
+    from taskforge.credentials import CredentialStore
 
     saved = CredentialStore.in_config_dir(str(stack.config_dir)).get(stack.gateway)
     key = Client(stack.gateway, access_token=saved["access_token"])._call("POST", "/api-keys",

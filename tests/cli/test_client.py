@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from shared.client import ApiError, Client
-from shared.credentials import CredentialStore
+from taskforge.client import ApiError, Client
+from taskforge.credentials import CredentialStore
 from tests.cli.conftest import Worker, new_email, serve_gateway
 from tests.status_stream.conftest import Tasks, User, serve_status_stream
 

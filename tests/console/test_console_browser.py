@@ -11,8 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from shared import status
 from shared.settings import Settings
+from shared.tasks import status
 from tests.cli.conftest import Worker, serve_gateway
 from tests.console.conftest import png
 from tests.status_stream.conftest import free_port, serve_status_stream
@@ -69,7 +69,8 @@ def test_console_signup_upload_resize_watch_and_download(web, browser_page, tmp_
             arg=[task_id, pct])
     result = png(30, 20)
     key = f"results/{task['user_id']}/{task_id}/resized.png"
-    from shared import state, storage
+    from shared import storage
+    from shared.tasks import state
 
     storage.get_storage(settings).put_bytes(key, result, "image/png")
     worker._tx(lambda c: state.succeed(c, task_id, "w1", {"key": key, "content_type": "image/png",

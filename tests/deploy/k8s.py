@@ -2,8 +2,8 @@
 ``kubectl kustomize``, and validate custom resources against their CRD's
 ``openAPIV3Schema`` the way the API server's strict field validation would.
 
-The CRDs live outside the repository, in ``../shared/crds`` next to the checkout (CI
-clones the repo beside that folder); a missing folder fails the tests loudly.
+The CRDs are vendored, unmodified, in ``vendor/knative-crds/`` (source, commit and
+licence in its README); a missing folder fails the tests loudly.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = ROOT.parent / "shared" / "crds"
+CRD_DIR = ROOT / "vendor" / "knative-crds"
 
 # Fields the API server accepts at the root of every object, whether or not the
 # CRD's schema lists them (some Knative schemas list only spec and status).
@@ -28,8 +28,7 @@ _ROOT_FIELDS = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "m
 
 def crd_dir() -> Path:
     if not CRD_DIR.is_dir():
-        pytest.fail(f"the CRD schemas are missing: expected the folder {CRD_DIR} (../shared/crds next to "
-                    "the repository); the Knative manifests cannot be validated without it", pytrace=False)
+        pytest.fail(f"the CRD schemas are missing: expected the folder {CRD_DIR}; the Knative manifests cannot be validated without it", pytrace=False)
     return CRD_DIR
 
 

@@ -1,5 +1,5 @@
 """One source of truth: infra/runtime/taskforge.yaml, knative/ and stack.yml describe the
-same functions, event types and delivery specs (DESIGN §6, issue: "a test fails when
+same functions, event types and delivery specs (docs/architecture.md §6, issue: "a test fails when
 they drift"). The real files must agree; each kind of drift, injected into a copy,
 must be reported."""
 from __future__ import annotations

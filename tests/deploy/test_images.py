@@ -1,4 +1,4 @@
-"""The container images (DESIGN §7, issue: slim, non-root, functions-framework on $PORT
+"""The container images (docs/architecture.md §7, issue: slim, non-root, functions-framework on $PORT
 8080, wkhtmltopdf only in the PDF image, ffmpeg only in the video image). No engine runs
 here, so the Dockerfile, its helper scripts and .dockerignore are checked for what
 they would do: the scripts run for real under sh."""

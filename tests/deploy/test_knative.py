@@ -1,6 +1,6 @@
 """knative/: builds with the real `kubectl kustomize`, every custom resource matches its
-CRD's openAPIV3Schema (../shared/crds), core resources pass `kubernetes-validate
---strict`, and the manifests say what DESIGN §7 asks (annotation levels, probes,
+CRD's openAPIV3Schema (vendor/knative-crds), core resources pass `kubernetes-validate
+--strict`, and the manifests say what docs/architecture.md §7 asks (annotation levels, probes,
 scaling, delivery, secrets as files)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Observability (DESIGN §9): Prometheus config and alert rules checked by the real
+"""Observability (docs/architecture.md §9): Prometheus config and alert rules checked by the real
 promtool, Alertmanager's by amtool, alert scenarios run with `promtool test rules`;
 every query of the rules and the Grafana dashboard uses a metric (and labels) the
 code really exports; log queries use labels the shipper sets; JSON logs carry
@@ -311,7 +311,7 @@ def test_json_log_lines_carry_task_event_and_trace_ids():
 
 
 def test_stale_running_gauge_counts_tasks_whose_lease_expired(settings, conn):
-    from shared.task_health import refresh_stale_running
+    from shared.tasks.health import refresh_stale_running
 
     user = conn.execute("INSERT INTO users (email, password_hash) VALUES ('gauge@example.com', 'x') RETURNING id")
     uid = user.fetchone()["id"]

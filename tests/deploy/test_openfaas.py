@@ -1,5 +1,5 @@
 """stack.yml against the documented OpenFaaS stack format (a JSON Schema of the fields
-faas-cli reads), the OpenFaaS conventions DESIGN §7 names, and the RabbitMQ-to-OpenFaaS
+faas-cli reads), the OpenFaaS conventions docs/architecture.md §7 names, and the RabbitMQ-to-OpenFaaS
 bridge — its manifest, and the bridge itself delivering real RabbitMQ messages to a
 stand-in gateway on loopback."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DESIGN §9: one task's log lines share a trace id. The W3C ``traceparent`` of the HTTP
+"""docs/architecture.md §9: one task's log lines share a trace id. The W3C ``traceparent`` of the HTTP
 request travels into the outbox row, through the broker's wire format (AMQP, as the
 eventing-rabbitmq broker and the local runtime carry it) and the dispatcher's binary-mode
 POST, into the worker, whose JSON log lines and reply event carry the same trace."""
@@ -13,7 +13,7 @@ from events import codec
 from functions.gateway.app import create_app
 from shared import tracing
 from shared.logging import JsonFormatter
-from shared.outbox_publish import event_of
+from shared.outbox.publish import event_of
 from shared.worker import Job, Output, Worker
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from shared.client import Client
+from taskforge.client import Client
 from tests.console.conftest import browser_page  # noqa: F401  (fixture)
 from tests.e2e.test_workers import jpeg_bytes, make_video
 from tests.status_stream.conftest import Stream
@@ -78,7 +78,7 @@ def test_cli_submit_wait_uploads_follows_and_downloads(stack, tmp_path: Path):
                XDG_CONFIG_HOME=str(tmp_path / "config"))
 
     def cli(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "shared.cli", *argv], input=stdin, text=True,
+        return subprocess.run([sys.executable, "-m", "taskforge.cli", *argv], input=stdin, text=True,
                               capture_output=True, env=env, cwd=ROOT, timeout=300)
 
     email = f"cli-e2e-{uuid.uuid4().hex[:8]}@example.com"

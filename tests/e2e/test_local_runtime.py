@@ -11,13 +11,13 @@ import httpx
 import pytest
 
 from events import codec
+from infra.runtime.launcher import LocalStack
 from infra.runtime.process import port_accepts
-from tests.e2e.conftest import RunningStack
 
 pytestmark = pytest.mark.e2e
 
 
-def _wait(predicate, timeout_s: float, what: str, stack: RunningStack) -> None:
+def _wait(predicate, timeout_s: float, what: str, stack: LocalStack) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -26,19 +26,19 @@ def _wait(predicate, timeout_s: float, what: str, stack: RunningStack) -> None:
     pytest.fail(f"timed out waiting for {what}\n{stack.log_tail()}")
 
 
-def _deliveries(stack: RunningStack, trigger: str, outcome: str) -> float:
+def _deliveries(stack: LocalStack, trigger: str, outcome: str) -> float:
     text = httpx.get(stack.ingress + "/metrics").text
     m = re.search(rf'taskforge_deliveries_total{{outcome="{outcome}",trigger="{trigger}"}} ([0-9.e+]+)', text)
     return float(m.group(1)) if m else 0.0
 
 
-def test_ticks_cold_start_the_outbox_sweeper_through_the_broker(stack: RunningStack) -> None:
+def test_ticks_cold_start_the_outbox_sweeper_through_the_broker(stack: LocalStack) -> None:
     # The sweeper is min_scale 0: only a delivery (the ticker's ping) can have started it.
     _wait(lambda: _deliveries(stack, "outbox-ping", "delivered") >= 1, 60, "a delivered tick", stack)
     assert port_accepts(stack.config.function("outbox-sweeper").port)
 
 
-def test_ingress_takes_cloudevents_and_refuses_garbage(stack: RunningStack) -> None:
+def test_ingress_takes_cloudevents_and_refuses_garbage(stack: LocalStack) -> None:
     event = codec.make_event({"specversion": "1.0", "id": str(uuid.uuid4()), "type": "com.taskforge.outbox.sweep",
                               "source": "/tests/e2e"}, None)
     headers, body = codec.to_binary_http(event)
@@ -54,7 +54,7 @@ def _login(http: httpx.Client, email: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_dead_letter_reaches_the_sink_and_the_admin_can_replay_it(stack: RunningStack) -> None:
+def test_dead_letter_reaches_the_sink_and_the_admin_can_replay_it(stack: LocalStack) -> None:
     import json
 
     import pika

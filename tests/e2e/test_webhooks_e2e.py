@@ -52,7 +52,7 @@ def wh_stack(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     env["PYTHONUNBUFFERED"] = "1"
     log_path = workdir / "stack.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "dev", "--config", str(config_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "taskforge.cli", "dev", "--config", str(config_path)],
                                 cwd=str(DEFAULT_PATH.parents[2]), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     running = RunningStack(gateway=config.function("gateway").url, status=config.function("status-stream").url,

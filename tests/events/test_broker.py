@@ -17,8 +17,8 @@ from infra.runtime import topology
 from infra.runtime.config import load_config
 from shared import breakers, broker
 from shared.broker import HttpSinkBroker, InMemoryBroker, Rejected, Unroutable, get_broker
+from shared.broker.rabbit import RabbitBroker
 from shared.errors import RetryableError, ServiceUnavailable
-from shared.rabbit import RabbitBroker
 from shared.settings import Settings
 from tests.sweeper import helpers as h
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pika
 from pika.spec import Basic
 
+from shared.broker.rabbit import _Batch, _Link
 from shared.errors import ServiceUnavailable
-from shared.rabbit import _Batch, _Link
 
 
 class Frame:

@@ -6,9 +6,10 @@ import uuid
 import pytest
 
 from events import catalog, codec, validate
-from shared import outbox_publish, tasks
 from shared.errors import ValidationError
+from shared.outbox import publish as outbox_publish
 from shared.settings import Settings
+from shared.tasks import repository as tasks
 from shared.worker import reply_event
 from tests.sweeper import helpers as h
 

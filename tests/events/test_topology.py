@@ -1,4 +1,4 @@
-"""The broker topology: names per contract 5, bindings from the graph, idempotent declaration."""
+"""The broker topology: names as the broker lays them out, bindings from the graph, idempotent declaration."""
 from __future__ import annotations
 
 import uuid

@@ -18,8 +18,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from functions.gateway.app import create_app
-from shared import auth, db, ratelimit, relay, status
+from shared import auth, db, ratelimit
+from shared.outbox import relay
 from shared.settings import Settings
+from shared.tasks import status
 
 PASSWORD = "correct horse battery"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared import payloads
+from events import payloads
 from shared.errors import ValidationError
 
 UPLOAD = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"

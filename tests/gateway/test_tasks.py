@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from shared import db, outbox, relay, tasks
+from shared import db
+from shared.outbox import relay
+from shared.outbox import writer as outbox
+from shared.tasks import repository as tasks
 from tests.gateway.conftest import pdf_body, resize_body
 
 

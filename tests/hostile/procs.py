@@ -9,11 +9,12 @@ import subprocess
 import time
 from collections.abc import Iterable
 
+from infra.runtime.config import PROJECT_ROOT as ROOT
 from infra.runtime.config import load_config
+from infra.runtime.launcher import free_ports, settings_env
 from infra.runtime.process import function_command, port_accepts
 from infra.runtime.supervisor import function_env
 from shared.settings import Settings
-from tests.e2e.conftest import ROOT, free_ports, settings_env
 
 
 @dataclasses.dataclass

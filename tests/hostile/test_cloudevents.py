@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from events import catalog
-from shared import db, tasks
+from shared import db
 from shared.settings import Settings
+from shared.tasks import repository as tasks
 from tests.hostile.procs import Running, start_functions, stop_functions
 
 WORKERS = ("resize-image", "compress-video", "generate-pdf")

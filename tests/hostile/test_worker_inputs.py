@@ -28,7 +28,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from events import codec
-from shared import db, storage, tasks
+from shared import db, storage
+from shared.tasks import repository as tasks
 from tests.hostile.procs import Running, start_functions, stop_functions
 
 pytestmark = pytest.mark.slow

@@ -40,11 +40,11 @@ from psycopg.rows import dict_row
 
 from events import codec
 from infra.runtime import topology
+from infra.runtime.launcher import free_ports
 from shared import db, storage
 from shared.broker import dead_letter_queue
 from shared.settings import Settings
 from tests.conftest import PG_ADMIN
-from tests.e2e.conftest import free_ports
 from tests.reliability.faults import PrivateRedis, TcpProxy, terminate_backends
 from tests.reliability.stackctl import ChaosStack
 

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.e2e.conftest import free_ports
+from infra.runtime.launcher import free_ports
 from tests.reliability.faults import PrivateRedis, TcpProxy
 
 

@@ -23,10 +23,10 @@ from events import codec
 from infra.runtime import dispatcher as dispatch
 from infra.runtime import topology
 from infra.runtime.config import PROJECT_ROOT, RuntimeConfig, parse_config
+from infra.runtime.launcher import free_ports
 from infra.runtime.supervisor import Supervisor
 from shared.broker import dead_letter_queue, trigger_queue
 from shared.settings import Settings
-from tests.e2e.conftest import free_ports
 
 SCRIPTED = str(Path(__file__).resolve().parent.joinpath("scripted", "main.py").relative_to(PROJECT_ROOT))
 FAST = {"backoffPolicy": "linear", "backoffDelay": "PT0.05S", "timeout": "PT3S", "deadLetterSink": "dead-letter"}

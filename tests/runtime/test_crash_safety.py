@@ -7,7 +7,8 @@ import sys
 import textwrap
 import time
 
-from tests.e2e.conftest import ROOT, settings_env
+from infra.runtime.config import PROJECT_ROOT as ROOT
+from infra.runtime.launcher import settings_env
 from tests.runtime.conftest import Rig, child_env, event
 from tests.runtime.test_supervisor import wait_for
 

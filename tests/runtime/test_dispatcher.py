@@ -1,5 +1,5 @@
 """The dispatcher against the real RabbitMQ and a real function process: the response-code
-table, retry counts, backoff, dead-letter attributes, replies (DESIGN §5)."""
+table, retry counts, backoff, dead-letter attributes, replies (docs/architecture.md §5)."""
 from __future__ import annotations
 
 import base64
@@ -119,7 +119,7 @@ def test_timeout_is_retried_then_dead_lettered_without_status(rig: Rig) -> None:
 
 
 def test_connection_refused_is_retried_then_dead_lettered(rig: Rig) -> None:
-    from tests.e2e.conftest import free_ports
+    from infra.runtime.launcher import free_ports
 
     e = event("test.codes", {})
     rig.publish(e)

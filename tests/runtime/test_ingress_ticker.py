@@ -12,10 +12,10 @@ from cloudevents.http import CloudEvent
 from events import codec
 from infra.runtime.config import TickerSpec
 from infra.runtime.ingress import IngressServer
+from infra.runtime.launcher import free_ports
 from infra.runtime.ticker import Ticker, tick_once
 from shared.broker import InMemoryBroker, build_broker
 from shared.errors import ServiceUnavailable
-from tests.e2e.conftest import free_ports
 from tests.runtime.conftest import Rig, event
 from tests.runtime.test_supervisor import wait_for
 

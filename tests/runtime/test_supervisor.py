@@ -9,9 +9,9 @@ import time
 import pytest
 
 from infra.runtime.config import parse_config
+from infra.runtime.launcher import free_ports
 from infra.runtime.process import ColdStartError, FunctionProcess, port_accepts
 from infra.runtime.supervisor import Supervisor, function_env
-from tests.e2e.conftest import free_ports
 from tests.runtime.conftest import Rig, child_env, event, graph_doc
 
 

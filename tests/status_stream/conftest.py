@@ -1,6 +1,6 @@
 """Fixtures for the status stream: the real function (functions-framework ASGI app) served
 by uvicorn in a thread on a free loopback port, users with tokens, and task state changes
-written the way workers write them (``shared.state`` + ``shared.status``).
+written the way workers write them (``shared.tasks.state`` + ``shared.tasks.status``).
 """
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ import pytest
 import uvicorn
 from psycopg.rows import dict_row
 
-from shared import auth, state, status, tasks
+from events.sse import Message, Parser
+from shared import auth
 from shared.settings import Settings, set_settings
-from shared.sse.wire import Message, Parser
+from shared.tasks import repository as tasks
+from shared.tasks import state, status
 
 ROOT = Path(__file__).resolve().parents[2]
 

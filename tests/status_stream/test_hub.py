@@ -10,10 +10,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from events.sse import Parser, TaskEvent
+from functions.status_stream.hub import Hub, Subscriber
+from functions.status_stream.stream import TaskStream
 from shared.settings import Settings
-from shared.sse.hub import Hub, Subscriber
-from shared.sse.stream import TaskStream
-from shared.sse.wire import Parser, TaskEvent
 from tests.status_stream.conftest import PrivateRedis
 
 

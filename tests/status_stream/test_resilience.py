@@ -5,7 +5,8 @@ import time
 
 import httpx
 
-from shared import auth, status
+from shared import auth
+from shared.tasks import status
 from tests.status_stream.conftest import PrivateRedis, Tasks, User, serve_status_stream
 
 

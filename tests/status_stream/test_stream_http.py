@@ -7,16 +7,16 @@ import httpx
 import psycopg
 import redis
 
+from events.sse import parse_id
 from shared import auth
 from shared.settings import Settings
-from shared.sse.wire import parse_id
 from tests.status_stream.conftest import Server, Tasks, User, make_user
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _get_task(settings: Settings, task_id: str) -> dict:
-    from shared.tasks import public_task
+    from shared.tasks.repository import public_task
 
     with psycopg.connect(settings.database_url, row_factory=psycopg.rows.dict_row) as conn:
         return public_task(conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone())

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from shared.sse.stream import resumable
-from shared.sse.wire import (
+from events.sse import (
     Parser,
     decode_entry,
     encode_comment,
@@ -14,6 +13,7 @@ from shared.sse.wire import (
     parse_id,
     task_event,
 )
+from functions.status_stream.stream import resumable
 
 
 def test_stream_ids_parse_and_order():

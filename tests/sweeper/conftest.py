@@ -8,8 +8,10 @@ import pytest
 
 from infra.runtime import topology
 from infra.runtime.config import load_config
-from shared import breakers, broker, relay, status
+from shared import breakers, broker
+from shared.outbox import relay
 from shared.settings import Settings
+from shared.tasks import status
 
 
 @pytest.fixture()

@@ -9,8 +9,9 @@ from cloudevents.http import CloudEvent
 
 from events import codec
 from infra.runtime import topology
-from shared import db, tasks
+from shared import db
 from shared.settings import Settings
+from shared.tasks import repository as tasks
 
 PAYLOADS = {
     "resize-image": {"source": {"url": "http://127.0.0.1:9/x.png"}, "width": 10},

@@ -1,4 +1,4 @@
-"""The outbox-sweeper function: binary and structured ticks, answers per DESIGN §5."""
+"""The outbox-sweeper function: binary and structured ticks, answers per docs/architecture.md §5."""
 from __future__ import annotations
 
 import json
@@ -83,4 +83,5 @@ def test_health_metrics_and_methods(client: flask.testing.FlaskClient) -> None:
     assert client.get("/healthz").status_code == 200
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and b"taskforge_outbox_pending_rows" in metrics.data
-    assert client.get("/").status_code == 405
+    assert client.get("/").json == {"function": "outbox-sweeper", "status": "ok"}
+    assert client.put("/").status_code == 405

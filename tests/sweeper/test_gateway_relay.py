@@ -5,10 +5,11 @@ import socket
 
 from functions.gateway.app import create_app
 from infra.runtime import topology
-from shared import auth, db, relay
-from shared.rabbit import RabbitBroker
+from shared import auth, db
+from shared.broker.rabbit import RabbitBroker
+from shared.outbox import relay
+from shared.outbox.sweep import sweep_once
 from shared.settings import Settings
-from shared.sweeper import sweep_once
 from tests.sweeper import helpers as h
 
 BODY = {"type": "resize-image", "payload": {"source": {"url": "https://example.com/cat.jpg"}, "width": 320}}

@@ -5,10 +5,12 @@ import json
 
 import pytest
 
-from shared import db, metrics, outbox, relay
+from shared import db, metrics
 from shared.broker import InMemoryBroker
+from shared.outbox import relay
+from shared.outbox import writer as outbox
+from shared.outbox.sweep import sweep_once
 from shared.settings import Settings
-from shared.sweeper import sweep_once
 from tests.sweeper import helpers as h
 
 
@@ -161,7 +163,7 @@ def test_the_relay_retries_a_batch_whose_transaction_was_a_deadlock_victim(mem: 
     another one used to drop the batch, leaving its rows to the sweeper's next tick."""
     import psycopg
 
-    from shared import outbox_publish
+    from shared.outbox import publish as outbox_publish
 
     user = h.make_user(mem)
     (sub,) = h.make_tasks(mem, user, 1)

@@ -14,10 +14,12 @@ from cloudevents.http import CloudEvent
 
 from events import catalog
 from infra.runtime import topology
-from shared import db, outbox, relay
-from shared.rabbit import RabbitBroker
+from shared import db
+from shared.broker.rabbit import RabbitBroker
+from shared.outbox import relay
+from shared.outbox import writer as outbox
+from shared.outbox.sweep import sweep_once
 from shared.settings import Settings
-from shared.sweeper import sweep_once
 from tests.sweeper import helpers as h
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +70,8 @@ def test_eager_relay_puts_the_committed_event_in_the_trigger_queue(rabbit: Setti
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from shared.settings import load_settings
-    from shared.rabbit import RabbitBroker
-    from shared.sweeper import sweep_once
+    from shared.broker.rabbit import RabbitBroker
+    from shared.outbox.sweep import sweep_once
 
     class DiesAfterConfirm(RabbitBroker):
         def publish(self, events):

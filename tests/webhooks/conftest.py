@@ -20,8 +20,9 @@ from flask.testing import FlaskClient
 
 from events import codec
 from functions.gateway.app import create_app
-from shared import db, tasks
+from shared import db
 from shared.settings import Settings, set_settings
+from shared.tasks import repository as tasks
 from shared.worker import reply_event
 from tests.fetch.helpers import NetGuard
 from tests.gateway.conftest import (  # noqa: F401  (fixtures)
@@ -171,7 +172,7 @@ def finished_task(wh_settings: Settings) -> Callable[..., tuple[dict[str, Any], 
 
 def event_of_outbox(settings: Settings, event_type: str) -> list[tuple[dict[str, str], bytes]]:
     """The outbox's events of ``event_type`` as binary-mode HTTP deliveries."""
-    from shared.outbox_publish import event_of
+    from shared.outbox.publish import event_of
 
     with db.connection(settings) as conn:
         rows = conn.execute("SELECT * FROM outbox WHERE type = %s ORDER BY id", (event_type,)).fetchall()

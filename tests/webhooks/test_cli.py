@@ -6,8 +6,9 @@ import json
 import pytest
 from standardwebhooks import Webhook
 
-from shared import db, state
+from shared import db
 from shared.settings import Settings
+from shared.tasks import state
 from shared.worker import reply_event
 from tests.cli.conftest import Stack, logged_in, stack  # noqa: F401  (fixtures)
 

@@ -9,8 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from shared import breakers, status
+from shared import breakers
 from shared.settings import Settings
+from shared.tasks import status
 
 
 @pytest.fixture(autouse=True)

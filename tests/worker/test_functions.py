@@ -145,7 +145,7 @@ def test_malformed_event_gets_4xx_and_the_app_keeps_serving(fsettings, make_user
     upload = make_upload(conn, fsettings, uid, image_bytes("PNG"), "image/png", "a.png")
     t = make_task(uid, status="queued", payload={"source": {"upload_id": upload}, "width": 10})
     assert post_event(client, t).status_code == 200
-    assert json.loads(client.get("/").data)["status"] == "ok"
+    assert json.loads(client.get("/healthz").data)["status"] == "ok"
 
 
 def pdf_text(data: bytes, tmp_path: Path) -> str:

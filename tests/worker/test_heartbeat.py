@@ -1,8 +1,9 @@
-"""The heartbeat (shared/heartbeat.py), driven tick by tick with a fake clock."""
+"""The heartbeat (shared/tasks/heartbeat.py), driven tick by tick with a fake clock."""
 from __future__ import annotations
 
-from shared import db, state
-from shared.heartbeat import Heartbeat
+from shared import db
+from shared.tasks import state
+from shared.tasks.heartbeat import Heartbeat
 
 
 class Clock:
@@ -73,7 +74,6 @@ def test_cancel_request_and_lost_lease_stop_the_core(settings, make_task, conn):
 
 
 def test_database_trouble_in_a_tick_is_survived(settings, make_task, monkeypatch):
-    from shared import heartbeat
     from shared.errors import ServiceUnavailable
 
     tid, _ = claimed(settings, make_task)
@@ -81,7 +81,7 @@ def test_database_trouble_in_a_tick_is_survived(settings, make_task, monkeypatch
     def down(_settings):
         raise ServiceUnavailable("database unavailable")
 
-    monkeypatch.setattr(heartbeat.db, "connection", down)
+    monkeypatch.setattr(db, "connection", down)
     hb = Heartbeat(settings, tid, "w", lambda rows: None, clock=Clock())
     hb.report(50)
     hb.tick()  # logged, not raised

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from infra.runtime.launcher import free_ports, settings_env
 from shared import storage
-from tests.e2e.conftest import free_ports, settings_env
 
 from .helpers import requested_event
 

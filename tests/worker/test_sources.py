@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared import breakers, sources, storage
+from shared import breakers, storage
 from shared.errors import PermanentError
+from shared.tasks import sources
 from shared.worker import Job, Output, Worker
 from tests.fetch.helpers import NetGuard, send, serve, stub_resolver
 

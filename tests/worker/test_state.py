@@ -1,4 +1,4 @@
-"""The task state machine (shared/state.py) against the real PostgreSQL."""
+"""The task state machine (shared/tasks/state.py) against the real PostgreSQL."""
 from __future__ import annotations
 
 import threading
@@ -8,9 +8,10 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shared import db, state
+from shared import db
 from shared.errors import Conflict, NotFound, PermanentError, RetryableError
-from shared.state import ClaimOutcome, LeaseLost
+from shared.tasks import state
+from shared.tasks.state import ClaimOutcome, LeaseLost
 
 
 def tx(settings):

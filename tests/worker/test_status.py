@@ -1,9 +1,10 @@
-"""Status fan-out (shared/status.py): Redis streams per user, catch-up after Redis outages."""
+"""Status fan-out (shared/tasks/status.py): Redis streams per user, catch-up after Redis outages."""
 from __future__ import annotations
 
 import json
 
-from shared import db, state, status
+from shared import db
+from shared.tasks import state, status
 
 
 def entries(redis_client, settings, user_id):

@@ -1,4 +1,4 @@
-"""The shared worker adapter (shared/worker.py): the error-mapping table of DESIGN §5,
+"""The shared worker adapter (shared/worker.py): the error-mapping table of docs/architecture.md §5,
 claiming, duplicates, cancel and the reply event, with a small real core."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from events import catalog
-from shared import breakers, db, state, status, storage
+from shared import breakers, db, storage
 from shared.errors import Cancelled, PermanentError, RetryableError
+from shared.tasks import state, status
 from shared.worker import Job, Output, Worker
 
 from .helpers import reply_of, requested_event
@@ -249,6 +250,7 @@ def test_get_is_a_liveness_probe_and_other_methods_are_refused(wsettings):
     app.add_url_rule("/<path:p>", "p", lambda p: w.http(flask.request), methods=["GET", "POST", "PUT"])
     client = app.test_client()
     assert client.get("/").json == {"function": "resize-image", "status": "ok"}
+    assert client.get("/healthz").json == {"function": "resize-image", "status": "ok"}
     assert client.put("/").status_code == 405
     assert b"taskforge_circuit_breaker_open" in client.get("/metrics").data
     assert client.post("/", data=b"x" * (wsettings.max_body_bytes + 1),

@@ -5,8 +5,9 @@ from flask import Blueprint, Response
 
 from functions.gateway import schemas
 from functions.gateway.guards import require_bearer
-from functions.gateway.web import json_body, json_response, principal, settings
+from functions.gateway.web import json_body, principal, settings
 from shared import apikeys, db
+from shared.envelope import json_response
 
 bp = Blueprint("apikeys", __name__)
 

@@ -1,12 +1,13 @@
-"""Accounts and sessions: signup, login, refresh, logout, /me (DESIGN §3)."""
+"""Accounts and sessions: signup, login, refresh, logout, /me (docs/architecture.md §3)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response
 
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth, require_bearer
-from functions.gateway.web import client_ip, json_body, json_response, principal, settings
+from functions.gateway.web import client_ip, json_body, principal, settings
 from shared import auth, db, ratelimit
+from shared.envelope import json_response
 
 bp = Blueprint("auth", __name__)
 

@@ -6,7 +6,7 @@ Request: a ``com.taskforge.task.submitted`` event in binary or structured mode, 
 optionally ``idempotencykey``. Without that extension the key defaults to one derived
 from the event's ``source`` and ``id``, so a redelivered event never creates a second task.
 
-Answer codes follow the broker dispatcher's semantics (DESIGN §5), which acks and
+Answer codes follow the broker dispatcher's semantics (docs/architecture.md §5), which acks and
 *silently drops* a 4xx other than 404/408/409/429, and retries 5xx/429:
 
 - **202** + reply event ``com.taskforge.task.accepted`` (data ``{submission, task}``): created,
@@ -36,8 +36,9 @@ from events import catalog, codec
 from functions.gateway import schemas
 from functions.gateway.submit import submit_one
 from functions.gateway.web import settings, validate
-from shared import auth, db, tasks
+from shared import auth, db
 from shared.errors import AuthError, BadRequest, Conflict, ValidationError
+from shared.tasks import repository as tasks
 
 bp = Blueprint("events", __name__)
 

@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response
 
-from functions.gateway.web import json_response, settings
+from functions.gateway.web import settings
 from shared import broker, db, ratelimit
+from shared.envelope import json_response
 from shared.settings import Settings
 
 bp = Blueprint("health", __name__)

@@ -11,9 +11,13 @@ from functions.gateway import schemas
 from functions.gateway.guards import require_auth
 from functions.gateway.routes import webhooks
 from functions.gateway.submit import submit_batch, submit_one
-from functions.gateway.web import json_body, json_response, principal, settings
-from shared import db, relay, state, status, storage, tasks
+from functions.gateway.web import json_body, principal, settings
+from shared import db, storage
+from shared.envelope import json_response
 from shared.errors import NotFound, ValidationError
+from shared.outbox import relay
+from shared.tasks import repository as tasks
+from shared.tasks import state, unit
 from shared.webhooks import callbacks
 
 bp = Blueprint("tasks", __name__)
@@ -94,9 +98,8 @@ def cancel(task_id: str) -> Response:
     s = settings()
     if tasks.parse_uuid(task_id) is None:
         raise NotFound("task not found")
-    with db.connection(s) as conn:
-        row = state.request_cancel(conn, principal().user_id, task_id)
-    status.publish_rows(s, [row])
+    with unit.changes(s) as ch:
+        row = ch.record(state.request_cancel(ch.conn, principal().user_id, task_id))
     if str(row["status"]) == "cancelled":  # its task.cancelled event is in the outbox: publish it now
         relay.after_commit(s, [completions.event_id_of(row)])
     return json_response(tasks.public_task(row), 202, _location(row["id"]))

@@ -10,10 +10,11 @@ from typing import IO, Any
 from flask import Blueprint, Response, request
 
 from functions.gateway.guards import require_auth
-from functions.gateway.web import json_response, principal, settings
+from functions.gateway.web import principal, settings
 from shared import db, storage
+from shared.envelope import json_response
 from shared.errors import NotFound, TooLarge, UnsupportedMediaType, ValidationError
-from shared.tasks import iso, parse_uuid
+from shared.tasks.repository import iso, parse_uuid
 
 bp = Blueprint("uploads", __name__)
 log = logging.getLogger("taskforge.gateway")

@@ -22,10 +22,13 @@ from flask import Blueprint, Response, current_app, request
 
 from events import catalog
 from functions.gateway.guards import require_auth
-from functions.gateway.web import json_body, json_response, principal, settings
-from shared import db, outbox, relay
+from functions.gateway.web import json_body, principal, settings
+from shared import db
+from shared.envelope import json_response
 from shared.errors import ValidationError
 from shared.fetch import Resolver, system_resolver
+from shared.outbox import relay
+from shared.outbox import writer as outbox
 from shared.webhooks import store
 from shared.webhooks.urls import check_webhook_url
 

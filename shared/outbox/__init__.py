@@ -1,0 +1,1 @@
+"""The transactional outbox: writer, publish core, eager relay and sweep."""

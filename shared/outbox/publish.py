@@ -1,0 +1,208 @@
+"""Claim outbox rows, publish them, and record the outcome — the core of the eager relay
+and of the outbox sweeper (docs/architecture.md §5 "The outbox").
+
+One call of :func:`claim_and_publish` is one transaction on the caller's connection:
+
+1. ``SELECT ... FOR UPDATE SKIP LOCKED`` claims pending rows (never a "last id" cursor:
+   ids are assigned before commit, so rows commit out of order and a cursor skips some).
+   Rows another relay or sweeper holds are skipped, so two publishers never both send a
+   row while both are alive.
+2. The events are published and every confirm awaited (the row locks are held meanwhile).
+3. Confirmed rows are marked dispatched and their tasks moved ``pending → queued``
+   (``shared.tasks.state.mark_queued``) in the same transaction; rows the broker can never take
+   (unroutable, refused, not a valid CloudEvent) are parked and their tasks failed.
+
+If the process dies between 2 and the commit, the locks vanish with the connection and
+the rows are still pending: they are published again (a duplicate, never a loss;
+receivers dedupe on ``source`` + ``id``). If the broker fails, the rows stay pending with
+``attempts`` and ``last_error`` updated, and the transaction still commits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudevents.http import CloudEvent
+
+from events import catalog, codec
+from shared import metrics
+from shared.broker import Broker, Rejected, publish_timed
+from shared.db import Conn
+from shared.errors import TaskForgeError
+from shared.settings import Settings
+from shared.tasks import state, unit
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+# The payload comes back as JSON text: it is sent as the body as is, so the sweeper never
+# parses and re-serialises it (a sizeable share of its CPU per row).
+_CLAIM = (
+    "SELECT id, event_id, type, headers, payload::text AS payload, attempts FROM outbox"
+    " WHERE dispatched_at IS NULL AND parked_at IS NULL{only}"
+    " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+)
+
+
+@dataclass
+class Outcome:
+    """What one claim-and-publish transaction did."""
+
+    claimed: int = 0
+    published: int = 0
+    parked: int = 0
+    error: str | None = None  # set when the broker failed: the rows stay pending
+    task_rows: list[Row] = field(default_factory=list)  # changed tasks, to fan out after commit
+
+
+def claim(conn: Conn, *, limit: int, event_ids: Sequence[str] | None = None) -> list[Row]:
+    """Lock up to ``limit`` pending rows (oldest first), skipping rows locked elsewhere.
+
+    With ``event_ids`` only those rows are considered (the eager relay's own rows).
+    """
+    if event_ids is not None:
+        sql = _CLAIM.format(only=" AND event_id = ANY(%(ids)s::uuid[])")
+        return conn.execute(sql, {"limit": limit, "ids": list(event_ids)}).fetchall()
+    return conn.execute(_CLAIM.format(only=""), {"limit": limit}).fetchall()
+
+
+def event_of(row: Row) -> CloudEvent:
+    """The CloudEvent an outbox row describes. Raises ``EventDecodeError`` for a bad row."""
+    headers = row["headers"]
+    if not isinstance(headers, dict):
+        raise codec.EventDecodeError("outbox headers are not a JSON object")
+    attrs = dict(headers)
+    attrs["id"] = str(row["event_id"])  # the row's event id is the truth (stable across re-publishing)
+    data = row["payload"]
+    if isinstance(data, str):  # JSON text from the claim: pre-encoded data
+        data = data.encode("utf-8") if codec.is_json(attrs.get("datacontenttype")) else json.loads(data)
+    return codec.make_event(attrs, data)
+
+
+def task_id_of(row: Row) -> str | None:
+    """The task a ``*.requested`` row asks to run (None for other event types)."""
+    if catalog.task_type_of(row["type"]) is None:
+        return None
+    task_id = (row["headers"] or {}).get("subject")  # the task id
+    if not task_id:
+        payload = row["payload"]
+        if isinstance(payload, str):
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                payload = None
+        task_id = payload.get("task_id") if isinstance(payload, dict) else None
+    return str(task_id) if task_id else None
+
+
+def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
+                      event_ids: Sequence[str] | None = None, via: str) -> Outcome:
+    """Claim pending rows, publish them, and mark the outcome, in the caller's transaction.
+
+    Never raises for broker failures (they are recorded in ``Outcome.error`` and on the
+    rows); database errors propagate and roll the transaction back (rows stay pending).
+    ``via`` labels the metrics (``relay`` or ``sweeper``).
+    """
+    rows = claim(conn, limit=limit, event_ids=event_ids)
+    out = Outcome(claimed=len(rows))
+    if not rows:
+        return out
+    events: list[CloudEvent] = []
+    sendable: list[Row] = []
+    poison: dict[int, str] = {}
+    for row in rows:
+        try:
+            events.append(event_of(row))
+            sendable.append(row)
+        except TaskForgeError as exc:  # a row no broker could ever carry
+            poison[row["id"]] = f"not a valid CloudEvent: {exc.message}"
+    rejected: dict[str, str] = {}
+    try:
+        publish_timed(broker, events)
+    except Rejected as exc:
+        rejected = {eid: f"{exc.code}: {exc.message}" for eid in exc.event_ids}
+    except Exception as exc:  # the broker's fault: keep every row pending, try again later
+        out.error = f"{exc.__class__.__name__}: {exc}"[:500]
+        metrics.OUTBOX_PUBLISH_ERRORS.labels(via).inc()
+        conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = %s WHERE id = ANY(%s)",
+            (out.error, [r["id"] for r in sendable]),
+        )
+        sendable = []
+    to_park = [(r, poison[r["id"]]) for r in rows if r["id"] in poison]
+    to_park += [(r, rejected[str(r["event_id"])]) for r in sendable if str(r["event_id"]) in rejected]
+    ok = [r for r in sendable if str(r["event_id"]) not in rejected]
+    if ok:
+        conn.execute(
+            "UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
+            " WHERE id = ANY(%s)", ([r["id"] for r in ok],),
+        )
+        task_ids = [t for t in map(task_id_of, ok) if t]
+        out.task_rows.extend(state.mark_queued(conn, task_ids))
+        out.published = len(ok)
+        metrics.OUTBOX_PUBLISHED.labels(via).inc(len(ok))
+    if to_park:
+        out.task_rows.extend(park(conn, to_park))
+        out.parked = len(to_park)
+    return out
+
+
+def park(conn: Conn, rows_and_reasons: Sequence[tuple[Row, str]]) -> list[Row]:
+    """Park rows the broker will never take, and fail their tasks with the reason.
+
+    A parked row keeps its event for an operator (clear ``parked_at`` to publish it
+    again); failing the task means no user waits forever on an event no worker gets.
+    Returns the changed task rows.
+    """
+    changed: list[Row] = []
+    for row, reason in rows_and_reasons:
+        log.error("parking outbox row", extra={"event_id": str(row["event_id"]), "type": row["type"],
+                                               "reason": reason})
+        conn.execute(
+            "UPDATE outbox SET parked_at = now(), dispatched_at = NULL, attempts = attempts + 1,"
+            " last_error = %s WHERE id = %s", (reason[:500], row["id"]),
+        )
+        task_id = task_id_of(row)
+        if task_id:
+            new = state.fail_dead_lettered(
+                conn, task_id, {"code": "undeliverable", "message": "the task's event could not be routed "
+                                                                    "to a worker; an operator was alerted"})
+            if new is not None:
+                changed.append(new)
+    return changed
+
+
+def park_event_ids(conn: Conn, event_ids: Sequence[str], reason: str) -> tuple[set[str], list[Row]]:
+    """Park the outbox rows of ``event_ids`` (found in the unroutable queue).
+
+    Returns the ids that matched a row (rows already purged, or events that were never
+    ours, are not in it) and the changed task rows to fan out after commit.
+    """
+    ids = [i for i in event_ids if is_uuid(i)]
+    if not ids:
+        return set(), []
+    rows = conn.execute(
+        "SELECT id, event_id, type, headers, payload FROM outbox WHERE event_id = ANY(%s::uuid[])"
+        " AND parked_at IS NULL FOR UPDATE",
+        (ids,),
+    ).fetchall()
+    changed = park(conn, [(r, reason) for r in rows])
+    return {str(r["event_id"]) for r in rows}, changed
+
+
+def is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def fan_out(settings: Settings, rows: Sequence[Row]) -> None:
+    """Hand changed task rows to the status fan-out after commit (best effort by contract)."""
+    unit.publish_after(settings, rows)

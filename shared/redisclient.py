@@ -1,0 +1,47 @@
+"""The process's Redis clients: one cache, one client per (URL, profile).
+
+Two profiles, because the two kinds of caller want different failure behaviour:
+
+* ``request`` (rate limits, readiness): 0.5 s timeouts, bytes — a slow Redis must never
+  stall an HTTP request for long; callers fail open or answer 503.
+* ``fanout`` (status fan-out): 2 s timeouts, str responses, a health check every 30 s —
+  best effort, behind the ``redis`` circuit breaker; PostgreSQL stays the truth.
+
+Clients are thread-safe connection pools; ``reset()`` closes them all (tests, forks).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+import redis
+
+Profile = Literal["request", "fanout"]
+_PROFILES: dict[str, dict[str, Any]] = {
+    "request": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+    "fanout": {"socket_timeout": 2.0, "socket_connect_timeout": 1.0, "health_check_interval": 30,
+               "decode_responses": True},
+}
+_clients: dict[tuple[str, str], redis.Redis] = {}
+_lock = threading.Lock()
+
+
+def client(url: str, profile: Profile = "request") -> redis.Redis:
+    """The cached client for ``url`` with ``profile``'s timeouts (created on first use)."""
+    key = (url, profile)
+    c = _clients.get(key)
+    if c is None:
+        with _lock:
+            c = _clients.get(key)
+            if c is None:
+                c = _clients[key] = redis.Redis.from_url(url, **_PROFILES[profile])
+    return c
+
+
+def reset() -> None:
+    """Close and forget every cached client."""
+    with _lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for c in clients:
+        c.close()

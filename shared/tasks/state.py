@@ -1,0 +1,395 @@
+"""The task state machine: the only code that changes a task's status.
+
+States (docs/architecture.md §3)::
+
+    pending ─▶ queued ─▶ running ─▶ succeeded | failed | cancelled
+                  ▲          │
+                  └ retrying ◀┘   (a retryable failure; the broker redelivers)
+
+Every function takes the caller's connection and runs inside the caller's transaction,
+so a state change can commit together with other work (the sweeper marks outbox rows
+dispatched and tasks queued in one transaction). Each returns the changed rows (dicts
+with every column); after commit the caller hands them to
+``shared.tasks.status.publish_rows(settings, rows)``, which fans them out to Redis.
+
+Each change is a single conditional ``UPDATE``: PostgreSQL re-checks the ``WHERE`` clause
+on the locked row, so of two concurrent claimers exactly one wins, and a worker whose
+lease was taken over can no longer write (``LeaseLost``). Every change bumps
+``status_version`` so the status stream can tell newer from older (migration 0002).
+"""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from events.catalog import TERMINAL, TaskStatus
+from shared.db import Conn
+from shared.errors import Conflict, NotFound, TaskForgeError
+from shared.outbox import writer as outbox
+
+Row = dict[str, Any]
+
+# The producer of the completion events this module writes (task.cancelled, and the
+# task.failed no worker replies for): the task state machine itself.
+SOURCE = "/taskforge/task-state"
+
+
+def _announce(conn: Conn, row: Row | None) -> Row | None:
+    """Write the completion event of a row that just became terminal, in the same
+    transaction (``outbox.add_completion``). Returns the row."""
+    if row is not None:
+        outbox.add_completion(conn, row, source=SOURCE)
+    return row
+
+
+class LeaseLost(Conflict):
+    """The caller no longer holds the task's lease (taken over, cancelled or finished)."""
+
+    code = "lease_lost"
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"  # the caller now runs the task
+    FINISHED = "finished"  # already terminal: a duplicate event, acknowledge without work
+    CANCELLED = "cancelled"  # cancel was requested before the work started; now terminal
+    BUSY = "busy"  # another worker holds a live lease
+    MISSING = "missing"  # no such task (deleted with its user, or a forged event)
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    row: Row | None
+    changed: bool = False  # whether ``row`` is a state change to publish
+
+    @property
+    def claimed(self) -> bool:
+        return self.outcome is ClaimOutcome.CLAIMED
+
+
+# Columns every change touches: the version the status stream orders by, and the clock.
+_BUMP = "status_version = status_version + 1, updated_at = now()"
+
+
+def _error(error: TaskForgeError | dict[str, Any]) -> Jsonb:
+    """An error as stored on the task: ``{code, message}`` (details only if JSON-safe)."""
+    if isinstance(error, TaskForgeError):
+        body: dict[str, Any] = {"code": error.code, "message": error.message}
+    else:
+        body = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))}
+    return Jsonb(body)
+
+
+def _locked(row: Row | None) -> Row:
+    """The row an UPDATE of an already locked, existing task returned (never None)."""
+    if row is None:  # impossible while the caller holds the row lock: fail loudly, not silently
+        raise RuntimeError("a locked task row vanished")
+    return row
+
+
+def get(conn: Conn, task_id: str) -> Row | None:
+    return conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone()
+
+
+# --- producers: relay / sweeper / gateway ------------------------------------------
+def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
+    """``pending → queued`` for the tasks whose event was just published (confirmed).
+
+    Tasks in any other state (already claimed by a fast worker, cancelled) are left
+    alone, so calling this twice or late is harmless. Returns only the changed rows.
+    """
+    ids = sorted({str(t) for t in task_ids})  # sorted: the primary-key scan then locks rows in one order for every relay
+    if not ids:
+        return []
+    return conn.execute(
+        f"UPDATE tasks SET status = 'queued', {_BUMP}"
+        " WHERE id = ANY(%s::uuid[]) AND status = 'pending' RETURNING *",
+        (ids,),
+    ).fetchall()
+
+
+def request_cancel(conn: Conn, user_id: str, task_id: str) -> Row:
+    """Cancel a task on behalf of its owner.
+
+    ``pending``/``queued``/``retrying`` become ``cancelled`` at once (a later event for it
+    is acknowledged without work). A ``running`` task gets ``cancel_requested``; its
+    worker stops at its next check and records ``cancelled``. Asking twice is harmless.
+    Raises ``NotFound`` for a missing task or another user's, ``Conflict`` if terminal.
+    """
+    row = conn.execute(
+        "SELECT * FROM tasks WHERE id = %s AND user_id = %s FOR UPDATE", (task_id, user_id)
+    ).fetchone()
+    if row is None:
+        raise NotFound("task not found")
+    status = TaskStatus(row["status"])
+    if status in TERMINAL:
+        raise Conflict(f"task is already {status.value}", code="task_terminal")
+    if status is TaskStatus.RUNNING:
+        if row["cancel_requested"]:
+            return row
+        return _locked(conn.execute(
+            f"UPDATE tasks SET cancel_requested = true, {_BUMP} WHERE id = %s RETURNING *", (task_id,)
+        ).fetchone())
+    return _locked(_announce(conn, conn.execute(
+        f"UPDATE tasks SET status = 'cancelled', cancel_requested = true, finished_at = now(),"
+        f" lease_owner = NULL, lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+        (task_id,),
+    ).fetchone()))
+
+
+# --- workers -------------------------------------------------------------------------
+def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
+          user_id: str | None = None, task_type: str | None = None) -> Claim:
+    """Try to become the task's runner: ``pending/queued/retrying → running``.
+
+    A ``running`` task whose lease expired (its worker died) is taken over. On success
+    ``attempts`` grows by one, the lease runs ``lease_s`` seconds from now, progress and
+    the previous attempt's error are cleared. Otherwise the outcome says why: a terminal
+    task is a duplicate (``FINISHED``); a task whose cancel arrived before any worker got
+    it becomes ``cancelled`` (``CANCELLED``); a live lease elsewhere is ``BUSY``.
+    With ``user_id`` and ``task_type`` (from the event), a task of another user or type is
+    ``MISSING``: an event that does not match its row never touches it.
+    """
+    params: dict[str, Any] = {"id": task_id, "owner": owner, "lease": float(lease_s)}
+    match = ""
+    if user_id is not None or task_type is not None:
+        if user_id is None or task_type is None:
+            raise ValueError("pass both user_id and task_type, or neither")
+        match = " AND user_id = %(user)s AND type = %(ttype)s"
+        params.update(user=user_id, ttype=task_type)
+    row = conn.execute(
+        f"UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
+        f" lease_owner = %(owner)s, lease_until = now() + %(lease)s * interval '1 second',"
+        f" started_at = coalesce(started_at, now()), {_BUMP}"
+        " WHERE id = %(id)s AND NOT cancel_requested AND (status IN ('pending', 'queued', 'retrying')"
+        "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))" + match +
+        " RETURNING *",
+        params,
+    ).fetchone()
+    if row is not None:
+        return Claim(ClaimOutcome.CLAIMED, row, changed=True)
+    row = conn.execute(
+        "SELECT *, (status = 'running' AND lease_until > now()) AS lease_live FROM tasks"
+        " WHERE id = %(id)s" + match + " FOR UPDATE",
+        params,
+    ).fetchone()
+    if row is None:
+        return Claim(ClaimOutcome.MISSING, None)
+    lease_live = bool(row.pop("lease_live"))
+    status = TaskStatus(row["status"])
+    if status in TERMINAL:
+        return Claim(ClaimOutcome.FINISHED, row)
+    if row["cancel_requested"] and not lease_live:
+        # Cancel reached the task before it started, or its worker died mid-cancel.
+        row = _announce(conn, conn.execute(
+            f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
+            f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+            (task_id,),
+        ).fetchone())
+        return Claim(ClaimOutcome.CANCELLED, row, changed=True)
+    return Claim(ClaimOutcome.BUSY, row)
+
+
+def _owned_update(conn: Conn, task_id: str, owner: str, assignments: str,
+                  params: dict[str, Any]) -> Row:
+    row = conn.execute(
+        f"UPDATE tasks SET {assignments}, {_BUMP}"
+        " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s RETURNING *",
+        {"id": task_id, "owner": owner, **params},
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
+    return row
+
+
+def renew_lease(conn: Conn, task_id: str, owner: str, lease_s: float) -> bool:
+    """Extend the caller's lease to ``lease_s`` seconds from now (not a visible change:
+    no version bump). Returns whether cancel was requested meanwhile; ``LeaseLost`` if the
+    lease is gone."""
+    row = conn.execute(
+        "UPDATE tasks SET lease_until = now() + %(lease)s * interval '1 second'"
+        " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s"
+        " RETURNING cancel_requested",
+        {"id": task_id, "owner": owner, "lease": float(lease_s)},
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
+    return bool(row["cancel_requested"])
+
+
+def set_progress(conn: Conn, task_id: str, owner: str, progress: int,
+                 min_interval_s: float = 1.0) -> Row | None:
+    """Record progress (0..100, clamped) if it grew and the last change is at least
+    ``min_interval_s`` old (100 always lands). Returns the row if written, else None, so
+    a chatty core cannot flood PostgreSQL or the stream. ``LeaseLost`` if not the runner.
+    """
+    progress = max(0, min(100, int(progress)))
+    row = conn.execute(
+        f"UPDATE tasks SET progress = %(p)s, {_BUMP}"
+        " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s AND progress < %(p)s"
+        "   AND (%(p)s = 100 OR updated_at <= now() - %(gap)s * interval '1 second')"
+        " RETURNING *",
+        {"id": task_id, "owner": owner, "p": progress, "gap": float(min_interval_s)},
+    ).fetchone()
+    if row is None:
+        holder = conn.execute("SELECT status, lease_owner FROM tasks WHERE id = %s", (task_id,)).fetchone()
+        if holder is None or holder["status"] != TaskStatus.RUNNING or holder["lease_owner"] != owner:
+            raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
+    return row
+
+
+def check_lease(conn: Conn, task_id: str, owner: str) -> bool:
+    """Whether cancel was requested; ``LeaseLost`` if ``owner`` no longer runs the task.
+    A read only: the cheap check a heartbeat makes between lease renewals."""
+    row = conn.execute(
+        "SELECT cancel_requested FROM tasks WHERE id = %s AND status = 'running' AND lease_owner = %s",
+        (task_id, owner),
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
+    return bool(row["cancel_requested"])
+
+
+def is_cancel_requested(conn: Conn, task_id: str) -> bool:
+    row = conn.execute("SELECT cancel_requested FROM tasks WHERE id = %s", (task_id,)).fetchone()
+    return bool(row and row["cancel_requested"])
+
+
+def succeed(conn: Conn, task_id: str, owner: str, result: dict[str, Any]) -> Row:
+    """``running → succeeded`` with ``result`` (``{key, content_type, size, ...}``)."""
+    return _owned_update(
+        conn, task_id, owner,
+        "status = 'succeeded', progress = 100, result = %(result)s, error = NULL, finished_at = now(),"
+        " lease_owner = NULL, lease_until = NULL",
+        {"result": Jsonb(result)},
+    )
+
+
+def fail(conn: Conn, task_id: str, owner: str, error: TaskForgeError | dict[str, Any],
+         terminal: bool = True, *, announce: bool = False) -> Row:
+    """``running → failed`` (terminal) or ``running → retrying`` (``terminal=False``).
+    ``announce`` also writes the ``task.failed`` event (when no worker reply will)."""
+    if not terminal:
+        return mark_retrying(conn, task_id, owner, error)
+    row = _owned_update(
+        conn, task_id, owner,
+        "status = 'failed', error = %(error)s, finished_at = now(), lease_owner = NULL, lease_until = NULL",
+        {"error": _error(error)},
+    )
+    if announce:
+        _announce(conn, row)
+    return row
+
+
+def mark_retrying(conn: Conn, task_id: str, owner: str,
+                  error: TaskForgeError | dict[str, Any]) -> Row:
+    """``running → retrying``: the attempt failed for a retryable reason; the broker will
+    redeliver and the next claim starts a new attempt. The error stays visible meanwhile."""
+    return _owned_update(
+        conn, task_id, owner,
+        "status = 'retrying', error = %(error)s, lease_owner = NULL, lease_until = NULL",
+        {"error": _error(error)},
+    )
+
+
+def finish_cancelled(conn: Conn, task_id: str, owner: str) -> Row:
+    """``running → cancelled`` after the worker stopped on a cancel request."""
+    return _locked(_announce(conn, _owned_update(
+        conn, task_id, owner,
+        "status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_until = NULL", {},
+    )))
+
+
+# --- safety nets: dead letters, replay, reaping -------------------------------------
+def fail_dead_lettered(conn: Conn, task_id: str,
+                       error: TaskForgeError | dict[str, Any]) -> Row | None:
+    """Record ``failed`` for a task whose event the broker gave up on (dead-letter sink).
+
+    Leaves terminal tasks alone, and a running task whose lease is still live (its worker
+    is alive and will finish). Returns the changed row or None.
+    """
+    return _announce(conn, conn.execute(
+        f"UPDATE tasks SET status = 'failed', error = %(error)s, finished_at = now(),"
+        f" lease_owner = NULL, lease_until = NULL, {_BUMP}"
+        " WHERE id = %(id)s AND (status IN ('pending', 'queued', 'retrying')"
+        "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))"
+        " RETURNING *",
+        {"id": task_id, "error": _error(error)},
+    ).fetchone())
+
+
+def reopen(conn: Conn, task_id: str) -> Row | None:
+    """``failed → queued`` for an operator replaying a dead-lettered event: attempts and
+    the error are reset so the task gets a full set of attempts. None if not failed."""
+    return conn.execute(
+        f"UPDATE tasks SET status = 'queued', attempts = 0, progress = 0, error = NULL, result = NULL,"
+        f" finished_at = NULL, cancel_requested = false, {_BUMP}"
+        " WHERE id = %s AND status = 'failed' RETURNING *",
+        (task_id,),
+    ).fetchone()
+
+
+def reap_stale(conn: Conn, *, max_attempts: int, source: str, lease_grace_s: float = 5.0,
+               retrying_stale_s: float = 3600.0, limit: int = 100) -> list[Row]:
+    """Rescue tasks nobody will finish (run from the sweeper's tick; never needed when
+    every worker and dispatcher behaves).
+
+    - ``running`` with a lease expired more than ``lease_grace_s`` ago: the worker died
+      after its dispatcher had already given up on the request, so no redelivery will
+      come. With attempts left the task goes to ``retrying`` with a fresh requested event
+      in the outbox (same transaction); otherwise it is ``failed`` (``lease_expired``).
+    - ``retrying`` untouched for ``retrying_stale_s``: its redelivery was lost; a fresh
+      event is queued. A duplicate is harmless: claiming is conditional.
+    Returns the changed rows.
+    """
+    rows = conn.execute(
+        "SELECT * FROM tasks WHERE (status = 'running' AND lease_until < now() - %(grace)s * interval '1 second')"
+        "   OR (status = 'retrying' AND updated_at < now() - %(stale)s * interval '1 second')"
+        " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        {"grace": float(lease_grace_s), "stale": float(retrying_stale_s), "limit": int(limit)},
+    ).fetchall()
+    changed: list[Row] = []
+    for row in rows:
+        if row["cancel_requested"]:
+            new = conn.execute(
+                f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
+                f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *", (row["id"],),
+            ).fetchone()
+        elif row["attempts"] >= max_attempts:
+            new = conn.execute(
+                f"UPDATE tasks SET status = 'failed', error = %s, finished_at = now(), lease_owner = NULL,"
+                f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+                (Jsonb({"code": "lease_expired", "message": "the worker stopped and no attempts are left"}),
+                 row["id"]),
+            ).fetchone()
+        else:
+            new = conn.execute(
+                f"UPDATE tasks SET status = 'retrying', lease_owner = NULL, lease_until = NULL, {_BUMP}"
+                " WHERE id = %s RETURNING *", (row["id"],),
+            ).fetchone()
+            requeue_event(conn, _locked(new), source=source)
+        if new is not None and new["status"] in ("cancelled", "failed"):
+            _announce(conn, new)
+        changed.append(_locked(new))
+    return changed
+
+
+def requeue_event(conn: Conn, row: Row, *, source: str) -> str:
+    """Write a fresh ``<type>.requested`` event for ``row`` into the outbox."""
+    trace = row.get("trace_id")
+    traceparent = f"00-{trace}-{secrets.token_hex(8)}-01" if trace and len(trace) == 32 else None
+    return outbox.add_requested(conn, row, source=source, traceparent=traceparent)
+
+
+def is_terminal(status: str | TaskStatus) -> bool:
+    return TaskStatus(status) in TERMINAL
+
+
+def statuses(values: Sequence[str]) -> list[TaskStatus]:
+    """Parse status names (e.g. a ``?status=`` filter); ``ValueError`` on an unknown one."""
+    return [TaskStatus(v) for v in values]

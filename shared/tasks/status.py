@@ -1,0 +1,203 @@
+"""Status fan-out: every task state change appended to its user's Redis stream.
+
+Stream key ``settings.key("status", user_id)``; each entry has field ``task`` (the JSON of
+``shared.tasks.repository.public_task``) and ``version`` (the task's ``status_version``); length is
+capped approximately at ``settings.status_stream_maxlen``. The status-stream function
+reads these streams and turns entries into Server-Sent Events.
+
+Best effort, never lossy:
+- PostgreSQL is the truth. ``publish_rows`` never raises: if Redis is down the change is
+  already committed and ``tasks.published_version`` stays behind ``status_version``.
+- ``catch_up`` replays such rows with their *current* state. It runs after the next
+  successful publish of a process that saw a failure, at most once a minute in any
+  publishing process, and on every sweeper tick — so the stream catches up even when
+  the process that failed has since scaled to zero.
+- A small Lua script appends an entry only if its version is newer than the last one
+  appended for that task, so a late or repeated replay never shows a client an older
+  state after a newer one, and replays never duplicate entries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import redis
+
+from shared import breakers, db, redisclient
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_EVERY_S = 60.0  # a publishing process re-checks for missed changes this often
+CATCH_UP_MIN_AGE_S = 2.0  # younger unpublished rows are probably being published right now
+MAX_CATCH_UP_ROUNDS = 20  # bounds one call's work; the rest waits for the next call
+VERSION_TTL_S = 7 * 24 * 3600  # how long the last-appended version of a task is remembered
+
+# KEYS: stream, version key. ARGV: version (0 = unversioned), task JSON, maxlen, ttl.
+_APPEND = """
+local v = tonumber(ARGV[1])
+if v > 0 then
+  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if v <= cur then return false end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[3]), '*', 'task', ARGV[2], 'version', ARGV[1])
+"""
+
+_local = threading.local()  # guards against catch_up re-entering itself
+_state = {"backlog": False, "last_catch_up": 0.0}
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The process's Redis client for status publishing (the ``fanout`` profile: best effort)."""
+    return redisclient.client(settings.redis_url, "fanout")
+
+
+def redis_breaker(settings: Settings) -> Any:
+    """The ``redis`` breaker of this Redis URL (keyed by a hash: URLs may hold a password)."""
+    return breakers.breaker("redis", hashlib.sha256(settings.redis_url.encode()).hexdigest()[:12])
+
+
+def stream_key(settings: Settings, user_id: str) -> str:
+    return settings.key("status", str(user_id))
+
+
+def _version_key(settings: Settings, task_id: str) -> str:
+    return settings.key("status-version", str(task_id))
+
+
+def _public(row: Mapping[str, Any]) -> dict[str, Any]:
+    from shared.tasks.repository import (
+        public_task,  # imported late to keep imports light
+    )
+
+    return public_task(dict(row))
+
+
+def publish(settings: Settings, task: Mapping[str, Any], *, user_id: str | None = None,
+            version: int | None = None) -> bool:
+    """Append one public task dict to its user's stream. ``user_id`` defaults to
+    ``task["user_id"]``; without ``version`` the entry is appended unconditionally.
+    Returns whether Redis took it (never raises for Redis trouble)."""
+    uid = user_id if user_id is not None else task.get("user_id")
+    if uid is None:
+        raise ValueError("publish needs the task's user_id")
+    return _append(settings, [(str(uid), str(task["id"]), dict(task), int(version or 0))]) > 0
+
+
+def publish_rows(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -> int:
+    """Fan out committed task rows (as returned by ``shared.tasks.state``); call after commit.
+
+    Rows whose entry reached Redis get ``published_version`` advanced; the others are
+    replayed later by ``catch_up``. Returns the number of rows Redis accepted (entries
+    older than one already in the stream count as accepted). Never raises.
+    """
+    items = [(str(r["user_id"]), str(r["id"]), _public(r), int(r.get("status_version") or 0))
+             for r in rows if r]
+    if not items:
+        return 0
+    accepted = _append(settings, items)
+    if accepted:
+        _mark_published(settings, [(i[1], i[3]) for i in items if i[3] > 0])
+        _maybe_catch_up(settings)
+    return accepted
+
+
+def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]]) -> int:
+    """Run the append script for every item in one pipeline; 0 when Redis is unavailable."""
+    client = redis_client(settings)
+    script = client.register_script(_APPEND)
+
+    def run() -> int:
+        pipe = client.pipeline(transaction=False)
+        for uid, task_id, public, version in items:
+            script(keys=[stream_key(settings, uid), _version_key(settings, task_id)],
+                   args=[version, json.dumps(public, separators=(",", ":"), default=str),
+                         settings.status_stream_maxlen, VERSION_TTL_S], client=pipe)
+        pipe.execute()
+        return len(items)
+
+    try:
+        return breakers.call(redis_breaker(settings), _guarded_redis, run)
+    except Exception as exc:  # best effort by contract: Postgres already holds the change
+        _state["backlog"] = True
+        log.warning("status fan-out deferred: %s (%d change(s) will be replayed)",
+                    exc.__class__.__name__, len(items))
+        return 0
+
+
+def _guarded_redis(run: Any) -> int:
+    try:
+        return run()
+    except redis.RedisError as exc:
+        from shared.errors import ServiceUnavailable
+
+        raise ServiceUnavailable(f"redis unavailable: {exc.__class__.__name__}") from exc
+
+
+def _mark_published(settings: Settings, versions: list[tuple[str, int]]) -> None:
+    if not versions:
+        return
+    try:
+        with db.connection(settings) as conn:
+            conn.execute(
+                "UPDATE tasks t SET published_version = v.ver"
+                " FROM unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"
+                " WHERE t.id = v.id AND t.published_version < v.ver",
+                ([v[0] for v in versions], [v[1] for v in versions]),
+            )
+    except Exception as exc:  # harmless: a later catch_up re-appends, the script dedupes
+        log.warning("could not record published status versions: %s", exc.__class__.__name__)
+
+
+def _maybe_catch_up(settings: Settings) -> None:
+    if getattr(_local, "busy", False):
+        return
+    if _state["backlog"] or time.monotonic() - _state["last_catch_up"] > CATCH_UP_EVERY_S:
+        catch_up(settings)
+
+
+def catch_up(settings: Settings, limit: int = 500, min_age_s: float = CATCH_UP_MIN_AGE_S) -> int:
+    """Replay committed changes that never reached Redis, oldest first, with each task's
+    current state. Returns how many rows were appended; stops early if Redis fails again.
+    Safe to call from anywhere at any time (the sweeper calls it every tick)."""
+    _local.busy = True
+    total = 0
+    try:
+        for _ in range(MAX_CATCH_UP_ROUNDS):
+            try:
+                with db.connection(settings) as conn:
+                    rows = cast(list[dict[str, Any]], conn.execute(
+                        "SELECT * FROM tasks WHERE published_version < status_version"
+                        " AND updated_at < now() - %s * interval '1 second' ORDER BY updated_at LIMIT %s",
+                        (float(min_age_s), int(limit)),
+                    ).fetchall())
+            except Exception as exc:
+                log.warning("status catch-up could not read PostgreSQL: %s", exc.__class__.__name__)
+                return total
+            if not rows:
+                _state["backlog"] = False
+                break
+            done = publish_rows(settings, rows)
+            total += done
+            if done < len(rows) or len(rows) < limit:
+                if done == len(rows):
+                    _state["backlog"] = False
+                break
+    finally:
+        _local.busy = False
+        _state["last_catch_up"] = time.monotonic()
+    if total:
+        log.info("status catch-up replayed %d change(s)", total)
+    return total
+
+
+def reset() -> None:
+    """Drop cached clients and flags (tests)."""
+    redisclient.reset()
+    _state.update(backlog=False, last_catch_up=0.0)
