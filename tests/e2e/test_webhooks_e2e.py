@@ -8,9 +8,6 @@ settings allow loopback receivers, like `make dev` does.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +20,9 @@ import psycopg.sql
 import pytest
 from standardwebhooks import Webhook
 
-from infra.runtime.config import DEFAULT_PATH, load_config
+from infra.runtime.launcher import LocalStack, StackError
 from shared import db
 from shared.settings import Settings
-from tests.e2e.conftest import RunningStack, _wait_ready, free_ports, settings_env, stop_group, write_config
 from tests.e2e.test_workers import Client, jpeg_bytes
 from tests.webhooks.conftest import Receiver, receiver  # noqa: F401  (fixture)
 
@@ -34,7 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def wh_stack(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+def wh_stack(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     base_name = str(psycopg.conninfo.conninfo_to_dict(base_settings.database_url)["dbname"]) + "_whstack"
     url = psycopg.conninfo.make_conninfo(base_settings.database_url, dbname=base_name)
     db.ensure_database(url)
@@ -43,26 +39,15 @@ def wh_stack(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
                                      broker_name=base_settings.broker_name + "-whstack",
                                      storage_dir=str(tmp_path_factory.mktemp("whstack-storage")),
                                      fetch_allow_cidrs=("127.0.0.0/8",), log_level="INFO")
-    workdir = tmp_path_factory.mktemp("whstack")
-    names = list(load_config(DEFAULT_PATH).ports())
-    config_path = write_config(workdir / "taskforge.yaml", dict(zip(names, free_ports(len(names)), strict=True)))
-    config = load_config(config_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFORGE_") and k not in ("K_SINK", "PORT")}
-    env.update(settings_env(settings))
-    env["PYTHONUNBUFFERED"] = "1"
-    log_path = workdir / "stack.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "taskforge.cli", "dev", "--config", str(config_path)],
-                                cwd=str(DEFAULT_PATH.parents[2]), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    running = RunningStack(gateway=config.function("gateway").url, status=config.function("status-stream").url,
-                           ingress=config.broker.ingress_url.rstrip("/"), settings=settings, config=config,
-                           pid=proc.pid, log_path=log_path)
+    running = LocalStack(settings, tmp_path_factory.mktemp("whstack"))
     try:
-        _wait_ready(proc, running)
+        try:
+            running.start(120.0)
+        except StackError as exc:
+            pytest.fail(str(exc), pytrace=False)
         yield running
     finally:
-        stop_group(proc)
+        running.stop()
         db.close_pools()
         with psycopg.connect(psycopg.conninfo.make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
             conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
@@ -101,7 +86,7 @@ def stalling_source() -> Iterator[str]:
     server.server_close()
 
 
-def _wait_requests(stack: RunningStack, rec: Receiver, n: int, timeout_s: float = 120.0) -> None:
+def _wait_requests(stack: LocalStack, rec: Receiver, n: int, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while len(rec.requests) < n:
         if time.monotonic() > deadline:
