@@ -28,7 +28,7 @@ BUILDS = ["knative", "knative/base", "knative/overlays/dev", "knative/overlays/p
 CORE_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Job"}
 K8S_VERSION = "1.32.0"
 AUTOSCALING = "autoscaling.knative.dev/"
-CLOUDEVENT_ONLY = {"outbox-sweeper", "resize-image", "compress-video", "generate-pdf", "dead-letter"}
+CLOUDEVENT_ONLY = {"outbox-sweeper", "resize-image", "compress-video", "generate-pdf", "dead-letter", "webhook-delivery"}
 
 
 @pytest.fixture(scope="module")
