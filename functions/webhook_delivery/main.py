@@ -38,9 +38,9 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
     event = codec.from_http(headers, body)
     settings = get_settings()
     if event["type"] in delivery.EVENT_NAMES:
-        ids = delivery.fan_out(settings, event)
-        return {"event_id": event["id"], "messages": len(ids),
-                "outcomes": delivery.attempt_many(settings, ids, OPTIONS)}
+        claimed = delivery.fan_out(settings, event)
+        return {"event_id": event["id"], "messages": len(claimed),
+                "outcomes": delivery.deliver_claimed(settings, claimed, OPTIONS)}
     if event["type"] == catalog.WEBHOOK_DUE:
         return {"event_id": event["id"], "outcomes": delivery.run_due(settings, OPTIONS)}
     raise BadRequest(f"webhook-delivery does not handle events of type {event['type']!r}", code="unexpected_event")

@@ -9,10 +9,10 @@ Flow (the ``webhook-delivery`` function binds these to broker events):
    id), so a broker redelivery of the event adds nothing: one logical delivery per event
    per endpoint. Its body ``{type, timestamp, data}`` is fixed here, so every retry sends
    the same bytes under the same ``webhook-id``.
-2. ``attempt(message_id)``: claim the message (a lease, so two deliverers never send it
-   at once), sign it with the endpoint's active secrets, send it (``sender``), record
-   the attempt and the ``policy`` decision: done, retry at ``next_attempt_at``, stop, or
-   dead letter.
+2. ``deliver_claimed`` / ``attempt(message_id)``: a claimed message (a lease, so two
+   deliverers never send it at once) is signed with its endpoint's active secrets and
+   sent (``sender``); the attempt and the ``policy`` decision are recorded: done, retry
+   at ``next_attempt_at``, stop, or dead letter.
 3. ``run_due()``: on each tick, attempt the messages whose ``next_attempt_at`` passed
    (oldest first, within ``webhook_tick_budget_s``). No worker ever sleeps waiting for a
    retry: the schedule lives in PostgreSQL.
@@ -76,10 +76,13 @@ def message_body(name: str, event_time: str, data: Mapping[str, Any], max_bytes:
     return body
 
 
-def fan_out(settings: Settings, event: Any) -> list[str]:
-    """Create the messages of one completion event; the ids of its messages due now
-    (new ones, or ones a crashed earlier delivery left). ``BadRequest`` for an event
-    that is not a completion event with task data."""
+Claimed = tuple[dict[str, Any], dict[str, Any]]  # (message, its endpoint), leased for one attempt
+
+
+def fan_out(settings: Settings, event: Any) -> list[Claimed]:
+    """Create the messages of one completion event and, in the same transaction, claim
+    those due now (new ones, or ones a crashed earlier delivery left) for an attempt.
+    ``BadRequest`` for an event that is not a completion event with task data."""
     name = EVENT_NAMES.get(event["type"])
     data = event.get_data()
     if name is None or not isinstance(data, dict) or parse_uuid(data.get("user_id")) is None \
@@ -95,11 +98,9 @@ def fan_out(settings: Settings, event: Any) -> list[str]:
         signer = store.callback_signer(conn, user_id) if url else None
         if url and signer is not None:
             store.add_message(conn, endpoint=signer, event_id=event["id"], event_type=name, url=url, body=body)
-        due = store.pending_for_event(conn, user_id, event["id"])
         batch_event = _batch_completed(settings, conn, user_id, task_id)
-        if batch_event is not None:
-            due += store.pending_for_event(conn, user_id, batch_event)
-        return due
+        events = [event["id"]] + ([batch_event] if batch_event is not None else [])
+        return store.claim_for_event(conn, user_id, events, settings.webhook_lease_s)
 
 
 def _batch_completed(settings: Settings, conn: Any, user_id: str, task_id: str) -> str | None:
@@ -175,20 +176,18 @@ def attempt(settings: Settings, message_id: str, opts: Options | None = None) ->
     return _deliver(settings, message, opts or Options(), endpoint)
 
 
-def attempt_many(settings: Settings, message_ids: list[str], opts: Options | None = None) -> dict[str, int]:
-    """Attempt several messages concurrently (``webhook_parallelism``); outcome counts."""
+def deliver_claimed(settings: Settings, claimed: list[Claimed], opts: Options | None = None) -> dict[str, int]:
+    """Attempt claimed messages concurrently (``webhook_parallelism``); outcome counts."""
     opts = opts or Options()
     counts: dict[str, int] = {}
-    if not message_ids:
-        return counts
-    if len(message_ids) == 1:  # the common case: no thread pool for one send
-        outcome = attempt(settings, message_ids[0], opts) or "skipped"
-        return {outcome: 1}
-    workers = max(1, min(settings.webhook_parallelism, len(message_ids)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook") as pool:
-        for result in pool.map(lambda mid: attempt(settings, mid, opts), message_ids):
-            key = result or "skipped"
-            counts[key] = counts.get(key, 0) + 1
+    if len(claimed) == 1:  # the common case: no thread pool for one send
+        message, endpoint = claimed[0]
+        return {_deliver(settings, message, opts, endpoint): 1}
+    if claimed:
+        workers = max(1, min(settings.webhook_parallelism, len(claimed)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook") as pool:
+            for outcome in pool.map(lambda c: _deliver(settings, c[0], opts, c[1]), claimed):
+                counts[outcome] = counts.get(outcome, 0) + 1
     return counts
 
 

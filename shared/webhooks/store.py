@@ -136,11 +136,19 @@ def add_message(conn: Conn, *, endpoint: Row, event_id: str, event_type: str, ur
         (endpoint["id"], endpoint["user_id"], event_id, event_type, url, body))
 
 
-def pending_for_event(conn: Conn, user_id: str, event_id: str) -> list[str]:
-    """Ids of the event's messages that still wait for an attempt."""
-    return [str(r["id"]) for r in conn.execute(
-        "SELECT id FROM webhook_messages WHERE user_id = %s AND event_id = %s AND status = 'pending'"
-        " AND next_attempt_at <= now() ORDER BY created_at", (user_id, event_id))]
+def claim_for_event(conn: Conn, user_id: str, event_ids: Sequence[str], lease_s: float) -> list[tuple[Row, Row]]:
+    """Take the due messages of these events (new ones, or ones a crashed delivery left)
+    for an attempt, each with its endpoint: ``[(message, endpoint), ...]``."""
+    rows = conn.execute(_CLAIM.format(
+        where="IN (SELECT id FROM webhook_messages WHERE user_id = %(user)s AND event_id = ANY(%(events)s)"
+              " AND status = 'pending' AND next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now())"
+              " ORDER BY created_at FOR UPDATE SKIP LOCKED)"),
+        {"user": user_id, "events": list(event_ids), "lease": float(lease_s)}).fetchall()
+    if not rows:
+        return []
+    endpoints = {str(e["id"]): e for e in conn.execute("SELECT * FROM webhook_endpoints WHERE id = ANY(%s::uuid[])",
+                                                       ([str(r["endpoint_id"]) for r in rows],))}
+    return [(r, endpoints[str(r["endpoint_id"])]) for r in rows]
 
 
 _CLAIM = ("UPDATE webhook_messages SET attempts = attempts + 1, lease_until = now() + %(lease)s * interval '1 second',"
