@@ -29,6 +29,7 @@ from tests.gateway.conftest import (  # noqa: F401  (fixtures)
     User,
     _fresh_clients,
     gw_settings,
+    make_app,
     make_user,
     user,
 )

@@ -111,3 +111,36 @@ def test_delivery_options_default_to_the_system_resolver():
     from shared.fetch import system_resolver
 
     assert delivery.Options().resolver is system_resolver
+
+
+def test_an_account_has_a_bounded_number_of_endpoints(make_app, wh_settings, user):
+    from tests.webhooks.conftest import stub_resolver as resolver
+
+    app = make_app(webhook_max_endpoints=2, fetch_allow_cidrs=("127.0.0.0/8",))
+    app.config["TASKFORGE_RESOLVER"] = resolver
+    client = app.test_client()
+    body = {"url": "https://hooks.example.com/h", "events": ["task.failed"]}
+    assert [client.post("/webhooks", json=body, headers=user.headers).status_code for _ in range(3)] == [201, 201, 409]
+
+
+def test_the_function_answers_events_over_http(wh_settings, user, receiver, wh_client, finished_task):
+    import functions_framework
+
+    from infra.runtime.config import load_config
+    from tests.webhooks.conftest import stub_resolver as resolver
+
+    spec = load_config().functions["webhook-delivery"]
+    app = functions_framework.create_app(spec.target, str(spec.source), "http")
+    from functions.webhook_delivery import main
+
+    main.OPTIONS.resolver = resolver
+    wh_client.post("/webhooks", json={"url": receiver.url(), "events": ["task.succeeded"]}, headers=user.headers)
+    _, headers, body = finished_task(user)
+    r = app.test_client().post("/", data=body, headers=headers)
+    assert r.status_code == 200 and r.get_json()["outcomes"] == {"succeeded": 1}
+    assert len(receiver.requests) == 1
+    r = app.test_client().post("/", data=b"{}", headers={"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/t",
+                                                          "ce-type": "com.example.other",
+                                                          "content-type": "application/json"})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "unexpected_event"
+    assert app.test_client().post("/", data=b"garbage").status_code == 400
