@@ -10,14 +10,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import psycopg
-
+from shared.db import Conn
 from shared.errors import Conflict, NotFound, ValidationError
 from shared.settings import Settings
 from shared.tasks.repository import iso, parse_uuid
 from shared.webhooks import secrets as wsecrets
+from shared.webhooks.signing import message_id
 
-Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
 EVENTS = ("task.succeeded", "task.failed", "task.cancelled", "batch.completed")
@@ -197,8 +196,7 @@ def record_attempt(conn: Conn, message: Row, *, outcome: str, status_code: int |
 
 
 def public_delivery(row: Row, attempts: Sequence[Row]) -> dict[str, Any]:
-    from shared.webhooks.signing import message_id
-
+    """The JSON a client sees for a message (a delivery) with its attempts, oldest first."""
     return {
         "id": str(row["id"]), "webhook_id": message_id(str(row["id"])), "event_type": row["event_type"],
         "event_id": row["event_id"], "url": row["url"], "status": row["status"], "attempts": int(row["attempts"]),
