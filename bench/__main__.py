@@ -23,7 +23,7 @@ from bench.harness import BenchContext, Figure, table, write_results
 from shared import db
 from shared.settings import load_settings
 
-SKIP = {"harness", "__main__", "chart", "stackproc", "peers"}
+SKIP = {"harness", "__main__", "chart", "stackproc", "peers", "ledger"}
 
 
 def modules() -> list[str]:

@@ -1,4 +1,4 @@
-"""End-to-end figures (issue 7): small resize tasks through the whole local stack vs Celery.
+"""End-to-end figures: small resize tasks through the whole local stack vs Celery and Dramatiq.
 
 TaskForge: the local stack (``make dev``'s runtime, ``bench/stackproc.py``) — POST /tasks
 to the gateway (JWT, validation, task + outbox row in one transaction, eager relay) →
@@ -10,9 +10,19 @@ queue of its own and a Redis result backend, doing the same Pillow work on the s
 32×32 PNG → 8×8 (``bench/peers/celery_peer.py``). Both run in the same invocation,
 alternating rounds.
 
-* ``e2e_tasks_per_s``: a burst of N tasks submitted as fast as 8 client threads can
-  (TaskForge) or one publisher can (Celery), divided by the time from the first
+Two more peers run in the same rounds: a *durable* Celery (publisher confirms, quorum
+queue, ``acks_late``, the task row committed in PostgreSQL before publishing, conditional
+claim and succeed ``UPDATE``s: ``bench/peers/celery_durable.py``) and Dramatiq (processes ×
+threads, confirms, same RabbitMQ: ``bench/peers/dramatiq_peer.py``).
+
+* ``e2e_tasks_per_s`` (vs Celery prefork), ``_durable`` (vs the durable Celery) and
+  ``_dramatiq``: a burst of N ≥ 2,000 tasks submitted as fast as 8 client threads can
+  (TaskForge) or one publisher can (the peers), divided by the time from the first
   submission to the last result recorded.
+* ``cpu_ms_per_task``: CPU milliseconds per task of every process involved, summed, with
+  the per-process ledger beside it (gateway, runtime, each worker, PostgreSQL, RabbitMQ,
+  Redis; PostgreSQL transactions and Redis commands per task) — ``bench/ledger.py`` — for
+  TaskForge and for each peer, measured over the same bursts.
 * ``e2e_latency_p50_ms`` / ``_p99_ms``: tasks submitted at a steady rate well below
   either system's capacity; each task's time from just before its POST (or
   ``apply_async``) to its result being recorded (the task row's ``finished_at``; the
@@ -40,6 +50,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench.harness import BenchContext, Figure, alternate, median, percentile
+from bench.ledger import Ledger, argv_of, merge
 from bench.stackproc import LocalStack, local_stack, user_client
 from events.catalog import TERMINAL
 from infra.runtime.launcher import stop_group
@@ -102,12 +113,16 @@ class TaskForgeDriver:
                                    f"{self.stack.log_tail()}")
             time.sleep(0.05)
 
-    def burst(self, n: int) -> float:
+    def burst(self, n: int) -> tuple[float, dict[str, Any]]:
+        """Tasks per second for a burst of ``n``, and the CPU ledger of the burst."""
+        ledger = Ledger(self.stack)
+        before = ledger.snapshot()
         start = time.time()
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
             ids = list(pool.map(lambda _i: self.submit(), range(n)))
         fin = self.finished(ids)
-        return n / (max(fin.values()) - start)
+        rate = n / (max(fin.values()) - start)
+        return rate, Ledger.per_task(before, ledger.snapshot(), n)
 
     def paced(self, n: int, rate_per_s: float) -> list[float]:
         sent: dict[str, float] = {}
@@ -123,21 +138,21 @@ class TaskForgeDriver:
 
 # --- Celery ----------------------------------------------------------------------------
 @contextmanager
-def celery_worker(s: Settings, queue: str, workdir: Path) -> Iterator[Any]:
-    """A Celery worker (prefork, one process per core) on ``queue``; yields the task."""
-    from bench.peers import celery_peer
+def celery_worker(s: Settings, queue: str, workdir: Path, module: str = "bench.peers.celery_peer") -> Iterator[Any]:
+    """A Celery worker (prefork, one process per core) of ``module`` on ``queue``; yields the task."""
+    import importlib
 
-    celery_peer.app.conf.update(broker_url=s.amqp_url, result_backend=s.redis_url,
-                                worker_enable_remote_control=False)
-    cmd = [sys.executable, "-m", "celery", "-A", "bench.peers.celery_peer", "-b", s.amqp_url,
+    peer = importlib.import_module(module)
+    peer.app.conf.update(broker_url=s.amqp_url, result_backend=s.redis_url, worker_enable_remote_control=False)
+    cmd = [sys.executable, "-m", "celery", "-A", module, "-b", s.amqp_url,
            "--result-backend", s.redis_url, "worker", "-Q", queue, "-c", str(os.cpu_count() or 2),
            "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat",
            "-n", f"{queue}@bench", "-l", "WARNING"]
-    log = open(workdir / "celery.log", "wb")  # noqa: SIM115 - closed below
+    log = open(workdir / f"celery-{queue}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        yield celery_peer.resize
+        yield peer.resize
     finally:
         stop_group(proc, term_timeout_s=15)
         log.close()
@@ -155,9 +170,10 @@ def _delete_celery_topology(s: Settings, queue: str) -> None:
 
 
 class CeleryDriver:
-    def __init__(self, task: Any, queue: str, src: Path, outdir: Path) -> None:
+    def __init__(self, task: Any, queue: str, src: Path, outdir: Path, redis_url: str) -> None:
         self.task = task
         self.queue = queue
+        self.redis_url = redis_url
         self.src = str(src)
         self.outdir = outdir
 
@@ -165,12 +181,21 @@ class CeleryDriver:
         dst = str(self.outdir / f"{uuid.uuid4().hex}.png")
         return self.task.apply_async((self.src, dst, *SIZE_OUT), queue=self.queue)
 
-    def burst(self, n: int) -> float:
+    def burst(self, n: int) -> tuple[float, dict[str, Any]]:
+        """Tasks per second for a burst of ``n``, and the CPU ledger of the burst (the
+        Celery workers, this process as the publisher, RabbitMQ, Redis)."""
+        me = os.getpid()
+        ledger = Ledger(redis_url=self.redis_url, extra={
+            "celery": lambda argv: "celery" in " ".join(argv) and self.queue in " ".join(argv),
+            "publisher": lambda argv: argv == argv_of(me)})
+        before = ledger.snapshot()
         start = time.time()
         results = [self.submit() for _ in range(n)]
-        ends = [float(r.get(timeout=300)) for r in results]
+        ends = [float(r.get(timeout=600)) for r in results]
+        rate = n / (max(ends) - start)
+        per_task = Ledger.per_task(before, ledger.snapshot(), n)
         self._clean()
-        return n / (max(ends) - start)
+        return rate, per_task
 
     def paced(self, n: int, rate_per_s: float) -> list[float]:
         sent = []
@@ -189,6 +214,82 @@ class CeleryDriver:
             p.unlink(missing_ok=True)
 
 
+class DurableCeleryDriver(CeleryDriver):
+    """Celery with the durable peer's task: the row is committed before publishing."""
+
+    def __init__(self, task: Any, queue: str, src: Path, outdir: Path, redis_url: str, database_url: str) -> None:
+        super().__init__(task, queue, src, outdir, redis_url)
+        from bench.peers.celery_durable import TABLE_SQL
+
+        self.database_url = database_url
+        self.db = psycopg.connect(database_url, autocommit=True)
+        self.db.execute(TABLE_SQL)
+
+    def submit(self) -> Any:
+        task_id = str(uuid.uuid4())
+        self.db.execute("INSERT INTO bench_celery_tasks (id, status) VALUES (%s, 'queued')", (task_id,))
+        dst = str(self.outdir / f"{task_id}.png")
+        return self.task.apply_async((self.database_url, task_id, self.src, dst, *SIZE_OUT), queue=self.queue)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@contextmanager
+def dramatiq_worker(s: Settings, queue: str, workdir: Path) -> Iterator[Any]:
+    """Dramatiq workers (one process per core, 8 threads each) on ``queue``; yields the actor."""
+    env = {**os.environ, "TASKFORGE_BENCH_AMQP_URL": s.amqp_url, "TASKFORGE_BENCH_REDIS_URL": s.redis_url,
+           "TASKFORGE_BENCH_DRAMATIQ_QUEUE": queue}
+    os.environ.update({k: env[k] for k in ("TASKFORGE_BENCH_AMQP_URL", "TASKFORGE_BENCH_REDIS_URL",
+                                           "TASKFORGE_BENCH_DRAMATIQ_QUEUE")})
+    from bench.peers import dramatiq_peer
+
+    cmd = [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_peer", "-p", str(os.cpu_count() or 2),
+           "-t", "8", "-Q", queue]
+    log = open(workdir / "dramatiq.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield dramatiq_peer.resize
+    finally:
+        stop_group(proc, term_timeout_s=15)
+        log.close()
+        _delete_dramatiq_topology(s, queue)
+
+
+def _delete_dramatiq_topology(s: Settings, queue: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(s.amqp_url))
+    try:
+        ch = conn.channel()
+        for q in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+class DramatiqDriver:
+    def __init__(self, actor: Any, queue: str, src: Path, outdir: Path, redis_url: str) -> None:
+        self.actor, self.queue, self.src, self.outdir, self.redis_url = actor, queue, str(src), outdir, redis_url
+
+    def submit(self) -> Any:
+        return self.actor.send(self.src, str(self.outdir / f"{uuid.uuid4().hex}.png"), *SIZE_OUT)
+
+    def burst(self, n: int) -> tuple[float, dict[str, Any]]:
+        me = os.getpid()
+        ledger = Ledger(redis_url=self.redis_url, extra={
+            "dramatiq": lambda argv: "dramatiq" in " ".join(argv) and self.queue in " ".join(argv),
+            "publisher": lambda argv: argv == argv_of(me)})
+        before = ledger.snapshot()
+        start = time.time()
+        messages = [self.submit() for _ in range(n)]
+        ends = [float(m.get_result(block=True, timeout=600_000)) for m in messages]
+        rate = n / (max(ends) - start)
+        per_task = Ledger.per_task(before, ledger.snapshot(), n)
+        for p in self.outdir.iterdir():
+            p.unlink(missing_ok=True)
+        return rate, per_task
+
+
 def run(ctx: BenchContext) -> list[Figure]:
     workdir = Path(tempfile.mkdtemp(prefix="taskforge-bench-e2e-"))
     s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0,
@@ -199,29 +300,52 @@ def run(ctx: BenchContext) -> list[Figure]:
     outdir = workdir / "celery-out"
     outdir.mkdir()
     queue = f"bench-celery-{uuid.uuid4().hex[:8]}"
-    burst_n, rounds = (400, 3) if ctx.full else (150, 2)
+    durable_queue, dramatiq_queue = f"{queue}-durable", f"bench-dramatiq-{uuid.uuid4().hex[:8]}"
+    # Bursts of at least 2,000 tasks per side per round: shorter ones measure start-up.
+    burst_n, rounds = (5000, 3) if ctx.full else (2000, 2)
     paced_n, rate = (200, 20.0) if ctx.full else (60, 20.0)
     try:
-        with local_stack(s) as stack, celery_worker(s, queue, workdir) as task:
+        with local_stack(s) as stack, celery_worker(s, queue, workdir) as task, \
+                celery_worker(s, durable_queue, workdir, "bench.peers.celery_durable") as durable_task, \
+                dramatiq_worker(s, dramatiq_queue, workdir) as actor:
             tf = TaskForgeDriver(stack, png)
-            cel = CeleryDriver(task, queue, src, outdir)
+            cel = CeleryDriver(task, queue, src, outdir, s.redis_url)
+            durable = DurableCeleryDriver(durable_task, durable_queue, src, outdir, s.redis_url, s.database_url)
+            dram = DramatiqDriver(actor, dramatiq_queue, src, outdir, s.redis_url)
             try:
                 tf.paced(10, 10.0)  # warm up: cold-start the worker, fill the pools
                 cel.paced(10, 10.0)
-                thr_v, thr_b = alternate(lambda: tf.burst(burst_n), lambda: cel.burst(burst_n), rounds)
+                durable.paced(10, 10.0)
+                dram.burst(10)
+                bursts_v, bursts_b, bursts_d, bursts_q = alternate(
+                    lambda: tf.burst(burst_n), lambda: cel.burst(burst_n), rounds,
+                    lambda: durable.burst(burst_n), lambda: dram.burst(burst_n))
                 lat_v, lat_b = alternate(lambda: tf.paced(paced_n, rate), lambda: cel.paced(paced_n, rate), rounds)
             finally:
                 tf.close()
+                durable.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     peer = f"Celery prefork x{os.cpu_count()} acks_late, same RabbitMQ, Redis results, same Pillow work"
+    thr_v, thr_b = [r for r, _ in bursts_v], [r for r, _ in bursts_b]
+    led_v, led_b = merge(led for _, led in bursts_v), merge(led for _, led in bursts_b)
     v = [x for xs in lat_v for x in xs]
     b = [x for xs in lat_b for x in xs]
     lat_extra = {"tasks": len(v), "rate_per_s": rate}
     return [
         Figure("e2e_tasks_per_s", median(thr_v), "tasks/s", peer, median(thr_b),
                {"burst": burst_n, "rounds": rounds}),
+        Figure("e2e_tasks_per_s_durable", median(thr_v), "tasks/s",
+               "durable Celery: publisher confirms, quorum queue, acks_late, task row in PostgreSQL "
+               "before publishing, conditional claim and succeed UPDATEs", median([r for r, _ in bursts_d]),
+               {"burst": burst_n, "rounds": rounds, "baseline_ledger": merge(led for _, led in bursts_d)}),
+        Figure("e2e_tasks_per_s_dramatiq", median(thr_v), "tasks/s",
+               f"Dramatiq x{os.cpu_count()} processes x 8 threads, publisher confirms, same RabbitMQ, Redis results",
+               median([r for r, _ in bursts_q]),
+               {"burst": burst_n, "rounds": rounds, "baseline_ledger": merge(led for _, led in bursts_q)}),
         Figure("e2e_latency_p50_ms", percentile(v, 50), "ms", peer, percentile(b, 50), dict(lat_extra)),
         Figure("e2e_latency_p99_ms", percentile(v, 99), "ms", peer, percentile(b, 99), dict(lat_extra)),
+        Figure("cpu_ms_per_task", led_v["cpu_ms_per_task_total"], "ms", peer, led_b["cpu_ms_per_task_total"],
+               {"burst": burst_n, "rounds": rounds, "ledger": led_v, "baseline_ledger": led_b}),
     ]
 

@@ -8,6 +8,8 @@ reads these streams and turns entries into Server-Sent Events.
 Best effort, never lossy:
 - PostgreSQL is the truth. ``publish_rows`` never raises: if Redis is down the change is
   already committed and ``tasks.published_version`` stays behind ``status_version``.
+  What Redis took is marked in ``published_version`` in batches, off the work path
+  (``_Marks``: one ``UPDATE`` for many changes, within ``MARK_INTERVAL_S``).
 - ``catch_up`` replays such rows with their *current* state. It runs after the next
   successful publish of a process that saw a failure, at most once a minute in any
   publishing process, and on every sweeper tick — so the stream catches up even when
@@ -18,9 +20,11 @@ Best effort, never lossy:
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -33,6 +37,8 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MARK_INTERVAL_S = 0.2  # published versions are written in batches this often
+MARK_BATCH = 500  # ... or as soon as this many tasks have one waiting
 CATCH_UP_EVERY_S = 60.0  # a publishing process re-checks for missed changes this often
 CATCH_UP_MIN_AGE_S = 2.0  # younger unpublished rows are probably being published right now
 MAX_CATCH_UP_ROUNDS = 20  # bounds one call's work; the rest waits for the next call
@@ -48,6 +54,7 @@ if v > 0 then
 end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[3]), '*', 'task', ARGV[2], 'version', ARGV[1])
 """
+_APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()  # what EVALSHA names the script by
 
 _local = threading.local()  # guards against catch_up re-entering itself
 _state = {"backlog": False, "last_catch_up": 0.0}
@@ -103,31 +110,44 @@ def publish_rows(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -
         return 0
     accepted = _append(settings, items)
     if accepted:
-        _mark_published(settings, [(i[1], i[3]) for i in items if i[3] > 0])
+        _marks.add(settings, [(i[1], i[3]) for i in items if i[3] > 0])
         _maybe_catch_up(settings)
     return accepted
 
 
 def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]]) -> int:
-    """Run the append script for every item in one pipeline; 0 when Redis is unavailable."""
-    client = redis_client(settings)
-    script = client.register_script(_APPEND)
+    """Run the append script for every item in one pipeline; 0 when Redis is unavailable.
 
-    def run() -> int:
+    The script is called by its known SHA-1 (``EVALSHA``), with no ``SCRIPT EXISTS``
+    round trip before it; only when Redis answers ``NOSCRIPT`` (it restarted or was
+    flushed) is the script loaded and the pipeline sent once more (the version guard
+    makes the repeat harmless)."""
+    client = redis_client(settings)
+
+    def send() -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for uid, task_id, public, version in items:
-            script(keys=[stream_key(settings, uid), _version_key(settings, task_id)],
-                   args=[version, json.dumps(public, separators=(",", ":"), default=str),
-                         settings.status_stream_maxlen, VERSION_TTL_S], client=pipe)
-        pipe.execute()
+            pipe.evalsha(_APPEND_SHA, 2, stream_key(settings, uid), _version_key(settings, task_id), str(version),
+                         json.dumps(public, separators=(",", ":"), ensure_ascii=False, default=str),
+                         str(settings.status_stream_maxlen), str(VERSION_TTL_S))
+        return pipe.execute(raise_on_error=False)
+
+    def run() -> int:
+        results = send()
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+            client.script_load(_APPEND)
+            results = send()
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
         return len(items)
 
     try:
         return breakers.call(redis_breaker(settings), _guarded_redis, run)
     except Exception as exc:  # best effort by contract: Postgres already holds the change
         _state["backlog"] = True
-        log.warning("status fan-out deferred: %s (%d change(s) will be replayed)",
-                    exc.__class__.__name__, len(items))
+        log.warning("status fan-out deferred; the changes will be replayed",
+                    extra={"error_class": exc.__class__.__name__, "changes": len(items)})
         return 0
 
 
@@ -140,8 +160,56 @@ def _guarded_redis(run: Any) -> int:
         raise ServiceUnavailable(f"redis unavailable: {exc.__class__.__name__}") from exc
 
 
-def _mark_published(settings: Settings, versions: list[tuple[str, int]]) -> None:
-    if not versions:
+class _Marks:
+    """Published versions waiting to be written to ``tasks.published_version``.
+
+    Marking is off the work path: ``add`` only remembers the highest version per task,
+    and a background thread writes what has gathered every ``MARK_INTERVAL_S`` (or at once
+    past ``MARK_BATCH`` tasks) with one ``UPDATE`` per database. A mark lost with its
+    process is harmless: ``catch_up`` re-appends that change and the script's version
+    guard drops the duplicate.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[Settings, dict[str, int]]] = {}
+        self._cond = threading.Condition()
+        self._pid = 0
+
+    def add(self, settings: Settings, versions: list[tuple[str, int]]) -> None:
+        if not versions:
+            return
+        with self._cond:
+            self._ensure_thread()
+            _, tasks = self._pending.setdefault(settings.database_url, (settings, {}))
+            for task_id, version in versions:
+                if version > tasks.get(task_id, 0):
+                    tasks[task_id] = version
+            if len(tasks) >= MARK_BATCH:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Write every pending mark now (tests, shutdown, before a catch-up)."""
+        with self._cond:
+            batches = list(self._pending.values())
+            self._pending.clear()
+        for settings, tasks in batches:
+            _write_marks(settings, tasks)
+
+    def _ensure_thread(self) -> None:
+        if self._pid != os.getpid():  # first use, or first use after a fork
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="status-marks", daemon=True).start()
+            atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait(MARK_INTERVAL_S)
+            self.flush()
+
+
+def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
+    if not tasks:
         return
     try:
         with db.connection(settings) as conn:
@@ -149,10 +217,20 @@ def _mark_published(settings: Settings, versions: list[tuple[str, int]]) -> None
                 "UPDATE tasks t SET published_version = v.ver"
                 " FROM unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"
                 " WHERE t.id = v.id AND t.published_version < v.ver",
-                ([v[0] for v in versions], [v[1] for v in versions]),
+                (list(tasks), list(tasks.values())),
             )
     except Exception as exc:  # harmless: a later catch_up re-appends, the script dedupes
-        log.warning("could not record published status versions: %s", exc.__class__.__name__)
+        log.warning("could not record published status versions",
+                    extra={"error_class": exc.__class__.__name__, "changes": len(tasks)})
+
+
+_marks = _Marks()
+
+
+def flush_marks() -> None:
+    """Write the published versions this process has gathered (they are otherwise
+    written within ``MARK_INTERVAL_S``)."""
+    _marks.flush()
 
 
 def _maybe_catch_up(settings: Settings) -> None:
@@ -168,6 +246,7 @@ def catch_up(settings: Settings, limit: int = 500, min_age_s: float = CATCH_UP_M
     Safe to call from anywhere at any time (the sweeper calls it every tick)."""
     _local.busy = True
     total = 0
+    _marks.flush()  # what this process published is not "missed"
     try:
         for _ in range(MAX_CATCH_UP_ROUNDS):
             try:

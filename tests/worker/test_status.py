@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from shared import db
 from shared.tasks import state, status
@@ -23,8 +24,36 @@ def test_publish_rows_appends_public_json_and_marks_published(settings, make_tas
     assert task["id"] == str(t["id"]) and task["status"] == "queued" and version == rows[0]["status_version"]
     assert set(task) == {"id", "type", "status", "progress", "payload", "result", "error", "attempts",
                          "created_at", "updated_at"}
+    status.flush_marks()  # published versions are written in batches, off the work path
     row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s", (t["id"],)).fetchone()
     assert row["published_version"] == row["status_version"]
+
+
+def test_marks_are_written_in_the_background_without_a_flush(settings, make_task, conn):
+    t = make_task(status="pending")
+    with db.connection(settings) as c:
+        rows = state.mark_queued(c, [t["id"]])
+    assert status.publish_rows(settings, rows) == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s",
+                           (t["id"],)).fetchone()
+        if row["published_version"] == row["status_version"]:
+            break
+        time.sleep(0.05)
+    assert row["published_version"] == row["status_version"]
+
+
+def test_a_redis_that_forgot_the_script_still_takes_the_change(settings, make_task, redis_client):
+    """After a Redis restart or SCRIPT FLUSH, EVALSHA answers NOSCRIPT: the script is
+    loaded and the change appended, once."""
+    t = make_task(status="pending")
+    redis_client.script_flush()
+    with db.connection(settings) as c:
+        rows = state.mark_queued(c, [t["id"]])
+    assert status.publish_rows(settings, rows) == 1
+    got = entries(redis_client, settings, str(t["user_id"]))
+    assert [e[0]["status"] for e in got] == ["queued"]
 
 
 def test_streams_are_per_user_and_bounded(settings, make_task, make_user, redis_client):
