@@ -98,12 +98,12 @@ def fan_out(settings: Settings, event: Any) -> list[Claimed]:
         signer = store.callback_signer(conn, user_id) if url else None
         if url and signer is not None:
             store.add_message(conn, endpoint=signer, event_id=event["id"], event_type=name, url=url, body=body)
-        batch_event = _batch_completed(settings, conn, user_id, task_id)
+        batch_event = _batch_completed(conn, user_id, task_id)
         events = [event["id"]] + ([batch_event] if batch_event is not None else [])
         return store.claim_for_event(conn, user_id, events, settings.webhook_lease_s)
 
 
-def _batch_completed(settings: Settings, conn: Any, user_id: str, task_id: str) -> str | None:
+def _batch_completed(conn: Any, user_id: str, task_id: str) -> str | None:
     """When ``task_id`` belongs to a batch whose tasks are now all terminal, add the
     ``batch.completed`` messages (once per batch: its event id is derived from the batch
     id, so the last two tasks finishing together, or a redelivery, add nothing more).
@@ -122,8 +122,10 @@ def _batch_completed(settings: Settings, conn: Any, user_id: str, task_id: str) 
         return event_id
     counts: dict[str, int] = {s.value: sum(1 for m in members if str(m["status"]) == s.value) for s in TERMINAL}
     finished = max(m["updated_at"] for m in members)
-    data: dict[str, Any] = {"id": batch_id, "total": len(members), **counts,
-            "tasks": [{"id": str(m["id"]), "type": m["type"], "status": str(m["status"])} for m in members]}
+    data: dict[str, Any] = {
+        "id": batch_id, "total": len(members), **counts,
+        "tasks": [{"id": str(m["id"]), "type": m["type"], "status": str(m["status"])} for m in members],
+    }
     body = json.dumps({"type": "batch.completed", "timestamp": iso(finished), "data": data}, separators=(",", ":"))
     for endpoint in endpoints:
         store.add_message(conn, endpoint=endpoint, event_id=event_id, event_type="batch.completed",
