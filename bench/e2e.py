@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,25 +148,48 @@ def celery_worker(s: Settings, queue: str, workdir: Path, module: str = "bench.p
            "--result-backend", s.redis_url, "worker", "-Q", queue, "-c", str(os.cpu_count() or 2),
            "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat",
            "-n", f"{queue}@bench", "-l", "WARNING"]
-    log = open(workdir / f"celery-{queue}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
+    with _peer_process(cmd, workdir / f"celery-{queue}.log", os.environ, s, queues=[queue], exchanges=(queue,)):
         yield peer.resize
+
+
+@contextmanager
+def _peer_process(cmd: list[str], log_path: Path, env: Any, s: Settings, *, queues: list[str],
+                  exchanges: tuple[str, ...] = ()) -> Iterator[None]:
+    """Run a peer's workers for the block; then stop their group and delete their queues."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield
     finally:
         stop_group(proc, term_timeout_s=15)
         log.close()
-        _delete_celery_topology(s, queue)
+        conn = pika.BlockingConnection(pika.URLParameters(s.amqp_url))
+        try:
+            ch = conn.channel()
+            for q in queues:
+                ch.queue_delete(q)
+            for x in exchanges:
+                ch.exchange_delete(x)
+        finally:
+            conn.close()
 
 
-def _delete_celery_topology(s: Settings, queue: str) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(s.amqp_url))
-    try:
-        ch = conn.channel()
-        ch.queue_delete(queue)
-        ch.exchange_delete(queue)
-    finally:
-        conn.close()
+def peer_burst(n: int, kind: str, queue: str, redis_url: str, submit: Callable[[], Any],
+               result: Callable[[Any], Any]) -> tuple[float, dict[str, Any]]:
+    """Submit ``n`` tasks to a peer as fast as one publisher can and wait for all results
+    (each the epoch time its output was written). Returns tasks per second and the CPU
+    ledger: the peer's workers (``kind`` processes serving ``queue``), this process as
+    the publisher, the servers."""
+    me = os.getpid()
+    ledger = Ledger(redis_url=redis_url, extra={
+        kind: lambda argv: kind in " ".join(argv) and queue in " ".join(argv),
+        "publisher": lambda argv: argv == argv_of(me)})
+    before = ledger.snapshot()
+    start = time.time()
+    handles = [submit() for _ in range(n)]
+    ends = [float(result(h)) for h in handles]
+    return n / (max(ends) - start), Ledger.per_task(before, ledger.snapshot(), n)
 
 
 class CeleryDriver:
@@ -184,18 +207,9 @@ class CeleryDriver:
     def burst(self, n: int) -> tuple[float, dict[str, Any]]:
         """Tasks per second for a burst of ``n``, and the CPU ledger of the burst (the
         Celery workers, this process as the publisher, RabbitMQ, Redis)."""
-        me = os.getpid()
-        ledger = Ledger(redis_url=self.redis_url, extra={
-            "celery": lambda argv: "celery" in " ".join(argv) and self.queue in " ".join(argv),
-            "publisher": lambda argv: argv == argv_of(me)})
-        before = ledger.snapshot()
-        start = time.time()
-        results = [self.submit() for _ in range(n)]
-        ends = [float(r.get(timeout=600)) for r in results]
-        rate = n / (max(ends) - start)
-        per_task = Ledger.per_task(before, ledger.snapshot(), n)
+        out = peer_burst(n, "celery", self.queue, self.redis_url, self.submit, lambda r: r.get(timeout=600))
         self._clean()
-        return rate, per_task
+        return out
 
     def paced(self, n: int, rate_per_s: float) -> list[float]:
         sent = []
@@ -246,25 +260,8 @@ def dramatiq_worker(s: Settings, queue: str, workdir: Path) -> Iterator[Any]:
 
     cmd = [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_peer", "-p", str(os.cpu_count() or 2),
            "-t", "8", "-Q", queue]
-    log = open(workdir / "dramatiq.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with _peer_process(cmd, workdir / "dramatiq.log", env, s, queues=[queue, f"{queue}.DQ", f"{queue}.XQ"]):
         yield dramatiq_peer.resize
-    finally:
-        stop_group(proc, term_timeout_s=15)
-        log.close()
-        _delete_dramatiq_topology(s, queue)
-
-
-def _delete_dramatiq_topology(s: Settings, queue: str) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(s.amqp_url))
-    try:
-        ch = conn.channel()
-        for q in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            ch.queue_delete(q)
-    finally:
-        conn.close()
 
 
 class DramatiqDriver:
@@ -275,19 +272,11 @@ class DramatiqDriver:
         return self.actor.send(self.src, str(self.outdir / f"{uuid.uuid4().hex}.png"), *SIZE_OUT)
 
     def burst(self, n: int) -> tuple[float, dict[str, Any]]:
-        me = os.getpid()
-        ledger = Ledger(redis_url=self.redis_url, extra={
-            "dramatiq": lambda argv: "dramatiq" in " ".join(argv) and self.queue in " ".join(argv),
-            "publisher": lambda argv: argv == argv_of(me)})
-        before = ledger.snapshot()
-        start = time.time()
-        messages = [self.submit() for _ in range(n)]
-        ends = [float(m.get_result(block=True, timeout=600_000)) for m in messages]
-        rate = n / (max(ends) - start)
-        per_task = Ledger.per_task(before, ledger.snapshot(), n)
+        out = peer_burst(n, "dramatiq", self.queue, self.redis_url, self.submit,
+                         lambda m: m.get_result(block=True, timeout=600_000))
         for p in self.outdir.iterdir():
             p.unlink(missing_ok=True)
-        return rate, per_task
+        return out
 
 
 def run(ctx: BenchContext) -> list[Figure]:

@@ -22,18 +22,14 @@ from celery import Celery
 from celery.signals import worker_process_init
 from PIL import Image, ImageOps
 
+from bench.peers import celery_peer
+
 app = Celery("taskforge_bench_durable_peer")
 app.conf.update(
-    task_acks_late=True,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_expires=600,
-    broker_connection_retry_on_startup=True,
+    **celery_peer.COMMON_CONF,
     broker_transport_options={"confirm_publish": True},
     task_default_queue_type="quorum",
     worker_detect_quorum_queues=True,
-    worker_hijack_root_logger=False,
 )
 
 TABLE_SQL = ("CREATE TABLE IF NOT EXISTS bench_celery_tasks (id uuid PRIMARY KEY, status text NOT NULL, "

@@ -13,16 +13,17 @@ import time
 from celery import Celery
 from PIL import Image, ImageOps
 
+COMMON_CONF = {  # shared with the durable peer
+    "task_acks_late": True,
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_expires": 600,
+    "broker_connection_retry_on_startup": True,
+    "worker_hijack_root_logger": False,
+}
 app = Celery("taskforge_bench_peer")
-app.conf.update(
-    task_acks_late=True,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_expires=600,
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-)
+app.conf.update(**COMMON_CONF)
 
 
 @app.task(name="bench.resize")
