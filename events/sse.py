@@ -122,7 +122,7 @@ def task_event(task: Mapping[str, Any], sid: StreamId | None = None, version: in
     task_id, status = task.get("id"), task.get("status")
     if not isinstance(task_id, str) or not isinstance(status, str):
         raise ValueError("task JSON needs string id and status")
-    text = json.dumps(task, separators=(",", ":"), default=str)
+    text = json.dumps(task, separators=(",", ":"), ensure_ascii=False, default=str)
     return TaskEvent(sid, task_id, status, parse_time(task.get("updated_at")), text, version)
 
 
@@ -153,8 +153,11 @@ def decode_entry(entry_id: object, fields: Mapping[Any, Any]) -> TaskEvent | Non
     if not isinstance(task_id, str) or not isinstance(status, str):
         return None
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    if "\n" in text or "\r" in text:  # keep the producer's bytes unless they span lines
-        text = json.dumps(task, separators=(",", ":"), default=str)
+    if "payload" in task:  # an entry from before entries were slimmed: never fan a payload out
+        task.pop("payload")
+        text = json.dumps(task, separators=(",", ":"), ensure_ascii=False, default=str)
+    elif "\n" in text or "\r" in text:  # keep the producer's bytes unless they span lines
+        text = json.dumps(task, separators=(",", ":"), ensure_ascii=False, default=str)
     return TaskEvent(sid, task_id, status, parse_time(task.get("updated_at")), text, version)
 
 

@@ -5,7 +5,10 @@ headers into a :class:`Principal` (docs/architecture.md §8).
 - Access tokens are JWTs (python-jose) signed with the single algorithm pinned in
   settings (HS256, or RS256 with a key pair). Decoding accepts only that algorithm, so
   ``alg: none`` and HS/RS confusion fail; ``iss``, ``aud``, ``exp``, ``iat``, ``sub`` and
-  ``jti`` are required. Lifetime ``settings.access_token_ttl_s`` (15 min).
+  ``jti`` are required. Lifetime ``settings.access_token_ttl_s`` (15 min). A token
+  issued for a session carries its refresh family (``fam``): when the family is revoked
+  (refresh-token reuse, logout with the refresh token) every access token of the
+  session stops working at once, on every route and open stream.
 - Refresh tokens are opaque random strings, stored as sha256 hashes, grouped in a family
   per login. Each refresh spends the presented token and issues the next one in the same
   family; presenting a spent token again revokes the whole family (token theft signal).
@@ -55,6 +58,7 @@ class Principal:
     jti: str | None = None
     token_exp: int | None = None
     api_key_id: str | None = None
+    family_id: str | None = None  # the session (refresh family) a bearer token belongs to
 
 
 @dataclass(frozen=True)
@@ -145,14 +149,18 @@ def _verifying_key(settings: Settings) -> str:
     return settings.jwt_public_key if settings.jwt_algorithm == "RS256" else settings.jwt_secret
 
 
-def issue_access_token(settings: Settings, user: Mapping[str, Any], now: float | None = None) -> tuple[str, dict]:
-    """A signed access token for ``user`` (``id``, ``email``, ``is_admin``) and its claims."""
+def issue_access_token(settings: Settings, user: Mapping[str, Any], now: float | None = None, *,
+                       family_id: str | None = None) -> tuple[str, dict]:
+    """A signed access token for ``user`` (``id``, ``email``, ``is_admin``) and its claims;
+    ``family_id`` ties it to a session (the ``fam`` claim, checked for revocation)."""
     issued = int(now if now is not None else time.time())
     claims = {
         "iss": settings.jwt_issuer, "aud": settings.jwt_audience, "sub": str(user["id"]),
         "email": user["email"], "adm": bool(user.get("is_admin")), "typ": "access",
         "iat": issued, "nbf": issued, "exp": issued + settings.access_token_ttl_s, "jti": uuid.uuid4().hex,
     }
+    if family_id is not None:
+        claims["fam"] = str(family_id)
     token = jwt.encode(claims, _signing_key(settings), algorithm=settings.jwt_algorithm)
     return token, claims
 
@@ -179,7 +187,18 @@ def decode_access_token(settings: Settings, token: str) -> dict[str, Any]:
                         code="token_expired" if expired else "invalid_token") from exc
     if claims.get("typ") != "access" or not isinstance(claims.get("sub"), str):
         raise AuthError("invalid token", code="invalid_token")
+    if "fam" in claims and family_of(claims) is None:
+        raise AuthError("invalid token", code="invalid_token")
     return claims
+
+
+def family_of(claims: Mapping[str, Any]) -> str | None:
+    """The session (refresh family id) an access token belongs to, or None (pure)."""
+    fam = claims.get("fam")
+    try:
+        return str(uuid.UUID(fam)) if isinstance(fam, str) else None
+    except ValueError:
+        return None
 
 
 # --- refresh tokens ---------------------------------------------------------------------
@@ -193,7 +212,7 @@ def _new_refresh(settings: Settings, conn: Conn, user_id: str, family_id: str) -
 
 
 def _pair(settings: Settings, conn: Conn, user: Mapping[str, Any], family_id: str) -> TokenPair:
-    access, _ = issue_access_token(settings, {**user, "is_admin": _admin(settings, user)})
+    access, _ = issue_access_token(settings, {**user, "is_admin": _admin(settings, user)}, family_id=family_id)
     refresh = _new_refresh(settings, conn, str(user["id"]), family_id)
     return TokenPair(access, refresh, settings.access_token_ttl_s)
 
@@ -293,8 +312,9 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
                  query_token: str | None = None) -> Principal:
     """The caller behind ``Authorization: Bearer``/``ApiKey``, ``X-API-Key`` or ``query_token``.
 
-    Checks the token's signature and claims, that it was not revoked by logout and that
-    its user still exists; for API keys, that the key exists and is not revoked.
+    Checks the token's signature and claims, that neither it (logout) nor its session
+    (refresh family: reuse of a spent refresh token, logout) was revoked, and that its
+    user still exists; for API keys, that the key exists and is not revoked.
     Raises ``AuthError`` (401, with ``WWW-Authenticate``) otherwise.
     """
     found = credentials(headers, query_token)
@@ -313,10 +333,12 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
     except AuthError as exc:
         exc.headers = challenge
         raise
+    family = family_of(claims)
     row = conn.execute(
-        "SELECT u.email, u.is_admin, EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %s) AS revoked"
-        " FROM users u WHERE u.id = %s", (claims["jti"], claims["sub"])).fetchone()
+        "SELECT u.email, u.is_admin, EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %s)"
+        " OR EXISTS (SELECT 1 FROM refresh_families f WHERE f.id = %s::uuid AND f.revoked_at IS NOT NULL) AS revoked"
+        " FROM users u WHERE u.id = %s", (claims["jti"], family, claims["sub"])).fetchone()
     if row is None or row["revoked"]:
         raise AuthError("token revoked", code="token_revoked", headers=challenge)
     return Principal(claims["sub"], row["email"], _admin(settings, row), "bearer",
-                     jti=claims["jti"], token_exp=int(claims["exp"]))
+                     jti=claims["jti"], token_exp=int(claims["exp"]), family_id=family)

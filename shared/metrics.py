@@ -17,6 +17,9 @@ TASKS_COMPLETED = Counter("taskforge_tasks_completed_total", "Tasks that reached
 TASK_DURATION = Histogram("taskforge_task_duration_seconds", "Time a worker spent on one attempt",
                           ["type", "outcome"], buckets=DURATION_BUCKETS)
 TASK_ATTEMPTS = Counter("taskforge_task_attempts_total", "Worker attempts by result", ["type", "result"])
+TASKS_RESCUED = Counter("taskforge_tasks_rescued_total",
+                        "Stale tasks the reaper acted on: re-published (their event was lost) or failed",
+                        ["status", "outcome"])
 TASKS_STALE_RUNNING = Gauge("taskforge_tasks_stale_running",
                             "Tasks still running after their worker's lease expired (shared.tasks.health)")
 

@@ -16,9 +16,10 @@ is allowed and a warning is logged). Login throttling is thus weakened while Red
 down — the argon2 cost per attempt still bounds guessing — and /readyz reports Redis.
 
 The in-flight cap counts the user's non-terminal tasks in PostgreSQL (the truth) inside
-the submitting transaction. Two concurrent submissions may both pass at the boundary,
-so the cap may be exceeded by the number of concurrent requests of one user; it bounds
-load, it is not an accounting limit.
+the submitting transaction, after its inserts, under a per-user advisory transaction
+lock: concurrent submissions of one user count one after the other (each sees the rows
+the previous one committed), so the cap is exact. The lock is held only from the count
+to the commit, and other users never wait for it.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from shared.tasks import repository as tasks
 
 log = logging.getLogger(__name__)
 
+_IN_FLIGHT_LOCK = 0x7A5F0002  # advisory lock class of the in-flight count (the key is the user)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,10 @@ def check_in_flight(settings: Settings, conn: Conn, user_id: str, adding: int = 
     cap = settings.max_tasks_in_flight
     if cap <= 0:
         return
+    # Serialise the count per user until this transaction ends: a concurrent submission
+    # waits here, then counts this one's committed rows (READ COMMITTED: a new snapshot
+    # per statement). Without it, two submissions both count before either commits.
+    conn.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (_IN_FLIGHT_LOCK, str(user_id)))
     active = tasks.count_active(conn, user_id, cap)
     if active + adding > cap:
         raise RateLimited(f"too many tasks in flight (at most {cap}); wait for some to finish",

@@ -79,6 +79,8 @@ class Settings:
     lease_s: int = 60
     max_attempts: int = 4  # must match the trigger's retry + 1
     claim_wait_s: float = 75.0  # a duplicate delivery waits this long for a dead worker's lease to expire
+    task_stale_s: float = 3600.0  # a pending/queued/retrying task unchanged this long lost its event: re-published
+    max_rescues: int = 3  # re-publishes of a stale task before it is failed (stale_<status>)
     cancel_poll_s: float = 1.0  # how often a running worker checks for a cancel request
     progress_interval_s: float = 1.0  # at most one progress write per task per interval
     breaker_fail_max: int = 5  # consecutive dependency failures that open a circuit breaker
@@ -96,11 +98,23 @@ class Settings:
     outbox_retention_s: int = 3600
     eager_relay: bool = True
     relay_queue_max: int = 10_000  # eager-relay backlog (event ids); beyond it the sweeper catches up
+    # --- batches (POST /batches; fair release, shared/batch_release.py) ---
+    manifest_max_items: int = 100_000  # lines per manifest
+    manifest_max_bytes: int = 64 * 1024 * 1024  # a manifest sent as the request body
+    batch_default_in_flight: int = 8  # a batch's max_in_flight when the client gives none
+    batch_max_in_flight: int = 100  # the largest max_in_flight a client may ask for
+    # Batch tasks released and unfinished (queued or running): an interactive task waits
+    # behind at most batch_total_in_flight of them. About twice the workers' parallelism.
+    batch_user_in_flight: int = 8  # of one user, all their batches together
+    batch_total_in_flight: int = 16  # of everyone
+    batch_queued_max: int = 2  # of everyone, released but not started (pending/queued): ahead of interactive work
+    batch_events_interval_s: float = 1.0  # GET /batches/{id}/events: at most one progress event per interval
     # --- status stream ---
     status_stream_maxlen: int = 10_000
     sse_heartbeat_s: float = 15.0
     sse_max_streams: int = 18_000
     sse_retry_ms: int = 3000  # the reconnection delay hint sent to EventSource clients
+    sse_revocation_check_s: float = 5.0  # open streams end this soon after their token or session is revoked
     sse_mailbox: int = 1000  # queued events per stream before it catches up from Redis instead
     sse_cors_origins: tuple[str, ...] = ()  # browser origins allowed to read streams ("" = public_base_url's)
     # --- completion webhooks (shared/webhooks/) ---

@@ -23,7 +23,7 @@ retryable error (network, storage, ...)     retrying             5xx: the broker
 retryable error on the last attempt         failed               5xx: dead letter keeps it
 cancelled before or during the work         cancelled            200
 duplicate of a finished task                (unchanged)          200 (+ the same reply again)
-another live worker holds the task          (unchanged)          202
+another live worker holds the task          (unchanged)          409: the broker retries
 unknown task / event not matching its row   (unchanged)          200, dropped
 malformed event or data                     (no task touched)    400, dropped
 ==========================================  ===================  ==========================
@@ -51,6 +51,7 @@ from shared.envelope import Answer, error_answer, json_answer
 from shared.errors import (
     BadRequest,
     Cancelled,
+    Conflict,
     RetryableError,
     TaskForgeError,
     http_status,
@@ -71,6 +72,12 @@ _UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F
 
 class BadEventData(BadRequest):
     code = "bad_event_data"
+
+
+class TaskBusy(Conflict):
+    """A live lease elsewhere: the delivery must be retried, not acknowledged."""
+
+    code = "task_busy"
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,7 @@ class Worker:
                            "payload": {"type": "object"}},
         })
         self._started = False
+        self._cold = False  # set by the first request, cleared by the first claimed task
         self._start_lock = threading.Lock()
 
     # --- HTTP ----------------------------------------------------------------------------
@@ -170,6 +178,7 @@ class Worker:
                 logs.setup(self.task_type, settings.log_level)
                 breakers.configure(settings.breaker_fail_max, settings.breaker_reset_s)
                 metrics.COLD_STARTS.labels(self.task_type).inc()
+                self._cold = True  # the first task this process claims is charged with the cold start
                 self._started = True
 
     def _check(self, event: Any) -> dict[str, Any]:
@@ -209,14 +218,29 @@ class Worker:
                 log.warning("event for an unknown task (or one that does not match it): dropped")
                 return json_answer(200, {"outcome": "missing"})
             if outcome is state.ClaimOutcome.BUSY:
-                log.info("another worker holds a live lease on this task: acknowledged")
-                return json_answer(202, {"outcome": "busy"})
+                # Keep the event: acknowledging it here would leave nothing in the queue if
+                # the running attempt then fails retryably (its own delivery may be long
+                # gone), and the task would sit in retrying until the reaper's bound.
+                # 409 is retried with backoff; once the attempt ends the retry claims the
+                # task (retrying) or is acknowledged as a duplicate (finished).
+                log.info("another worker holds a live lease on this task: the broker will retry")
+                return error_answer(TaskBusy("another worker is running this task; retry later"), 409)
             if outcome is state.ClaimOutcome.CANCELLED:
                 metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
                 return json_answer(200, {"outcome": "cancelled"})
             log.info("duplicate event for a finished task: acknowledged without work")
             return self._reply(settings, _row(claim), span)
-        return self._attempt(settings, _row(claim), owner, span)
+        cold, self._cold = self._cold, False
+        batch_id = claim.row.get("batch_id") if claim.row is not None else None
+        answer = self._attempt(settings, _row(claim), owner, span)
+        if batch_id:
+            # A batch task finished (or will be retried): hand its slot to the next item.
+            from shared import batch_release
+
+            if cold:
+                batch_release.charge_cold_start(settings, str(batch_id))
+            batch_release.release_and_publish(settings)
+        return answer
 
     def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str) -> Answer:
         task_id, user_id = str(row["id"]), str(row["user_id"])

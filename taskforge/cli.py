@@ -1,4 +1,4 @@
-"""The ``taskforge`` command: operator verbs (``migrate``, ``dev``) and the user client
+"""The ``taskforge`` command: operator verbs (``migrate``, ``doctor``, ``dev``) and the user client
 (``login``, ``submit``, ``watch``, ... in ``taskforge.commands``)."""
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the invariants on the configured database, storage and Redis: 0 when the
+    promise holds, 1 when a check failed (warnings alone still exit 0)."""
+    import json
+
+    from shared import doctor
+
+    report = doctor.run(get_settings(), grace_s=args.grace_s)
+    print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else doctor.render(report))
+    return 0 if report.ok else 1
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     from infra.runtime.supervisor import run_dev
 
@@ -33,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("migrate", help="create the database if needed and apply SQL migrations")
     p.set_defaults(func=_cmd_migrate)
+    p = sub.add_parser("doctor", help="check that no task is stuck, lost, doubled or holding a secret (exit 1 if so)")
+    p.add_argument("--grace-s", type=float, default=600.0, metavar="S",
+                   help="slack past each bound before a task counts as stuck (default 600)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_doctor)
     p = sub.add_parser("dev", help="run the whole stack locally in the foreground")
     p.add_argument("--config", default=None, help="runtime config file (default: infra/runtime/taskforge.yaml)")
     p.set_defaults(func=_cmd_dev)
@@ -47,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.func in (_cmd_migrate, _cmd_dev):
+        if args.func in (_cmd_migrate, _cmd_dev, _cmd_doctor):
             return int(args.func(args) or 0)
         return cli_client.run(args)
     except SettingsError as exc:

@@ -29,10 +29,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from events.catalog import TERMINAL
 from events.sse import Parser
+
+if TYPE_CHECKING:
+    from taskforge.batch_client import BatchClient
 
 USER_AGENT = "taskforge-client/0.1"
 
@@ -157,6 +160,13 @@ class Client:
         return pair
 
     # --- accounts -------------------------------------------------------------------------
+    @property
+    def batches(self) -> BatchClient:
+        """The batch routes (``taskforge.batch_client.BatchClient``)."""
+        from taskforge.batch_client import BatchClient
+
+        return BatchClient(self)
+
     def signup(self, email: str, password: str) -> dict[str, Any]:
         return self._call("POST", "/auth/signup", json_body={"email": email, "password": password}, auth=False)
 
@@ -266,8 +276,12 @@ class Client:
             resp.close()
             resp = self._open("GET", location, headers={"Accept": "*/*"}, auth=False)
         with resp:
-            name = _filename(resp.headers.get("Content-Disposition")) or f"{task_id}.out"
+            # Named by task, keeping the server's extension: two downloads never collide.
+            served = _filename(resp.headers.get("Content-Disposition"))
+            name = f"{task_id}{Path(served).suffix if served else '.out'}"
             target = Path(dest)
+            if str(dest).endswith(("/", os.sep)):  # "out/" is a directory, made if missing
+                target.mkdir(parents=True, exist_ok=True)
             if target.is_dir():
                 target = target / name
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".taskforge-")
@@ -359,7 +373,8 @@ class Client:
         try:
             for ev in self.events(task_id, max_failures=3, deadline=deadline):
                 if ev.event == "task" and isinstance(ev.data, dict):
-                    task = ev.data
+                    # Stream messages are summaries (no payload): keep the rest of the task.
+                    task = {**task, **ev.data}
                     if on_update:
                         on_update(task)
                     if task["status"] in TERMINAL:

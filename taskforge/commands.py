@@ -328,6 +328,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-o", "--output", default=None, help="file or directory (default: here)")
     p.set_defaults(func=cmd_download)
 
+    from taskforge import batch_commands
+
+    batch_commands.add_commands(sub, common)
     dlq = sub.add_parser("dlq", help="dead letters (admins)").add_subparsers(dest="dlq_command", required=True)
     p = dlq.add_parser("list", parents=[common], help="list dead-lettered events, newest first")
     p.add_argument("--limit", type=int, default=20)
@@ -366,7 +369,10 @@ def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None
         return
     print(f"taskforge: {message}", file=sys.stderr)
     for d in details or []:
-        if isinstance(d, dict):
-            print(f"  {d.get('field')}: {d.get('message')}", file=sys.stderr)
+        if isinstance(d, dict) and "lines" in d:  # an invalid batch manifest: the summary
+            print(f"  failing lines ({d.get('count')}): {', '.join(map(str, d['lines']))}", file=sys.stderr)
+        elif isinstance(d, dict):
+            where = f"line {d['line']}: " if "line" in d else ""
+            print(f"  {where}{d.get('field')}: {d.get('message')}", file=sys.stderr)
     if code in ("unauthorized", "not_logged_in", "invalid_token", "token_expired", "token_revoked"):
         print("  (log in with: taskforge login --email you@example.com)", file=sys.stderr)

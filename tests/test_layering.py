@@ -33,8 +33,8 @@ def allowed(layer: str, path: Path, module: str) -> bool:
         return top in ("events", "shared") or inside(own)
     if layer == "infra":  # the local stand-in for the platform
         return top == "events" or inside(*RUNTIME_SHARED)
-    if layer == "taskforge":  # the client: protocol; the operator verbs start the stack or migrate
-        return top == "events" or inside("shared.settings", "shared.db", "infra.runtime.supervisor")
+    if layer == "taskforge":  # the client: protocol; the operator verbs start the stack, migrate or check it
+        return top == "events" or inside("shared.settings", "shared.db", "shared.doctor", "infra.runtime.supervisor")
     if layer == "bench":  # benchmarks drive the product, never the tests' helpers
         return top != "tests"
     return True

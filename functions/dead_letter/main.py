@@ -19,7 +19,7 @@ import flask
 import functions_framework
 
 from events import codec
-from shared import deadletters, envelope, metrics
+from shared import batch_release, deadletters, envelope, metrics
 from shared import logging as tf_logging
 from shared.settings import get_settings
 from shared.tasks import unit
@@ -35,6 +35,8 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
     with unit.changes(settings) as ch:
         rec = deadletters.record(ch.conn, event)
         ch.record(rec.task)
+    if rec.task is not None and rec.task.get("batch_id"):
+        batch_release.release_and_publish(settings)  # its batch slot is free: the next line may go
     if rec.created:
         metrics.DEAD_LETTERS.labels(event["type"]).inc()
         log.warning("dead letter recorded: %s %s from %s (dest=%s code=%s)", event["type"], event["id"],

@@ -3,6 +3,9 @@
 * ``GET /admin/dead-letters?limit=&cursor=&event_type=&task_id=&replayed=`` — newest
   first, keyset pagination ``{items, next_cursor}``.
 * ``GET /admin/dead-letters/{id}`` — one dead letter.
+* ``GET /admin/doctor?grace_s=`` — the invariant checks of ``shared.doctor`` on the live
+  database, storage and Redis: ``{ok, checks: [{name, ok, count, message, severity,
+  examples}]}`` (200 either way: read ``ok``).
 * ``POST /admin/dead-letters/{id}/replay`` — re-publish the original event through the
   outbox (new event id, ``replayof`` extension) and put its failed task back to
   ``queued``; 202 with ``{dead_letter, event_id, task}``. 409 when the task already
@@ -52,6 +55,15 @@ def _query_bool(name: str) -> bool | None:
     if raw.lower() in ("false", "0", "no"):
         return False
     raise ValidationError("invalid query", details=[{"field": name, "message": "true or false"}])
+
+
+@bp.get("/admin/doctor")
+@require_admin
+def doctor_report() -> Response:
+    from shared import doctor
+
+    grace = _query_int("grace_s", int(doctor.DEFAULT_GRACE_S), 0, 7 * 24 * 3600)
+    return json_response(doctor.run(settings(), grace_s=float(grace)).to_dict())
 
 
 @bp.get("/admin/dead-letters")
@@ -126,7 +138,24 @@ def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+_CHECK = {"type": "object", "required": ["name", "ok", "count", "message", "severity", "examples"], "properties": {
+    "name": {"type": "string"}, "ok": {"type": "boolean"}, "count": {"type": "integer", "minimum": 0},
+    "message": {"type": "string"}, "severity": {"enum": ["error", "warning"]},
+    "examples": {"type": "array", "description": "a few of the violations"}}}
+
 OPENAPI_PATHS: dict[str, Any] = {
+    "/admin/doctor": {"get": {
+        "summary": "Check the invariants on the live database, storage and Redis", "tags": ["admin"],
+        "security": _SECURITY,
+        "description": "No task unfinished past its bound, no published requested event whose task never "
+                       "moved, no task with two result objects, no credential stored, a Redis that cannot "
+                       "evict stream entries. 200 either way: `ok` is false when an error-level check failed.",
+        "parameters": [{"name": "grace_s", "in": "query", "description": "slack past each bound, seconds",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 7 * 24 * 3600, "default": 600}}],
+        "responses": {"200": _ok("the report", {"type": "object", "required": ["ok", "checks"], "properties": {
+            "ok": {"type": "boolean"}, "checks": {"type": "array", "items": _CHECK}}}),
+            **{c: _ERR[c] for c in ("401", "403", "422")}},
+    }},
     "/admin/dead-letters": {"get": {
         "summary": "List dead-lettered events, newest first", "tags": ["admin"], "security": _SECURITY,
         "parameters": [

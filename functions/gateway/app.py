@@ -21,18 +21,21 @@ from flask import Flask, Response, request
 from prometheus_flask_exporter import PrometheusMetrics
 
 from functions.gateway import admin, console, openapi
-from functions.gateway.routes import apikeys, auth, events, health, tasks, uploads, webhooks
+from functions.gateway.routes import apikeys, auth, batches, events, health, tasks, uploads, webhooks
 from functions.gateway.web import error_response
 from shared import metrics as tf_metrics
 from shared.errors import TooLarge
 from shared.settings import Settings, get_settings
 
 UPLOAD_ENDPOINTS = {"uploads.create"}
+MANIFEST_ENDPOINTS = {"batches.create"}  # a manifest body: settings.manifest_max_bytes
 _exporter_lock = threading.Lock()
 
 
 def _body_limit(settings: Settings) -> None:
     limit = settings.max_upload_bytes if request.endpoint in UPLOAD_ENDPOINTS else settings.max_body_bytes
+    if request.endpoint in MANIFEST_ENDPOINTS:
+        limit = settings.manifest_max_bytes
     request.max_content_length = limit  # enforced by werkzeug while the body is read
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the request body exceeds {limit} bytes")
@@ -53,7 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(TASKFORGE_SETTINGS=settings, MAX_CONTENT_LENGTH=None, JSON_SORT_KEYS=False,
                       PROPAGATE_EXCEPTIONS=False, TRAP_HTTP_EXCEPTIONS=False)
     app.url_map.strict_slashes = False
-    for blueprint in (auth.bp, uploads.bp, tasks.bp, apikeys.bp, events.bp, health.bp, openapi.bp,
+    for blueprint in (auth.bp, uploads.bp, tasks.bp, batches.bp, apikeys.bp, events.bp, health.bp, openapi.bp,
                       admin.bp, console.bp, webhooks.bp):
         app.register_blueprint(blueprint)
     app.register_error_handler(Exception, error_response)

@@ -4,7 +4,8 @@ Plain HTML, CSS and JavaScript (no build step) under ``functions/gateway/static/
 sign up or log in, upload a file or give a URL, choose the task type and its options
 (the form is generated from the payload schemas in ``/openapi.json``), watch progress
 live through ``EventSource`` on the status stream (``?access_token=``), download the
-result, and browse the task history.
+result, and browse the task history; submit a batch manifest, follow its counts live
+(``GET /batches/{id}/events``), download its report, retry its failed lines, cancel it.
 
 The page learns the status stream's address from ``settings.status_stream_url``; that
 origin is the only other one its Content-Security-Policy lets it connect to.
@@ -24,7 +25,8 @@ from shared.settings import Settings
 
 bp = Blueprint("console", __name__)
 STATIC = Path(__file__).resolve().parent / "static" / "console"
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "batches.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
 
 
 @cache

@@ -70,16 +70,16 @@ TASK = _obj({
     "error": {"type": ["object", "null"], "description": "{code, message} once failed"},
     "attempts": {"type": "integer"}, "created_at": _time, "updated_at": _time,
 }, ("id", "type", "status", "progress", "payload", "result", "error", "attempts", "created_at", "updated_at"))
-TASK_PAGE = _obj({"items": {"type": "array", "items": ref("Task")},
+TASK_SUMMARY = {**TASK, "description": "a Task without its payload (GET /tasks/{id} has it)",
+                "required": [r for r in TASK["required"] if r != "payload"],
+                "properties": {k: v for k, v in TASK["properties"].items() if k != "payload"}}
+TASK_PAGE = _obj({"items": {"type": "array", "items": ref("TaskSummary")},
                   "next_cursor": {"type": ["string", "null"], "description": "pass as ?cursor= for the next page"}},
                  ("items", "next_cursor"))
 BATCH_RESULT = _obj({"items": {"type": "array", "items": _obj({
     "index": {"type": "integer"}, "status": {"enum": [202, 422]},
     "task": ref("Task"), "error": ref("ErrorDetail")}, ("index", "status"))},
-    "accepted": {"type": "integer"}, "rejected": {"type": "integer"},
-    "batch_id": {"type": ["string", "null"], "format": "uuid",
-                 "description": "names the batch in its batch.completed webhook (null when nothing was accepted)"}},
-    ("items", "accepted", "rejected"))
+    "accepted": {"type": "integer"}, "rejected": {"type": "integer"}}, ("items", "accepted", "rejected"))
 API_KEY = _obj({"id": _uuid, "name": _str, "prefix": {"type": "string", "description": "first characters of the key"},
                 "created_at": _time, "last_used_at": _nullable_time, "revoked_at": _nullable_time},
                ("id", "name", "prefix", "created_at"))
@@ -96,7 +96,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "TaskSubmission": TASK_SUBMIT, "BatchSubmission": BATCH_SUBMIT, "ApiKeyCreate": API_KEY_CREATE,
     "TaskSubmittedData": SUBMITTED_EVENT_DATA,
     "Error": ERROR, "ErrorDetail": ERROR["properties"]["error"], "FieldError": FIELD_ERROR,
-    "User": USER, "Tokens": TOKENS, "Upload": UPLOAD, "Task": TASK, "TaskPage": TASK_PAGE,
+    "User": USER, "Tokens": TOKENS, "Upload": UPLOAD, "Task": TASK, "TaskSummary": TASK_SUMMARY,
+    "TaskPage": TASK_PAGE,
     "BatchResult": BATCH_RESULT, "ApiKey": API_KEY, "ApiKeyCreated": API_KEY_CREATED,
     "ApiKeyList": API_KEY_LIST, "Health": HEALTH,
 }

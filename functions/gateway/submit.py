@@ -4,7 +4,9 @@ Shared by ``POST /tasks``, ``POST /tasks/batch`` and the CloudEvent route ``POST
 so the three paths apply the same rules:
 
 1. the per-user submission rate (Redis, 429 + ``Retry-After``);
-2. task rows and their outbox rows in one transaction (``shared.tasks.repository``);
+2. task rows and their outbox rows in one transaction (``shared.tasks.repository``), each requested
+   event no larger than the workers' body limit as it will be sent (413 otherwise, so
+   a 202 means the event is deliverable);
 3. the in-flight cap, counted inside that transaction *after* the insert, so a refused
    submission rolls back with it and a replayed idempotent request is never refused;
 4. after commit: the eager relay (``shared.outbox.relay.after_commit``) and the submitted-tasks
@@ -53,7 +55,7 @@ def submit_one(settings: Settings, user_id: str, task_type: Any, payload: Any, *
     with db.connection(settings) as conn:
         sub = tasks.create_task(conn, user_id=user_id, task_type=task_type, payload=payload,
                                 idempotency_key=idempotency_key, traceparent=traceparent,
-                                callback_url=callback_url)
+                                max_event_bytes=settings.max_body_bytes, callback_url=callback_url)
         if sub.created:
             ratelimit.check_in_flight(settings, conn, user_id, adding=0)
     if sub.created:
@@ -66,7 +68,8 @@ def submit_batch(settings: Settings, user_id: str, items: Sequence[Any], *,
     """Create every valid item in one transaction; per-item answers in input order."""
     ratelimit.check_submit(settings, user_id, n=len(items))
     with db.connection(settings) as conn:
-        answers, event_ids = tasks.create_batch(conn, user_id=user_id, items=items, traceparent=traceparent)
+        answers, event_ids = tasks.create_batch(conn, user_id=user_id, items=items, traceparent=traceparent,
+                                                max_event_bytes=settings.max_body_bytes)
         if event_ids:
             ratelimit.check_in_flight(settings, conn, user_id, adding=0)
     after_commit(settings, [a.row for a in answers if a.row is not None], event_ids)

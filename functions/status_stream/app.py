@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from functions.status_stream import gcpolicy
 from functions.status_stream.hub import Hub, Subscriber
+from functions.status_stream.revocation import RevocationWatch
 from functions.status_stream.store import Store
 from functions.status_stream.stream import TaskStream
 from shared.errors import NotFound, ServiceUnavailable, TaskForgeError, error_document
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GC_THAW_S = 6 * 3600  # see functions/status_stream/gcpolicy.py
 TASK_EVENTS = re.compile(r"^/tasks/([^/]{1,64})/events/?$")
+BATCH_EVENTS = re.compile(r"^/batches/([^/]{1,64})/events/?$")
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache, no-transform",
@@ -57,8 +59,10 @@ class SSEResponse(Response):
     """A streaming response driven by a :class:`TaskStream` (one task per stream, plus a
     disconnect watcher — lighter than a generic streaming response)."""
 
-    def __init__(self, stream: TaskStream, headers: dict[str, str]) -> None:
+    def __init__(self, stream: TaskStream, headers: dict[str, str],
+                 on_close: Any = None) -> None:
         self.stream = stream
+        self.on_close = on_close  # called with the subscriber once the stream ended
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
@@ -70,6 +74,8 @@ class SSEResponse(Response):
             await self.stream.run(send, receive)
         finally:
             SSE_CONNECTIONS.dec()
+            if self.on_close is not None:
+                self.on_close(self.stream.sub)
 
 
 class StatusStreamApp:
@@ -82,6 +88,9 @@ class StatusStreamApp:
         self.origins = allowed_origins(settings)
         self._started = False
         self._thaw: asyncio.Task[None] | None = None
+        # Open streams are re-checked for revoked tokens, sessions and API keys.
+        self.revocations = RevocationWatch(self.store.revoked, settings.sse_revocation_check_s)
+        self._revocation_task: asyncio.Task[None] | None = None
 
     def _ensure_hub(self) -> Hub:
         if self.hub is None:
@@ -110,6 +119,7 @@ class StatusStreamApp:
             COLD_STARTS.labels("status-stream").inc()
             gcpolicy.install()
             self._thaw = asyncio.get_running_loop().create_task(self._thaw_periodically())
+            self._revocation_task = asyncio.get_running_loop().create_task(self.revocations.run())
         return self.hub
 
     async def _thaw_periodically(self) -> None:
@@ -122,6 +132,9 @@ class StatusStreamApp:
         if self._thaw is not None:
             self._thaw.cancel()
             self._thaw = None
+        if self._revocation_task is not None:
+            self._revocation_task.cancel()
+            self._revocation_task = None
         if self.hub is not None:
             await self.hub.stop()
             for client in (self.hub.reader, self.hub.cmd):
@@ -152,8 +165,16 @@ class StatusStreamApp:
                                 media_type="application/json")
             if path == "/metrics":
                 return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            batch = BATCH_EVENTS.match(path)
+            if batch is not None and request.method == "GET":
+                from functions.status_stream import batch_stream
+
+                s = self.settings
+                return await batch_stream.open_stream(
+                    self.store, request, batch.group(1), {**STREAM_HEADERS, **cors},
+                    interval_s=s.batch_events_interval_s, heartbeat_s=s.sse_heartbeat_s, retry_ms=s.sse_retry_ms)
             match = TASK_EVENTS.match(path)
-            if match is None and path.rstrip("/") != "/events":
+            if match is None and batch is None and path.rstrip("/") != "/events":
                 raise NotFound("no such route")
             if request.method != "GET":
                 return Response(json.dumps({"error": {"code": "method_not_allowed", "message": "use GET"}}),
@@ -188,8 +209,10 @@ class StatusStreamApp:
                   or q.get("lastEventId") or None)
         sub = Subscriber(who.user_id, task_id, limit=self.settings.sse_mailbox)
         stream = TaskStream(hub, self.store, sub, resume=resume, retry_ms=self.settings.sse_retry_ms,
-                            deadline=float(who.exp) if who.exp else None, jti=who.jti, clock=time.time)
+                            deadline=float(who.exp) if who.exp else None, jti=who.jti, family=who.family,
+                            clock=time.time)
         status = await stream.open()
         if status == 204:
             return Response(status_code=204, headers=cors)
-        return SSEResponse(stream, {**STREAM_HEADERS, **cors})
+        self.revocations.watch(sub, who.jti, who.family, who.api_key)
+        return SSEResponse(stream, {**STREAM_HEADERS, **cors}, on_close=self.revocations.forget)

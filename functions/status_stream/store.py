@@ -26,7 +26,7 @@ from events.sse import TaskEvent, task_event
 from shared import auth, db
 from shared.errors import AuthError, NotFound, ServiceUnavailable
 from shared.settings import Settings
-from shared.tasks.repository import parse_uuid, public_task
+from shared.tasks.repository import parse_uuid, task_summary
 
 ACTIVE = ("pending", "queued", "running", "retrying")
 ACTIVE_LIMIT = 200  # unfinished tasks sent as the current state of a new /events stream
@@ -35,16 +35,19 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="taskforge"'}
 
 @dataclass(frozen=True)
 class Identity:
-    """A caller whose credentials verified. ``jti``/``exp`` for bearer tokens only."""
+    """A caller whose credentials verified. ``jti``/``exp``/``family`` for bearer tokens only."""
 
     user_id: str
     jti: str | None
     exp: int | None
+    family: str | None = None  # the session (refresh family) of the token, if it names one
+    api_key: str | None = None  # the id of the API key the caller used, if any
 
 
 def event_of(row: Mapping[str, Any]) -> TaskEvent:
-    """A snapshot ``TaskEvent`` (no stream position) from a task row."""
-    return task_event(public_task(dict(row)), None, int(row.get("status_version") or 0))
+    """A snapshot ``TaskEvent`` (no stream position) from a task row: the same summary
+    (no payload) as a status stream entry."""
+    return task_event(task_summary(dict(row)), None, int(row.get("status_version") or 0))
 
 
 class Store:
@@ -95,28 +98,29 @@ class Store:
         kind, secret = found
         if kind == "apikey":
             principal = await asyncio.to_thread(self._authenticate_sync, dict(headers))
-            return Identity(principal.user_id, None, None)
+            return Identity(principal.user_id, None, None, api_key=principal.api_key_id)
         try:
             claims = auth.decode_access_token(self.settings, secret)
         except AuthError as exc:
             exc.headers = CHALLENGE
             raise
-        return Identity(claims["sub"], claims["jti"], int(claims["exp"]))
+        return Identity(claims["sub"], claims["jti"], int(claims["exp"]), auth.family_of(claims))
 
     def _authenticate_sync(self, headers: dict[str, str]) -> auth.Principal:
         with db.connection(self.settings) as conn:
             return auth.authenticate(self.settings, conn, headers)
 
     # --- tasks --------------------------------------------------------------------
-    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None) -> list[TaskEvent]:
+    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None,
+                       family: str | None = None) -> list[TaskEvent]:
         """The current state a stream starts with: the one task (``NotFound`` for another
         user's or none), or the user's unfinished ones, oldest change first.
 
-        The same single query checks that the user exists and, with ``jti``, that the
-        token was not revoked (``AuthError``). One statement rather than a pipeline:
+        The same single query checks that the user exists and, with ``jti`` (and
+        ``family``), that neither the token nor its session was revoked (``AuthError``). One statement rather than a pipeline:
         psycopg's pipeline mode waits for read *or* write readiness and spins on the CPU
         while results are due, which measured slower under connection storms."""
-        params: dict[str, Any] = {"user": user_id, "jti": jti}
+        params: dict[str, Any] = {"user": user_id, "jti": jti, "fam": family}
         if task_id is not None:
             ident = parse_uuid(task_id)
             if ident is None:
@@ -128,7 +132,9 @@ class Store:
             join = ("LEFT JOIN LATERAL (SELECT * FROM tasks WHERE user_id = u.id"
                     " AND status = ANY(%(active)s::task_status[]) ORDER BY updated_at DESC LIMIT %(limit)s) t ON true")
         rows = await self._fetch(
-            "SELECT EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %(jti)s) AS _revoked, t.*"
+            "SELECT (EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = %(jti)s)"
+            " OR EXISTS (SELECT 1 FROM refresh_families f WHERE f.id = %(fam)s::uuid AND f.revoked_at IS NOT NULL))"
+            " AS _revoked, t.*"
             f" FROM users u {join} WHERE u.id = %(user)s ORDER BY t.updated_at, t.id", params)
         if not rows or rows[0]["_revoked"]:
             raise AuthError("token revoked", code="token_revoked", headers=CHALLENGE)
@@ -136,3 +142,15 @@ class Store:
         if task_id is not None and not states:
             raise NotFound("task not found")
         return states
+
+    async def revoked(self, jtis: list[str], families: list[str], keys: list[str]) -> set[tuple[str, str]]:
+        """Which of these access-token ids (``jti``), sessions (``fam``: refresh families)
+        and API keys (``key``) are revoked now, as ``(kind, id)`` pairs. One query for every
+        open stream of the process; ``ServiceUnavailable`` if the database cannot answer."""
+        rows = await self._fetch(
+            "SELECT 'jti' AS kind, jti AS id FROM revoked_access_tokens WHERE jti = ANY(%(jtis)s)"
+            " UNION ALL SELECT 'fam', id::text FROM refresh_families"
+            " WHERE id = ANY(%(fams)s::uuid[]) AND revoked_at IS NOT NULL"
+            " UNION ALL SELECT 'key', id::text FROM api_keys WHERE id = ANY(%(keys)s::uuid[]) AND revoked_at IS NOT NULL",
+            {"jtis": jtis, "fams": families, "keys": keys})
+        return {(r["kind"], r["id"]) for r in rows}

@@ -48,7 +48,8 @@ REMEMBER = 2048  # tasks whose newest shown state a /events stream remembers
 
 
 class SnapshotSource(Protocol):
-    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None) -> list[TaskEvent]: ...
+    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None,
+                       family: str | None = None) -> list[TaskEvent]: ...
 
 
 def resumable(rid: StreamId, info: Mapping[str, Any] | None, redis_started_ms: int) -> bool:
@@ -84,12 +85,13 @@ class TaskStream:
 
     def __init__(self, hub: Hub, source: SnapshotSource, sub: Subscriber, *, resume: str | None,
                  retry_ms: int = 3000, deadline: float | None = None, page: int = 500, jti: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 family: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self.hub, self.source, self.sub = hub, source, sub
         self.resume = resume
         self.retry_ms = retry_ms
         self.deadline = deadline  # epoch seconds; the stream ends then (token expiry)
         self.jti = jti  # a bearer token's id: its revocation is checked with the snapshot
+        self.family = family  # its session (refresh family): checked likewise, then periodically
         self.page = page
         self.clock = clock
         self.key = hub.key_for(sub.user_id)
@@ -110,7 +112,8 @@ class TaskStream:
         snapshot, after unregistering."""
         try:
             floor = await self.hub.subscribe(self.sub)
-            states = await self.source.snapshot(self.sub.user_id, self.sub.task_id, jti=self.jti)
+            states = await self.source.snapshot(self.sub.user_id, self.sub.task_id, jti=self.jti,
+                                                family=self.family)
         except BaseException:
             self.hub.remove(self.sub)
             raise

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from events import catalog
-from shared import db, metrics
+from shared import batch_release, db, metrics
 from shared.broker import Broker, backend_of
 from shared.outbox.publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
@@ -47,6 +47,7 @@ class SweepStats:
     failed_batches: int = 0
     drained: bool = False
     reaped: int = 0
+    released: int = 0  # batch items turned into tasks by this sweep (shared/batch_release.py)
     purged: int = 0
     pending: int = 0
     oldest_pending_age_s: float = 0.0
@@ -72,6 +73,7 @@ def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = N
     deadline = start + (settings.outbox_budget_s if budget_s is None else budget_s)
     size = batch or settings.outbox_batch
     stats = SweepStats()
+    stats.released = release_batches(settings)  # before draining: this sweep publishes them
     webhook_due.nudge(settings)  # before the lanes, so this sweep publishes it
     lock = threading.Lock()
     backlog = threading.Event()  # set by the first full batch: more lanes are worth it
@@ -131,6 +133,15 @@ def _lane(settings: Settings, broker: Broker, stats: SweepStats, lock: threading
             return False
 
 
+def release_batches(settings: Settings) -> int:
+    """Release the batch items capacity allows (never raises: the next tick retries)."""
+    try:
+        return len(batch_release.release(settings).rows)
+    except Exception:
+        log.exception("batch release failed")
+        return 0
+
+
 def park_unroutable(settings: Settings, limit: int = 1000) -> int:
     """Park the outbox rows whose messages ended in the alternate exchange's queue.
 
@@ -164,9 +175,14 @@ def park_unroutable(settings: Settings, limit: int = 1000) -> int:
 
 
 def reap(settings: Settings) -> int:
-    """Rescue stale tasks (dead workers, lost redeliveries); returns how many changed."""
+    """Rescue stale tasks (dead workers, lost events: ``state.reap_stale`` with the
+    settings' stale bound); returns how many changed, each logged with its reason."""
     with db.connection(settings) as conn:
-        rows = state.reap_stale(conn, max_attempts=settings.max_attempts, source=SOURCE)
+        rows = state.reap_stale(conn, max_attempts=settings.max_attempts, source=SOURCE,
+                                retrying_stale_s=settings.task_stale_s, max_rescues=settings.max_rescues)
+    for row in rows:
+        log.warning("reaper: task %s is now %s (%s)", row["id"], row["status"],
+                    row.get("rescue_reason") or (row.get("error") or {}).get("code") or "lease expired")
     fan_out(settings, rows)
     return len(rows)
 

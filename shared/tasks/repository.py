@@ -55,6 +55,19 @@ def public_task(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def task_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """What a watcher needs of a task: ``public_task`` without the payload.
+
+    Status stream entries, SSE snapshots and ``GET /tasks`` pages carry this, so their size
+    does not grow with the submission (up to the body limit); the payload is one
+    ``GET /tasks/{id}`` away. ``result`` and ``error`` are small by construction (a storage
+    key with metadata; a code and a message).
+    """
+    summary = public_task(row)
+    del summary["payload"]
+    return summary
+
+
 # --- pure helpers ---------------------------------------------------------------------
 def request_hash(task_type: str, payload: Any) -> str:
     """sha256 of the canonical JSON of a submission (key order and spacing do not matter)."""
@@ -113,22 +126,21 @@ def check_submission(conn: Conn, user_id: str, task_type: Any, payload: Any,
 
 
 def _insert_task(conn: Conn, user_id: str, task_type: str, payload: dict[str, Any],
-                 key: str | None, rhash: str, trace_id: str | None,
-                 batch_id: str | None = None) -> dict[str, Any] | None:
-    sql = ("INSERT INTO tasks (user_id, type, payload, idempotency_key, request_hash, trace_id, batch_id) "
-           "VALUES (%s, %s, %s, %s, %s, %s, %s)")
+                 key: str | None, rhash: str, trace_id: str | None) -> dict[str, Any] | None:
+    sql = ("INSERT INTO tasks (user_id, type, payload, idempotency_key, request_hash, trace_id) "
+           "VALUES (%s, %s, %s, %s, %s, %s)")
     if key is not None:
         # A concurrent insert with the same key waits for the other transaction, then
         # yields no row here; the caller then reads the winner.
         sql += " ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
     return conn.execute(sql + " RETURNING *",
-                        (user_id, task_type, json.dumps(payload), key, rhash, trace_id, batch_id)).fetchone()
+                        (user_id, task_type, json.dumps(payload), key, rhash, trace_id)).fetchone()
 
 
 def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
                 idempotency_key: str | None = None, traceparent: str | None = None,
-                validated: bool = False, callback_url: str | None = None,
-                batch_id: str | None = None) -> Submission:
+                validated: bool = False, max_event_bytes: int | None = None,
+                callback_url: str | None = None) -> Submission:
     """Insert a pending task and its requested event in the caller's transaction.
 
     Raises ``ValidationError`` (422, field details) for an unknown type, an invalid
@@ -136,8 +148,12 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
     idempotency key was used for a different request. A repeated request with the same
     key returns the existing task with ``created=False`` and writes nothing.
     ``traceparent`` is the caller's trace context; the event carries a child span.
+    With ``max_event_bytes`` (the workers' body limit) the requested event as it will be
+    published must fit, else ``TooLarge`` (413): the request body limit alone does not
+    bound the event (added ids, PostgreSQL's JSON spacing), and an event a worker refuses
+    would leave the task queued with nobody to run it.
     ``callback_url`` (already checked by the caller) is stored with a new task for its
-    one-off completion callback; ``batch_id`` groups the tasks of one batch submission.
+    one-off completion callback.
     """
     key = check_idempotency_key(idempotency_key)
     if not validated:
@@ -150,7 +166,7 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         if existing is not None:
             return _replay(existing, rhash)
     span = tracing.child_of(traceparent)
-    row = _insert_task(conn, user_id, task_type, payload, key, rhash, tracing.trace_id_of(span), batch_id)
+    row = _insert_task(conn, user_id, task_type, payload, key, rhash, tracing.trace_id_of(span))
     if row is None:  # lost an idempotency race: the other request's task is committed now
         existing = _by_key(conn, user_id, key)
         if existing is None:  # pragma: no cover - the unique index guarantees a winner
@@ -160,7 +176,7 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         from shared.webhooks import store as webhook_store  # it imports this module
 
         webhook_store.add_task_callback(conn, row["id"], callback_url)
-    event_id = outbox.add_requested(conn, row, source=SOURCE, traceparent=span)
+    event_id = outbox.add_requested(conn, row, source=SOURCE, traceparent=span, max_bytes=max_event_bytes)
     return Submission(row=row, created=True, event_ids=[event_id])
 
 
@@ -186,17 +202,18 @@ class BatchItem:
     errors: list[dict[str, str]] | None = None
 
 
-def create_batch(conn: Conn, *, user_id: str, items: Sequence[Any],
-                 traceparent: str | None = None) -> tuple[list[BatchItem], list[str]]:
+def create_batch(conn: Conn, *, user_id: str, items: Sequence[Any], traceparent: str | None = None,
+                 max_event_bytes: int | None = None) -> tuple[list[BatchItem], list[str]]:
     """Validate each item on its own and insert the valid ones, all in one transaction.
 
     Returns the per-item answers (in input order) and the outbox event ids written.
     An invalid item never blocks the others; a database error aborts the whole batch
-    (the caller's transaction rolls back and nothing is accepted).
+    (the caller's transaction rolls back and nothing is accepted), and so does an item
+    whose event would exceed ``max_event_bytes`` (``TooLarge``: the batch body is capped
+    at the same limit, so only a batch of about one item can get there).
     """
     answers: list[BatchItem] = []
     event_ids: list[str] = []
-    batch_id = str(uuid.uuid4())  # on every accepted task: batch.completed fires when all are terminal
     for i, item in enumerate(items):
         prefix = f"tasks[{i}]"
         if not isinstance(item, dict):
@@ -211,7 +228,7 @@ def create_batch(conn: Conn, *, user_id: str, items: Sequence[Any],
             answers.append(BatchItem(i, 422, errors=errors))
             continue
         sub = create_task(conn, user_id=user_id, task_type=item["type"], payload=item["payload"],
-                          traceparent=traceparent, validated=True, batch_id=batch_id)
+                          traceparent=traceparent, validated=True, max_event_bytes=max_event_bytes)
         event_ids.extend(sub.event_ids)
         answers.append(BatchItem(i, 202, row=sub.row))
     return answers, event_ids

@@ -335,48 +335,86 @@ def reopen(conn: Conn, task_id: str) -> Row | None:
 
 
 def reap_stale(conn: Conn, *, max_attempts: int, source: str, lease_grace_s: float = 5.0,
-               retrying_stale_s: float = 3600.0, limit: int = 100) -> list[Row]:
+               retrying_stale_s: float = 3600.0, max_rescues: int = 3, limit: int = 100) -> list[Row]:
     """Rescue tasks nobody will finish (run from the sweeper's tick; never needed when
-    every worker and dispatcher behaves).
+    every worker, dispatcher and dead-letter sink behaves). Every state but a terminal
+    one has a way out here.
 
     - ``running`` with a lease expired more than ``lease_grace_s`` ago: the worker died
       after its dispatcher had already given up on the request, so no redelivery will
       come. With attempts left the task goes to ``retrying`` with a fresh requested event
       in the outbox (same transaction); otherwise it is ``failed`` (``lease_expired``).
-    - ``retrying`` untouched for ``retrying_stale_s``: its redelivery was lost; a fresh
-      event is queued. A duplicate is harmless: claiming is conditional.
+    - ``pending``, ``queued`` or ``retrying`` with no change for ``retrying_stale_s``
+      seconds (the stale bound): its event was lost — refused by a worker, dead-lettered
+      while the dead-letter function could not record it, dropped by a broker. A fresh
+      requested event is queued and ``rescues`` counted, with the reason in
+      ``rescue_reason``; once ``max_rescues`` re-publishes did not help (or no attempts
+      are left) the task is ``failed`` with ``stale_<status>``. A ``pending`` task whose
+      event is still waiting in the outbox is left to the sweeper (the broker is down,
+      not the event lost). A duplicate event is harmless: claiming is conditional.
     Returns the changed rows.
     """
     rows = conn.execute(
-        "SELECT * FROM tasks WHERE (status = 'running' AND lease_until < now() - %(grace)s * interval '1 second')"
-        "   OR (status = 'retrying' AND updated_at < now() - %(stale)s * interval '1 second')"
-        " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        "SELECT * FROM tasks t WHERE (status = 'running' AND lease_until < now() - %(grace)s * interval '1 second')"
+        "   OR (status IN ('pending', 'queued', 'retrying') AND updated_at < now() - %(stale)s * interval '1 second'"
+        "       AND NOT (status = 'pending' AND EXISTS (SELECT 1 FROM outbox o WHERE o.dispatched_at IS NULL"
+        "            AND o.parked_at IS NULL AND o.headers->>'subject' = t.id::text)))"
+        " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE OF t SKIP LOCKED",
         {"grace": float(lease_grace_s), "stale": float(retrying_stale_s), "limit": int(limit)},
     ).fetchall()
     changed: list[Row] = []
     for row in rows:
+        status = TaskStatus(row["status"])
         if row["cancel_requested"]:
             new = conn.execute(
                 f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
                 f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *", (row["id"],),
             ).fetchone()
-        elif row["attempts"] >= max_attempts:
+        elif status is TaskStatus.RUNNING and row["attempts"] >= max_attempts:
             new = conn.execute(
                 f"UPDATE tasks SET status = 'failed', error = %s, finished_at = now(), lease_owner = NULL,"
                 f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
                 (Jsonb({"code": "lease_expired", "message": "the worker stopped and no attempts are left"}),
                  row["id"]),
             ).fetchone()
-        else:
+        elif status is TaskStatus.RUNNING:
             new = conn.execute(
                 f"UPDATE tasks SET status = 'retrying', lease_owner = NULL, lease_until = NULL, {_BUMP}"
                 " WHERE id = %s RETURNING *", (row["id"],),
             ).fetchone()
             requeue_event(conn, _locked(new), source=source)
+        else:
+            new = _rescue(conn, row, status, stale_s=retrying_stale_s, max_rescues=max_rescues,
+                          max_attempts=max_attempts, source=source)
         if new is not None and new["status"] in ("cancelled", "failed"):
-            _announce(conn, new)
+            _announce(conn, new)  # no worker will reply for it
         changed.append(_locked(new))
     return changed
+
+
+def _rescue(conn: Conn, row: Row, status: TaskStatus, *, stale_s: float, max_rescues: int,
+            max_attempts: int, source: str) -> Row | None:
+    """Re-publish or fail one stale ``pending``/``queued``/``retrying`` task (row locked)."""
+    from shared import metrics  # imported late: state stays a pure SQL module for its other callers
+
+    idle = f"no progress for {int(stale_s)} s while {status.value}"
+    give_up = row["rescues"] >= max_rescues or row["attempts"] >= max_attempts
+    metrics.TASKS_RESCUED.labels(status.value, "failed" if give_up else "republished").inc()
+    if give_up:
+        why = (f"{idle}; {row['rescues']} re-publish(es) did not help" if row["rescues"] >= max_rescues
+               else f"{idle} with no attempts left")
+        return conn.execute(
+            f"UPDATE tasks SET status = 'failed', error = %s, rescue_reason = %s, finished_at = now(),"
+            f" lease_owner = NULL, lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+            (Jsonb({"code": f"stale_{status.value}", "message": f"the task was given up: {why}"}),
+             f"failed: {why}", row["id"]),
+        ).fetchone()
+    new = conn.execute(
+        f"UPDATE tasks SET rescues = rescues + 1, rescue_reason = %s, {_BUMP} WHERE id = %s RETURNING *",
+        (f"re-published: {idle} (its event was lost)", row["id"]),
+    ).fetchone()
+    requeue_event(conn, _locked(new), source=source)
+    return new
 
 
 def requeue_event(conn: Conn, row: Row, *, source: str) -> str:

@@ -1,7 +1,8 @@
 """Status fan-out: every task state change appended to its user's Redis stream.
 
 Stream key ``settings.key("status", user_id)``; each entry has field ``task`` (the JSON of
-``shared.tasks.repository.public_task``) and ``version`` (the task's ``status_version``); length is
+``shared.tasks.repository.task_summary``: the public task without its payload, so an entry
+stays a few hundred bytes whatever was submitted) and ``version`` (the task's ``status_version``); length is
 capped approximately at ``settings.status_stream_maxlen``. The status-stream function
 reads these streams and turns entries into Server-Sent Events.
 
@@ -79,22 +80,21 @@ def _version_key(settings: Settings, task_id: str) -> str:
 
 
 def _public(row: Mapping[str, Any]) -> dict[str, Any]:
-    from shared.tasks.repository import (
-        public_task,  # imported late to keep imports light
-    )
+    from shared.tasks.repository import task_summary  # imported late to keep imports light
 
-    return public_task(dict(row))
+    return task_summary(dict(row))
 
 
 def publish(settings: Settings, task: Mapping[str, Any], *, user_id: str | None = None,
             version: int | None = None) -> bool:
-    """Append one public task dict to its user's stream. ``user_id`` defaults to
+    """Append one public task dict to its user's stream (a payload in it is dropped). ``user_id`` defaults to
     ``task["user_id"]``; without ``version`` the entry is appended unconditionally.
     Returns whether Redis took it (never raises for Redis trouble)."""
     uid = user_id if user_id is not None else task.get("user_id")
     if uid is None:
         raise ValueError("publish needs the task's user_id")
-    return _append(settings, [(str(uid), str(task["id"]), dict(task), int(version or 0))]) > 0
+    entry = {k: v for k, v in task.items() if k != "payload"}
+    return _append(settings, [(str(uid), str(task["id"]), entry, int(version or 0))]) > 0
 
 
 def publish_rows(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -> int:

@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from events import catalog
-from events.catalog import TERMINAL
 from shared import db, metrics
 from shared.errors import BadRequest
 from shared.fetch import Resolver, system_resolver
@@ -104,29 +103,28 @@ def fan_out(settings: Settings, event: Any) -> list[Claimed]:
 
 
 def _batch_completed(conn: Any, user_id: str, task_id: str) -> str | None:
-    """When ``task_id`` belongs to a batch whose tasks are now all terminal, add the
-    ``batch.completed`` messages (once per batch: its event id is derived from the batch
-    id, so the last two tasks finishing together, or a redelivery, add nothing more).
-    Returns that event id, or None."""
-    row = conn.execute("SELECT batch_id FROM tasks WHERE id = %s AND user_id = %s", (task_id, user_id)).fetchone()
-    if row is None or row["batch_id"] is None:
+    """When ``task_id`` belongs to a batch (``POST /batches``) that is now ``completed``
+    (its counters are kept in the transaction of every task change, so the task's
+    terminal change already completed it), add the ``batch.completed`` messages. Once per
+    batch: the event id is derived from the batch id, so the last two tasks finishing
+    together, or a redelivery, add nothing more. Returns that event id, or None."""
+    batch = conn.execute(
+        "SELECT b.* FROM tasks t JOIN batches b ON b.id = t.batch_id"
+        " WHERE t.id = %s AND t.user_id = %s AND b.status = 'completed'", (task_id, user_id)).fetchone()
+    if batch is None:
         return None
-    batch_id = str(row["batch_id"])
-    members = conn.execute("SELECT id, type, status, updated_at FROM tasks WHERE batch_id = %s ORDER BY created_at, id",
-                           (batch_id,)).fetchall()
-    if not members or any(str(m["status"]) not in TERMINAL for m in members):
-        return None
+    event_id = str(uuid.uuid5(_BATCH_NS, str(batch["id"])))
     endpoints = store.subscribed(conn, user_id, "batch.completed")
-    event_id = str(uuid.uuid5(_BATCH_NS, batch_id))
     if not endpoints:
         return event_id
-    counts: dict[str, int] = {s.value: sum(1 for m in members if str(m["status"]) == s.value) for s in TERMINAL}
-    finished = max(m["updated_at"] for m in members)
     data: dict[str, Any] = {
-        "id": batch_id, "total": len(members), **counts,
-        "tasks": [{"id": str(m["id"]), "type": m["type"], "status": str(m["status"])} for m in members],
+        "id": str(batch["id"]), "status": str(batch["status"]), "total": int(batch["total"]),
+        "succeeded": int(batch["n_succeeded"]), "failed": int(batch["n_failed"]),
+        "cancelled": int(batch["n_cancelled"]), "created_at": iso(batch["created_at"]),
+        "finished_at": iso(batch["finished_at"]),
     }
-    body = json.dumps({"type": "batch.completed", "timestamp": iso(finished), "data": data}, separators=(",", ":"))
+    body = json.dumps({"type": "batch.completed", "timestamp": iso(batch["finished_at"] or batch["updated_at"]),
+                       "data": data}, separators=(",", ":"))
     for endpoint in endpoints:
         store.add_message(conn, endpoint=endpoint, event_id=event_id, event_type="batch.completed",
                           url=endpoint["url"], body=body)

@@ -1,4 +1,4 @@
-"""Webhook endpoints, messages, attempts and dead letters in PostgreSQL (migration 0003).
+"""Webhook endpoints, messages, attempts and dead letters in PostgreSQL (migration 0005).
 
 Every function runs in the caller's transaction (``shared.db.connection``). Reads and
 changes of endpoints are scoped to their owner: another user's endpoint is ``NotFound``.

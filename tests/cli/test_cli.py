@@ -67,7 +67,7 @@ def test_submit_uploads_the_file_then_watch_and_download(stack: Stack, worker: W
     got = stack.cli("download", task["id"], "-o", str(tmp_path), "--json")
     assert got.returncode == 0, got.stderr
     path = Path(json.loads(got.stdout)["path"])
-    assert path.name == "out.png" and path.read_bytes() == b"resized!"
+    assert path.name == f"{task['id']}.png" and path.read_bytes() == b"resized!"
 
     listing = stack.cli("list", "--json")
     assert [t["id"] for t in json.loads(listing.stdout)["items"]] == [task["id"]]
@@ -79,18 +79,19 @@ def test_submit_wait_shows_progress_and_saves_the_result(stack: Stack, worker: W
                                                          tmp_path: Path):
     src = tmp_path / "in.png"
     src.write_bytes(PNG)
-    outdir = tmp_path / "out"
-    outdir.mkdir()
-    proc = stack.popen("submit", "resize-image", "--file", str(src), "--height", "32", "--wait", "-o", str(outdir))
+    outdir = tmp_path / "out"  # missing: "-o out/" creates the directory
+    proc = stack.popen("submit", "resize-image", "--file", str(src), "--height", "32", "--wait",
+                       "-o", f"{outdir}/")
     row = worker.wait_for_task(logged_in)
     stack.wait_streams(1)  # the CLI follows the task's stream now
     worker.finish(row, data=b"final bytes")
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert (outdir / "out.png").read_bytes() == b"final bytes"
+    saved = outdir / f"{row['id']}.png"
+    assert outdir.is_dir() and saved.read_bytes() == b"final bytes"
     assert f"{row['id']}  succeeded  100%" in stderr  # one progress line per change when not a terminal
     assert "running  50%" in stderr
-    assert f"saved {outdir / 'out.png'}" in stdout
+    assert f"saved {saved}" in stdout
 
 
 def test_a_failed_task_exits_1_and_says_why(stack: Stack, worker: Worker, logged_in: str):

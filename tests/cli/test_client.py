@@ -94,7 +94,7 @@ def test_download_follows_a_signed_url_without_sending_the_token(tmp_path: Path)
     _Recorder.target, _Recorder.seen = storage, []
     try:
         path = Client(gateway, access_token="tok").download("t1", tmp_path)
-        assert path == tmp_path / "evil.webp"  # directory parts of the offered name are dropped
+        assert path == tmp_path / "t1.webp"  # named by task; only the offered extension is kept
         assert path.read_bytes() == b"signed bytes"
         assert _Recorder.seen == [("/tasks/t1/result", "Bearer tok"), ("/bucket/obj?X-Sig=abc", None)]
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taskforge-")]
@@ -147,3 +147,34 @@ def test_credential_store_is_private_and_per_server(tmp_path: Path):
     assert store.get("http://a") == {} and store.get("http://b") == {"access_token": "z"}
     store.path.write_text("{broken")
     assert store.get("http://b") == {}  # a corrupt file reads as empty, never crashes
+
+
+def test_wait_through_the_stream_returns_the_whole_task(settings):
+    """Stream messages are summaries without the payload; ``wait`` still returns the task
+    as ``get`` shows it, payload included."""
+    s = settings.replace(eager_relay=False)
+    gateway, _wsgi = serve_gateway(s)
+    sse = serve_status_stream(s)
+    try:
+        client = Client(gateway, stream_url=sse.url)
+        email = new_email()
+        client.signup(email, "a long password")
+        client.login(email, "a long password")
+        driver = Worker(s)
+        task_id = driver.create(User(client.me()["id"], email, ""))
+        updates: list[dict[str, Any]] = []
+
+        def drive() -> None:
+            while not updates:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            driver.queue(task_id)
+            driver.start(task_id)
+            driver.succeed(task_id)
+
+        threading.Thread(target=drive, daemon=True).start()
+        done = client.wait(task_id, timeout_s=60, on_update=updates.append)
+        assert done["status"] == "succeeded" and len(updates) > 1
+        assert done["payload"] == client.get(task_id)["payload"] and done["payload"]["width"] == 10
+    finally:
+        sse.stop()

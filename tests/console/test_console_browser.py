@@ -81,7 +81,7 @@ def test_console_signup_upload_resize_watch_and_download(web, browser_page, tmp_
     with page.expect_download() as info:
         page.click(f"tr[data-id='{task_id}'] button.download")
     download = info.value
-    assert download.suggested_filename == "resized.png"
+    assert download.suggested_filename == f"{task_id}.png"  # named by task: downloads never collide
     saved = Path(download.path()).read_bytes()
     assert saved == result
     assert Image.open(io.BytesIO(saved)).size == (30, 20)

@@ -38,6 +38,9 @@ def stack_settings(base_settings: Settings, tmp_path_factory: pytest.TempPathFac
         redis_prefix=base_settings.redis_prefix + ":stack",
         broker_name=base_settings.broker_name + "-stack",
         storage_dir=str(tmp_path_factory.mktemp("stack-storage")),
+        # small release caps, so batch tests see fair release at work with few items
+        batch_total_in_flight=4,
+        batch_user_in_flight=4,
     )
     db.close_pools()
     admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")

@@ -115,6 +115,33 @@ def test_refresh_reuse_revokes_the_whole_family(client, conn):
     assert client.post("/auth/refresh", json={"refresh_token": other_session["refresh_token"]}).status_code == 200
 
 
+def test_refresh_reuse_revokes_the_sessions_access_tokens_on_every_route_at_once(client):
+    """Issue 11, finding 13: the session's access tokens (the first and the rotated one)
+    stop working as soon as reuse revokes it, not 15 minutes later."""
+    signup(client)
+    first = login(client).json
+    other_session = login(client).json
+    second = client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]}).json
+    bearer = [{"Authorization": f"Bearer {t}"} for t in (first["access_token"], second["access_token"])]
+    assert [client.get("/me", headers=h).status_code for h in bearer] == [200, 200]
+    assert client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]}).status_code == 401
+    for h in bearer:
+        for method, path in (("GET", "/me"), ("GET", "/tasks"), ("GET", "/api-keys"), ("POST", "/tasks")):
+            r = client.open(path, method=method, headers=h, json={"type": "generate-pdf", "payload": {"html": "x"}}
+                            if method == "POST" else None)
+            assert r.status_code == 401 and r.json["error"]["code"] == "token_revoked", (path, r.json)
+    # Another session of the same user is untouched.
+    assert client.get("/me", headers={"Authorization": f"Bearer {other_session['access_token']}"}).status_code == 200
+
+
+def test_a_token_with_a_forged_session_claim_is_refused(client, settings):
+    signup(client)
+    user = {"id": "00000000-0000-0000-0000-000000000000", "email": "x@example.com"}
+    token, _ = auth.issue_access_token(settings, user, family_id="not-a-uuid")
+    r = client.get("/me", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401 and r.json["error"]["code"] == "invalid_token"
+
+
 @pytest.mark.parametrize("token", ["", "tfr_unknown", "garbage", 12])
 def test_refresh_with_a_bad_token(client, token):
     r = client.post("/auth/refresh", json={"refresh_token": token})

@@ -286,3 +286,33 @@ def test_create_task_core_validates_on_its_own(gw_settings, user):
 
     with db.connection(gw_settings) as c, pytest.raises(ValidationError):
         tasks.create_task(c, user_id=user.id, task_type="resize-image", payload={"width": 1})
+
+
+def test_in_flight_cap_is_exact_under_concurrent_submissions(make_app, make_user, gw_settings, conn):
+    """Issue 11, finding 9: with a cap of 1, a submission racing another one's open
+    transaction must wait for it and then be refused, not both succeed."""
+    import threading
+    import time
+
+    from shared import ratelimit
+
+    capped = gw_settings.replace(max_tasks_in_flight=1)
+    client = make_app(max_tasks_in_flight=1).test_client()
+    user = make_user()
+    answers: list[int] = []
+    with db.connection(capped) as first:  # the first submission, between its count and its commit
+        tasks.create_task(first, user_id=user.id, task_type="generate-pdf", payload={"html": "<p>1</p>"})
+        ratelimit.check_in_flight(capped, first, user.id, adding=0)
+        racer = threading.Thread(target=lambda: answers.append(
+            client.post("/tasks", json=pdf_body("<p>2</p>"), headers=user.headers).status_code))
+        racer.start()
+        deadline = time.monotonic() + 30  # a failure bound: the racer either waits or answers
+        while racer.is_alive() and time.monotonic() < deadline:
+            waiting = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                                   " AND datname = current_database()").fetchone()["n"]
+            if waiting:
+                break
+            time.sleep(0.02)
+    racer.join(30)
+    assert answers == [429]
+    assert count(conn, "tasks") == 1 and count(conn, "outbox") == 1

@@ -104,7 +104,9 @@ def test_result_is_404_until_the_task_succeeded_then_streams_the_local_object(cl
     r = client.get(f"/tasks/{task['id']}/result", headers=user.headers)
     assert r.status_code == 200
     assert r.data == b"%PDF-1.4\n" and r.mimetype == "application/pdf"
-    assert "attachment" in r.headers["Content-Disposition"] and "out.pdf" in r.headers["Content-Disposition"]
+    # named by task, so two results never download to the same name
+    assert "attachment" in r.headers["Content-Disposition"]
+    assert f"{task['id']}.pdf" in r.headers["Content-Disposition"]
 
 
 def test_result_of_another_user_is_404(client, make_user, gw_settings, conn):

@@ -13,7 +13,9 @@ Afterwards, within a bound:
 * every accepted task is terminal; failures carry a clear {code, message}; only tasks
   we asked to cancel are cancelled;
 * no task has two result objects; a succeeded task has exactly its result object;
-* the outbox has nothing pending and nothing parked.
+* the outbox has nothing pending and nothing parked;
+* ``taskforge doctor``'s checks (``shared.doctor``) hold after every round of faults
+  and at the end, with no grace: nothing stuck, lost, doubled or holding a secret.
 
 ``make test`` runs the short form (``--chaos=short``, the default); ``make chaos`` the
 full one (``--chaos=full``: more tasks, three rounds of every fault).
@@ -41,7 +43,7 @@ from psycopg.rows import dict_row
 from events import codec
 from infra.runtime import topology
 from infra.runtime.launcher import free_ports
-from shared import db, storage
+from shared import db, doctor, storage
 from shared.broker import dead_letter_queue
 from shared.settings import Settings
 from tests.conftest import PG_ADMIN
@@ -249,8 +251,17 @@ def faults(c: Chaos, rng: random.Random) -> list[tuple[str, Callable[[], Any]]]:
     return out
 
 
-def run_faults(c: Chaos, scale: Scale, rng: random.Random, log: list[str], done: threading.Event) -> None:
+def run_doctor(c: Chaos, grace_s: float = doctor.DEFAULT_GRACE_S) -> doctor.Report:
+    """The doctor's report on the stack's database (directly, not through the proxy),
+    storage and private Redis."""
+    return doctor.run(c.settings.replace(database_url=c.direct_db), grace_s=grace_s)
+
+
+def run_faults(c: Chaos, scale: Scale, rng: random.Random, log: list[str], done: threading.Event,
+               reports: list[doctor.Report] | None = None) -> None:
     for _ in range(scale.rounds):
+        if reports is not None and log:
+            reports.append(run_doctor(c))  # after each round of faults
         for name, fault in faults(c, rng):
             time.sleep(rng.uniform(1.0, 4.0))
             result = fault()
@@ -260,6 +271,8 @@ def run_faults(c: Chaos, scale: Scale, rng: random.Random, log: list[str], done:
                 time.sleep(1.0)
                 result = fault()
             log.append(f"{name}: {result}")
+    if reports is not None:
+        reports.append(run_doctor(c))
     done.set()
 
 
@@ -292,7 +305,9 @@ def test_no_task_is_lost_or_doubled_while_everything_breaks(chaos: Chaos, reques
     users = [User(chaos.stack.gateway, tmp_path) for _ in range(2)]
     wake_dead_letter(chaos, base_settings.amqp_url)
     flow, fault_log, faults_done = Flow(), list[str](), threading.Event()
-    chaos_thread = threading.Thread(target=run_faults, args=(chaos, scale, rng, fault_log, faults_done), daemon=True)
+    reports: list[doctor.Report] = []
+    chaos_thread = threading.Thread(target=run_faults, args=(chaos, scale, rng, fault_log, faults_done, reports),
+                                    daemon=True)
     started = time.monotonic()
     chaos_thread.start()
     submit(users, scale, flow)
@@ -326,6 +341,14 @@ def test_no_task_is_lost_or_doubled_while_everything_breaks(chaos: Chaos, reques
             assert task_id in flow.cancel_requested, f"cancelled without being asked: {row}"
     assert not doubled, f"tasks with two result objects: {doubled[:5]}"
     assert not missing_result, f"succeeded tasks without exactly their result object: {missing_result[:5]}"
+
+    # The doctor found nothing after any round, nor at the end with no grace at all.
+    assert len(reports) == scale.rounds
+    for i, rep in enumerate(reports):
+        assert rep.ok, f"doctor after round {i + 1}:\n{doctor.render(rep)}"
+    final = run_doctor(chaos, grace_s=0)
+    assert final.ok, f"doctor at the end:\n{doctor.render(final)}"
+    assert all(c.ok for c in final.checks), doctor.render(final)  # no warning either (Redis capped)
 
     # The stack is whole again: every always-on function answers.
     for name in ("gateway", "status-stream"):

@@ -43,7 +43,8 @@ async def _until(pred, timeout_s: float = 15.0) -> None:
 
 
 class NoSnapshot:
-    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None) -> list[TaskEvent]:
+    async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None,
+                       family: str | None = None) -> list[TaskEvent]:
         return []
 
 

@@ -16,10 +16,10 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _get_task(settings: Settings, task_id: str) -> dict:
-    from shared.tasks.repository import public_task
+    from shared.tasks.repository import task_summary
 
     with psycopg.connect(settings.database_url, row_factory=psycopg.rows.dict_row) as conn:
-        return public_task(conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone())
+        return task_summary(conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone())
 
 
 def test_task_stream_sends_current_state_then_every_change_in_order_and_closes(
@@ -39,7 +39,7 @@ def test_task_stream_sends_current_state_then_every_change_in_order_and_closes(
     seen = s.until(lambda t: t["status"] in TERMINAL)
     assert [(t["status"], t["progress"]) for t in seen] == [
         ("queued", 0), ("running", 0), ("running", 30), ("running", 60), ("succeeded", 100)]
-    assert seen[-1] == _get_task(settings, task_id)  # the public task JSON, exactly
+    assert seen[-1] == _get_task(settings, task_id)  # the public task JSON without its payload, exactly
     assert seen[-1]["result"]["content_type"] == "image/png"
     assert s.ended(), "a per-task stream closes after its terminal event"
 

@@ -193,13 +193,14 @@ def test_cancel_during_work_stops_the_core(wsettings, make_task, conn):
     assert row["status"] == "cancelled" and row["lease_owner"] is None
 
 
-def test_live_lease_elsewhere_is_acknowledged_and_expired_lease_is_taken_over(wsettings, make_task, conn):
+def test_live_lease_elsewhere_is_retried_and_expired_lease_is_taken_over(wsettings, make_task, conn):
     t = make_task(status="queued")
     with db.connection(wsettings) as c:
         state.claim(c, str(t["id"]), "other-worker", 60)
     core = Core()
     w = Worker("resize-image", core)
-    assert w.handle(*requested_event(t), wsettings).status == 202 and core.calls == 0
+    busy = w.handle(*requested_event(t), wsettings)
+    assert busy.status == 409 and json.loads(busy.body)["error"]["code"] == "task_busy" and core.calls == 0
     conn.execute("UPDATE tasks SET lease_until = now() - interval '1 second' WHERE id = %s", (t["id"],))
     assert w.handle(*requested_event(t), wsettings).status == 200
     row = task_row(conn, t["id"])
@@ -267,3 +268,26 @@ def test_worker_output_files_never_escape_their_prefix(wsettings, make_task, con
     ans = Worker("resize-image", evil).handle(*requested_event(t), wsettings)
     assert ans.status == 200
     assert task_row(conn, t["id"])["status"] == "failed"
+
+
+def test_a_redelivery_that_finds_the_task_running_keeps_the_retry(wsettings, make_task, conn):
+    """Issue 11, finding 8: the redelivery must stay in the queue (the dispatcher's own
+    rule says retry), so when the running attempt then fails retryably the next retry
+    of that same event runs the task at once instead of it waiting for the reaper."""
+    from infra.runtime.delivery import Outcome, classify
+
+    t = make_task(status="queued")
+    with db.connection(wsettings) as c:
+        state.claim(c, str(t["id"]), "first-attempt", 60)
+    core = Core()
+    w = Worker("resize-image", core)
+    redelivery = requested_event(t)
+    answer = w.handle(*redelivery, wsettings)
+    assert classify(answer.status) is Outcome.RETRY and core.calls == 0
+    # The first attempt fails retryably; its own delivery is long gone (timed out).
+    with db.connection(wsettings) as c:
+        state.mark_retrying(c, str(t["id"]), "first-attempt", RetryableError("storage hiccup"))
+    retried = w.handle(*redelivery, wsettings)  # the dispatcher retries the kept event
+    assert retried.status == 200 and core.calls == 1
+    row = task_row(conn, t["id"])
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)

@@ -37,7 +37,7 @@ from functions.gateway import schemas
 from functions.gateway.submit import submit_one
 from functions.gateway.web import settings, validate
 from shared import auth, db
-from shared.errors import AuthError, BadRequest, Conflict, ValidationError
+from shared.errors import AuthError, BadRequest, Conflict, TooLarge, ValidationError
 from shared.tasks import repository as tasks
 
 bp = Blueprint("events", __name__)
@@ -90,7 +90,7 @@ def handle(event: CloudEvent) -> tuple[str, dict[str, Any], str]:
         key = event.get("idempotencykey") or default_idempotency_key(event)
         sub = submit_one(s, principal.user_id, data["type"], data["payload"], idempotency_key=str(key),
                          traceparent=event.get("traceparent"))
-    except (AuthError, ValidationError, Conflict, BadRequest) as exc:
+    except (AuthError, ValidationError, Conflict, BadRequest, TooLarge) as exc:
         error = {"code": exc.code, "message": exc.message}
         if exc.details is not None:
             error["details"] = exc.details

@@ -60,10 +60,9 @@ def create_batch() -> Response:
             items.append({"index": a.index, "status": 422, "error": {
                 "code": "validation_failed", "message": "the task is invalid", "details": a.errors}})
     accepted = sum(1 for a in answers if a.row is not None)
-    batch_id = next((str(a.row["batch_id"]) for a in answers if a.row is not None), None)
     # 202 when anything was accepted; 422 when every item was refused (nothing happened).
-    return json_response({"items": items, "accepted": accepted, "rejected": len(items) - accepted,
-                          "batch_id": batch_id}, 202 if accepted else 422)
+    return json_response({"items": items, "accepted": accepted, "rejected": len(items) - accepted},
+                         202 if accepted else 422)
 
 
 @bp.get("/tasks/<task_id>")
@@ -89,7 +88,8 @@ def list_() -> Response:
         rows, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
                                         task_type=args.get("type") or None, limit=int(raw_limit),
                                         cursor=args.get("cursor") or None)
-    return json_response({"items": [tasks.public_task(r) for r in rows], "next_cursor": cursor})
+    # Pages carry summaries (no payload): 100 items stay small whatever was submitted.
+    return json_response({"items": [tasks.task_summary(r) for r in rows], "next_cursor": cursor})
 
 
 @bp.post("/tasks/<task_id>/cancel")
@@ -120,7 +120,9 @@ def result(task_id: str) -> BaseResponse:
             or not key.startswith(f"results/{user_id}/{row['id']}/"):
         raise NotFound("the task has no result (yet)", code="no_result")
     store = storage.get_storage(s)
-    filename = key.rsplit("/", 1)[-1]
+    stored = key.rsplit("/", 1)[-1]
+    # Named by task (keeping the extension), so two results never download to one name.
+    filename = f"{row['id']}{stored[stored.rfind('.'):] if '.' in stored else ''}"
     url = store.signed_url(key, s.signed_url_ttl_s, filename)
     if url:
         resp = redirect(url, 302)

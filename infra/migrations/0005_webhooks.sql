@@ -83,7 +83,3 @@ CREATE TABLE webhook_dead_letters (
 );
 CREATE INDEX webhook_dead_letters_endpoint ON webhook_dead_letters (endpoint_id, dead_at DESC);
 
--- The tasks of one POST /tasks/batch share a batch_id; batch.completed webhooks fire when
--- the last of them is terminal.
-ALTER TABLE tasks ADD COLUMN batch_id uuid;
-CREATE INDEX tasks_batch ON tasks (batch_id) WHERE batch_id IS NOT NULL;
