@@ -32,6 +32,8 @@ ACTIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
 
 TASK_SUCCEEDED = f"{PREFIX}.task.succeeded"
 TASK_FAILED = f"{PREFIX}.task.failed"
+TASK_CANCELLED = f"{PREFIX}.task.cancelled"
+WEBHOOK_DUE = f"{PREFIX}.webhook.due"  # webhook messages wait for an attempt
 TASK_SUBMITTED = f"{PREFIX}.task.submitted"
 TASK_ACCEPTED = f"{PREFIX}.task.accepted"
 TASK_REJECTED = f"{PREFIX}.task.rejected"
@@ -51,8 +53,11 @@ def without_secrets(attrs: dict[str, Any]) -> dict[str, Any]:
 REQUESTED_TYPES: tuple[str, ...] = tuple(f"{PREFIX}.{t}.requested" for t in TASK_TYPES)
 REPLY_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_ACCEPTED, TASK_REJECTED)
 TICK_TYPES: tuple[str, ...] = (OUTBOX_SWEEP, PING)
+# A task reached a terminal state: what completion webhooks are sent for.
+COMPLETION_TYPES: tuple[str, ...] = (TASK_SUCCEEDED, TASK_FAILED, TASK_CANCELLED)
 # Every type TaskForge produces or consumes; each has a data schema in events/schemas/.
-ALL_TYPES: tuple[str, ...] = (*REQUESTED_TYPES, *REPLY_TYPES, TASK_SUBMITTED, *TICK_TYPES)
+ALL_TYPES: tuple[str, ...] = (*REQUESTED_TYPES, *REPLY_TYPES, TASK_SUBMITTED, *TICK_TYPES, TASK_CANCELLED,
+                               WEBHOOK_DUE)
 
 
 def requested_type(task_type: str) -> str:

@@ -41,3 +41,7 @@ SSE_EVENTS_SENT = Counter("taskforge_sse_events_sent_total", "Task events writte
 COLD_STARTS = Counter("taskforge_cold_starts_total", "Function processes that handled their first request",
                       ["function"])
 BREAKER_STATE = Gauge("taskforge_circuit_breaker_open", "1 while a circuit breaker is open", ["breaker"])
+WEBHOOK_ATTEMPTS = Counter("taskforge_webhook_attempts_total",
+                           "Completion webhook attempts by outcome (succeeded, retry, failed, dead)", ["outcome"])
+WEBHOOK_ATTEMPT_SECONDS = Histogram("taskforge_webhook_attempt_seconds",
+                                    "Duration of one webhook attempt, connect to answer", buckets=FAST_BUCKETS + (5, 10))

@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 from shared.errors import TaskForgeError
 
 DEV_SECRET = "dev-insecure-secret-change-me-0123456789"
+DEV_WEBHOOK_KEY = "dev-insecure-webhook-key-change-me-0123456789"
 
 
 class SettingsError(TaskForgeError):
@@ -134,6 +135,21 @@ class Settings:
     sse_revocation_check_s: float = 5.0  # open streams end this soon after their token or session is revoked
     sse_mailbox: int = 1000  # queued events per stream before it catches up from Redis instead
     sse_cors_origins: tuple[str, ...] = ()  # browser origins allowed to read streams ("" = public_base_url's)
+    # --- completion webhooks (shared/webhooks/) ---
+    webhook_encryption_key: str = DEV_WEBHOOK_KEY  # encrypts signing secrets at rest (a long random string)
+    webhook_connect_timeout_s: float = 5.0
+    webhook_timeout_s: float = 10.0  # one attempt, connect + request + response, in total
+    webhook_max_body_bytes: int = 256 * 1024  # a larger message body is cut down to the task's summary
+    webhook_max_response_bytes: int = 16 * 1024  # read at most this much of a receiver's answer
+    webhook_backoff_base_s: float = 5.0  # first retry delay; doubles per attempt, with full jitter
+    webhook_backoff_max_s: float = 3600.0  # ceiling of one delay (and of an honoured Retry-After)
+    webhook_retry_window_s: float = 24 * 3600.0  # this long after the first attempt: dead letter
+    webhook_max_attempts: int = 12  # attempts of one message before it is dead-lettered
+    webhook_rotation_grace_s: float = 24 * 3600.0  # the old secret keeps signing this long after a rotate
+    webhook_max_endpoints: int = 20  # per account
+    webhook_parallelism: int = 8  # concurrent sends of one delivery function process
+    webhook_tick_budget_s: float = 20.0  # how long one tick spends on due retries
+    webhook_lease_s: float = 60.0  # a claimed message is not picked again for this long
     # --- taskforge CLI / Python client ---
     url: str = ""  # TASKFORGE_URL: the gateway the CLI talks to (default: public_base_url)
     stream_url: str = ""  # TASKFORGE_STREAM_URL: the status stream (default: status_stream_url)
@@ -151,7 +167,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-_SECRETS = {"delivery_secret", "jwt_secret", "jwt_private_key", "jwt_public_key", "database_url", "amqp_url", "redis_url"}
+_SECRETS = {"delivery_secret", "webhook_encryption_key", "jwt_secret", "jwt_private_key", "jwt_public_key",
+            "database_url", "amqp_url", "redis_url"}
 
 
 def _coerce(name: str, raw: str, typ: Any) -> Any:

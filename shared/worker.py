@@ -44,7 +44,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from events import catalog, codec, payloads
+from events import catalog, codec, completions, payloads
 from shared import breakers, envelope, metrics, storage, tracing
 from shared import logging as logs
 from shared.envelope import Answer, error_answer, json_answer
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 # Progress bands: fetching the input is the first tenth, the core up to 95, storing the rest.
 FETCH_BAND, CORE_BAND = (0, 10), (10, 95)
 BUSY_POLL_S = 0.5
-_REPLY_NS = uuid.UUID("8f0b1c52-4a3e-4d8e-9a51-3b7b8f1f4c11")  # reply ids: uuid5(task, status, version)
 _UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
 
 
@@ -298,7 +297,9 @@ class Worker:
             if retryable and not last:
                 done = ch.record(state.mark_retrying(ch.conn, task_id, owner, error))
             else:
-                done = ch.record(state.fail(ch.conn, task_id, owner, error))
+                # A retryable failure on the last attempt gets no reply (the broker
+                # dead-letters the event), so the task.failed event goes through the outbox.
+                done = ch.record(state.fail(ch.conn, task_id, owner, error, announce=retryable))
         if retryable:
             outcome = "failed" if last else "retrying"
             self._observe(outcome, started, terminal=last)
@@ -340,7 +341,7 @@ def reply_event(source: str, row: Mapping[str, Any], traceparent: str | None) ->
     event_type = catalog.TASK_SUCCEEDED if st == "succeeded" else catalog.TASK_FAILED
     task_id = str(row["id"])
     attrs = catalog.attributes(
-        event_type, id=str(uuid.uuid5(_REPLY_NS, f"{task_id}:{st}:{row.get('status_version', 0)}")),
+        event_type, id=completions.event_id_of(row),
         source=source, subject=task_id, traceparent=traceparent)
     data = {**public_task(dict(row)), "user_id": str(row["user_id"])}
     return codec.to_binary_http(codec.make_event(attrs, data))

@@ -209,9 +209,39 @@ class Client:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def submit(self, task_type: str, payload: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(self, task_type: str, payload: dict[str, Any], *, idempotency_key: str | None = None,
+               callback_url: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self._call("POST", "/tasks", json_body={"type": task_type, "payload": payload}, headers=headers)
+        body: dict[str, Any] = {"type": task_type, "payload": payload}
+        if callback_url:
+            body["callback_url"] = callback_url
+        return self._call("POST", "/tasks", json_body=body, headers=headers)
+
+    # --- completion webhooks ----------------------------------------------------------------
+    def add_webhook(self, url: str, events: list[str]) -> dict[str, Any]:
+        """Register an endpoint; the answer's ``secret`` is shown only this once."""
+        return self._call("POST", "/webhooks", json_body={"url": url, "events": events})
+
+    def webhooks(self) -> dict[str, Any]:
+        return self._call("GET", "/webhooks")
+
+    def remove_webhook(self, endpoint_id: str) -> None:
+        self._call("DELETE", f"/webhooks/{urllib.parse.quote(endpoint_id, safe='')}")
+
+    def rotate_webhook(self, endpoint_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/webhooks/{urllib.parse.quote(endpoint_id, safe='')}/rotate")
+
+    def callback_secret(self) -> dict[str, Any]:
+        """Create or rotate the secret that signs one-off ``callback_url`` deliveries."""
+        return self._call("POST", "/webhooks/callback-secret")
+
+    def webhook_deliveries(self, endpoint_id: str, *, limit: int = 20, status: str | None = None) -> dict[str, Any]:
+        return self._call("GET", f"/webhooks/{urllib.parse.quote(endpoint_id, safe='')}/deliveries",
+                          query={"limit": limit, "status": status})
+
+    def redeliver_webhook(self, endpoint_id: str, delivery_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/webhooks/{urllib.parse.quote(endpoint_id, safe='')}/deliveries/"
+                                  f"{urllib.parse.quote(delivery_id, safe='')}/redeliver")
 
     def get(self, task_id: str) -> dict[str, Any]:
         return self._call("GET", f"/tasks/{urllib.parse.quote(task_id, safe='')}")

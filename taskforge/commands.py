@@ -159,7 +159,8 @@ def build_payload(task_type: str, args: argparse.Namespace, client: Client | Non
 def cmd_submit(args: argparse.Namespace) -> int:
     client = make_client(args)
     payload = build_payload(args.task_type, args, client)
-    task = client.submit(args.task_type, payload, idempotency_key=args.idempotency_key)
+    task = client.submit(args.task_type, payload, idempotency_key=args.idempotency_key,
+                         callback_url=args.callback_url)
     if not args.wait:
         print_task(args, task)
         return EXIT_OK
@@ -302,6 +303,8 @@ def add_commands(sub: Any) -> None:
         p.add_argument("-o", "--output", default=None, help="with --wait: where to save the result (file or dir)")
         p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
         p.add_argument("--idempotency-key", default=None, help="resubmitting with the same key is safe")
+        p.add_argument("--callback-url", default=None,
+                       help="POST a signed completion callback here (see `taskforge webhooks callback-secret`)")
         p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("watch", parents=[common], help="follow a task (progress bar) or, without id, all tasks")
@@ -337,6 +340,10 @@ def add_commands(sub: Any) -> None:
     p = dlq.add_parser("replay", parents=[common], help="re-publish a dead-lettered event")
     p.add_argument("dead_letter_id")
     p.set_defaults(func=cmd_dlq_replay)
+
+    from taskforge import webhooks as webhook_commands
+
+    webhook_commands.add_commands(sub, common)
 
 
 def run(args: argparse.Namespace) -> int:

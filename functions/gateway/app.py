@@ -21,7 +21,7 @@ from flask import Flask, Response, request
 from prometheus_flask_exporter import PrometheusMetrics
 
 from functions.gateway import admin, console, openapi
-from functions.gateway.routes import apikeys, auth, batches, events, health, tasks, uploads
+from functions.gateway.routes import apikeys, auth, batches, events, health, tasks, uploads, webhooks
 from functions.gateway.web import error_response
 from shared import metrics as tf_metrics
 from shared.errors import TooLarge
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                       PROPAGATE_EXCEPTIONS=False, TRAP_HTTP_EXCEPTIONS=False)
     app.url_map.strict_slashes = False
     for blueprint in (auth.bp, uploads.bp, tasks.bp, batches.bp, apikeys.bp, events.bp, health.bp, openapi.bp,
-                      admin.bp, console.bp):
+                      admin.bp, console.bp, webhooks.bp):
         app.register_blueprint(blueprint)
     app.register_error_handler(Exception, error_response)
     app.before_request(lambda: _body_limit(settings))

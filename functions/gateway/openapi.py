@@ -51,11 +51,14 @@ def component_schemas() -> dict[str, Any]:
         out[PAYLOAD_NAMES[task_type]] = _rewrite_refs(schema_of(task_type))
     # What a client may send, spelled out per type (validation checks the envelope, then
     # the payload against its type's schema: the same two schemas).
-    out["TaskSubmission"] = {"oneOf": [
+    out["TaskSubmittedData"] = {"oneOf": [
         {"type": "object", "additionalProperties": False, "required": ["type", "payload"],
          "properties": {"type": {"const": t}, "payload": schemas.ref(PAYLOAD_NAMES[t])}} for t in TASK_TYPES]}
-    out["BatchSubmission"]["properties"]["tasks"]["items"] = schemas.ref("TaskSubmission")
-    out["TaskSubmittedData"] = out["TaskSubmission"]
+    # POST /tasks alone also takes a one-off callback URL; batch items and events do not.
+    out["TaskSubmission"] = {"oneOf": [
+        {**alt, "properties": {**alt["properties"], "callback_url": schemas.CALLBACK_URL}}
+        for alt in out["TaskSubmittedData"]["oneOf"]]}
+    out["BatchSubmission"]["properties"]["tasks"]["items"] = schemas.ref("TaskSubmittedData")
     return out
 
 

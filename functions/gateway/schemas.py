@@ -37,7 +37,11 @@ SIGNUP = _obj({"email": {"type": "string", "maxLength": 254, "description": "bec
 LOGIN = _obj({"email": _str, "password": _str}, ("email", "password"))
 REFRESH = _obj({"refresh_token": _str}, ("refresh_token",))
 LOGOUT = _obj({"refresh_token": {"type": "string", "description": "also revoke this session's refresh tokens"}})
-TASK_SUBMIT = _obj({"type": {"enum": list(TASK_TYPES)}, "payload": {"type": "object"}}, ("type", "payload"),
+CALLBACK_URL = {"type": "string", "minLength": 1, "maxLength": 2048,
+                "description": "one-off completion callback, signed with your callback secret "
+                               "(POST /webhooks/callback-secret); must resolve to public addresses"}
+TASK_SUBMIT = _obj({"type": {"enum": list(TASK_TYPES)}, "payload": {"type": "object"},
+                    "callback_url": CALLBACK_URL}, ("type", "payload"),
                    description="The payload is validated against the schema of its type "
                                "(ResizeImagePayload, CompressVideoPayload, GeneratePdfPayload).")
 BATCH_SUBMIT = _obj({"tasks": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,

@@ -47,14 +47,15 @@ def after_commit(settings: Settings, rows: Sequence[dict[str, Any]], event_ids: 
 
 
 def submit_one(settings: Settings, user_id: str, task_type: Any, payload: Any, *,
-               idempotency_key: str | None = None, traceparent: str | None = None) -> tasks.Submission:
+               idempotency_key: str | None = None, traceparent: str | None = None,
+               callback_url: str | None = None) -> tasks.Submission:
     """Create one task (or find its idempotent twin). Raises the errors of ``tasks.create_task``
     and ``RateLimited``; dependency failures surface as ``ServiceUnavailable``."""
     ratelimit.check_submit(settings, user_id)
     with db.connection(settings) as conn:
         sub = tasks.create_task(conn, user_id=user_id, task_type=task_type, payload=payload,
                                 idempotency_key=idempotency_key, traceparent=traceparent,
-                                max_event_bytes=settings.max_body_bytes)
+                                max_event_bytes=settings.max_body_bytes, callback_url=callback_url)
         if sub.created:
             ratelimit.check_in_flight(settings, conn, user_id, adding=0)
     if sub.created:

@@ -31,6 +31,7 @@ from shared.outbox.publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
 from shared.tasks import health as task_health
 from shared.tasks import state, status
+from shared.webhooks import due as webhook_due
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def sweep_once(settings: Settings, broker: Broker, *, budget_s: float | None = N
     size = batch or settings.outbox_batch
     stats = SweepStats()
     stats.released = release_batches(settings)  # before draining: this sweep publishes them
+    webhook_due.nudge(settings)  # before the lanes, so this sweep publishes it
     lock = threading.Lock()
     backlog = threading.Event()  # set by the first full batch: more lanes are worth it
     # The status fan-out (Redis) of finished batches overlaps the next batches; one

@@ -17,16 +17,18 @@ from shared.errors import TooLarge
 
 def add_event(conn: Conn, *, type: str, source: str, data: dict[str, Any],
               subject: str | None = None, traceparent: str | None = None,
-              extensions: dict[str, str] | None = None, max_bytes: int | None = None) -> str:
+              extensions: dict[str, str] | None = None, max_bytes: int | None = None,
+              event_id: str | None = None) -> str:
     """Insert one CloudEvent into the outbox inside the caller's transaction.
 
     Returns the event id (also the row's ``event_id``), stable across re-publishing so
-    receivers can dedupe on ``source`` + ``id``. With ``max_bytes``, the data exactly as
+    receivers can dedupe on ``source`` + ``id``; a random one unless ``event_id`` is given.
+    With ``max_bytes``, the data exactly as
     publishers will send it (PostgreSQL's text of the stored jsonb: its spacing, its key
     order) must fit in that many bytes, else ``TooLarge`` (413) is raised and the caller's
     transaction must roll back: an event a receiver would refuse is never accepted.
     """
-    event_id = str(uuid.uuid4())
+    event_id = event_id or str(uuid.uuid4())
     headers = catalog.attributes(type, id=event_id, source=source, subject=subject, traceparent=traceparent)
     for k, v in (extensions or {}).items():
         headers[k] = v
@@ -58,3 +60,22 @@ def add_requested(conn: Conn, task: dict[str, Any], *, source: str,
               "payload": task["payload"]},
         max_bytes=max_bytes,
     )
+
+
+def add_completion(conn: Conn, task: dict[str, Any], *, source: str) -> str | None:
+    """Insert the completion event (``task.succeeded|failed|cancelled``) of a terminal task
+    row, with the id ``events.completions`` derives from the transition, so announcing it
+    again (a worker's reply) carries the same id. Returns the event id, None when the row
+    is not terminal."""
+    from events import completions
+
+    event_type = completions.event_type_of(str(task["status"]))
+    if event_type is None:
+        return None
+    from shared.tasks.repository import public_task  # tasks imports this module
+
+    trace = task.get("trace_id")
+    traceparent = f"00-{trace}-{uuid.uuid4().hex[:16]}-01" if trace and len(str(trace)) == 32 else None
+    return add_event(conn, type=event_type, source=source, subject=str(task["id"]), traceparent=traceparent,
+                     data={**public_task(task), "user_id": str(task["user_id"])},
+                     event_id=completions.event_id_of(task))

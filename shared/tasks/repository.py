@@ -139,7 +139,8 @@ def _insert_task(conn: Conn, user_id: str, task_type: str, payload: dict[str, An
 
 def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
                 idempotency_key: str | None = None, traceparent: str | None = None,
-                validated: bool = False, max_event_bytes: int | None = None) -> Submission:
+                validated: bool = False, max_event_bytes: int | None = None,
+                callback_url: str | None = None) -> Submission:
     """Insert a pending task and its requested event in the caller's transaction.
 
     Raises ``ValidationError`` (422, field details) for an unknown type, an invalid
@@ -151,6 +152,8 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
     published must fit, else ``TooLarge`` (413): the request body limit alone does not
     bound the event (added ids, PostgreSQL's JSON spacing), and an event a worker refuses
     would leave the task queued with nobody to run it.
+    ``callback_url`` (already checked by the caller) is stored with a new task for its
+    one-off completion callback.
     """
     key = check_idempotency_key(idempotency_key)
     if not validated:
@@ -169,6 +172,10 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         if existing is None:  # pragma: no cover - the unique index guarantees a winner
             raise Conflict("idempotency key in use, retry")
         return _replay(existing, rhash)
+    if callback_url:
+        from shared.webhooks import store as webhook_store  # it imports this module
+
+        webhook_store.add_task_callback(conn, row["id"], callback_url)
     event_id = outbox.add_requested(conn, row, source=SOURCE, traceparent=span, max_bytes=max_event_bytes)
     return Submission(row=row, created=True, event_ids=[event_id])
 

@@ -34,6 +34,18 @@ from shared.outbox import writer as outbox
 
 Row = dict[str, Any]
 
+# The producer of the completion events this module writes (task.cancelled, and the
+# task.failed no worker replies for): the task state machine itself.
+SOURCE = "/taskforge/task-state"
+
+
+def _announce(conn: Conn, row: Row | None) -> Row | None:
+    """Write the completion event of a row that just became terminal, in the same
+    transaction (``outbox.add_completion``). Returns the row."""
+    if row is not None:
+        outbox.add_completion(conn, row, source=SOURCE)
+    return row
+
 
 class LeaseLost(Conflict):
     """The caller no longer holds the task's lease (taken over, cancelled or finished)."""
@@ -123,11 +135,11 @@ def request_cancel(conn: Conn, user_id: str, task_id: str) -> Row:
         return _locked(conn.execute(
             f"UPDATE tasks SET cancel_requested = true, {_BUMP} WHERE id = %s RETURNING *", (task_id,)
         ).fetchone())
-    return _locked(conn.execute(
+    return _locked(_announce(conn, conn.execute(
         f"UPDATE tasks SET status = 'cancelled', cancel_requested = true, finished_at = now(),"
         f" lease_owner = NULL, lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
         (task_id,),
-    ).fetchone())
+    ).fetchone()))
 
 
 # --- workers -------------------------------------------------------------------------
@@ -174,11 +186,11 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
         return Claim(ClaimOutcome.FINISHED, row)
     if row["cancel_requested"] and not lease_live:
         # Cancel reached the task before it started, or its worker died mid-cancel.
-        row = conn.execute(
+        row = _announce(conn, conn.execute(
             f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
             f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
             (task_id,),
-        ).fetchone()
+        ).fetchone())
         return Claim(ClaimOutcome.CANCELLED, row, changed=True)
     return Claim(ClaimOutcome.BUSY, row)
 
@@ -259,15 +271,19 @@ def succeed(conn: Conn, task_id: str, owner: str, result: dict[str, Any]) -> Row
 
 
 def fail(conn: Conn, task_id: str, owner: str, error: TaskForgeError | dict[str, Any],
-         terminal: bool = True) -> Row:
-    """``running → failed`` (terminal) or ``running → retrying`` (``terminal=False``)."""
+         terminal: bool = True, *, announce: bool = False) -> Row:
+    """``running → failed`` (terminal) or ``running → retrying`` (``terminal=False``).
+    ``announce`` also writes the ``task.failed`` event (when no worker reply will)."""
     if not terminal:
         return mark_retrying(conn, task_id, owner, error)
-    return _owned_update(
+    row = _owned_update(
         conn, task_id, owner,
         "status = 'failed', error = %(error)s, finished_at = now(), lease_owner = NULL, lease_until = NULL",
         {"error": _error(error)},
     )
+    if announce:
+        _announce(conn, row)
+    return row
 
 
 def mark_retrying(conn: Conn, task_id: str, owner: str,
@@ -283,10 +299,10 @@ def mark_retrying(conn: Conn, task_id: str, owner: str,
 
 def finish_cancelled(conn: Conn, task_id: str, owner: str) -> Row:
     """``running → cancelled`` after the worker stopped on a cancel request."""
-    return _owned_update(
+    return _locked(_announce(conn, _owned_update(
         conn, task_id, owner,
         "status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_until = NULL", {},
-    )
+    )))
 
 
 # --- safety nets: dead letters, replay, reaping -------------------------------------
@@ -297,14 +313,14 @@ def fail_dead_lettered(conn: Conn, task_id: str,
     Leaves terminal tasks alone, and a running task whose lease is still live (its worker
     is alive and will finish). Returns the changed row or None.
     """
-    return conn.execute(
+    return _announce(conn, conn.execute(
         f"UPDATE tasks SET status = 'failed', error = %(error)s, finished_at = now(),"
         f" lease_owner = NULL, lease_until = NULL, {_BUMP}"
         " WHERE id = %(id)s AND (status IN ('pending', 'queued', 'retrying')"
         "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))"
         " RETURNING *",
         {"id": task_id, "error": _error(error)},
-    ).fetchone()
+    ).fetchone())
 
 
 def reopen(conn: Conn, task_id: str) -> Row | None:
@@ -370,6 +386,8 @@ def reap_stale(conn: Conn, *, max_attempts: int, source: str, lease_grace_s: flo
         else:
             new = _rescue(conn, row, status, stale_s=retrying_stale_s, max_rescues=max_rescues,
                           max_attempts=max_attempts, source=source)
+        if new is not None and new["status"] in ("cancelled", "failed"):
+            _announce(conn, new)  # no worker will reply for it
         changed.append(_locked(new))
     return changed
 

@@ -28,7 +28,7 @@ BUILDS = ["knative", "knative/base", "knative/overlays/dev", "knative/overlays/p
 CORE_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Job"}
 K8S_VERSION = "1.32.0"
 AUTOSCALING = "autoscaling.knative.dev/"
-CLOUDEVENT_ONLY = {"outbox-sweeper", "resize-image", "compress-video", "generate-pdf", "dead-letter"}
+CLOUDEVENT_ONLY = {"outbox-sweeper", "resize-image", "compress-video", "generate-pdf", "dead-letter", "webhook-delivery"}
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_dev_overlay_is_self_contained(rendered):
     secrets = by_kind(dev, "Secret")
     assert set(secrets) == {"taskforge-secrets", "rabbitmq-connection"}
     assert set(secrets["taskforge-secrets"]["data"]) == {"database_url", "redis_url", "amqp_url", "jwt_secret",
-                                                         "aws_credentials"}
+                                                         "aws_credentials", "webhook_encryption_key"}
     assert by_kind(dev, "ConfigMap")["taskforge-config"]["data"]["TASKFORGE_ENV"] == "dev"
     assert by_kind(dev, "RabbitmqBrokerConfig")["taskforge-rabbitmq"]["spec"]["queueType"] == "classic"
     assert not by_kind(rendered["knative/overlays/prod"], "Secret"), "prod never ships secrets"

@@ -162,12 +162,18 @@ def test_unroutable_events_are_kept_and_their_rows_parked(rabbit: Settings, topo
         task = conn.execute("SELECT status, error FROM tasks WHERE id = %s", (sub.row["id"],)).fetchone()
     assert task["status"] == "failed" and task["error"]["code"] == "undeliverable"
     assert h.queue_depth(rabbit, topo.alternate) == 0  # inspected and taken
-    # A parked row is not published again by later sweeps.
+    # A parked row is not published again by later sweeps; what the next sweep publishes
+    # is the failed task's task.failed announcement.
+    announced = [r for r in h.outbox_rows(rabbit) if r["type"] == "com.taskforge.task.failed"]
+    assert [r["payload"]["id"] for r in announced] == [str(sub.row["id"])]
     broker = RabbitBroker(rabbit)
     try:
+        assert sweep_once(rabbit, broker).published == 1
         assert sweep_once(rabbit, broker).published == 0
     finally:
         broker.close()
+    rows = {str(r["event_id"]): r for r in h.outbox_rows(rabbit)}
+    assert all(rows[eid]["dispatched_at"] is None for eid in (sub.event_ids[0], stray))
 
 
 def test_mandatory_returns_park_rows_when_there_is_no_alternate_exchange(rabbit: Settings) -> None:
@@ -183,7 +189,7 @@ def test_mandatory_returns_park_rows_when_there_is_no_alternate_exchange(rabbit:
         finally:
             broker.close()
         assert stats.parked == 1 and stats.published == 0
-        (row,) = h.outbox_rows(rabbit)
+        (row,) = [r for r in h.outbox_rows(rabbit) if r["type"] != "com.taskforge.task.failed"]
         assert row["parked_at"] is not None and row["last_error"].startswith("unroutable")
         assert h.task_statuses(rabbit) == {str(sub.row["id"]): "failed"}
     finally:

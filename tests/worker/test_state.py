@@ -261,7 +261,11 @@ def test_reaper_requeues_abandoned_work_and_fails_exhausted_tasks(settings, make
     assert by_id[str(abandoned["id"])]["status"] == "retrying"
     assert by_id[str(exhausted["id"])]["status"] == "failed"
     assert by_id[str(exhausted["id"])]["error"]["code"] == "lease_expired"
-    events = conn.execute("SELECT type, headers, payload FROM outbox").fetchall()
+    events = conn.execute("SELECT type, headers, payload FROM outbox ORDER BY id").fetchall()
+    # the exhausted task's failure is announced (no worker will reply for it)
+    failed = [e for e in events if e["type"] == "com.taskforge.task.failed"]
+    assert [e["payload"]["id"] for e in failed] == [str(exhausted["id"])]
+    events = [e for e in events if e["type"] != "com.taskforge.task.failed"]
     assert len(events) == 1
     assert events[0]["type"] == "com.taskforge.resize-image.requested"
     assert events[0]["payload"]["task_id"] == str(abandoned["id"])

@@ -6,15 +6,19 @@ from typing import Any
 from flask import Blueprint, Response, redirect, request, send_file
 from werkzeug.wrappers import Response as BaseResponse
 
+from events import completions
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth
+from functions.gateway.routes import webhooks
 from functions.gateway.submit import submit_batch, submit_one
 from functions.gateway.web import json_body, principal, settings
 from shared import db, storage
 from shared.envelope import json_response
 from shared.errors import NotFound, ValidationError
+from shared.outbox import relay
 from shared.tasks import repository as tasks
 from shared.tasks import state, unit
+from shared.webhooks import callbacks
 
 bp = Blueprint("tasks", __name__)
 
@@ -27,9 +31,13 @@ def _location(task_id: object) -> dict[str, str]:
 @require_auth
 def create() -> Response:
     body = json_body(schemas.TASK_SUBMIT)
+    callback_url = body.get("callback_url")
+    if callback_url is not None:
+        callback_url = callbacks.check_callback(settings(), principal().user_id, callback_url,
+                                                resolver=webhooks.resolver())
     sub = submit_one(settings(), principal().user_id, body["type"], body["payload"],
                      idempotency_key=request.headers.get("Idempotency-Key"),
-                     traceparent=request.headers.get("traceparent"))
+                     traceparent=request.headers.get("traceparent"), callback_url=callback_url)
     # 202: accepted for processing; 200: an idempotent replay of an earlier submission.
     return json_response(tasks.public_task(sub.row), 202 if sub.created else 200, _location(sub.row["id"]))
 
@@ -92,6 +100,8 @@ def cancel(task_id: str) -> Response:
         raise NotFound("task not found")
     with unit.changes(s) as ch:
         row = ch.record(state.request_cancel(ch.conn, principal().user_id, task_id))
+    if str(row["status"]) == "cancelled":  # its task.cancelled event is in the outbox: publish it now
+        relay.after_commit(s, [completions.event_id_of(row)])
     return json_response(tasks.public_task(row), 202, _location(row["id"]))
 
 
