@@ -8,7 +8,6 @@ Not a figure module (no ``run``).
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 
-from infra.runtime import topology
 from infra.runtime.config import PROJECT_ROOT as ROOT
 from infra.runtime.launcher import LocalStack, children, rss_mb
 from shared.settings import Settings
@@ -39,11 +37,7 @@ def local_stack(settings: Settings, extra_env: Mapping[str, str] | None = None,
         stack.start(start_timeout_s)
         yield stack
     finally:
-        stack.stop()
-        try:  # the bench's broker name is its own: leave no queues behind
-            topology.delete(settings, stack.config)
-        except Exception as exc:  # noqa: BLE001 - cleanup only
-            print(f"bench stack: could not delete its RabbitMQ topology ({exc!r})", file=sys.stderr)
+        stack.stop()  # also deletes the stack's RabbitMQ topology
 
 
 def user_client(gateway: str, timeout_s: float = 30.0, **client_kwargs: Any) -> httpx.Client:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from infra.runtime import topology
 from infra.runtime.config import DEFAULT_PATH, PROJECT_ROOT, RuntimeConfig, load_config
 from shared.settings import Settings
 
@@ -219,9 +220,15 @@ class LocalStack:
         raise StackError(f"the local stack was not ready within {timeout_s:.0f}s (last: {last}):\n{self.log_tail()}")
 
     def stop(self) -> None:
+        """Stop the whole process group, then delete the stack's broker topology: its
+        broker name is its own, and queues left behind pile up in RabbitMQ run after run."""
         if self.proc is not None:
             stop_group(self.proc)
             self.proc = None
+        try:
+            topology.delete(self.settings, self.config)
+        except Exception as exc:  # noqa: BLE001 - cleanup only: say so, never mask the caller's error
+            print(f"local stack: could not delete its RabbitMQ topology ({exc!r})", file=sys.stderr)
 
     def function_pids(self) -> dict[str, int]:
         """``{function: pid}`` of the function processes (gunicorn masters) running now,
