@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import functions_framework
 
-from shared import breakers, fetch
+from shared import breakers, urlguard
 from shared.media.pdf import render_pdf
 from shared.worker import Job, Output, Worker
 
@@ -26,7 +26,7 @@ def run(job: Job) -> Output:
     s = job.settings
     dest = job.workdir / "output.pdf"
     kwargs: dict[str, Any] = dict(
-        allow=fetch.parse_allow(s.fetch_allow_cidrs), resolver=job.resolver or fetch.system_resolver,
+        allow=urlguard.parse_allow(s.fetch_allow_cidrs), resolver=job.resolver or urlguard.system_resolver,
         timeout_s=s.pdf_timeout_s, max_bytes=s.fetch_max_bytes, wkhtmltopdf_path=s.wkhtmltopdf_path,
         chromium_path=s.chromium_path, on_progress=job.progress, should_cancel=job.should_cancel,
     )

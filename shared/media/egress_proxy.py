@@ -2,7 +2,7 @@
 
 wkhtmltopdf (``--proxy``) and Chromium (``--proxy-server``, with loopback *not* bypassed)
 send every request of a render through one short-lived ``EgressProxy``. For each request
-the proxy applies :func:`shared.fetch.check_url` — scheme, one DNS resolution, every
+the proxy applies :func:`shared.urlguard.check_url` — scheme, one DNS resolution, every
 address public or allow-listed — and connects to that pinned address itself, so a page's
 images, scripts, iframes, redirects and XHRs can never reach a private, loopback or
 metadata address, even through DNS rebinding. ``https`` arrives as ``CONNECT host:443``;
@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from shared import fetch
+from shared import fetch, urlguard
 
 # The origin the user's HTML is served from. An IP literal, not a name: Qt (wkhtmltopdf)
 # resolves host names locally even when a proxy is set, and this one must never resolve.
@@ -72,7 +72,7 @@ class _Server(ThreadingHTTPServer):
 class EgressProxy:
     """One render's proxy. Thread-safe; start/close it once (or use it as a context manager)."""
 
-    def __init__(self, *, allow: Sequence[fetch.Network] = (), resolver: fetch.Resolver = fetch.system_resolver,
+    def __init__(self, *, allow: Sequence[urlguard.Network] = (), resolver: urlguard.Resolver = urlguard.system_resolver,
                  max_bytes: int = 100 * 1024 * 1024, connect_timeout_s: float = 5.0, idle_timeout_s: float = 15.0,
                  pages: dict[str, tuple[bytes, str]] | None = None) -> None:
         self.allow = tuple(allow)
@@ -137,9 +137,9 @@ class EgressProxy:
                 self.over_budget = True
             return not self.over_budget
 
-    def check(self, url: str) -> fetch.Target:
-        """The SSRF guard for one request; raises ``fetch.BadUrl``/``UrlRefused``/``FetchFailed``."""
-        return fetch.check_url(url, allow=self.allow, resolver=self.resolver)
+    def check(self, url: str) -> urlguard.Target:
+        """The SSRF guard for one request; raises ``urlguard.BadUrl``/``UrlRefused``/``FetchFailed``."""
+        return urlguard.check_url(url, allow=self.allow, resolver=self.resolver)
 
 
 def _handler_for(proxy: EgressProxy) -> type[BaseHTTPRequestHandler]:
@@ -169,7 +169,7 @@ def _handler_for(proxy: EgressProxy) -> type[BaseHTTPRequestHandler]:
             try:
                 host, _, port = target.rpartition(":")
                 checked = proxy.check(f"https://{host}:{int(port)}/")
-            except (fetch.BadUrl, fetch.UrlRefused, ValueError) as exc:
+            except (urlguard.BadUrl, urlguard.UrlRefused, ValueError) as exc:
                 return self._refuse(403, target, getattr(exc, "message", str(exc)))
             except fetch.FetchFailed as exc:
                 return self._refuse(502, target, exc.message)
@@ -197,7 +197,7 @@ def _handler_for(proxy: EgressProxy) -> type[BaseHTTPRequestHandler]:
                 return self._refuse(403, url, f"scheme {parts.scheme!r} is not allowed")
             try:
                 checked = proxy.check(url)
-            except (fetch.BadUrl, fetch.UrlRefused) as exc:
+            except (urlguard.BadUrl, urlguard.UrlRefused) as exc:
                 return self._refuse(403, url, exc.message)
             except fetch.FetchFailed as exc:
                 return self._refuse(502, url, exc.message)

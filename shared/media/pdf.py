@@ -6,7 +6,7 @@ API::
     # or spelled out:
     info = render_pdf(dest_path, url=None, html="<h1>hi</h1>", engine="wkhtmltopdf",
                       page_size="A4", orientation="portrait", margin_mm=10,
-                      allow=policy.allow, resolver=fetch.system_resolver,
+                      allow=policy.allow, resolver=urlguard.system_resolver,
                       timeout_s=settings.pdf_timeout_s, js_delay_ms=500, max_bytes=settings.fetch_max_bytes,
                       wkhtmltopdf_path=settings.wkhtmltopdf_path, chromium_path=settings.chromium_path,
                       on_progress=..., should_cancel=...)
@@ -28,7 +28,7 @@ Safety, the same for both engines:
   that loops forever would loop again). ``js_delay_ms`` is the settle time after load.
 - Engines run with a minimal environment (no secrets) and a throw-away home directory.
 
-Failures: ``BadPdfOptions``, ``LocalFileRefused``, ``fetch.BadUrl``/``fetch.UrlRefused``,
+Failures: ``BadPdfOptions``, ``LocalFileRefused``, ``urlguard.BadUrl``/``urlguard.UrlRefused``,
 ``PageLoadFailed`` (the main page answered 4xx), ``EngineTimeout``, ``PdfTooLarge``,
 ``RenderFailed`` (engine error; stderr tail in the message) — permanent; ``PageUnavailable``
 (the page answered 5xx/408/429 or its server was unreachable) and ``RetryableError``
@@ -50,7 +50,7 @@ from urllib.parse import urljoin
 
 import pdfkit
 
-from shared import fetch
+from shared import urlguard
 from shared.errors import Cancelled, PermanentError, RetryableError
 from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progress
 from shared.media.chromium import EngineTimeout, Navigation, PdfTooLarge, print_to_pdf
@@ -103,7 +103,7 @@ class PdfJob:
 def options_from_settings(settings: Any) -> dict[str, Any]:
     """The limits and engine paths ``render_pdf`` takes, from ``Settings``: ``render_pdf(dest, **payload,
     **options_from_settings(s), on_progress=..., should_cancel=...)``."""
-    return {"allow": fetch.parse_allow(settings.fetch_allow_cidrs), "timeout_s": settings.pdf_timeout_s,
+    return {"allow": urlguard.parse_allow(settings.fetch_allow_cidrs), "timeout_s": settings.pdf_timeout_s,
             "max_bytes": settings.fetch_max_bytes, "wkhtmltopdf_path": settings.wkhtmltopdf_path,
             "chromium_path": settings.chromium_path, "chromium_sandbox": settings.chromium_sandbox,
             "chromium_user": settings.chromium_user}
@@ -166,8 +166,8 @@ def wkhtmltopdf_command(exe: str, page_url: str, dest: str | os.PathLike[str], j
 
 def render_pdf(dest_path: str | os.PathLike[str], *, url: str | None = None, html: str | None = None,
                engine: str = "wkhtmltopdf", page_size: str = "A4", orientation: str = "portrait",
-               margin_mm: float = 10, allow: Sequence[fetch.Network] = (),
-               resolver: fetch.Resolver = fetch.system_resolver, timeout_s: float = 60.0, js_delay_ms: int = 500,
+               margin_mm: float = 10, allow: Sequence[urlguard.Network] = (),
+               resolver: urlguard.Resolver = urlguard.system_resolver, timeout_s: float = 60.0, js_delay_ms: int = 500,
                max_bytes: int = 100 * 1024 * 1024, wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf",
                chromium_path: str = "/usr/bin/chromium", on_progress: ProgressFn = no_progress,
                should_cancel: CancelFn = never_cancel, chromium_sandbox: bool = True,
@@ -175,7 +175,7 @@ def render_pdf(dest_path: str | os.PathLike[str], *, url: str | None = None, htm
     """Render the page to ``dest_path``; see the module docstring. ``**_ignored`` takes extra payload keys."""
     job = make_job(url, html, engine, page_size, orientation, margin_mm)
     if job.url is not None:
-        fetch.check_url(job.url, allow=allow, resolver=resolver)  # a clear refusal before any engine starts
+        urlguard.check_url(job.url, allow=allow, resolver=resolver)  # a clear refusal before any engine starts
     js_delay_ms = max(0, min(int(js_delay_ms), int(timeout_s * 1000) // 2))
     if should_cancel():
         raise Cancelled("cancelled before rendering")
@@ -227,8 +227,8 @@ def count_pages(path: str | os.PathLike[str]) -> int | None:
 def _entry_for(proxy: EgressProxy, url: str) -> Entry | None:
     """The proxy's first log entry for ``url``: the request itself (http) or its tunnel (https)."""
     try:
-        scheme, host, port, _ = fetch.split_url(url)
-    except fetch.BadUrl:
+        scheme, host, port, _ = urlguard.split_url(url)
+    except urlguard.BadUrl:
         return None
     tunnel = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     for entry in list(proxy.log):
@@ -259,7 +259,7 @@ def _chain_failure(proxy: EgressProxy, chain: Sequence[str]) -> Exception | None
             continue
         if not entry.allowed:
             if entry.status == 403:
-                return fetch.UrlRefused(f"the page was refused: {entry.reason}", details={"target": entry.target})
+                return urlguard.UrlRefused(f"the page was refused: {entry.reason}", details={"target": entry.target})
             if entry.status in (502, 504):
                 return PageUnavailable(f"the page could not be loaded: {entry.reason}")
             return PageLoadFailed(f"the page could not be loaded: {entry.reason}")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from shared import breakers, db, fetch
+from shared import breakers, db, fetch, urlguard
 from shared.errors import NotFound, PermanentError
 from shared.settings import Settings
 
@@ -76,8 +76,8 @@ def fetch_url(settings: Settings, url: str, dest_dir: Path, *,
               resolver: Callable[[str, int], Sequence[str]] | None = None,
               on_progress: Callable[[int], None] | None = None,
               should_cancel: Callable[[], bool] | None = None) -> Input:
-    """Download ``url`` into ``dest_dir`` behind the SSRF guard (``fetch.BadUrl`` if unparsable)."""
-    _scheme, host, _port, _target = fetch.split_url(url)
+    """Download ``url`` into ``dest_dir`` behind the SSRF guard (``urlguard.BadUrl`` if unparsable)."""
+    _scheme, host, _port, _target = urlguard.split_url(url)
     path = dest_dir / ("input" + _suffix(urlsplit(url).path))
     kwargs: dict[str, Any] = {"policy": fetch.FetchPolicy.from_settings(settings),
                               "on_progress": on_progress, "should_cancel": should_cancel}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from shared import db
 from shared.errors import ValidationError
-from shared.fetch import Resolver, system_resolver
 from shared.settings import Settings
+from shared.urlguard import Resolver, system_resolver
 from shared.webhooks import store
 from shared.webhooks.urls import check_webhook_url
 

@@ -33,9 +33,9 @@ from typing import Any
 from events import catalog
 from shared import db, metrics
 from shared.errors import BadRequest
-from shared.fetch import Resolver, system_resolver
 from shared.settings import Settings
 from shared.tasks.repository import iso, parse_uuid
+from shared.urlguard import Resolver, system_resolver
 from shared.webhooks import policy, sender, signing, store
 
 log = logging.getLogger("taskforge.webhooks")

@@ -1,6 +1,6 @@
 """One HTTP attempt of a webhook message, behind the SSRF guard.
 
-The URL is checked again on every attempt (``shared.fetch.check_url``: http/https only,
+The URL is checked again on every attempt (``shared.urlguard.check_url``: http/https only,
 every resolved address public or inside ``settings.fetch_allow_cidrs``) and the
 connection goes to that pinned address, so a DNS answer that changed since
 registration cannot steer it into private space. Redirects are never followed (a 3xx
@@ -19,8 +19,8 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from shared.errors import PermanentError, TaskForgeError
-from shared.fetch import Resolver, check_url, parse_allow, system_resolver
 from shared.settings import Settings
+from shared.urlguard import Resolver, check_url, parse_allow, system_resolver
 
 USER_AGENT = "TaskForge-Webhooks/1.0"
 

@@ -1,6 +1,6 @@
 """Checking a webhook or callback URL when it is registered.
 
-The same SSRF guard as source fetching (``shared.fetch.check_url``): http/https only, no
+The same SSRF guard as source fetching (``shared.urlguard.check_url``): http/https only, no
 credentials in the URL, every address the host resolves to must be public (or inside
 ``settings.fetch_allow_cidrs``). Delivery checks again on every attempt; this check
 gives the caller a clear 422 up front instead of a delivery that can never succeed.
@@ -8,8 +8,8 @@ gives the caller a clear 422 up front instead of a delivery that can never succe
 from __future__ import annotations
 
 from shared.errors import ServiceUnavailable, TaskForgeError, ValidationError
-from shared.fetch import FetchFailed, Resolver, check_url, parse_allow, system_resolver
 from shared.settings import Settings
+from shared.urlguard import FetchFailed, Resolver, check_url, parse_allow, system_resolver
 
 MAX_URL = 2048
 

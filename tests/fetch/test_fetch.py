@@ -1,4 +1,4 @@
-"""shared/fetch.py: the SSRF guard and the capped, pinned downloader.
+"""shared/urlguard.py (the SSRF guard) and shared/fetch.py (the capped, pinned downloader).
 
 Everything here talks only to servers on 127.0.0.1; public-looking names are answered by
 a stub resolver, and the autouse ``netguard`` fixture fails any test that so much as
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from shared import fetch
+from shared import fetch, urlguard
 from shared.errors import Cancelled, PermanentError, RetryableError, is_retryable
 from shared.settings import load_settings
 from tests.fetch.helpers import NetGuard, OutsideConnection, send, serve, stub_resolver
 
-LOOPBACK = fetch.parse_allow(["127.0.0.0/8"])
+LOOPBACK = urlguard.parse_allow(["127.0.0.0/8"])
 BODY = os.urandom(200_000)
 
 
@@ -62,22 +62,22 @@ def body_route(h: BaseHTTPRequestHandler) -> None:
     ("100::1", "not global unicast"), ("4000::1", "not global unicast"),
 ])
 def test_refused_ranges(ip: str, why: str) -> None:
-    assert fetch.refusal_reason(ip) == why
+    assert urlguard.refusal_reason(ip) == why
 
 
 @pytest.mark.parametrize("ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e",
                                 "2001:4860:4860::8888"])
 def test_public_addresses_pass(ip: str) -> None:
-    assert fetch.refusal_reason(ip) is None
+    assert urlguard.refusal_reason(ip) is None
 
 
 def test_allow_list_permits_only_its_ranges() -> None:
-    allow = fetch.parse_allow(["127.0.0.0/8", "10.9.0.0/16"])
-    assert fetch.refusal_reason("127.0.0.1", allow) is None
-    assert fetch.refusal_reason("::ffff:127.0.0.1", allow) is None
-    assert fetch.refusal_reason("10.9.3.4", allow) is None
-    assert fetch.refusal_reason("10.8.3.4", allow) == "private"
-    assert fetch.refusal_reason("169.254.169.254", allow) == "cloud metadata"
+    allow = urlguard.parse_allow(["127.0.0.0/8", "10.9.0.0/16"])
+    assert urlguard.refusal_reason("127.0.0.1", allow) is None
+    assert urlguard.refusal_reason("::ffff:127.0.0.1", allow) is None
+    assert urlguard.refusal_reason("10.9.3.4", allow) is None
+    assert urlguard.refusal_reason("10.8.3.4", allow) == "private"
+    assert urlguard.refusal_reason("169.254.169.254", allow) == "cloud metadata"
 
 
 def test_policy_from_settings() -> None:
@@ -95,8 +95,8 @@ def test_policy_from_settings() -> None:
     "http://example.com:99999/", "http://exa mple.com/\r\nX: y",
 ])
 def test_bad_urls_are_permanent(url: str) -> None:
-    with pytest.raises(fetch.BadUrl) as err:
-        fetch.check_url(url, resolver=stub_resolver({"example.com": ["93.184.215.14"]}))
+    with pytest.raises(urlguard.BadUrl) as err:
+        urlguard.check_url(url, resolver=stub_resolver({"example.com": ["93.184.215.14"]}))
     assert not is_retryable(err.value)
 
 
@@ -107,8 +107,8 @@ def test_bad_urls_are_permanent(url: str) -> None:
 ])
 def test_literal_private_addresses_refused_without_dns(url: str) -> None:
     calls: list[str] = []
-    with pytest.raises(fetch.UrlRefused) as err:
-        fetch.check_url(url, resolver=stub_resolver({}, calls))
+    with pytest.raises(urlguard.UrlRefused) as err:
+        urlguard.check_url(url, resolver=stub_resolver({}, calls))
     assert calls == []
     assert err.value.code == "url_refused" and not is_retryable(err.value)
 
@@ -116,41 +116,41 @@ def test_literal_private_addresses_refused_without_dns(url: str) -> None:
 def test_hostname_resolving_to_private_address_refused() -> None:
     calls: list[str] = []
     resolver = stub_resolver({"evil.example": ["10.0.0.5"]}, calls)
-    with pytest.raises(fetch.UrlRefused, match="private") as err:
-        fetch.check_url("http://evil.example/x", resolver=resolver)
+    with pytest.raises(urlguard.UrlRefused, match="private") as err:
+        urlguard.check_url("http://evil.example/x", resolver=resolver)
     assert calls == ["evil.example"]
     assert "10.0.0.5" not in str(err.value.to_dict())  # the caller never learns internal addresses
 
 
 @pytest.mark.parametrize("answer", ["::7f00:1", "64:ff9b:1::7f00:1", "::ffff:0:a9fe:a9fe", "fec0::1", "fd00::5"])
 def test_ipv6_answers_are_refused_without_revealing_them(answer: str) -> None:
-    with pytest.raises(fetch.UrlRefused) as err:
-        fetch.check_url("http://sneaky.example/", resolver=stub_resolver({"sneaky.example": [answer]}))
+    with pytest.raises(urlguard.UrlRefused) as err:
+        urlguard.check_url("http://sneaky.example/", resolver=stub_resolver({"sneaky.example": [answer]}))
     shown = str(err.value.to_dict())
     assert answer not in shown and "sneaky.example" in shown
 
 
 def test_any_private_answer_refuses_the_name() -> None:
     resolver = stub_resolver({"mixed.example": ["93.184.215.14", "169.254.169.254"]})
-    with pytest.raises(fetch.UrlRefused, match="metadata"):
-        fetch.check_url("http://mixed.example/", resolver=resolver)
+    with pytest.raises(urlguard.UrlRefused, match="metadata"):
+        urlguard.check_url("http://mixed.example/", resolver=resolver)
 
 
 def test_public_name_is_pinned_to_its_first_address() -> None:
-    t = fetch.check_url("https://Example.COM./a b?q=1 2", resolver=stub_resolver({"example.com": ["93.184.215.14", "93.184.215.15"]}))
+    t = urlguard.check_url("https://Example.COM./a b?q=1 2", resolver=stub_resolver({"example.com": ["93.184.215.14", "93.184.215.15"]}))
     assert (t.scheme, t.host, t.port, t.address) == ("https", "example.com", 443, "93.184.215.14")
     assert t.request_target == "/a%20b?q=1%202" and t.host_header == "example.com"
 
 
 def test_dns_failures() -> None:
-    with pytest.raises(fetch.BadUrl, match="does not resolve"):
-        fetch.check_url("http://nowhere.example/", resolver=stub_resolver({}))
+    with pytest.raises(urlguard.BadUrl, match="does not resolve"):
+        urlguard.check_url("http://nowhere.example/", resolver=stub_resolver({}))
 
     def flaky(host: str, port: int) -> list[str]:
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
     with pytest.raises(fetch.FetchFailed) as err:
-        fetch.check_url("http://flaky.example/", resolver=flaky)
+        urlguard.check_url("http://flaky.example/", resolver=flaky)
     assert is_retryable(err.value)
 
 
@@ -181,7 +181,7 @@ def test_fetch_pins_the_resolved_address_and_keeps_the_host_header(tmp_path: Pat
 
 def test_loopback_refused_unless_allowed(tmp_path: Path) -> None:
     with serve({"/img": body_route}) as srv:
-        with pytest.raises(fetch.UrlRefused, match="loopback"):
+        with pytest.raises(urlguard.UrlRefused, match="loopback"):
             fetch.fetch_to_file(f"{srv.base}/img", tmp_path / "o", policy=policy(allow=()))
         assert srv.requests == []
         fetch.fetch_to_file(f"{srv.base}/img", tmp_path / "o", policy=policy())
@@ -190,7 +190,7 @@ def test_loopback_refused_unless_allowed(tmp_path: Path) -> None:
 
 
 def test_metadata_address_refused_without_any_connection(tmp_path: Path, netguard: NetGuard) -> None:
-    with pytest.raises(fetch.UrlRefused, match="metadata"):
+    with pytest.raises(urlguard.UrlRefused, match="metadata"):
         fetch.fetch_to_file("http://169.254.169.254/latest/meta-data/iam", tmp_path / "o", policy=policy())
     assert netguard.attempts == [] and not (tmp_path / "o").exists()
 
@@ -381,7 +381,7 @@ def test_https_connects_to_the_pinned_address_with_the_real_name(tmp_path: Path,
         assert sni[0] == "secure.example"
         assert srv.requests[0]["headers"]["Host"] == f"secure.example:{srv.port}"
         # a name the certificate does not cover fails permanently, even at the same address
-        with pytest.raises(fetch.BadUrl, match="certificate"):
+        with pytest.raises(urlguard.BadUrl, match="certificate"):
             fetch.fetch_to_file(f"https://impostor.example:{srv.port}/img", tmp_path / "o2", policy=policy(),
                                 resolver=resolver, ca_certs=str(ca))
     assert {a[0] for a in netguard.attempts} == {"127.0.0.1"}

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from shared import fetch
+from shared import urlguard
 from shared.media.egress_proxy import VIRTUAL_HOST, EgressProxy
 from tests.fetch.helpers import NetGuard, send, serve, stub_resolver
 
-LOOPBACK = fetch.parse_allow(["127.0.0.0/8"])
+LOOPBACK = urlguard.parse_allow(["127.0.0.0/8"])
 RESOLVER = stub_resolver({"public.example": ["127.0.0.1"], "sneaky.example": ["169.254.169.254"],
                           "intranet.example": ["10.20.30.40"]})
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from shared import fetch
+from shared import urlguard
 from shared.errors import Cancelled, RetryableError, is_retryable
 from shared.media import chromium, pdf
 from tests.fetch.helpers import NetGuard, send, serve, stub_resolver
 
 ENGINES = ["wkhtmltopdf", "chromium"]
-LOOPBACK = fetch.parse_allow(["127.0.0.0/8"])
+LOOPBACK = urlguard.parse_allow(["127.0.0.0/8"])
 RESOLVER = stub_resolver({"assets.example": ["127.0.0.1"], "intranet.example": ["192.168.1.10"]})
 for tool in ("pdftotext", "pdfinfo", "wkhtmltopdf", "chromium"):
     assert shutil.which(tool), f"{tool} is required by these tests (make deps installs it)"
@@ -229,7 +229,7 @@ def test_url_renders_and_private_subresources_are_blocked(tmp_path: Path, site, 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_loopback_url_refused_unless_allowed(tmp_path: Path, site, engine: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(fetch.UrlRefused):
+    with pytest.raises(urlguard.UrlRefused):
         render(tmp_path, engine, url=f"{site.base}/page")
     assert site.requests == []  # refused before any engine started
 
@@ -238,7 +238,7 @@ def test_loopback_url_refused_unless_allowed(tmp_path: Path, site, engine: str) 
 @pytest.mark.parametrize("path", ["/to-private", "/to-metadata"])
 def test_redirect_of_the_page_to_a_private_address_fails_the_task(tmp_path: Path, site, engine: str,  # type: ignore[no-untyped-def]
                                                                   path: str) -> None:
-    with pytest.raises(fetch.UrlRefused) as err:
+    with pytest.raises(urlguard.UrlRefused) as err:
         render(tmp_path, engine, url=f"{site.base}{path}", allow=LOOPBACK)
     assert not is_retryable(err.value)
     assert not list(tmp_path.glob("out-*.pdf"))
@@ -246,7 +246,7 @@ def test_redirect_of_the_page_to_a_private_address_fails_the_task(tmp_path: Path
 
 def test_hostname_resolving_to_a_private_address_is_refused(tmp_path: Path) -> None:
     calls: list[str] = []
-    with pytest.raises(fetch.UrlRefused):
+    with pytest.raises(urlguard.UrlRefused):
         pdf.render_pdf(tmp_path / "o.pdf", url="http://intranet.example/", resolver=stub_resolver(
             {"intranet.example": ["192.168.1.10"]}, calls))
     assert calls == ["intranet.example"]

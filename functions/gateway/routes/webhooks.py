@@ -26,9 +26,9 @@ from functions.gateway.web import json_body, principal, settings
 from shared import db
 from shared.envelope import json_response
 from shared.errors import ValidationError
-from shared.fetch import Resolver, system_resolver
 from shared.outbox import relay
 from shared.outbox import writer as outbox
+from shared.urlguard import Resolver, system_resolver
 from shared.webhooks import store
 from shared.webhooks.urls import check_webhook_url
 
