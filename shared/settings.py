@@ -116,7 +116,7 @@ class Settings:
     outbox_retention_s: int = 3600
     eager_relay: bool = True
     relay_queue_max: int = 10_000  # eager-relay backlog (event ids); beyond it the sweeper catches up
-    # --- batches (POST /batches; fair release, shared/batch_release.py) ---
+    # --- batches (POST /batches; fair release, shared/batches/release.py) ---
     manifest_max_items: int = 100_000  # lines per manifest
     manifest_max_bytes: int = 64 * 1024 * 1024  # a manifest sent as the request body
     batch_default_in_flight: int = 8  # a batch's max_in_flight when the client gives none

@@ -235,7 +235,7 @@ class Worker:
         answer = self._attempt(settings, _row(claim), owner, span)
         if batch_id:
             # A batch task finished (or will be retried): hand its slot to the next item.
-            from shared import batch_release
+            from shared.batches import release as batch_release
 
             if cold:
                 batch_release.charge_cold_start(settings, str(batch_id))

@@ -19,8 +19,9 @@ import flask
 import functions_framework
 
 from events import codec
-from shared import batch_release, deadletters, envelope, metrics
+from shared import deadletters, envelope, metrics
 from shared import logging as tf_logging
+from shared.batches import release as batch_release
 from shared.settings import get_settings
 from shared.tasks import unit
 

@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 
 from events.sse import encode_comment, encode_message, encode_retry
 from functions.status_stream.store import Store
-from shared import batches
+from shared.batches import repository as batches
 from shared.errors import AuthError, NotFound
 
 _SQL = "SELECT * FROM batches WHERE id = %(id)s AND user_id = %(user)s"

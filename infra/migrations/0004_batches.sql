@@ -1,7 +1,7 @@
 -- Batches: a manifest of many tasks, released to the broker a few at a time.
 --
 -- A batch's lines live in batch_items from the moment it is accepted (one COPY). An item
--- becomes a task only when the fair releaser (shared/batch_release.py) hands it a slot:
+-- becomes a task only when the fair releaser (shared/batches/release.py) hands it a slot:
 -- the task row (with the id reserved in batch_items.task_id) and its outbox row are
 -- written in the same transaction that marks the item 'released', so a crash either
 -- releases an item exactly once or not at all.

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from events import catalog
-from shared import batch_release, db, deadletters, metrics
+from shared import db, deadletters, metrics
+from shared.batches import release as batch_release
 from shared.broker import Broker, backend_of
 from shared.outbox.publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
@@ -48,7 +49,7 @@ class SweepStats:
     failed_batches: int = 0
     drained: bool = False
     reaped: int = 0
-    released: int = 0  # batch items turned into tasks by this sweep (shared/batch_release.py)
+    released: int = 0  # batch items turned into tasks by this sweep (shared/batches/release.py)
     purged: int = 0
     dead_letters_purged: int = 0
     pending: int = 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from shared import batch_release
+from shared.batches import release as batch_release
 from tests.cli.conftest import Stack, Worker
 
 

@@ -8,8 +8,9 @@ import threading
 import psycopg
 import pytest
 
-from shared import batch_release, db
-from shared.batch_release import Candidate, allocate
+from shared import db
+from shared.batches import release as batch_release
+from shared.batches.release import Candidate, allocate
 from shared.errors import ServiceUnavailable
 from shared.tasks import state
 from tests.gateway.test_batches import finish, manifest, submit

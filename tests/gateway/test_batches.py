@@ -171,7 +171,7 @@ def test_list_get_and_ownership(client, user, make_user):
 def test_counts_follow_the_tasks_and_the_batch_completes(client, user, conn, gw_settings):
     batch = submit(client, user, manifest(6), "?max_in_flight=3").json
     bid = batch["id"]
-    from shared import batch_release
+    from shared.batches import release as batch_release
 
     outcomes = iter(["succeeded", "failed", "succeeded", "succeeded", "failed", "succeeded"])
     while True:
@@ -234,7 +234,7 @@ def test_cancel_stops_release_and_cancels_what_has_not_finished(client, user, co
     # 7 never released + 1 queued are cancelled; the running one is asked to stop
     assert got["counts"]["cancelled"] == 8 and got["counts"]["running"] == 1 and got["counts"]["waiting"] == 0
     assert conn.execute("SELECT cancel_requested FROM tasks WHERE id = %s", (first[0],)).fetchone()["cancel_requested"]
-    from shared import batch_release
+    from shared.batches import release as batch_release
 
     assert batch_release.release(gw_settings).rows == []  # nothing more is released
     with conn.transaction():

@@ -9,7 +9,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shared import batch_release, batches, manifest
+from shared.batches import manifest
+from shared.batches import release as batch_release
+from shared.batches import repository as batches
 from shared.tasks import state
 from tests.status_stream.conftest import Server, make_user, serve_status_stream
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from shared import batch_release, batches, broker, db, manifest
+from shared import broker, db
+from shared.batches import manifest
+from shared.batches import release as batch_release
+from shared.batches import repository as batches
 from shared.worker import Job, Output, Worker
 
 from .helpers import requested_event

@@ -2,7 +2,7 @@
 
 ``POST /batches`` validates the whole manifest before anything is stored (422 with the
 failing line numbers), stores it with one COPY and answers 202; the items are then
-released to the broker a few at a time by ``shared.batch_release``. Progress, the item
+released to the broker a few at a time by ``shared.batches.release``. Progress, the item
 list, the NDJSON report, retry of the failed items and cancel are below; the live
 progress stream is ``GET /batches/{id}/events`` on the status-stream function.
 """
@@ -18,7 +18,10 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from functions.gateway.guards import require_auth
 from functions.gateway.web import is_json, json_body, json_response, principal, settings
-from shared import batch_release, batches, db, manifest, ratelimit, storage
+from shared import db, ratelimit, storage
+from shared.batches import manifest
+from shared.batches import release as batch_release
+from shared.batches import repository as batches
 from shared.errors import NotFound, TooLarge, UnsupportedMediaType, ValidationError
 from shared.settings import Settings
 from shared.tasks import repository as tasks

@@ -8,7 +8,7 @@ the batch's report. Blank lines are ignored; line numbers count every physical l
 
 :func:`parse` is pure and never raises on bad input: it returns the valid items and one
 error per failing line (``{"line", "field", "message"}``). Upload ownership needs the
-database and is checked by the caller (``shared.batches``).
+database and is checked by the caller (``shared.batches.repository``).
 
 Speed: the payload schemas are checked with jsonschema-rs (about 1 µs a line) and only
 a line it refuses goes through ``events.payloads`` (the messages ``POST /tasks`` gives),

@@ -4,7 +4,7 @@ Every function takes the caller's connection (``shared.db.connection``) and runs
 caller's transaction unless it says otherwise. Progress is read from the counters on the
 batch row (kept by a trigger on ``tasks`` in the same transaction as each status
 change, see migration 0004), so ``GET /batches/{id}`` costs one primary-key read at any
-size. Items become tasks only when ``shared.batch_release`` releases them.
+size. Items become tasks only when ``shared.batches.release`` releases them.
 
 Item statuses: ``waiting`` (accepted, not released yet), then the status of its task
 (``pending`` … ``succeeded``/``failed``/``cancelled``); an item cancelled before its
@@ -23,7 +23,8 @@ from typing import Any
 
 import psycopg
 
-from shared import manifest, pagination
+from shared import pagination
+from shared.batches import manifest
 from shared.errors import Conflict, NotFound, ValidationError
 from shared.tasks import repository as tasks
 from shared.tasks import state
