@@ -67,7 +67,7 @@ def test_readyz_follows_settings_and_dependencies_while_healthz_stays_liveness(e
         c.stop()
     # Production mode with accepted settings but the broker down: alive, not ready.
     (closed,) = free_ports(1)
-    down = settings.replace(env="production", jwt_secret=LONG_SECRET,
+    down = settings.replace(env="production", jwt_secret=LONG_SECRET, delivery_secret=LONG_SECRET,
                             amqp_url=f"amqp://taskforge:not-guest@127.0.0.1:{closed}/%2F")
     c = harness.start(engine, function, down, tmp_path / "down")
     try:
@@ -80,7 +80,7 @@ def test_readyz_follows_settings_and_dependencies_while_healthz_stays_liveness(e
     finally:
         c.stop()
     # Production mode refuses RabbitMQ's guest account: never ready.
-    refused = settings.replace(env="production", jwt_secret=LONG_SECRET,
+    refused = settings.replace(env="production", jwt_secret=LONG_SECRET, delivery_secret=LONG_SECRET,
                                amqp_url="amqp://guest:guest@127.0.0.1:5672/%2F")
     if function in SETTINGS_AT_IMPORT:
         c = harness.start(engine, function, refused, tmp_path / "refused", wait=False)
