@@ -208,7 +208,7 @@ def _paths() -> dict[str, Any]:
                                                                                          "source", "type", "data"]}},
                 "application/json": {"schema": schemas.ref("TaskSubmittedData")}}}}},
         "/healthz": {"get": _op("Liveness", "ops", _ok("200", "alive", "Health"), auth=None)},
-        "/readyz": {"get": _op("Readiness: PostgreSQL, Redis and the broker reachable", "ops",
+        "/readyz": {"get": _op("Readiness: settings accepted; PostgreSQL, Redis and the broker reachable", "ops",
                                {**_ok("200", "ready", "Health"), **_ok("503", "not ready", "Health")}, auth=None)},
         "/metrics": {"get": _op("Prometheus metrics", "ops",
                                 {"200": {"description": "text exposition format",

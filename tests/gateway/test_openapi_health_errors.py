@@ -75,7 +75,8 @@ def test_blueprints_of_other_modules_contribute_their_paths(gw_settings):
 def test_healthz_and_readyz(client):
     assert client.get("/healthz").json == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json["checks"] == {"postgres": "ok", "redis": "ok", "broker": "ok"}
+    assert r.status_code == 200 and r.json["checks"] == {"settings": "ok", "postgres": "ok", "redis": "ok",
+                                                         "broker": "ok"}
 
 
 def _closed_port() -> int:
@@ -95,7 +96,7 @@ def test_readyz_reports_what_is_down(make_app):
                    redis_url=f"redis://127.0.0.1:{port}/0")
     r = app.test_client().get("/readyz")
     assert r.status_code == 503
-    assert r.json["checks"] == {"postgres": "ok", "redis": "unavailable", "broker": "unavailable"}
+    assert r.json["checks"] == {"settings": "ok", "postgres": "ok", "redis": "unavailable", "broker": "unavailable"}
     assert str(port) not in r.get_data(as_text=True)
 
 
