@@ -237,12 +237,9 @@ def list_page(conn: Conn, *, limit: int = 20, cursor: str | None = None,
 
 
 # --- admin: replay -----------------------------------------------------------------------
-def replay(conn: Conn, dead_letter_id: str) -> Replayed:
-    """Re-publish the original event through the outbox; reopen its failed task.
-
-    Raises ``NotFound`` for an unknown id, ``Conflict`` when the task already succeeded or
-    was cancelled (or no longer exists), or when the event's data was not JSON.
-    """
+def _locked(conn: Conn, dead_letter_id: str) -> tuple[uuid.UUID, Row]:
+    """The dead letter ``dead_letter_id``, locked for this transaction; ``NotFound`` if
+    the id is malformed or unknown."""
     try:
         ident = uuid.UUID(str(dead_letter_id))
     except ValueError:
@@ -250,6 +247,16 @@ def replay(conn: Conn, dead_letter_id: str) -> Replayed:
     row = conn.execute("SELECT * FROM dead_letters WHERE id = %s FOR UPDATE", (ident,)).fetchone()
     if row is None:
         raise NotFound("no such dead letter")
+    return ident, row
+
+
+def replay(conn: Conn, dead_letter_id: str) -> Replayed:
+    """Re-publish the original event through the outbox; reopen its failed task.
+
+    Raises ``NotFound`` for an unknown id, ``Conflict`` when the task already succeeded or
+    was cancelled (or no longer exists), or when the event's data was not JSON.
+    """
+    ident, row = _locked(conn, dead_letter_id)
     attrs: dict[str, Any] = row["attributes"] or {}
     if "data_base64" in attrs:
         raise Conflict("this event carried binary data; it cannot be replayed through the outbox")
@@ -285,13 +292,7 @@ def submission_of(conn: Conn, dead_letter_id: str) -> tuple[Row, str, dict[str, 
     active. Raises ``NotFound`` for an unknown id and ``Conflict`` when the event is not a
     submission or its key is unknown or revoked.
     """
-    try:
-        ident = uuid.UUID(str(dead_letter_id))
-    except ValueError:
-        raise NotFound("no such dead letter") from None
-    row = conn.execute("SELECT * FROM dead_letters WHERE id = %s FOR UPDATE", (ident,)).fetchone()
-    if row is None:
-        raise NotFound("no such dead letter")
+    ident, row = _locked(conn, dead_letter_id)
     if row["event_type"] != catalog.TASK_SUBMITTED:
         raise Conflict("not a submitted event")
     attrs: dict[str, Any] = row["attributes"] or {}
