@@ -105,7 +105,7 @@ def _empty(s: Settings) -> None:
         try:
             with psycopg.connect(s.database_url, autocommit=True) as conn:
                 conn.execute("SET lock_timeout = '5s'")
-                conn.execute("TRUNCATE tasks, outbox")
+                conn.execute("TRUNCATE tasks, outbox CASCADE")
             return
         except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
             time.sleep(0.2 * (attempt + 1))  # a straggling relay batch: let it finish
@@ -361,3 +361,89 @@ def run(ctx: BenchContext) -> list[Figure]:
                     "relay_backlog_settle_s": r["relay_settle_s"],
                     "gateway_without_eager_relay_rps": r["gateway_no_relay_rps"],
                     "connections": r["connections"]})]
+
+
+# --- CPU per request, by part (in-process) -------------------------------------------------
+# Each part is the cumulative main-thread CPU of the gateway function that does it; the
+# eager relay's thread shows as the process CPU the main thread did not use.
+PARTS = (
+    ("auth", "functions/gateway/guards.py", "_authenticate"),
+    ("body_and_schema", "functions/gateway/web.py", "json_body"),
+    ("rate_limit", "shared/ratelimit.py", "check_submit"),
+    ("submit_total", "functions/gateway/submit.py", "submit_one"),
+    ("payload_schema", "events/payloads.py", "payload_errors"),
+    ("relay_enqueue", "functions/gateway/submit.py", "after_commit"),
+    ("response", "shared/envelope.py", "json_response"),
+    ("route_total", "functions/gateway/routes/tasks.py", "create"),
+)
+
+
+def cpu_by_part(s: Settings, n: int = 2000) -> dict[str, float]:
+    """CPU ms per ``POST /tasks`` through the gateway app in this process (Flask's test
+    client, real PostgreSQL/Redis, the in-memory broker): ``process_ms`` and
+    ``main_thread_ms`` unprofiled, then each part's main-thread ms under cProfile
+    (the profiler inflates the parts; compare them with each other and before/after)."""
+    import cProfile
+    import pstats
+
+    from functions.gateway.app import create_app
+    from shared.outbox import relay
+
+    s = s.replace(broker_backend="memory", submit_rate_per_min=100_000_000, max_tasks_in_flight=100_000)
+    tokens = _users(s)
+    app = create_app(s)
+    client = app.test_client()
+
+    def burst(count: int) -> None:
+        for i in range(count):
+            resp = client.post("/tasks", data=BODY, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {tokens[i % len(tokens)]}"})
+            if resp.status_code != 202:
+                raise RuntimeError(f"unexpected answer {resp.status_code}: {resp.get_data()[:200]!r}")
+
+    burst(200)  # warm-up: pool, caches, compiled validators, the relay thread
+    relay.flush(s, 30)
+    _empty(s)
+    p0, t0 = time.process_time(), time.thread_time()
+    burst(n)
+    relay.flush(s, 30)
+    process_ms, main_ms = (time.process_time() - p0) * 1e3 / n, (time.thread_time() - t0) * 1e3 / n
+    _empty(s)
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    burst(n)
+    prof.disable()
+    relay.flush(s, 30)
+    stats = cast(dict[tuple[str, int, str], tuple[Any, ...]], pstats.Stats(prof).stats)  # type: ignore[attr-defined]
+    out = {"process_ms": process_ms, "main_thread_ms": main_ms, "relay_thread_ms": process_ms - main_ms,
+           "profiled_main_thread_ms": sum(v[2] for v in stats.values()) * 1e3 / n}
+    for part, path, func in PARTS:
+        out[part] = sum(v[3] for (file, _, name), v in stats.items()
+                        if name == func and file.endswith(path)) * 1e3 / n
+    _empty(s)
+    return out
+
+
+if __name__ == "__main__":  # python -m bench.submit: the CPU by part, on the bench database
+    import argparse
+
+    from shared import db
+    from shared.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.submit")
+    parser.add_argument("-n", type=int, default=2000, help="requests per measurement")
+    args = parser.parse_args()
+    base = load_settings()
+    name = f"taskforge_bench_cpu_{uuid.uuid4().hex[:8]}"
+    settings = base.replace(env="test", database_url=psycopg.conninfo.make_conninfo(base.database_url, dbname=name),
+                            redis_prefix=f"tfbench:{name}")
+    db.ensure_database(settings.database_url)
+    db.migrate(settings.database_url)
+    try:
+        for k, v in cpu_by_part(settings, args.n).items():
+            print(f"{k:24s} {v:8.3f} ms")
+    finally:
+        db.close_pools()
+        with psycopg.connect(psycopg.conninfo.make_conninfo(base.database_url, dbname="postgres"),
+                             autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
