@@ -370,8 +370,11 @@ PARTS = (
     ("auth", "functions/gateway/guards.py", "_authenticate"),
     ("body_and_schema", "functions/gateway/web.py", "json_body"),
     ("rate_limit", "shared/ratelimit.py", "check_submit"),
-    ("submit_total", "functions/gateway/submit.py", "submit_one"),
+    ("submit_total", "functions/gateway/submit.py", "submit_one"),  # before the one-statement intake
+    ("submit_total", "functions/gateway/submit.py", "submit_as"),  # after
     ("payload_schema", "events/payloads.py", "payload_errors"),
+    ("payload_schema", "shared/tasks/intake.py", "payload_errors"),
+    ("database", "shared/tasks/intake.py", "submit"),
     ("relay_enqueue", "functions/gateway/submit.py", "after_commit"),
     ("response", "shared/envelope.py", "json_response"),
     ("route_total", "functions/gateway/routes/tasks.py", "create"),
@@ -418,7 +421,7 @@ def cpu_by_part(s: Settings, n: int = 2000) -> dict[str, float]:
     out = {"process_ms": process_ms, "main_thread_ms": main_ms, "relay_thread_ms": process_ms - main_ms,
            "profiled_main_thread_ms": sum(v[2] for v in stats.values()) * 1e3 / n}
     for part, path, func in PARTS:
-        out[part] = sum(v[3] for (file, _, name), v in stats.items()
+        out[part] = out.get(part, 0.0) + sum(v[3] for (file, _, name), v in stats.items()
                         if name == func and file.endswith(path)) * 1e3 / n
     _empty(s)
     return out

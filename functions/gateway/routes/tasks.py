@@ -10,7 +10,7 @@ from events import completions
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth
 from functions.gateway.routes import webhooks
-from functions.gateway.submit import submit_batch, submit_one
+from functions.gateway.submit import submit_as, submit_batch
 from functions.gateway.web import json_body, principal, settings
 from shared import db, storage
 from shared.envelope import json_response
@@ -35,9 +35,9 @@ def create() -> Response:
     if callback_url is not None:
         callback_url = callbacks.check_callback(settings(), principal().user_id, callback_url,
                                                 resolver=webhooks.resolver())
-    sub = submit_one(settings(), principal().user_id, body["type"], body["payload"],
-                     idempotency_key=request.headers.get("Idempotency-Key"),
-                     traceparent=request.headers.get("traceparent"), callback_url=callback_url)
+    sub = submit_as(settings(), principal(), body["type"], body["payload"],
+                    idempotency_key=request.headers.get("Idempotency-Key"),
+                    traceparent=request.headers.get("traceparent"), callback_url=callback_url)
     # 202: accepted for processing; 200: an idempotent replay of an earlier submission.
     return json_response(tasks.public_task(sub.row), 202 if sub.created else 200, _location(sub.row["id"]))
 
