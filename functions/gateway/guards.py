@@ -29,10 +29,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
-def _autocommit(s: Settings) -> Iterator[psycopg.Connection]:
-    """A pooled connection in autocommit mode: authentication only reads (the API-key
-    ``last_used_at`` touch is a single statement), so BEGIN/COMMIT would be two wasted
-    round trips on every request."""
+def autocommit(s: Settings) -> Iterator[psycopg.Connection]:
+    """A pooled connection in autocommit mode, for work of one statement at a time:
+    authentication only reads (the API-key ``last_used_at`` touch is a single statement)
+    and so do the task reads, so BEGIN/COMMIT would be two wasted round trips."""
     try:
         with db.get_pool(s).connection() as conn:
             conn.autocommit = True
@@ -47,9 +47,9 @@ def _autocommit(s: Settings) -> Iterator[psycopg.Connection]:
 def _authenticate(cached: bool = True) -> auth.Principal:
     s = settings()
     if cached:
-        p = auth.authenticate_cached(s, lambda: _autocommit(s), request.headers)
+        p = auth.authenticate_cached(s, lambda: autocommit(s), request.headers)
     else:
-        with _autocommit(s) as conn:
+        with autocommit(s) as conn:
             p = auth.authenticate(s, conn, request.headers)
     g.principal = p
     return p
