@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def _server_env(s: Settings, storage_dir: str) -> dict[str, str]:
 
 
 class Gateway:
-    """The gateway as the runtime starts it: functions-framework's CLI, one process."""
+    """The gateway as the runtime starts it: ``infra.runtime.serve`` with its ``WORKERS``
+    and ``THREADS`` from ``infra/runtime/taskforge.yaml``."""
 
     def __init__(self, s: Settings, extra_env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
@@ -148,11 +150,13 @@ class Gateway:
         # of the gateway that logs (the eager relay among them), stalling the run.
         self._log_path = Path(self._storage) / "gateway.log"
         with open(self._log_path, "wb") as log:
+            spec = load_config().functions["gateway"]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "functions_framework", "--target", "gateway", "--source", str(MAIN),
+                [sys.executable, "-m", "infra.runtime.serve", "--target", "gateway", "--source", str(MAIN),
                  "--host", "127.0.0.1", "--port", str(self.port)],
-                env={**_server_env(s, self._storage), **(extra_env or {})}, cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=log)
+                env={**_server_env(s, self._storage), "WORKERS": str(spec.workers), "THREADS": str(spec.threads),
+                     **(extra_env or {})}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -168,11 +172,11 @@ class Gateway:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)  # gunicorn and its workers
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
         shutil.rmtree(self._storage, ignore_errors=True)
 
 
@@ -357,7 +361,11 @@ def run(ctx: BenchContext) -> list[Figure]:
                    "raw_insert_tps: psycopg loop, same two inserts per transaction, one connection",
                    r["psycopg_1conn_tps"],
                    {"p50_ms": r["gateway_p50_ms"], "p99_ms": r["gateway_p99_ms"],
-                    "psycopg_8_threads_tps": r["psycopg_8conn_tps"], "load_tool": r["load_tool"],
+                    "psycopg_8_threads_tps": r["psycopg_8conn_tps"],
+                    "ratio_to_psycopg_8_threads": round(r["gateway_rps"] / r["psycopg_8conn_tps"], 3)
+                    if r["psycopg_8conn_tps"] else None,
+                    "gateway_workers": load_config().functions["gateway"].workers,
+                    "gateway_threads": load_config().functions["gateway"].threads, "load_tool": r["load_tool"],
                     "relay_backlog_settle_s": r["relay_settle_s"],
                     "gateway_without_eager_relay_rps": r["gateway_no_relay_rps"],
                     "connections": r["connections"]})]
