@@ -6,15 +6,19 @@ doing the same work, measured in the same run, alternating rounds.
   (open, ``draft()``, apply EXIF orientation, LANCZOS resize, save): the like-for-like
   cost of our checks (format sniffing, pixel caps, output probe). ``plain_without_draft_ms``
   is the naive script that decodes every pixel, for orientation.
-* ``compress_overhead``: ``shared.media.video.compress_video`` (probe, duration and size
-  caps, progress parsing, output probe) on a generated 10 s 1280x720 clip with sound, H.264
-  CRF 28 preset fast, vs running the *same* ffmpeg command line directly.
+* ``compress_overhead``: ``shared.media.video.compress_video`` (duration and size caps read
+  from the run's own stderr, progress parsing, output description) on a generated 10 s
+  1280x720 clip with sound, H.264 CRF 28 preset fast, vs running the *same* ffmpeg command
+  line directly.
 * ``pdf_overhead``: ``shared.media.pdf.render_pdf`` with wkhtmltopdf (egress proxy,
   pdfkit command, output checks) vs calling wkhtmltopdf directly on the same HTML file
   with the same page options and JavaScript delay.
-* ``pdf_chromium_overhead``: the same with ``engine="chromium"`` (DevTools pipe) vs
-  ``chromium --headless --print-to-pdf`` on the file. Chromium's own background traffic is
-  sent to a dead loopback port in both, so nothing leaves the machine.
+* ``pdf_chromium_overhead``: the same with ``engine="chromium"`` (the worker's warm browser,
+  a fresh context per render, over the DevTools pipe) vs ``chromium --headless
+  --print-to-pdf`` on the file, a new browser each time as a one-off command is. The warm
+  browser is started before the timed rounds, as a worker's first render would. Chromium's
+  own background traffic is sent to a dead loopback port in both, so nothing leaves the
+  machine.
 
 Values and baselines are medians in milliseconds per item. Inputs are generated here.
 """
@@ -97,8 +101,7 @@ def compress_overhead(ctx: BenchContext) -> Figure:
         src = _clip(Path(tmp) / "clip.mp4", 10)
         exe = video.ffmpeg_exe()
         job = video.make_job(codec="h264", crf=28, preset="fast")
-        cmd, _ = video.build_command(exe, src, Path(tmp) / "direct.mp4", job, video.probe(src), 600.0,
-                                     video.encoders(exe))
+        cmd, _ = video.build_command(exe, src, Path(tmp) / "direct.mp4", job, 600.0, video.encoders(exe))
         ours = _ms(lambda: video.compress_video(src, Path(tmp) / "ours.mp4", codec="h264", crf=28, preset="fast"))
         direct = _ms(lambda: subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True))
         v, b = alternate(ours, direct, rounds)
