@@ -1,7 +1,8 @@
 """Cold start per function (issue 7): process start to the first event handled.
 
 For each function of the graph: spawn its process exactly as the local supervisor does
-(``infra.runtime.process.function_command``: functions-framework's CLI under gunicorn,
+(``infra.runtime.process.function_command``: ``infra.runtime.serve``, gunicorn around the
+function's own WSGI app with the graph's workers and threads; functions-framework with
 uvicorn workers for ASGI), then send its first real request until it is answered:
 
 * worker functions (resize-image, compress-video, generate-pdf): a binary-mode
@@ -13,8 +14,11 @@ uvicorn workers for ASGI), then send its first real request until it is answered
 
 Figure ``cold_start_ms_<function>`` = median over rounds of (first answer − spawn), ms.
 Baseline: a bare functions-framework function that does nothing (``bench/bare/main.py``,
-the ASGI variant for ASGI functions), started the same way with the same request,
-alternating with the function in the same run.
+the ASGI variant for ASGI functions), started the same way with the same request and
+environment (so the same number of processes), alternating with the function in the same
+run. The figure's details list the function's top imports (``top_imports``: import
+time of ``functions.<name>.main`` by top-level package, ms, from ``python -X importtime``
+in a fresh process), so a regression shows what it loads.
 
 Figure ``cold_start_ms_container_<function>`` = median over rounds of (first answer −
 ``<engine> run``), ms: the function started as a container of its image exactly as the
@@ -74,6 +78,27 @@ def first_request(function: str) -> tuple[str, str, dict[str, str], bytes]:
         return "GET", "/healthz", {}, b""
     headers, body = codec.to_binary_http(codec.make_event(attrs, data))
     return "POST", "/", dict(headers), body
+
+
+def top_imports(module: str, n: int = 8) -> dict[str, float]:
+    """The ``n`` top-level packages that cost ``module``'s import the most (self time
+    summed over their modules, ms; the project's packages by second-level name)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                          cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True,
+                          timeout=120, check=False)
+    cost: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        fields = line[len("import time:"):].split("|")
+        try:
+            self_us = int(fields[0])
+        except ValueError:  # the header line
+            continue
+        parts = fields[2].strip().split(".")
+        key = ".".join(parts[:2]) if parts[0] in ("shared", "events", "functions") else parts[0]
+        cost[key] = cost.get(key, 0.0) + self_us / 1000
+    return {k: round(v, 1) for k, v in sorted(cost.items(), key=lambda kv: -kv[1])[:n]}
 
 
 def time_first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, str, dict[str, str], bytes],
@@ -203,5 +228,7 @@ def run(ctx: BenchContext) -> list[Figure]:
                                 functools.partial(time_first_answer, spec, env, request, source=bare), rounds)
         figures.append(Figure(f"cold_start_ms_{name.replace('-', '_')}", median(value), "ms",
                               f"bare functions-framework function ({spec.signature}), same start",
-                              median(base), {"first_request": " ".join(request[:2]), "rounds": rounds}))
+                              median(base), {"first_request": " ".join(request[:2]), "rounds": rounds,
+                                             "workers": spec.workers, "threads": spec.threads,
+                                             "top_imports": top_imports(f"functions.{spec.module_dir}.main")}))
     return figures + container_figures(ctx, detect(s.container_engine), rounds)

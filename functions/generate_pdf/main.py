@@ -5,16 +5,15 @@ pdfkit by default, headless Chromium with ``engine: "chromium"``) to the shared 
 The payload carries the page itself (``url`` or ``html``), so there is no ``source`` to
 fetch: the engine loads the page through the core's SSRF-filtering egress proxy. A page
 ``url`` goes through that host's ``fetch`` circuit breaker, so an unreachable site fails
-fast for a while instead of tying up renderers. Entry point: target ``handle``.
+fast for a while instead of tying up renderers. Entry points: ``application`` (WSGI, what the
+server runs) and functions-framework's target ``handle``.
 """
 from __future__ import annotations
 
 from typing import Any
 from urllib.parse import urlsplit
 
-import functions_framework
-
-from shared import breakers, urlguard
+from shared import breakers, envelope, urlguard
 from shared.media.pdf import render_pdf
 from shared.worker import Job, Output, Worker
 
@@ -42,8 +41,9 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("generate-pdf", run)
+application = envelope.wsgi_app(worker.handle, name="generate-pdf")  # served by gunicorn (docs/architecture.md §6)
 
 
-@functions_framework.http
 def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return worker.http(request)

@@ -1,7 +1,13 @@
 """One dispatcher per trigger: consume its queue, POST each event to the subscriber in
 binary mode, and settle the message by Knative's rules (``infra.runtime.delivery``).
 
-* ``prefetch = parallelism`` and as many worker threads: that many deliveries in flight.
+* ``parallelism`` worker threads POST over their own keep-alive connections: that many
+  deliveries in flight. The prefetch is larger (``PREFETCH_FACTOR`` x parallelism), so the
+  next messages are already here when a delivery ends (no round trip to RabbitMQ between
+  two deliveries); a message's hold time counts from its arrival, not from its start.
+* Acks are batched: workers hand their settlements to the connection's thread, which
+  sends them in bursts (``infra.runtime.acks``: one ``multiple=True`` ack for a run of
+  consecutive tags), without the worker waiting for it.
 * Each attempt has the spec's per-request ``timeout``; retries run inline with linear or
   exponential backoff (attempts = retry + 1), as the upstream dispatcher does, so with
   parallelism 1 a failing event holds up the queue behind it.
@@ -11,8 +17,12 @@ binary mode, and settle the message by Knative's rules (``infra.runtime.delivery
 * Every POST carries ``X-TaskForge-Signature`` (``shared.delivery_auth``) when a delivery
   secret is configured: internal functions refuse requests without it.
 * A 2xx answer carrying a CloudEvent is a reply: published (confirmed) into the broker.
+  Replies, dead letters and hand-offs go through one publisher per dispatcher with
+  pipelined confirms (``shared.broker.rabbit``): concurrent workers wait for their own
+  confirms without serialising on one another's.
 * A message is acked only after its outcome is settled (and anything it produced is
-  confirmed): a crashed dispatcher loses nothing, RabbitMQ redelivers.
+  confirmed): a crashed dispatcher loses nothing, RabbitMQ redelivers; a batch of acks
+  lost with it means redeliveries, which the functions absorb (exactly-once effect).
 * RabbitMQ closes a consumer that holds a delivery past ``consumer_timeout``. When the
   next attempt could cross that line (long timeouts times several attempts), or when the
   dispatcher stops mid-backoff, the message is handed off: re-queued (confirmed) with its
@@ -27,23 +37,24 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import pika
-import pika.exceptions
 from cloudevents.http import CloudEvent
 
 from events import catalog, codec
+from infra.runtime.acks import AckBook, Op
 from infra.runtime.config import DeliverySpec, RuntimeConfig
 from infra.runtime.delivery import Attempt, Outcome, dead_letter_event, reply_of
 from infra.runtime.process import ColdStartError, FunctionProcess
 from shared import delivery_auth, httppost, metrics
 from shared.broker import dead_letter_queue, exchange_name, trigger_queue
-from shared.errors import BadRequest
+from shared.broker.rabbit import Message, RabbitBroker
+from shared.errors import BadRequest, TaskForgeError
 from shared.settings import Settings
 
 log = logging.getLogger("taskforge.runtime.dispatcher")
@@ -51,6 +62,8 @@ log = logging.getLogger("taskforge.runtime.dispatcher")
 ATTEMPT_HEADER = "x-taskforge-attempt"  # not a CloudEvents attribute name: never decoded as one
 NOT_BEFORE_HEADER = "x-taskforge-not-before"  # epoch seconds
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+PREFETCH_FACTOR = 2  # messages held per worker thread: one in delivery, one ready behind it
+LOCAL_WAIT_HAND_OFF_S = 1.0  # below this, time spent in the prefetch never forces a hand-off
 Activate = Callable[[], AbstractContextManager[Any]]
 Poster = Callable[[str, Mapping[str, str], bytes, float], Attempt]
 
@@ -69,9 +82,12 @@ class _Session:
     def __init__(self, conn: pika.BlockingConnection) -> None:
         self.conn = conn
         self.consume_ch: Any = None
-        self.publish_ch: Any = None
         self.work: queue.Queue[_Msg | None] = queue.Queue()
         self.open = True
+        self.book = AckBook()  # the connection thread's alone
+        self.settled: deque[tuple[int, Op]] = deque()  # from the workers, not yet applied
+        self.flush_due = False  # a flush is scheduled on the connection thread
+        self.lock = threading.Lock()
 
 
 @dataclass
@@ -81,6 +97,7 @@ class _Msg:
     headers: dict[str, Any]
     props: pika.BasicProperties
     body: bytes
+    received: float  # time.monotonic() when it arrived: its hold time starts here
 
 
 class _Settle(Exception):
@@ -93,13 +110,14 @@ class Dispatcher:
     def __init__(self, settings: Settings, *, name: str, queue_name: str, url: str, delivery: DeliverySpec,
                  parallelism: int = 1, dead_letter: str | None = None, consumer_timeout_s: float = 1800.0,
                  activate: Activate | None = None, poster: Poster = post,
-                 loop_guard_type: str | None = None) -> None:
+                 loop_guard_type: str | None = None, prefetch: int | None = None) -> None:
         self.settings = settings
         self.name = name
         self.queue_name = queue_name
         self.url = url
         self.delivery = delivery
         self.parallelism = max(1, parallelism)
+        self.prefetch = max(self.parallelism, prefetch or PREFETCH_FACTOR * self.parallelism)
         self.dead_letter = dead_letter  # queue to dead-letter into; None: this IS the dead-letter dispatcher
         self.hold_budget_s = 0.9 * consumer_timeout_s
         self.activate = activate
@@ -112,6 +130,8 @@ class Dispatcher:
         self._in_flight_lock = threading.Lock()
         self._session: _Session | None = None
         self._thread: threading.Thread | None = None
+        self._publisher: RabbitBroker | None = None
+        self._publisher_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -145,7 +165,10 @@ class Dispatcher:
             idle = idle + 1 if ready == 0 and self._busy() == 0 else 0
             return idle >= idle_checks
 
-        self._run_session(until=done)
+        try:
+            self._run_session(until=done)
+        finally:
+            self._close_publisher()
         with self._stats_lock:
             return self.stats - before
 
@@ -162,6 +185,7 @@ class Dispatcher:
                 log.warning("dispatcher lost RabbitMQ, reconnecting", extra=({
                     "trigger": self.name, "error": repr(exc), "retry_in_s": delay}))
                 self._stop.wait(delay)
+        self._close_publisher()
 
     def _run_session(self, until: Callable[[], bool]) -> None:
         """Consume over one connection until ``until()`` (checked every 50 ms) is true."""
@@ -173,27 +197,32 @@ class Dispatcher:
                                     daemon=True) for i in range(self.parallelism)]
         try:
             session.consume_ch = conn.channel()
-            session.consume_ch.basic_qos(prefetch_count=self.parallelism)
-            session.publish_ch = conn.channel()
-            session.publish_ch.confirm_delivery()
+            session.consume_ch.basic_qos(prefetch_count=self.prefetch)
 
             def on_message(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
                 with self._in_flight_lock:
                     self._in_flight += 1
-                session.work.put(_Msg(session, method.delivery_tag, dict(props.headers or {}), props, body))
+                session.book.received(method.delivery_tag)
+                session.work.put(_Msg(session, method.delivery_tag, dict(props.headers or {}), props, body,
+                                      time.monotonic()))
 
             tag = session.consume_ch.basic_consume(self.queue_name, on_message, auto_ack=False)
             for w in workers:
                 w.start()
             while not until():
                 conn.process_data_events(time_limit=0.05)
+                self._flush(session)
             session.consume_ch.basic_cancel(tag)
             # Let in-flight deliveries settle (their acks need this thread to pump events).
             grace_end = time.monotonic() + 5.0
             while self._busy() and time.monotonic() < grace_end:
                 conn.process_data_events(time_limit=0.05)
+                self._flush(session)
         finally:
-            session.open = False
+            with contextlib.suppress(Exception):
+                self._flush(session)  # settlements made meanwhile still go out
+            with session.lock:
+                session.open = False
             self._session = None
             for _ in workers:
                 session.work.put(None)
@@ -207,54 +236,66 @@ class Dispatcher:
         with self._in_flight_lock:
             return self._in_flight
 
-    def _call(self, session: _Session, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the session's connection thread and wait for its result (pika is
-        not thread-safe). Raises ``_Settle`` if that connection is gone."""
-        if not session.open:
-            raise _Settle("connection closed")
-        done = threading.Event()
-        box: dict[str, Any] = {}
+    def _flush(self, session: _Session) -> None:
+        """Apply the workers' settlements as batched frames (connection thread only)."""
+        with session.lock:
+            session.flush_due = False
+            settled, session.settled = session.settled, deque()
+        if not settled:
+            return
+        for tag, op in settled:
+            session.book.settle(tag, op)
+        ch = session.consume_ch
+        for frame in session.book.frames():
+            if frame.op is Op.ACK:
+                ch.basic_ack(frame.tag, multiple=frame.multiple)
+            else:
+                ch.basic_nack(frame.tag, multiple=False, requeue=frame.op is Op.REQUEUE)
 
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-                box["error"] = exc
-            done.set()
-
-        try:
-            session.conn.add_callback_threadsafe(run)
-        except Exception as exc:  # noqa: BLE001 - connection closed meanwhile
-            raise _Settle(repr(exc)) from exc
-        while not done.wait(0.5):
+    def _settle(self, msg: _Msg, op: Op) -> None:
+        """Hand ``msg``'s outcome to its connection's thread; does not wait for it (an ack
+        has no answer in AMQP). Raises ``_Settle`` if that connection is gone."""
+        session = msg.session
+        with session.lock:
             if not session.open:
                 raise _Settle("connection closed")
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
+            session.settled.append((msg.tag, op))
+            if session.flush_due:
+                return  # the flush already scheduled takes this one too
+            session.flush_due = True
+        try:
+            session.conn.add_callback_threadsafe(lambda: self._flush(session))
+        except Exception as exc:  # noqa: BLE001 - connection closed meanwhile
+            raise _Settle(repr(exc)) from exc
 
     def _ack(self, msg: _Msg) -> None:
-        self._call(msg.session, lambda: msg.session.consume_ch.basic_ack(msg.tag))
+        self._settle(msg, Op.ACK)
 
     def _nack(self, msg: _Msg, *, requeue: bool) -> None:
-        self._call(msg.session, lambda: msg.session.consume_ch.basic_nack(msg.tag, requeue=requeue))
+        self._settle(msg, Op.REQUEUE if requeue else Op.REJECT)
+
+    def _publisher_of(self) -> RabbitBroker:
+        with self._publisher_lock:
+            if self._publisher is None:
+                # mandatory: a publish nothing routes comes back as Unroutable
+                self._publisher = RabbitBroker(self.settings, mandatory=True)
+            return self._publisher
+
+    def _close_publisher(self) -> None:
+        with self._publisher_lock:
+            publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()
 
     def _publish(self, msg: _Msg, exchange: str, routing_key: str, event: CloudEvent,
                  extra_headers: Mapping[str, Any] | None = None) -> None:
-        """Publish on ``msg``'s connection and wait for RabbitMQ's confirm."""
-        session = msg.session
+        """Publish and wait for RabbitMQ's confirm (pipelined with other workers' publishes).
+        Raises ``TaskForgeError`` (``ServiceUnavailable``, ``Unroutable``) when unconfirmed."""
         headers, props, body = codec.to_amqp(event)
         headers.update(extra_headers or {})
-        properties = pika.BasicProperties(headers=headers, **props)
-
-        def publish() -> None:
-            if session.publish_ch is None or not session.publish_ch.is_open:  # closed by an earlier error
-                session.publish_ch = session.conn.channel()
-                session.publish_ch.confirm_delivery()
-            # Blocks until RabbitMQ confirms; raises NackError/UnroutableError otherwise.
-            session.publish_ch.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-
-        self._call(session, publish)
+        message = Message(str(event["id"]), pika.BasicProperties(headers=headers, **props), body,
+                          exchange, routing_key)
+        self._publisher_of().send([message])
 
     # --- delivery (worker threads) ------------------------------------------------------
     def _worker(self, session: _Session) -> None:
@@ -300,10 +341,15 @@ class Dispatcher:
         # A hand-off's attempt number, clamped: the spec may have shrunk since it was queued.
         first = min(_int(msg.headers.get(ATTEMPT_HEADER), 1), self.delivery.attempts)
         not_before = _float(msg.headers.get(NOT_BEFORE_HEADER), 0.0)
-        wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s)
+        held_since = msg.received  # waiting behind other deliveries counts toward the hold
+        waited = time.monotonic() - held_since
+        if waited > LOCAL_WAIT_HAND_OFF_S and waited + self.delivery.timeout_s > self.hold_budget_s:
+            # It sat in the prefetch behind slow deliveries: its attempt could cross the
+            # consumer timeout, so it goes back to the queue unattempted.
+            return self._hand_off(msg, event, first, max(not_before, time.time()))
+        wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s - waited)
         if wait > 0 and self._stop.wait(wait):  # a handed-off message still in its backoff
             return self._hand_off(msg, event, first, not_before)
-        held_since = time.monotonic()
         http_headers, body = codec.to_binary_http(event)
         for n in range(first, self.delivery.attempts + 1):
             attempt = self._attempt(http_headers, body)
@@ -355,7 +401,7 @@ class Dispatcher:
             return "reply_loop"
         try:
             self._publish(msg, exchange_name(self.settings), "", reply)
-        except (pika.exceptions.AMQPError, _Settle) as exc:
+        except (TaskForgeError, _Settle) as exc:
             # Upstream dead-letters the original when its reply cannot be sent.
             log.error("reply could not be published", extra=({"trigger": self.name, "error": repr(exc)}))
             failed = Attempt(attempt.status, attempt.headers, f"reply not published: {exc!r}".encode())
@@ -375,7 +421,7 @@ class Dispatcher:
             return "lost"
         try:
             self._publish(msg, "", self.dead_letter, dead_letter_event(event, self.url, attempt))
-        except (pika.exceptions.AMQPError, _Settle) as exc:
+        except (TaskForgeError, _Settle) as exc:
             log.error("dead-letter publish failed; message requeued", extra=({
                 "trigger": self.name, "event_id": event["id"], "error": repr(exc)}))
             self._stop.wait(1.0)
@@ -392,7 +438,7 @@ class Dispatcher:
         try:
             self._publish(msg, "", self.queue_name, event,
                           {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
-        except (pika.exceptions.AMQPError, _Settle) as exc:
+        except (TaskForgeError, _Settle) as exc:
             # Give it back as it came (its own attempt number) rather than hold it unacked.
             log.warning("hand-off failed, message requeued", extra=({"trigger": self.name, "error": repr(exc)}))
             self._nack(msg, requeue=True)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pika
 import pika.exceptions
@@ -40,7 +40,17 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 10.0
 
-Message = tuple[str, pika.BasicProperties, bytes]  # (event id, properties, body)
+
+
+class Message(NamedTuple):
+    """One message to publish: its event id (for returns), properties and body, and where
+    it goes (``exchange`` None: the publisher's own exchange)."""
+
+    event_id: str
+    props: pika.BasicProperties
+    body: bytes
+    exchange: str | None = None
+    routing_key: str = ""
 
 
 class _Batch:
@@ -191,19 +201,20 @@ class _Link:
             batch.fail(ServiceUnavailable("broker channel is not open"))
             return
         try:
-            for event_id, props, body in messages:
-                channel.basic_publish(self.exchange, "", body, props, mandatory=self.mandatory)
+            for m in messages:
+                exchange = self.exchange if m.exchange is None else m.exchange
+                channel.basic_publish(exchange, m.routing_key, m.body, m.props, mandatory=self.mandatory)
                 self._tag += 1
-                self._unsettled[self._tag] = (batch, event_id)
-                self._by_id[event_id] = batch
+                self._unsettled[self._tag] = (batch, m.event_id)
+                self._by_id[m.event_id] = batch
         except Exception as exc:  # ChannelWrongStateError, connection errors mid-batch
             batch.fail(ServiceUnavailable(f"publish failed: {exc.__class__.__name__}"))
 
     def forget(self, messages: list[Message]) -> None:
         """Drop the return-lookup entries of a finished batch (runs on the I/O thread)."""
         def drop() -> None:
-            for event_id, _p, _b in messages:
-                self._by_id.pop(event_id, None)
+            for m in messages:
+                self._by_id.pop(m.event_id, None)
         self.call_soon(drop)
 
     def call_soon(self, fn: Any) -> None:
@@ -277,13 +288,20 @@ class RabbitBroker:
         out: list[Message] = []
         for event in events:
             headers, props, body = codec.to_amqp(event)
-            out.append((str(event["id"]), pika.BasicProperties(headers=headers, **props), body))
+            out.append(Message(str(event["id"]), pika.BasicProperties(headers=headers, **props), body))
         return out
 
     def publish(self, events: Sequence[CloudEvent]) -> None:
-        if not events:
+        if events:
+            self.send(self.encode(events))  # encoding stays on the caller's thread
+
+    def send(self, messages: Sequence[Message]) -> None:
+        """Publish pre-encoded ``messages`` (each to its own exchange and routing key) and
+        wait for every confirm; raises as :meth:`publish` does. Several threads may send at
+        once: their confirms are pipelined on the one channel."""
+        if not messages:
             return
-        messages = self.encode(events)  # CPU work stays on the caller's thread
+        messages = list(messages)
         link = self._connected()
         batch = link.submit(messages)
         try:

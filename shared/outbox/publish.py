@@ -9,7 +9,8 @@ One call of :func:`claim_and_publish` is one transaction on the caller's connect
    row while both are alive.
 2. The events are published and every confirm awaited (the row locks are held meanwhile).
 3. Confirmed rows are marked dispatched and their tasks moved ``pending → queued``
-   (``shared.tasks.state.mark_queued``) in the same transaction; rows the broker can never take
+   (``shared.tasks.state.mark_queued``) in the same transaction, both statements in one
+   round trip (a pipeline); rows the broker can never take
    (unroutable, refused, not a valid CloudEvent) are parked and their tasks failed.
 
 If the process dies between 2 and the commit, the locks vanish with the connection and
@@ -138,12 +139,15 @@ def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
     to_park += [(r, rejected[str(r["event_id"])]) for r in sendable if str(r["event_id"]) in rejected]
     ok = [r for r in sendable if str(r["event_id"]) not in rejected]
     if ok:
-        conn.execute(
-            "UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
-            " WHERE id = ANY(%s)", ([r["id"] for r in ok],),
-        )
         task_ids = [t for t in map(task_id_of, ok) if t]
-        out.task_rows.extend(state.mark_queued(conn, task_ids))
+        # One round trip for both statements: the outbox mark is queued in the pipeline and
+        # sent with the tasks' update, whose rows are the first result read back.
+        with conn.pipeline():
+            conn.execute(
+                "UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
+                " WHERE id = ANY(%s)", ([r["id"] for r in ok],),
+            )
+            out.task_rows.extend(state.mark_queued(conn, task_ids))
         out.published = len(ok)
         metrics.OUTBOX_PUBLISHED.labels(via).inc(len(ok))
     if to_park:

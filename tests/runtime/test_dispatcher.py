@@ -161,6 +161,28 @@ def test_parallelism_runs_deliveries_concurrently(rig: Rig) -> None:
     assert seen == 3
 
 
+def test_prefetch_holds_more_messages_than_it_delivers_at_once(rig: Rig) -> None:
+    from tests.runtime.test_supervisor import wait_for
+
+    group = uuid.uuid4().hex
+    events = [event("test.par", {"sleep_s": [1.0], "group": group}) for _ in range(6)]
+    rig.publish(*events)
+    d = rig.dispatcher("par")
+    assert (d.parallelism, d.prefetch) == (3, 6)
+    d.start()
+    try:
+        wait_for(lambda: len([c for c in rig.calls() if c["data"].get("group") == group]) >= 3,
+                 what="first three deliveries")
+        # All six are with the dispatcher (none ready in the queue), three in delivery.
+        assert rig.ready(rig.queue("par")) == 0
+        wait_for(lambda: d.stats["delivered"] == 6, what="six deliveries")
+    finally:
+        d.stop()
+    calls = [c for c in rig.calls() if c["data"].get("group") == group]
+    assert len(calls) == 6 and max(c["concurrent"] for c in calls) == 3
+    assert rig.get_all(rig.queue("par")) == []  # every one acked, none redelivered
+
+
 def test_parallelism_one_delivers_in_order(rig: Rig) -> None:
     events = [event("test.codes", {"n": i}) for i in range(5)]
     rig.publish(*events)
