@@ -20,6 +20,17 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 PROJECT_PACKAGES = frozenset({"shared", "events", "functions", "taskforge", "infra"})
+# What a function's image runs besides the function's own module: the server every
+# entrypoint starts (infra/images/entrypoint.sh), and in the gateway's image the OpenFaaS
+# bridge dispatcher (`taskforge migrate`, in every image, needs only the shared part).
+SERVER = "infra.runtime.serve"
+EXTRA_ROOTS = {"gateway": ("infra.openfaas.bridge",)}
+
+
+def image_roots(root: Path, function: str, source: Path) -> list[str]:
+    """The modules an image of ``function`` (code at ``source``) starts from."""
+    module = ".".join(source.resolve().relative_to(root.resolve()).with_suffix("").parts)
+    return [module, SERVER, *EXTRA_ROOTS.get(function, ())]
 
 
 def canonical(name: str) -> str:

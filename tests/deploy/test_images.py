@@ -105,9 +105,7 @@ def test_requirements_split_into_a_shared_part_and_per_image_packages():
 @pytest.mark.parametrize("name", sorted(STACK["functions"]))
 def test_each_image_installs_its_own_requirements(name):
     extras = extras_of(name)
-    if not extras:  # the image has the shared part only (the Dockerfile skips the step)
-        assert name in ("outbox-sweeper", "dead-letter"), f"{name} names no per-image package"
-        return
+    assert extras, f"{name} names no per-image package"  # (the Dockerfile would skip the step)
     lines = _lines(select(*extras))
     assert set(lines) <= set(REQ_LINES), "only pinned lines of requirements.txt"
     assert _names(lines) == {canonical(e) for e in extras}, "only the per-image lines it names"
@@ -125,9 +123,6 @@ def test_select_requirements_refuses_anything_but_per_image_packages(extra):
 # Per-image packages no code imports by name: a dependency loads them when present
 # (uvicorn runs on uvloop and httptools if they are installed), so only ASGI images.
 LOADED_BY_A_DEPENDENCY = {"uvloop", "httptools"}
-# What an image runs besides its function: the gateway's image also runs the OpenFaaS
-# bridge dispatcher (`taskforge migrate`, in every image, needs only the shared part).
-EXTRA_ROOTS = {"gateway": ["infra.openfaas.bridge"]}
 
 
 @pytest.mark.parametrize("name", sorted(STACK["functions"]))
@@ -137,8 +132,7 @@ def test_each_image_carries_what_its_code_imports_and_nothing_more(name):
     imported somewhere on that path. An import guarded by ``except ImportError`` may be
     missing (jsonschema-rs outside the gateway)."""
     spec = load_config().functions[name]
-    module = ".".join(spec.source.relative_to(ROOT).with_suffix("").parts)
-    required, optional = imports.third_party(ROOT, [module, *EXTRA_ROOTS.get(name, [])])
+    required, optional = imports.third_party(ROOT, imports.image_roots(ROOT, name, spec.source))
     installed = imports.installed_closure(SHARED | {canonical(e) for e in extras_of(name)})
     missing = {m: d for m, d in imports.distributions(required).items() if d not in installed}
     assert not missing, f"{name} imports {missing} which its image does not install"

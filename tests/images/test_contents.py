@@ -83,8 +83,7 @@ def test_the_image_imports_every_package_its_function_imports(engine: Engine, fu
     ref = image_refs()[function]
     need_image(engine, ref)
     spec = load_config().functions[function]
-    module = ".".join(spec.source.relative_to(ROOT).with_suffix("").parts)
-    required, _ = imports.third_party(ROOT, [module])
+    required, _ = imports.third_party(ROOT, imports.image_roots(ROOT, function, spec.source))
     script = ("import importlib, json, sys\n"
               "print(json.dumps(sorted(importlib.import_module(m).__name__ for m in sys.argv[1:])))")
     assert json.loads(run_python(engine, ref, script, *sorted(required))) == sorted(required)
@@ -128,8 +127,7 @@ def test_s3_requests_are_signed_offline_where_results_go_to_s3(engine: Engine, f
     ref = image_refs()[function]
     need_image(engine, ref)
     spec = load_config().functions[function]
-    module = ".".join(spec.source.relative_to(ROOT).with_suffix("").parts)
-    if "boto3" not in imports.third_party(ROOT, [module])[0]:
+    if "boto3" not in imports.third_party(ROOT, imports.image_roots(ROOT, function, spec.source))[0]:
         # No S3 code on its path: the image leaves boto3 out entirely.
         script = "import importlib.util; print(importlib.util.find_spec('boto3') is None)"
         assert run_python(engine, ref, script) == "True"
