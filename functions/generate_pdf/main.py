@@ -14,7 +14,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared import breakers, envelope, urlguard
-from shared.media.pdf import render_pdf
+from shared.media.browser import install_sigterm
+from shared.media.pdf import options_from_settings, render_pdf
 from shared.worker import Job, Output, Worker
 
 MAX_BLOCKED_LISTED = 20  # refused sub-resources named in the result (the count is always exact)
@@ -24,11 +25,8 @@ def run(job: Job) -> Output:
     """Render the payload's ``url`` or ``html`` into ``output.pdf``."""
     s = job.settings
     dest = job.workdir / "output.pdf"
-    kwargs: dict[str, Any] = dict(
-        allow=urlguard.parse_allow(s.fetch_allow_cidrs), resolver=job.resolver or urlguard.system_resolver,
-        timeout_s=s.pdf_timeout_s, max_bytes=s.fetch_max_bytes, wkhtmltopdf_path=s.wkhtmltopdf_path,
-        chromium_path=s.chromium_path, on_progress=job.progress, should_cancel=job.should_cancel,
-    )
+    kwargs: dict[str, Any] = dict(options_from_settings(s), resolver=job.resolver or urlguard.system_resolver,
+                                  on_progress=job.progress, should_cancel=job.should_cancel)
     url = job.payload.get("url")
     if isinstance(url, str):
         host = (urlsplit(url).hostname or "").lower()
@@ -42,6 +40,7 @@ def run(job: Job) -> Output:
 
 worker = Worker("generate-pdf", run)
 application = envelope.wsgi_app(worker.handle, name="generate-pdf")  # served by gunicorn (docs/architecture.md §6)
+install_sigterm()  # the warm Chromium stops with the process (shared.media.browser)
 
 
 def handle(request: Any) -> Any:

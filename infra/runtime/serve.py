@@ -15,9 +15,11 @@ module serves that directly with gunicorn (``gthread`` workers). A source withou
 ``application`` (and every ASGI function) is still served through functions-framework,
 exactly as before, so ``functions-framework --target <target>`` and ``func`` keep working.
 
+The function is imported once, in gunicorn's master, and the workers fork from it (as
+under functions-framework, so whatever a function does at import was already fork-safe).
 With ``WORKERS`` > 1, prometheus-client runs in multiprocess mode: a fresh, empty
 directory (``PROMETHEUS_MULTIPROC_DIR``, under the temp dir: the one writable place of a
-read-only container) is made before any worker imports the function, each worker writes
+read-only container) is made before the function is imported, each worker writes
 its values there, a dead worker's live gauges are dropped, and the directory is removed
 when the server exits. ``/metrics``, answered by any worker, aggregates them all
 (``shared.metrics.exposition``).
@@ -73,8 +75,8 @@ def module_name(source: Path) -> str | None:
 
 
 def has_application(source: Path) -> bool:
-    """Whether ``source`` defines a module-level ``application`` (read, not imported: the
-    master never imports the function)."""
+    """Whether ``source`` defines a module-level ``application`` (read, not imported:
+    the choice of server is made before anything of the function loads)."""
     try:
         text = source.read_text(encoding="utf-8")
     except OSError:
@@ -83,7 +85,7 @@ def has_application(source: Path) -> bool:
 
 
 def load_application(source: Path) -> Callable[..., Any]:
-    """Import the function (in a worker) and return its ``application``."""
+    """Import the function and return its ``application``."""
     name = module_name(source)
     if name is not None:
         if str(ROOT) not in sys.path:
@@ -128,6 +130,9 @@ class Server(BaseApplication):
         options: dict[str, Any] = {
             "bind": f"{a.host}:{a.port}", "workers": a.workers, "threads": a.threads,
             "worker_class": "gthread", "timeout": 0, "graceful_timeout": 10,
+            # Imported once, in the master, before the workers fork (as functions-framework
+            # does): a second worker costs a fork, not a second import.
+            "preload_app": True,
             "loglevel": os.environ.get("GUNICORN_LOG_LEVEL", "error"), "limit_request_line": 0,
         }
         if self.metrics_dir is not None:
@@ -138,7 +143,7 @@ class Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Callable[..., Any]:
-        return load_application(Path(self.args.source))
+        return load_application(Path(self.args.source))  # in the master (preload_app)
 
     def _remove_dir(self, _server: Any) -> None:
         if self.metrics_dir:
