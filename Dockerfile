@@ -88,8 +88,9 @@ RUN printf '#!/bin/sh\nexec python -m taskforge.cli "$@"\n' > /usr/local/bin/tas
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/taskforge \
        --shell /usr/sbin/nologin taskforge
 
-# functions-framework reads FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, FUNCTION_USE_ASGI,
-# PORT, WORKERS and THREADS; the platform may override PORT (Knative and OpenFaaS use 8080).
+# The server (infra/runtime/serve.py, as functions-framework would) reads FUNCTION_TARGET,
+# FUNCTION_SIGNATURE_TYPE, FUNCTION_USE_ASGI, PORT, WORKERS and THREADS (each Service sets
+# its own WORKERS x THREADS); the platform may override PORT (Knative and OpenFaaS use 8080).
 # The root filesystem may be read-only: /tmp is the only place written at run time
 # (task work directories, gunicorn's heartbeat files and its control socket, found
 # through XDG_RUNTIME_DIR).

@@ -1,7 +1,8 @@
 """Cold start per function (issue 7): process start to the first event handled.
 
 For each function of the graph: spawn its process exactly as the local supervisor does
-(``infra.runtime.process.function_command``: functions-framework's CLI under gunicorn,
+(``infra.runtime.process.function_command``: ``infra.runtime.serve``, gunicorn around the
+function's own WSGI app with the graph's workers and threads; functions-framework with
 uvicorn workers for ASGI), then send its first real request until it is answered:
 
 * worker functions (resize-image, compress-video, generate-pdf): a binary-mode
@@ -11,10 +12,15 @@ uvicorn workers for ASGI), then send its first real request until it is answered
 * dead-letter: a dead-lettered event (recorded in the bench database);
 * gateway and status-stream: ``GET /healthz``.
 
-Figure ``cold_start_ms_<function>`` = median over rounds of (first answer − spawn), ms.
+Figure ``cold_start_ms_<function>`` = median over rounds of (first answer − spawn), ms;
+``cold_start_cpu_ms_<function>`` = the CPU time (user + system) its processes spent in
+that span, ms, which a loaded machine moves far less than the wall-clock figure.
 Baseline: a bare functions-framework function that does nothing (``bench/bare/main.py``,
-the ASGI variant for ASGI functions), started the same way with the same request,
-alternating with the function in the same run.
+the ASGI variant for ASGI functions), started the same way with the same request and
+environment (so the same number of processes), alternating with the function in the same
+run. The figure's details list the function's top imports (``top_imports``: import
+time of ``functions.<name>.main`` by top-level package, ms, from ``python -X importtime``
+in a fresh process), so a regression shows what it loads.
 
 Figure ``cold_start_ms_container_<function>`` = median over rounds of (first answer −
 ``<engine> run``), ms: the function started as a container of its image exactly as the
@@ -76,9 +82,55 @@ def first_request(function: str) -> tuple[str, str, dict[str, str], bytes]:
     return "POST", "/", dict(headers), body
 
 
+def top_imports(module: str, n: int = 8) -> dict[str, float]:
+    """The ``n`` top-level packages that cost ``module``'s import the most (self time
+    summed over their modules, ms; the project's packages by second-level name)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                          cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True,
+                          timeout=120, check=False)
+    cost: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        fields = line[len("import time:"):].split("|")
+        try:
+            self_us = int(fields[0])
+        except ValueError:  # the header line
+            continue
+        parts = fields[2].strip().split(".")
+        key = ".".join(parts[:2]) if parts[0] in ("shared", "events", "functions") else parts[0]
+        cost[key] = cost.get(key, 0.0) + self_us / 1000
+    return {k: round(v, 1) for k, v in sorted(cost.items(), key=lambda kv: -kv[1])[:n]}
+
+
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_ms(pgid: int) -> float:
+    """CPU time (user + system, ms) spent so far by every live process of group ``pgid``
+    (a gunicorn master and its workers), from ``/proc``: a figure that the other load on
+    the machine barely moves, unlike wall-clock time."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # fields[0] is the state; [2] the process group
+            total += (int(fields[11]) + int(fields[12])) * _TICK_MS  # utime, stime
+    return total
+
+
 def time_first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, str, dict[str, str], bytes],
                       source: Path | None = None) -> float:
     """Spawn ``spec`` (or ``source`` in its place), return ms until a non-5xx answer."""
+    return first_answer(spec, env, request, source)[0]
+
+
+def first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, str, dict[str, str], bytes],
+                 source: Path | None = None) -> tuple[float, float]:
+    """Spawn ``spec`` (or ``source`` in its place): ``(wall ms until a non-5xx answer,
+    CPU ms its processes spent until then)``."""
     if source is not None:
         spec = dataclasses.replace(spec, source=source, target="handle")
     method, path, headers, body = request
@@ -98,7 +150,7 @@ def time_first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[st
                     time.sleep(0.005)
                     continue
                 if r.status_code < 500:
-                    return (time.perf_counter() - t0) * 1000
+                    return (time.perf_counter() - t0) * 1000, group_cpu_ms(proc.pid)
                 raise RuntimeError(f"{spec.name} answered {r.status_code}: {r.text[:300]}")
     finally:
         try:
@@ -199,9 +251,16 @@ def run(ctx: BenchContext) -> list[Figure]:
         spec = dataclasses.replace(spec, port=port)
         bare = BARE.with_name("asgi.py") if spec.signature == "asgi" else BARE
 
-        value, base = alternate(functools.partial(time_first_answer, spec, env, request),
-                                functools.partial(time_first_answer, spec, env, request, source=bare), rounds)
-        figures.append(Figure(f"cold_start_ms_{name.replace('-', '_')}", median(value), "ms",
+        value, base = alternate(functools.partial(first_answer, spec, env, request),
+                                functools.partial(first_answer, spec, env, request, source=bare), rounds)
+        key = name.replace('-', '_')
+        details: dict[str, Any] = {"first_request": " ".join(request[:2]), "rounds": rounds,
+                                   "workers": spec.workers, "threads": spec.threads}
+        figures.append(Figure(f"cold_start_ms_{key}", median([v[0] for v in value]), "ms",
                               f"bare functions-framework function ({spec.signature}), same start",
-                              median(base), {"first_request": " ".join(request[:2]), "rounds": rounds}))
+                              median([b[0] for b in base]),
+                              {**details, "top_imports": top_imports(f"functions.{spec.module_dir}.main")}))
+        figures.append(Figure(f"cold_start_cpu_ms_{key}", median([v[1] for v in value]), "ms",
+                              f"bare functions-framework function ({spec.signature}), same start",
+                              median([b[1] for b in base]), details))
     return figures + container_figures(ctx, detect(s.container_engine), rounds)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def _empty(s: Settings) -> None:
         try:
             with psycopg.connect(s.database_url, autocommit=True) as conn:
                 conn.execute("SET lock_timeout = '5s'")
-                conn.execute("TRUNCATE tasks, outbox")
+                conn.execute("TRUNCATE tasks, outbox CASCADE")
             return
         except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
             time.sleep(0.2 * (attempt + 1))  # a straggling relay batch: let it finish
@@ -138,7 +139,8 @@ def _server_env(s: Settings, storage_dir: str) -> dict[str, str]:
 
 
 class Gateway:
-    """The gateway as the runtime starts it: functions-framework's CLI, one process."""
+    """The gateway as the runtime starts it: ``infra.runtime.serve`` with its ``WORKERS``
+    and ``THREADS`` from ``infra/runtime/taskforge.yaml``."""
 
     def __init__(self, s: Settings, extra_env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
@@ -148,11 +150,13 @@ class Gateway:
         # of the gateway that logs (the eager relay among them), stalling the run.
         self._log_path = Path(self._storage) / "gateway.log"
         with open(self._log_path, "wb") as log:
+            spec = load_config().functions["gateway"]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "functions_framework", "--target", "gateway", "--source", str(MAIN),
+                [sys.executable, "-m", "infra.runtime.serve", "--target", "gateway", "--source", str(MAIN),
                  "--host", "127.0.0.1", "--port", str(self.port)],
-                env={**_server_env(s, self._storage), **(extra_env or {})}, cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=log)
+                env={**_server_env(s, self._storage), "WORKERS": str(spec.workers), "THREADS": str(spec.threads),
+                     **(extra_env or {})}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -168,11 +172,11 @@ class Gateway:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)  # gunicorn and its workers
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
         shutil.rmtree(self._storage, ignore_errors=True)
 
 
@@ -357,7 +361,102 @@ def run(ctx: BenchContext) -> list[Figure]:
                    "raw_insert_tps: psycopg loop, same two inserts per transaction, one connection",
                    r["psycopg_1conn_tps"],
                    {"p50_ms": r["gateway_p50_ms"], "p99_ms": r["gateway_p99_ms"],
-                    "psycopg_8_threads_tps": r["psycopg_8conn_tps"], "load_tool": r["load_tool"],
+                    "psycopg_8_threads_tps": r["psycopg_8conn_tps"],
+                    "ratio_to_psycopg_8_threads": round(r["gateway_rps"] / r["psycopg_8conn_tps"], 3)
+                    if r["psycopg_8conn_tps"] else None,
+                    "gateway_workers": load_config().functions["gateway"].workers,
+                    "gateway_threads": load_config().functions["gateway"].threads, "load_tool": r["load_tool"],
                     "relay_backlog_settle_s": r["relay_settle_s"],
                     "gateway_without_eager_relay_rps": r["gateway_no_relay_rps"],
                     "connections": r["connections"]})]
+
+
+# --- CPU per request, by part (in-process) -------------------------------------------------
+# Each part is the cumulative main-thread CPU of the gateway function that does it; the
+# eager relay's thread shows as the process CPU the main thread did not use.
+PARTS = (
+    ("auth", "functions/gateway/guards.py", "_authenticate"),
+    ("body_and_schema", "functions/gateway/web.py", "json_body"),
+    ("rate_limit", "shared/ratelimit.py", "check_submit"),
+    ("submit_total", "functions/gateway/submit.py", "submit_one"),  # before the one-statement intake
+    ("submit_total", "functions/gateway/submit.py", "submit_as"),  # after
+    ("payload_schema", "events/payloads.py", "payload_errors"),
+    ("payload_schema", "shared/tasks/intake.py", "payload_errors"),
+    ("database", "shared/tasks/intake.py", "submit"),
+    ("relay_enqueue", "functions/gateway/submit.py", "after_commit"),
+    ("response", "shared/envelope.py", "json_response"),
+    ("route_total", "functions/gateway/routes/tasks.py", "create"),
+)
+
+
+def cpu_by_part(s: Settings, n: int = 2000) -> dict[str, float]:
+    """CPU ms per ``POST /tasks`` through the gateway app in this process (Flask's test
+    client, real PostgreSQL/Redis, the in-memory broker): ``process_ms`` and
+    ``main_thread_ms`` unprofiled, then each part's main-thread ms under cProfile
+    (the profiler inflates the parts; compare them with each other and before/after)."""
+    import cProfile
+    import pstats
+
+    from functions.gateway.app import create_app
+    from shared.outbox import relay
+
+    s = s.replace(broker_backend="memory", submit_rate_per_min=100_000_000, max_tasks_in_flight=100_000)
+    # A few busy users, as under the load of ``measure`` (each user's next request comes
+    # within milliseconds there; one at a time in-process, fifty would be seconds apart).
+    tokens = _users(s)[:5]
+    app = create_app(s)
+    client = app.test_client()
+
+    def burst(count: int) -> None:
+        for i in range(count):
+            resp = client.post("/tasks", data=BODY, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {tokens[i % len(tokens)]}"})
+            if resp.status_code != 202:
+                raise RuntimeError(f"unexpected answer {resp.status_code}: {resp.get_data()[:200]!r}")
+
+    burst(200)  # warm-up: pool, caches, compiled validators, the relay thread
+    relay.flush(s, 30)
+    _empty(s)
+    p0, t0 = time.process_time(), time.thread_time()
+    burst(n)
+    relay.flush(s, 30)
+    process_ms, main_ms = (time.process_time() - p0) * 1e3 / n, (time.thread_time() - t0) * 1e3 / n
+    _empty(s)
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    burst(n)
+    prof.disable()
+    relay.flush(s, 30)
+    stats = cast(dict[tuple[str, int, str], tuple[Any, ...]], pstats.Stats(prof).stats)  # type: ignore[attr-defined]
+    out = {"process_ms": process_ms, "main_thread_ms": main_ms, "relay_thread_ms": process_ms - main_ms,
+           "profiled_main_thread_ms": sum(v[2] for v in stats.values()) * 1e3 / n}
+    for part, path, func in PARTS:
+        out[part] = out.get(part, 0.0) + sum(v[3] for (file, _, name), v in stats.items()
+                        if name == func and file.endswith(path)) * 1e3 / n
+    _empty(s)
+    return out
+
+
+if __name__ == "__main__":  # python -m bench.submit: the CPU by part, on the bench database
+    import argparse
+
+    from shared import db
+    from shared.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.submit")
+    parser.add_argument("-n", type=int, default=2000, help="requests per measurement")
+    args = parser.parse_args()
+    base = load_settings()
+    name = f"taskforge_bench_cpu_{uuid.uuid4().hex[:8]}"
+    settings = base.replace(env="test", database_url=psycopg.conninfo.make_conninfo(base.database_url, dbname=name),
+                            redis_prefix=f"tfbench:{name}")
+    db.ensure_database(settings.database_url)
+    db.migrate(settings.database_url)
+    try:
+        for k, v in cpu_by_part(settings, args.n).items():
+            print(f"{k:24s} {v:8.3f} ms")
+    finally:
+        db.close_pools()
+        with psycopg.connect(psycopg.conninfo.make_conninfo(base.database_url, dbname="postgres"),
+                             autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

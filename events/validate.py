@@ -8,10 +8,19 @@ resolved from the two folders only; nothing is ever fetched over the network.
 
 Failures raise ``shared.errors.ValidationError`` with the field errors of
 ``events.payloads.schema_errors`` (``[{"field": "data.payload.width", "message": ...}]``).
+
+Compiled validators (jsonschema-rs) answer the common question — is this document
+valid? — in about a microsecond; only a document they refuse goes through the
+pure-Python validator, whose errors carry the field-by-field messages users see.
+``is_valid(schema, value)`` does this for any self-contained schema (the gateway's
+request bodies) and ``payload_is_valid(task_type, payload)`` for task payloads. Neither
+checks ``format`` (the Python validators do not either), and both fall back to "not
+known valid" (so the Python validator decides) if jsonschema-rs cannot be imported.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,7 @@ from referencing import Registry, Resource
 from events import catalog
 from events.errors import ValidationError
 from events.payloads import SCHEMA_DIR as PAYLOAD_SCHEMA_DIR
-from events.payloads import schema_errors
+from events.payloads import schema_errors, schema_of
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
@@ -47,6 +56,47 @@ def _registry() -> Registry:
 @cache
 def _validator(event_type: str) -> Draft202012Validator:
     return Draft202012Validator(schema_for(event_type), registry=_registry())
+
+
+_compiled: dict[int, tuple[dict[str, Any], Callable[[Any], bool]]] = {}
+
+
+def _never(_: Any) -> bool:
+    return False
+
+
+def is_valid(schema: dict[str, Any], value: Any) -> bool:
+    """True when ``value`` is valid for the self-contained ``schema`` (compiled once per
+    schema object); False means "ask the Python validator", which explains the errors."""
+    hit = _compiled.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        check: Callable[[Any], bool]
+        try:
+            import jsonschema_rs
+            check = jsonschema_rs.validator_for(schema, validate_formats=False).is_valid
+        except ImportError:  # pragma: no cover - a declared dependency; the slow path still decides
+            check = _never
+        hit = _compiled[id(schema)] = (schema, check)  # the schema is kept alive, so its id stays its own
+    return hit[1](value)
+
+
+@cache
+def _payload_checks() -> dict[str, Callable[[Any], bool]]:
+    try:
+        import jsonschema_rs
+    except ImportError:  # pragma: no cover - see is_valid
+        return {t: _never for t in catalog.TASK_TYPES}
+    names = ("common", *catalog.TASK_TYPES)
+    registry = jsonschema_rs.Registry([(schema_of(n)["$id"], schema_of(n)) for n in names])
+    return {t: jsonschema_rs.validator_for(schema_of(t), registry=registry, validate_formats=False).is_valid
+            for t in catalog.TASK_TYPES}
+
+
+def payload_is_valid(task_type: Any, payload: Any) -> bool:
+    """True when ``payload`` is a valid payload of ``task_type`` (compiled); False means
+    "not known valid": ``events.payloads.payload_errors`` then names the errors."""
+    check = _payload_checks().get(task_type) if isinstance(task_type, str) else None
+    return check is not None and isinstance(payload, dict) and check(payload)
 
 
 def event_types() -> list[str]:

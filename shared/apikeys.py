@@ -74,6 +74,9 @@ def revoke_key(conn: Conn, user_id: str, key_id: Any) -> dict[str, Any]:
         (ident, user_id)).fetchone()
     if row is None:
         raise NotFound("API key not found")
+    from shared import auth  # auth imports this module
+
+    auth.forget(api_key_id=str(row["id"]))
     return row
 
 

@@ -1,4 +1,4 @@
-"""Circuit breakers (pybreaker) around the dependencies a worker calls.
+"""Circuit breakers around the dependencies a worker calls.
 
 A dead dependency then fails fast with ``ServiceUnavailable`` (retryable: the task goes to
 ``retrying`` and the broker redelivers later) instead of being hammered by every task.
@@ -13,15 +13,20 @@ so one user's bad input can never open a breaker for everybody. The gauge
 ``taskforge_circuit_breaker_open{breaker=<group>}`` is the number of open breakers in the
 group (0 or 1 for the single-key groups; for ``fetch`` the number of refused hosts — hosts
 are never used as label values, so users cannot blow up the label cardinality).
+
+The breaker itself is the small state machine below (closed → open after ``fail_max``
+consecutive counted failures → half-open after ``reset_s`` → closed on one success, open
+again on one failure), not pybreaker: pybreaker's module imports ``redis`` (and with it
+``redis.asyncio``) for its optional Redis-backed state, which cost every function well
+over 50 ms of cold start whether or not it ever talks to Redis (docs/architecture.md §9).
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
-
-import pybreaker
 
 from shared.errors import ServiceUnavailable, TaskForgeError
 from shared.metrics import BREAKER_STATE
@@ -42,18 +47,85 @@ def _excluded(exc: BaseException) -> bool:
     return isinstance(exc, TaskForgeError) and not exc.retryable
 
 
-class _GroupListener(pybreaker.CircuitBreakerListener):
-    def __init__(self, group: _Group, key: str) -> None:
-        self.group, self.key = group, key
+STATE_CLOSED, STATE_OPEN, STATE_HALF_OPEN = "closed", "open", "half-open"
 
-    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
-        self.group.note_state(self.key, new_state.name == pybreaker.STATE_OPEN)
+
+class CircuitBreaker:
+    """One breaker: thread-safe, counting consecutive failures that ``exclude`` does not
+    excuse. ``on_change(is_open)`` is called (outside the lock) on every change between
+    open and not open."""
+
+    def __init__(self, name: str, fail_max: int, reset_s: float,
+                 exclude: Callable[[BaseException], bool] = lambda exc: False,
+                 on_change: Callable[[bool], None] = lambda is_open: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.fail_max, self.reset_s = name, fail_max, reset_s
+        self._exclude, self._on_change, self._clock = exclude, on_change, clock
+        self._lock = threading.Lock()
+        self._state = STATE_CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial = False  # a half-open trial call is in flight
+
+    @property
+    def current_state(self) -> str:
+        with self._lock:
+            if self._state == STATE_OPEN and self._clock() - self._opened_at >= self.reset_s:
+                return STATE_HALF_OPEN
+            return self._state
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._state == STATE_OPEN:
+                if self._clock() - self._opened_at < self.reset_s:
+                    raise CircuitOpen(f"{self.name} is failing; not calling it for a while")
+                self._state = STATE_HALF_OPEN
+            if self._state == STATE_HALF_OPEN:
+                if self._trial:  # one trial at a time; the others fail fast until it settles
+                    raise CircuitOpen(f"{self.name} is failing; not calling it for a while")
+                self._trial = True
+
+    def _settle(self, failed: bool) -> None:
+        with self._lock:
+            was_open = self._state == STATE_OPEN
+            self._trial = False
+            if not failed:
+                self._failures = 0
+                self._state = STATE_CLOSED
+            else:
+                self._failures += 1
+                if self._state == STATE_HALF_OPEN or self._failures >= self.fail_max:
+                    self._state = STATE_OPEN
+                    self._opened_at = self._clock()
+            now_open = self._state == STATE_OPEN
+        if now_open != was_open:
+            self._on_change(now_open)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` unless the breaker is open (then ``CircuitOpen``, retryable). The
+        failure that trips it surfaces as itself."""
+        self._admit()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            # An excused error means the dependency answered: it counts as a success.
+            self._settle(failed=not self._exclude(exc))
+            raise
+        except BaseException:  # interrupted, not failed: neither counts
+            self._release_trial()
+            raise
+        self._settle(failed=False)
+        return result
+
+    def _release_trial(self) -> None:
+        with self._lock:
+            self._trial = False
 
 
 class _Group:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.breakers: OrderedDict[str, pybreaker.CircuitBreaker] = OrderedDict()
+        self.breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
         self.open: set[str] = set()
         self.lock = threading.Lock()
         BREAKER_STATE.labels(breaker=name).set(0)
@@ -63,17 +135,17 @@ class _Group:
             (self.open.add if is_open else self.open.discard)(key)
             BREAKER_STATE.labels(breaker=self.name).set(len(self.open))
 
-    def get(self, key: str, fail_max: int, reset_s: float) -> pybreaker.CircuitBreaker:
+    def get(self, key: str, fail_max: int, reset_s: float) -> CircuitBreaker:
         with self.lock:
             cb = self.breakers.get(key)
             if cb is not None:
                 self.breakers.move_to_end(key)
                 return cb
-            cb = pybreaker.CircuitBreaker(
-                fail_max=fail_max, reset_timeout=reset_s, exclude=[_excluded],
-                listeners=[_GroupListener(self, key)], name=f"{self.name}:{key}",
-                throw_new_error_on_trip=False,  # the failure that trips it surfaces as itself
-            )
+
+            def on_change(is_open: bool) -> None:
+                self.note_state(key, is_open)
+
+            cb = CircuitBreaker(f"{self.name}:{key}", fail_max, reset_s, exclude=_excluded, on_change=on_change)
             self.breakers[key] = cb
             while len(self.breakers) > MAX_KEYS_PER_GROUP:
                 old, _ = self.breakers.popitem(last=False)
@@ -93,7 +165,7 @@ def configure(fail_max: int, reset_s: float) -> None:
 
 
 def breaker(group: str, key: str = "default", *, fail_max: int | None = None,
-            reset_s: float | None = None) -> pybreaker.CircuitBreaker:
+            reset_s: float | None = None) -> CircuitBreaker:
     """The process's breaker for ``key`` in ``group`` (created closed on first use, with
     the given thresholds or the configured defaults). ``key`` appears in error messages:
     never pass a URL with credentials (hash it)."""
@@ -105,18 +177,15 @@ def breaker(group: str, key: str = "default", *, fail_max: int | None = None,
                  float(reset_s if reset_s is not None else _config["reset_s"]))
 
 
-def call(cb: pybreaker.CircuitBreaker, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def call(cb: CircuitBreaker, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` through ``cb``; an open breaker raises ``CircuitOpen`` (retryable)."""
-    try:
-        return cb.call(fn, *args, **kwargs)
-    except pybreaker.CircuitBreakerError as exc:
-        raise CircuitOpen(f"{cb.name} is failing; not calling it for a while") from exc
+    return cb.call(fn, *args, **kwargs)
 
 
 def is_open(group: str, key: str = "default") -> bool:
     g = _groups.get(group)
     cb = g.breakers.get(key) if g else None
-    return bool(cb and cb.current_state == pybreaker.STATE_OPEN)
+    return bool(cb and cb.current_state == STATE_OPEN)
 
 
 def reset_all() -> None:
@@ -128,7 +197,7 @@ def reset_all() -> None:
             BREAKER_STATE.labels(breaker=g.name).set(0)
 
 
-def fetch_breaker(host: str) -> pybreaker.CircuitBreaker:
+def fetch_breaker(host: str) -> CircuitBreaker:
     return breaker("fetch", host.lower())
 
 

@@ -25,22 +25,36 @@ a body over ``max_body_bytes``              413 ``too_large`` (a chunked body ha
 returns a JSON document (or raises) into one, with the error table of ``shared.errors``:
 a ``TaskForgeError`` answers its own status (4xx is dropped by the dispatcher, 5xx
 retried), anything unexpected 500 (retried) without a stack trace.
+
+The table is :func:`respond`, framework-free. Two thin adapters serve it:
+:func:`wsgi_app` is the plain WSGI application each function's ``main.py`` exposes as
+``application`` (what gunicorn serves directly, docs/architecture.md §6), and
+:func:`serve` answers a Flask request (functions-framework's ``handle`` target, kept
+for ``functions-framework --target handle`` and ``func``). Flask is imported only by the
+latter, so a function served by gunicorn never loads it.
 """
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import flask
+from typing import IO, TYPE_CHECKING, Any
 
 from shared import delivery_auth
 from shared.errors import TaskForgeError, TooLarge, error_body, error_document
 from shared.settings import get_settings
 
+if TYPE_CHECKING:
+    import flask
+
 log = logging.getLogger(__name__)
+
+_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
+            422: "Unprocessable Content", 429: "Too Many Requests", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -72,6 +86,8 @@ def error_answer(exc: BaseException, status: int | None = None) -> Answer:
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> flask.Response:
     """The one JSON response helper of the Flask functions: body first, then status, headers."""
+    import flask
+
     resp = flask.Response(dumps(body), status=status, mimetype="application/json")
     for k, v in (headers or {}).items():
         resp.headers[k] = v
@@ -94,34 +110,91 @@ def json_handler(core: Callable[[Mapping[str, str], bytes], Any], *, what: str) 
     return handle
 
 
-def serve(request: flask.Request, handle: Handler, *, name: str) -> flask.Response:
-    """Answer one request to the function ``name`` (see the table above)."""
-    if request.method == "GET" and request.path == "/metrics":
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+def respond(method: str, path: str, content_length: int | None, stream: IO[bytes], headers: Any,
+            handle: Handler, *, name: str) -> Answer:
+    """Answer one request to the function ``name`` (see the table above). ``headers`` is
+    case-insensitive (werkzeug's ``Headers``/``EnvironHeaders``); ``stream`` is the body."""
+    if method == "GET" and path == "/metrics":
+        from shared import metrics
 
-        return flask.Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-    if request.method == "GET" and request.path == "/readyz":
+        page, content_type = metrics.exposition()
+        return Answer(200, {"content-type": content_type}, page)
+    if method == "GET" and path == "/readyz":
         from shared import readiness
 
         status, ready = readiness.probe()
-        return json_response(ready, status)
-    if request.method == "GET":
-        return json_response({"function": name, "status": "ok"})
-    if request.method != "POST":
-        return json_response(error_body("method_not_allowed", "POST a CloudEvent"), 405,
-                             {"Allow": "GET, POST"})
+        return json_answer(status, ready)
+    if method == "GET":
+        return json_answer(200, {"function": name, "status": "ok"})
+    if method != "POST":
+        return json_answer(405, error_body("method_not_allowed", "POST a CloudEvent"), {"Allow": "GET, POST"})
     settings = get_settings()
     limit = settings.max_body_bytes
-    declared = request.content_length or 0
-    body = request.stream.read(limit + 1) if declared <= limit else b""
+    declared = content_length or 0
+    body = stream.read(limit + 1) if declared <= limit else b""
     if declared > limit or len(body) > limit:
-        answer = error_answer(TooLarge("the event is larger than the body limit"))
-    else:
-        try:
-            delivery_auth.verify(settings, request.headers, body)
-        except delivery_auth.UnsignedDelivery as exc:
-            log.warning("refused an unsigned or badly signed delivery", extra={"function": name, "reason": exc.message})
-            answer = error_answer(exc)
-        else:
-            answer = handle(request.headers, body)
+        return error_answer(TooLarge("the event is larger than the body limit"))
+    try:
+        delivery_auth.verify(settings, headers, body)
+    except delivery_auth.UnsignedDelivery as exc:
+        log.warning("refused an unsigned or badly signed delivery", extra={"function": name, "reason": exc.message})
+        return error_answer(exc)
+    return handle(headers, body)
+
+
+def serve(request: flask.Request, handle: Handler, *, name: str) -> flask.Response:
+    """:func:`respond` for a Flask request (functions-framework's target)."""
+    import flask
+
+    answer = respond(request.method, request.path, request.content_length, request.stream, request.headers,
+                     handle, name=name)
     return flask.Response(answer.body, status=answer.status, headers=answer.headers)
+
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class EnvironHeaders(Mapping[str, str]):
+    """A WSGI environ's request headers as a read-only, case-insensitive mapping
+    (``HTTP_CE_ID`` is ``ce-id``; ``CONTENT_TYPE``/``CONTENT_LENGTH`` are
+    ``content-type``/``content-length``). Keys come out lower-case."""
+
+    def __init__(self, environ: Mapping[str, Any]) -> None:
+        self._h: dict[str, str] = {}
+        for k, v in environ.items():
+            if k.startswith("HTTP_"):
+                self._h[k[5:].replace("_", "-").lower()] = v
+            elif k in ("CONTENT_TYPE", "CONTENT_LENGTH") and v:
+                self._h[k.replace("_", "-").lower()] = v
+
+    def __getitem__(self, key: str) -> str:
+        return self._h[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._h)
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._h
+
+
+def wsgi_app(handle: Handler, *, name: str) -> WSGIApp:
+    """:func:`respond` as a plain WSGI application (no Flask, no werkzeug), what gunicorn
+    serves."""
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            length: int | None = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length is not None and length < 0:
+            length = 0
+        answer = respond(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO") or "/", length,
+                         environ["wsgi.input"], EnvironHeaders(environ), handle, name=name)
+        headers = [(k, v) for k, v in answer.headers.items()] + [("Content-Length", str(len(answer.body)))]
+        start_response(f"{answer.status} {_REASONS.get(answer.status, 'Status')}", headers)
+        return [answer.body]
+
+    return application

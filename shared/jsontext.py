@@ -5,6 +5,12 @@ JSON allows both (``"\\u0000"``, ``"\\ud800"``), but neither can be stored: Post
 ``text`` and ``jsonb`` refuse NUL, and a lone surrogate is not encodable as UTF-8, so
 such input used to fail deep inside a query or an encoder (a 500). Checked here, it is
 a 422 naming the field. Pure; iterative (no recursion limit on deep documents).
+
+``check_decoded(raw, value)`` skips the walk when the raw bytes cannot have produced
+such a string: strict JSON has no raw control characters in strings, so a NUL or a
+surrogate can only come from a ``\\u`` escape, from UTF-8 bytes starting with ``0xED``
+(the surrogate range, which the standard decoder lets through), or from a UTF-16/32
+body (which holds NUL bytes).
 """
 from __future__ import annotations
 
@@ -50,3 +56,13 @@ def check(value: Any, prefix: str = "") -> Any:
     if fields:
         raise ValidationError("the request is invalid", details=[{"field": f, "message": MESSAGE} for f in fields])
     return value
+
+
+def could_hold_bad(raw: bytes) -> bool:
+    """False when JSON text ``raw`` cannot decode to an unstorable string (see above)."""
+    return b"\\u" in raw or b"\x00" in raw or b"\xed" in raw
+
+
+def check_decoded(raw: bytes, value: Any, prefix: str = "") -> Any:
+    """``check(value)`` for ``value`` decoded from ``raw``, without the walk when the bytes rule it out."""
+    return check(value, prefix) if could_hold_bad(raw) else value

@@ -12,6 +12,17 @@ Two window algorithms, both one Redis round trip (a pipeline):
 
 A limited call raises ``RateLimited`` (429) with a ``Retry-After`` header in whole seconds.
 
+Task submissions do not pay that round trip on every request: each process *reserves*
+tokens from the sliding window in blocks (:class:`Reservations`) and spends them
+locally. Every token is counted in Redis before a request spends it, so across all
+processes a user never gets more than the limit; the cost is that tokens a process
+reserved and did not spend within ``RESERVE_S`` are lost, so a user may be refused up
+to ``block - 1`` submissions early per process. The block adapts: it starts at one
+(exact, one round trip per request, as before) and doubles while a user spends whole
+blocks within ``RESERVE_S``, up to ``limit // 100`` (1% of the limit per process);
+when a block no longer fits under the limit the process asks for one token at a time,
+so the last submissions of a window are decided exactly.
+
 Redis being down must not take the service down with it: limits fail *open* (the call
 is allowed and a warning is logged). Login throttling is thus weakened while Redis is
 down — the argon2 cost per attempt still bounds guessing — and /readyz reports Redis.
@@ -27,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +74,7 @@ def client(settings: Settings) -> redis.Redis:
 def reset_clients() -> None:
     redisclient.reset()
     _scripts.clear()
+    reservations.clear()
 
 
 def fixed_window(r: redis.Redis, key: str, limit: int, window_s: int, now: float | None = None) -> Decision:
@@ -231,10 +245,91 @@ def check_signup(settings: Settings, address: str | None) -> None:
     _enforce(settings, fixed_window, key, settings.signup_rate_per_min, 60, "signups")
 
 
-def check_submit(settings: Settings, user_id: str, n: int = 1) -> None:
-    """Throttle task submissions per user (``n`` tasks count as ``n`` hits); raises ``RateLimited``."""
+RESERVE_S = 1.0  # a reserved block is spent within this long, or its rest is dropped
+MAX_BLOCK_SHARE = 100  # a block is at most limit // MAX_BLOCK_SHARE tokens
+
+
+@dataclass
+class _Block:
+    left: int = 0  # tokens reserved and not spent yet
+    until: float = 0.0  # monotonic deadline to spend them
+    size: int = 1  # the next block's size
+
+
+class Reservations:
+    """Per-process token blocks reserved from the sliding window, per key."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[str, _Block] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def take(self, key: str, now: float) -> bool:
+        """Spend one reserved token of ``key`` if one is left (no I/O)."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child must not spend its parent's tokens
+                self._blocks.clear()
+                self._pid = os.getpid()
+            b = self._blocks.get(key)
+            if b is None or b.left <= 0 or b.until <= now:
+                return False
+            b.left -= 1
+            return True
+
+    def next_size(self, key: str, limit: int, now: float) -> int:
+        """How many tokens to reserve now: double after a block spent in time, else start over."""
+        cap = max(1, limit // MAX_BLOCK_SHARE)
+        with self._lock:
+            b = self._blocks.get(key)
+            if b is None:
+                return 1
+            spent_in_time = b.left <= 0 and b.until > now
+            return min(cap, b.size * 2) if spent_in_time else 1
+
+    def grant(self, key: str, size: int, now: float) -> None:
+        """Record a block of ``size`` tokens reserved in Redis, one of which is spent at once."""
+        with self._lock:
+            if len(self._blocks) > 100_000:
+                self._blocks.clear()
+            self._blocks[key] = _Block(left=size - 1, until=now + RESERVE_S, size=size)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+
+
+reservations = Reservations()
+
+
+def check_submit(settings: Settings, user_id: str, n: int = 1, *, now: float | None = None,
+                 book: Reservations | None = None) -> None:
+    """Throttle task submissions per user (``n`` tasks count as ``n`` hits); raises ``RateLimited``.
+
+    A single submission spends a token this process reserved earlier when it has one
+    (see the module docstring); a batch is counted in Redis as it comes. ``now`` (a
+    monotonic time) and ``book`` (the process's reservations) are for tests.
+    """
+    book = reservations if book is None else book
     key = settings.key("rl", "submit", str(user_id))
-    _enforce(settings, sliding_window, key, settings.submit_rate_per_min, 60, "task submissions", cost=max(1, n))
+    limit = settings.submit_rate_per_min
+    if n > 1 or limit <= 0:
+        _enforce(settings, sliding_window, key, limit, 60, "task submissions", cost=max(1, n))
+        return
+    mono = time.monotonic() if now is None else now
+    if book.take(key, mono):
+        return
+    size = book.next_size(key, limit, mono)
+    if size > 1:
+        try:
+            if sliding_window(client(settings), key, limit, 60, cost=size).allowed:
+                book.grant(key, size, mono)
+                return
+        except redis.RedisError as exc:  # fail open, see the module docstring
+            log.warning("rate limit task submissions not enforced: redis unavailable (%s)", exc.__class__.__name__)
+            return
+    # One token, decided exactly (and answered with its Retry-After when refused).
+    if _enforce(settings, sliding_window, key, limit, 60, "task submissions", cost=1) is not None:
+        book.grant(key, 1, mono)
 
 
 def check_in_flight(settings: Settings, conn: Conn, user_id: str, adding: int = 1) -> None:

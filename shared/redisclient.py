@@ -8,13 +8,16 @@ Two profiles, because the two kinds of caller want different failure behaviour:
   best effort, behind the ``redis`` circuit breaker; PostgreSQL stays the truth.
 
 Clients are thread-safe connection pools; ``reset()`` closes them all (tests, forks).
+redis-py is imported on the first ``client()`` call: importing it loads ``redis.asyncio``
+too, a large share of a function's cold start that a first request without Redis skips.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import redis
+if TYPE_CHECKING:
+    import redis
 
 Profile = Literal["request", "fanout"]
 _PROFILES: dict[str, dict[str, Any]] = {
@@ -34,6 +37,8 @@ def client(url: str, profile: Profile = "request") -> redis.Redis:
         with _lock:
             c = _clients.get(key)
             if c is None:
+                import redis
+
                 c = _clients[key] = redis.Redis.from_url(url, **_PROFILES[profile])
     return c
 

@@ -109,6 +109,7 @@ class Settings:
     chromium_path: str = "/usr/bin/chromium"
     chromium_sandbox: bool = True  # Chromium's own sandbox; off only where user namespaces are unavailable
     chromium_user: str = "nobody"  # a root worker starts Chromium as this user (the sandbox refuses root)
+    chromium_max_renders: int = 100  # renders one warm Chromium serves before a fresh one replaces it
     wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf"
     # --- outbox ---
     outbox_batch: int = 1000

@@ -3,14 +3,14 @@
 A thin adapter binding the ffmpeg core (``shared.media.video.compress_video``) to the
 shared worker, which claims the task, fetches the ``source``, renews the lease while
 ffmpeg runs and turns a cancel request into ``should_cancel()`` (the core then kills
-ffmpeg's process group). Entry point: target ``handle``.
+ffmpeg's process group). Entry points: ``application`` (WSGI, what the
+server runs) and functions-framework's target ``handle``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import functions_framework
-
+from shared import envelope
 from shared.media.video import compress_video
 from shared.worker import Job, Output, Worker
 
@@ -29,8 +29,9 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("compress-video", run)
+application = envelope.wsgi_app(worker.handle, name="compress-video")  # served by gunicorn (docs/architecture.md §6)
 
 
-@functions_framework.http
 def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return worker.http(request)

@@ -15,9 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import flask
-import functions_framework
-
 from events import codec
 from shared import deadletters, envelope, metrics
 from shared import logging as tf_logging
@@ -51,8 +48,11 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
 _HANDLER = envelope.json_handler(take, what="recording a dead letter")
 
 
-@functions_framework.http
-def handle(request: flask.Request) -> flask.Response:
+application = envelope.wsgi_app(_HANDLER, name="dead-letter")  # served by gunicorn (docs/architecture.md §6)
+
+
+def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return envelope.serve(request, _HANDLER, name="dead-letter")
 
 

@@ -5,7 +5,9 @@
 ``@require_admin`` additionally needs ``Principal.is_admin`` (a user flagged in the
 database by an operator, or whose id is in ``settings.admin_user_ids``; checked live on
 every request) and answers 403 otherwise.
-The caller is ``web.principal()``.
+The caller is ``web.principal()``. ``@require_auth`` and ``@require_bearer`` trust a
+credential verified in the last ``auth.CACHE_S`` seconds (``auth.authenticate_cached``);
+``@require_admin`` always checks in the database.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
-def _autocommit(s: Settings) -> Iterator[psycopg.Connection]:
-    """A pooled connection in autocommit mode: authentication only reads (the API-key
-    ``last_used_at`` touch is a single statement), so BEGIN/COMMIT would be two wasted
-    round trips on every request."""
+def autocommit(s: Settings) -> Iterator[psycopg.Connection]:
+    """A pooled connection in autocommit mode, for work of one statement at a time:
+    authentication only reads (the API-key ``last_used_at`` touch is a single statement)
+    and so do the task reads, so BEGIN/COMMIT would be two wasted round trips."""
     try:
         with db.get_pool(s).connection() as conn:
             conn.autocommit = True
@@ -42,10 +44,13 @@ def _autocommit(s: Settings) -> Iterator[psycopg.Connection]:
         raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
 
-def _authenticate() -> auth.Principal:
+def _authenticate(cached: bool = True) -> auth.Principal:
     s = settings()
-    with _autocommit(s) as conn:
-        p = auth.authenticate(s, conn, request.headers)
+    if cached:
+        p = auth.authenticate_cached(s, lambda: autocommit(s), request.headers)
+    else:
+        with autocommit(s) as conn:
+            p = auth.authenticate(s, conn, request.headers)
     g.principal = p
     return p
 
@@ -75,7 +80,7 @@ def require_bearer(fn: F) -> F:
 def require_admin(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not _authenticate().is_admin:
+        if not _authenticate(cached=False).is_admin:
             raise Forbidden("this route is for administrators")
         return fn(*args, **kwargs)
 

@@ -1,13 +1,16 @@
 """Entry point of the gateway function.
 
-functions-framework: ``functions-framework --source functions/gateway/main.py --target gateway``
-(what the container runs). ``app`` is the same Flask app as a plain WSGI callable, for
-``gunicorn functions.gateway.main:app``.
+``application`` is what the server runs (``python -m infra.runtime.serve``: gunicorn
+serving the gateway's Flask app directly, no second app around it; docs/architecture.md
+§6). functions-framework's target ``gateway`` routes through the same app, for
+``functions-framework --source functions/gateway/main.py --target gateway`` and ``func``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import flask
-import functions_framework
 
 from functions.gateway.app import create_app
 from shared import logging as tf_logging
@@ -19,7 +22,12 @@ tf_logging.setup("gateway", settings.log_level)
 app = create_app(settings)
 
 
-@functions_framework.http
+def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """The gateway app as a WSGI application, each request logged with its trace id."""
+    with tf_logging.bind(trace_id=tracing.trace_id_of(environ.get("HTTP_TRACEPARENT"))):
+        return app.wsgi_app(environ, start_response)
+
+
 def gateway(request: flask.Request) -> flask.Response:
     """Route the request through the gateway app (functions-framework's single HTTP target)."""
     with tf_logging.bind(trace_id=tracing.trace_id_of(request.headers.get("traceparent"))):

@@ -1,9 +1,11 @@
 """Task submission as the gateway performs it: limits, one transaction, after-commit work.
 
 Shared by ``POST /tasks``, ``POST /tasks/batch`` and the CloudEvent route ``POST /events``
-so the three paths apply the same rules:
+so the three paths apply the same rules (``POST /tasks`` through ``submit_as``, which does
+steps 2 and 3 and re-checks the caller's credential in one statement:
+``shared.tasks.intake``):
 
-1. the per-user submission rate (Redis, 429 + ``Retry-After``);
+1. the per-user submission rate (Redis, tokens reserved in blocks; 429 + ``Retry-After``);
 2. task rows and their outbox rows in one transaction (``shared.tasks.repository``), each requested
    event no larger than the workers' body limit as it will be sent (413 otherwise, so
    a 202 means the event is deliverable);
@@ -28,6 +30,7 @@ from typing import Any
 
 from shared import db, metrics, ratelimit
 from shared.settings import Settings
+from shared.tasks import intake
 from shared.tasks import repository as tasks
 
 log = logging.getLogger("taskforge.gateway")
@@ -58,6 +61,20 @@ def submit_one(settings: Settings, user_id: str, task_type: Any, payload: Any, *
                                 max_event_bytes=settings.max_body_bytes, callback_url=callback_url)
         if sub.created:
             ratelimit.check_in_flight(settings, conn, user_id, adding=0)
+    if sub.created:
+        after_commit(settings, [sub.row], sub.event_ids)
+    return sub
+
+
+def submit_as(settings: Settings, caller: intake.Caller, task_type: Any, payload: Any, *,
+              idempotency_key: str | None = None, traceparent: str | None = None,
+              callback_url: str | None = None) -> tasks.Submission:
+    """``submit_one`` for an authenticated caller, in one database round trip that also
+    re-checks the caller's credential (a revoked one gets 401 here even while the
+    gateway's credential cache still trusts it)."""
+    ratelimit.check_submit(settings, caller.user_id)
+    sub = intake.submit(settings, caller, task_type, payload, idempotency_key=idempotency_key,
+                        traceparent=traceparent, callback_url=callback_url)
     if sub.created:
         after_commit(settings, [sub.row], sub.event_ids)
     return sub

@@ -5,17 +5,17 @@ pdfkit by default, headless Chromium with ``engine: "chromium"``) to the shared 
 The payload carries the page itself (``url`` or ``html``), so there is no ``source`` to
 fetch: the engine loads the page through the core's SSRF-filtering egress proxy. A page
 ``url`` goes through that host's ``fetch`` circuit breaker, so an unreachable site fails
-fast for a while instead of tying up renderers. Entry point: target ``handle``.
+fast for a while instead of tying up renderers. Entry points: ``application`` (WSGI, what the
+server runs) and functions-framework's target ``handle``.
 """
 from __future__ import annotations
 
 from typing import Any
 from urllib.parse import urlsplit
 
-import functions_framework
-
-from shared import breakers, urlguard
-from shared.media.pdf import render_pdf
+from shared import breakers, envelope, urlguard
+from shared.media.browser import install_sigterm
+from shared.media.pdf import options_from_settings, render_pdf
 from shared.worker import Job, Output, Worker
 
 MAX_BLOCKED_LISTED = 20  # refused sub-resources named in the result (the count is always exact)
@@ -25,11 +25,8 @@ def run(job: Job) -> Output:
     """Render the payload's ``url`` or ``html`` into ``output.pdf``."""
     s = job.settings
     dest = job.workdir / "output.pdf"
-    kwargs: dict[str, Any] = dict(
-        allow=urlguard.parse_allow(s.fetch_allow_cidrs), resolver=job.resolver or urlguard.system_resolver,
-        timeout_s=s.pdf_timeout_s, max_bytes=s.fetch_max_bytes, wkhtmltopdf_path=s.wkhtmltopdf_path,
-        chromium_path=s.chromium_path, on_progress=job.progress, should_cancel=job.should_cancel,
-    )
+    kwargs: dict[str, Any] = dict(options_from_settings(s), resolver=job.resolver or urlguard.system_resolver,
+                                  on_progress=job.progress, should_cancel=job.should_cancel)
     url = job.payload.get("url")
     if isinstance(url, str):
         host = (urlsplit(url).hostname or "").lower()
@@ -42,8 +39,10 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("generate-pdf", run)
+application = envelope.wsgi_app(worker.handle, name="generate-pdf")  # served by gunicorn (docs/architecture.md §6)
+install_sigterm()  # the warm Chromium stops with the process (shared.media.browser)
 
 
-@functions_framework.http
 def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return worker.http(request)

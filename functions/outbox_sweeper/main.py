@@ -13,9 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import flask
-import functions_framework
-
 from events import catalog, codec
 from shared import envelope
 from shared.broker import get_broker
@@ -59,6 +56,9 @@ def sweep_request(headers: Any, body: bytes) -> dict[str, Any]:
 _HANDLER = envelope.json_handler(sweep_request, what="outbox sweep")
 
 
-@functions_framework.http
-def handle(request: flask.Request) -> flask.Response:
+application = envelope.wsgi_app(_HANDLER, name="outbox-sweeper")  # served by gunicorn (docs/architecture.md §6)
+
+
+def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return envelope.serve(request, _HANDLER, name="outbox-sweeper")

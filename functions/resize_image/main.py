@@ -2,14 +2,14 @@
 
 A thin adapter: ``shared.worker.Worker`` decodes the CloudEvent, claims the task, fetches
 the ``source`` and records the outcome; this file only binds the Pillow core
-(``shared.media.image.resize_image``) to it. Entry point: target ``handle``.
+(``shared.media.image.resize_image``) to it. Entry points: ``application`` (WSGI, what the
+server runs) and functions-framework's target ``handle``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import functions_framework
-
+from shared import envelope
 from shared.media.image import resize_image
 from shared.worker import Job, Output, Worker
 
@@ -27,8 +27,9 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("resize-image", run)
+application = envelope.wsgi_app(worker.handle, name="resize-image")  # served by gunicorn (docs/architecture.md §6)
 
 
-@functions_framework.http
 def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return worker.http(request)

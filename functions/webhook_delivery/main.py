@@ -18,9 +18,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import flask
-import functions_framework
-
 from events import catalog, codec
 from shared import envelope
 from shared import logging as tf_logging
@@ -49,8 +46,11 @@ def take(headers: Any, body: bytes) -> dict[str, Any]:
 _HANDLER = envelope.json_handler(take, what="delivering webhooks")
 
 
-@functions_framework.http
-def handle(request: flask.Request) -> flask.Response:
+application = envelope.wsgi_app(_HANDLER, name="webhook-delivery")  # served by gunicorn (docs/architecture.md §6)
+
+
+def handle(request: Any) -> Any:
+    """functions-framework's HTTP target (``--target handle``): the same envelope."""
     return envelope.serve(request, _HANDLER, name="webhook-delivery")
 
 

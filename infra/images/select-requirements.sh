@@ -4,7 +4,7 @@
 # requirements.txt stays the one list of pinned runtime dependencies; this only
 # decides which image carries the heavy ones: ffmpeg's wheel (compress-video), the PDF
 # glue (generate-pdf), Pillow (resize-image), uvicorn's uvloop and httptools
-# (status-stream, the only ASGI server), jsonschema-rs (the gateway's batch manifests).
+# (status-stream, the only ASGI server), jsonschema-rs (the gateway's compiled validators).
 #
 #   sh select-requirements.sh requirements.txt [extra-package ...]
 #

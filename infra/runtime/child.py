@@ -1,14 +1,13 @@
 """Entry point of one function process: ``python -m infra.runtime.child --parent-pid N -- <ff args>``.
 
-It runs functions-framework's own command line (``python -m functions_framework``), the
-same program a function's container runs, after asking Linux to send it SIGTERM when
+It runs ``infra.runtime.serve`` (functions-framework's arguments; gunicorn serving the
+function's own WSGI app), the same program a function's container runs, after asking Linux to send it SIGTERM when
 the supervisor dies, so a killed ``make dev`` leaves no orphaned servers behind.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-import runpy
 import signal
 import sys
 
@@ -30,8 +29,10 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[0] != "--parent-pid" or argv[2] != "--":
         sys.exit("usage: python -m infra.runtime.child --parent-pid N -- <functions-framework args>")
     _die_with_parent(int(argv[1]))
-    sys.argv = ["functions-framework", *argv[3:]]
-    runpy.run_module("functions_framework", run_name="__main__", alter_sys=True)
+    from infra.runtime import serve
+
+    sys.argv = ["taskforge-function", *argv[3:]]
+    serve.main(argv[3:])
 
 
 if __name__ == "__main__":

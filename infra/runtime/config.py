@@ -82,6 +82,15 @@ class FunctionSpec:
     idle_s: float = 60.0
     source: Path = Path()
     env: Mapping[str, str] = field(default_factory=dict)
+    workers: int = 1  # gunicorn worker processes (WORKERS)
+    threads: int = 8  # threads per worker (THREADS)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests one instance serves at once: Knative's ``containerConcurrency`` and
+        OpenFaaS's ``max_inflight`` (0 for an ASGI function: one event loop holds any
+        number of streams)."""
+        return 0 if self.signature == "asgi" else self.workers * self.threads
 
     @property
     def url(self) -> str:
@@ -251,7 +260,7 @@ def _function(name: Any, raw: Any) -> FunctionSpec:
     where = f"functions.{name}"
     check.dns_name(name, where)
     f = check.mapping(raw, where)
-    check.only(f, where, {"port", "target", "signature", "min_scale", "idle_s", "source", "env"})
+    check.only(f, where, {"port", "target", "signature", "min_scale", "idle_s", "source", "env", "workers", "threads"})
     signature = check.text(f.get("signature", "http"), f"{where}.signature")
     if signature not in SIGNATURES:
         raise ConfigError(f"{where}.signature: {signature!r} is not one of {', '.join(SIGNATURES)}")
@@ -266,6 +275,8 @@ def _function(name: Any, raw: Any) -> FunctionSpec:
         idle_s=check.number(f.get("idle_s", 60), f"{where}.idle_s", minimum=0.1),
         source=PROJECT_ROOT / check.text(source_rel, f"{where}.source"),
         env={str(k): str(v) for k, v in env.items()},
+        workers=int(check.number(f.get("workers", 1), f"{where}.workers", minimum=1, integer=True)),
+        threads=int(check.number(f.get("threads", 8), f"{where}.threads", minimum=1, integer=True)),
     )
 
 

@@ -48,6 +48,7 @@ def function_env(config: RuntimeConfig, name: str, base_env: Mapping[str, str]) 
     env = dict(base_env)
     env.update(spec.env)
     env["PORT"] = str(spec.port)
+    env["WORKERS"], env["THREADS"] = str(spec.workers), str(spec.threads)
     env["K_SERVICE"] = name
     env["K_SINK"] = config.broker.ingress_url
     env["TASKFORGE_K_SINK"] = config.broker.ingress_url

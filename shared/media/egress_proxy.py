@@ -87,8 +87,9 @@ class EgressProxy:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},  # close() waits for one poll
-                                        name="egress-proxy", daemon=True)
+        self._server.timeout = 0  # handle_request() is only called once a connection waits
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="egress-proxy", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------
     @property
@@ -111,10 +112,25 @@ class EgressProxy:
         self._thread.start()
         return self
 
+    def _serve(self) -> None:
+        """Accept connections until ``close()`` wakes the loop: no polling, no wait at close."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server.socket, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self._server.handle_request()  # one connection, to its own handler thread
+
     def close(self) -> None:
         self._closing.set()  # tunnels notice within their select timeout
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._wake_w.send(b"x")
+            self._thread.join()
         self._server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def __enter__(self) -> EgressProxy:
         return self.start()

@@ -52,7 +52,8 @@ import pdfkit
 
 from shared import urlguard
 from shared.errors import Cancelled, PermanentError, RetryableError
-from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progress
+from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progress, wait_exit
+from shared.media.browser import MAX_RENDERS
 from shared.media.chromium import EngineTimeout, Navigation, PdfTooLarge, print_to_pdf
 from shared.media.egress_proxy import EgressProxy, Entry
 
@@ -106,7 +107,7 @@ def options_from_settings(settings: Any) -> dict[str, Any]:
     return {"allow": urlguard.parse_allow(settings.fetch_allow_cidrs), "timeout_s": settings.pdf_timeout_s,
             "max_bytes": settings.fetch_max_bytes, "wkhtmltopdf_path": settings.wkhtmltopdf_path,
             "chromium_path": settings.chromium_path, "chromium_sandbox": settings.chromium_sandbox,
-            "chromium_user": settings.chromium_user}
+            "chromium_user": settings.chromium_user, "chromium_max_renders": settings.chromium_max_renders}
 
 
 def make_job(url: str | None = None, html: str | None = None, engine: str = "wkhtmltopdf", page_size: str = "A4",
@@ -171,7 +172,8 @@ def render_pdf(dest_path: str | os.PathLike[str], *, url: str | None = None, htm
                max_bytes: int = 100 * 1024 * 1024, wkhtmltopdf_path: str = "/usr/bin/wkhtmltopdf",
                chromium_path: str = "/usr/bin/chromium", on_progress: ProgressFn = no_progress,
                should_cancel: CancelFn = never_cancel, chromium_sandbox: bool = True,
-               chromium_user: str = "nobody", **_ignored: Any) -> dict[str, Any]:
+               chromium_user: str = "nobody", chromium_max_renders: int = MAX_RENDERS,
+               **_ignored: Any) -> dict[str, Any]:
     """Render the page to ``dest_path``; see the module docstring. ``**_ignored`` takes extra payload keys."""
     job = make_job(url, html, engine, page_size, orientation, margin_mm)
     if job.url is not None:
@@ -186,7 +188,7 @@ def render_pdf(dest_path: str | os.PathLike[str], *, url: str | None = None, htm
             page_url = proxy.page_url() if job.html is not None else str(job.url)
             if job.engine == "chromium":
                 _run_chromium(chromium_path, page_url, dest_path, job, proxy, timeout_s, js_delay_ms, max_bytes,
-                              should_cancel, on_progress, chromium_sandbox, chromium_user)
+                              should_cancel, on_progress, chromium_sandbox, chromium_user, chromium_max_renders)
             else:
                 _run_wkhtmltopdf(wkhtmltopdf_path, page_url, dest_path, job, proxy, timeout_s, js_delay_ms,
                                  should_cancel, on_progress)
@@ -303,11 +305,8 @@ def _run_wkhtmltopdf(exe: str, page_url: str, dest: str | os.PathLike[str], job:
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float, should_cancel: CancelFn) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            proc.wait(timeout=min(REPORT_EVERY_S, max(0.0, deadline - time.monotonic())))
+        if wait_exit(proc, min(REPORT_EVERY_S, deadline - time.monotonic())):
             return
-        except subprocess.TimeoutExpired:
-            pass
         if time.monotonic() >= deadline:
             raise EngineTimeout(f"the page did not render within {timeout_s:g} s (endless script or slow page?)")
         if should_cancel():
@@ -361,12 +360,14 @@ def _classify_wkhtmltopdf(rc: int, stderr: str, proxy: EgressProxy, page_url: st
 # --- chromium ------------------------------------------------------------------------
 def _run_chromium(exe: str, page_url: str, dest: str | os.PathLike[str], job: PdfJob, proxy: EgressProxy,
                   timeout_s: float, js_delay_ms: int, max_bytes: int, should_cancel: CancelFn,
-                  on_progress: ProgressFn, sandbox: bool = True, user: str = "nobody") -> None:
+                  on_progress: ProgressFn, sandbox: bool = True, user: str = "nobody",
+                  max_renders: int = MAX_RENDERS) -> None:
     w_mm, h_mm = PAGE_SIZES_MM[job.page_size]
     nav: Navigation = print_to_pdf(
         exe, page_url=page_url, dest_path=dest, paper_in=(w_mm / 25.4, h_mm / 25.4), margin_in=job.margin_mm / 25.4,
         landscape=job.landscape, proxy_url=proxy.url, timeout_s=timeout_s, js_delay_ms=js_delay_ms,
-        max_bytes=max_bytes, should_cancel=should_cancel, on_progress=on_progress, sandbox=sandbox, user=user)
+        max_bytes=max_bytes, should_cancel=should_cancel, on_progress=on_progress, sandbox=sandbox, user=user,
+        max_renders=max_renders)
     failure = _chain_failure(proxy, nav.chain or (page_url,))
     if failure is not None:
         raise failure

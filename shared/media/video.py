@@ -21,10 +21,16 @@ size keeping the aspect ratio (never enlarging); dimensions are always even (yuv
 
 Safety: only container demuxers on ``DEMUXERS`` may open the input and only the ``file``
 protocol (so a playlist disguised as a video cannot make ffmpeg fetch URLs or read other
-files); metadata is dropped; the duration (probed, and enforced on the output with
-``-t``) and input size are capped; the whole run has a timeout; on cancel or timeout
-ffmpeg's process group is killed. Progress is parsed from ``-progress pipe:1``
-(``out_time_us`` against the duration) and reported at most every ``REPORT_EVERY_S``.
+files); metadata is dropped; the duration (checked as soon as ffmpeg has described the
+input, and enforced on the output with ``-t``) and input size are capped; the whole run
+has a timeout; on cancel or timeout ffmpeg's process group is killed. Progress is parsed
+from ``-progress pipe:1`` (``out_time_us`` against the duration) and reported at most
+every ``REPORT_EVERY_S``.
+
+One ffmpeg process per task: no separate probe before or after. The encoding run's own
+stderr (logged at ``info``) describes the input (duration, streams: the probe) before the
+first frame is encoded, and the output stream (size, frame rate) it writes; its last
+``out_time_us`` gives the output's length. The source is read in place, once.
 
 Failures: ``UnsupportedVideo`` (not decodable, no video stream, a disallowed container),
 ``VideoTooLarge``, ``VideoTooLong``, ``BadVideoOptions``, ``VideoTimeout``, ``VideoFailed``
@@ -47,7 +53,7 @@ from functools import cache
 from typing import Any
 
 from shared.errors import Cancelled, PermanentError, RetryableError
-from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progress
+from shared.media import CancelFn, ProgressFn, child_env, never_cancel, no_progress, wait_exit
 
 
 class UnsupportedVideo(PermanentError):
@@ -239,17 +245,21 @@ def make_job(codec: str = "h264", crf: int | None = None, preset: str | None = N
     return Job(codec, fmt, crf, preset, max_width, max_height, bitrate)
 
 
-def build_command(ffmpeg: str, src: str | os.PathLike[str], dest: str | os.PathLike[str], job: Job, probe_: Probe,
+def build_command(ffmpeg: str, src: str | os.PathLike[str], dest: str | os.PathLike[str], job: Job,
                   max_duration_s: float, available: frozenset[str]) -> tuple[list[str], str]:
-    """The full ffmpeg command line and the video encoder it uses. Pure."""
+    """The full ffmpeg command line and the video encoder it uses. Pure.
+
+    It logs at ``info`` (without the running stats): the input and output descriptions
+    on stderr are the probe (:func:`run_ffmpeg`). Audio options are always given; without
+    an audio stream they go unused.
+    """
     vargs, encoder = video_args(job.codec, job.crf, job.preset, available)
-    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y", *_input_args(src),
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "info", "-y", *_input_args(src),
            "-map", "0:v:0", "-map", "0:a:0?", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
            # -t on the output: a file that lies about its length still stops at the cap
            "-t", f"{max_duration_s:g}", "-vf", scale_filter(job.max_width, job.max_height),
            *vargs, "-pix_fmt", "yuv420p"]
-    if probe_.has_audio:
-        cmd += ["-c:a", "aac" if job.format == "mp4" else "libopus", "-b:a", job.audio_bitrate]
+    cmd += ["-c:a", "aac" if job.format == "mp4" else "libopus", "-b:a", job.audio_bitrate]
     if job.format == "mp4":
         cmd += ["-movflags", "+faststart"]  # index first: playback starts before the download ends
     cmd += ["-progress", "pipe:1", "-f", job.format, f"file:{os.fspath(dest)}"]
@@ -271,59 +281,101 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+@dataclass
+class Run:
+    """What one ffmpeg run said about itself: its stderr (start and end) and its progress."""
+
+    head: str = ""  # the first ``HEAD_BYTES`` of stderr: the input and output descriptions
+    tail: str = ""  # the last ``STDERR_TAIL`` characters of stderr
+    out_time_s: float = 0.0  # the last ``out_time_us`` reported: the output's length so far
+    source: Probe | None = None  # the input, once ffmpeg described it
+
+    def output_stream(self) -> tuple[int | None, int | None, float | None]:
+        """Width, height and frame rate of the output's video stream, as ffmpeg announced it."""
+        _, sep, out = self.head.partition("\nOutput #0")
+        m = _VIDEO.search(out) if sep else None
+        if not m:
+            return None, None, None
+        fps = _FPS.search(out[m.start():].split("\n", 1)[0])
+        return int(m.group(2)), int(m.group(3)), float(fps.group(1)) if fps else None
+
+
+HEAD_BYTES = 64 * 1024
+_FPS = re.compile(r", (\d+(?:\.\d+)?) fps\b")
+_INPUT_DONE = ("\nStream mapping:", "\nOutput #0")
+
+
 def run_ffmpeg(cmd: list[str], *, expected_s: float | None, timeout_s: float, on_progress: ProgressFn,
-               should_cancel: CancelFn) -> None:
+               should_cancel: CancelFn, max_input_s: float | None = None) -> Run:
     """Run an ffmpeg command that writes ``-progress pipe:1``; see the module docstring for errors.
 
-    ``expected_s`` is the output duration that means 100 % (None: no percentages).
+    ``expected_s`` is the output duration that means 100 % (None: the input's, capped at
+    ``max_input_s``, once ffmpeg has described it). With ``max_input_s`` an input that
+    says it is longer fails with ``VideoTooLong`` as soon as ffmpeg has read its header:
+    the one run is also the probe.
     """
-    with tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory(prefix="tf-ffmpeg-") as home:
+    with tempfile.TemporaryDirectory(prefix="tf-ffmpeg-") as home:
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env=child_env(home), start_new_session=True)
         except FileNotFoundError:
             raise RetryableError(f"ffmpeg is not installed at {cmd[0]}") from None
+        run = Run()
         try:
-            _watch(proc, expected_s, timeout_s, on_progress, should_cancel)
+            _watch(proc, run, expected_s, max_input_s, timeout_s, on_progress, should_cancel)
         except BaseException:
             _kill(proc)
             raise
         finally:
-            if proc.stdout:
-                proc.stdout.close()
-        err.seek(0)
-        stderr = err.read().decode("utf-8", "replace")
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe:
+                    pipe.close()
     if proc.returncode == 0:
-        return
+        return run
     if proc.returncode < 0:
         raise RetryableError(f"ffmpeg was killed by signal {-proc.returncode}")
-    if "No space left on device" in stderr:
-        raise RetryableError("ffmpeg ran out of disk space: " + tail(stderr, 300))
-    raise VideoFailed(f"ffmpeg failed (exit {proc.returncode}): {tail(stderr)}")
+    if "No space left on device" in run.tail:
+        raise RetryableError("ffmpeg ran out of disk space: " + tail(run.tail, 300))
+    if max_input_s is not None and run.source is None:
+        parse_probe(run.head)  # raises UnsupportedVideo when ffmpeg could not read the input (or it has no video)
+    raise VideoFailed(f"ffmpeg failed (exit {proc.returncode}): {tail(run.tail)}")
 
 
-def _watch(proc: subprocess.Popen[bytes], expected_s: float | None, timeout_s: float, on_progress: ProgressFn,
-           should_cancel: CancelFn) -> None:
-    assert proc.stdout is not None
+def _watch(proc: subprocess.Popen[bytes], run: Run, expected_s: float | None, max_input_s: float | None,
+           timeout_s: float, on_progress: ProgressFn, should_cancel: CancelFn) -> None:
+    assert proc.stdout is not None and proc.stderr is not None
     deadline = time.monotonic() + timeout_s
     last_report, last_pct, buf = 0.0, -1, b""
+    head, err_tail = bytearray(), b""
     out_us = 0
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
-        fd = proc.stdout.fileno()
-        while True:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        open_pipes = 2
+        while open_pipes:
             now = time.monotonic()
             if now >= deadline:
                 raise VideoTimeout(f"compressing took longer than {timeout_s:g} s")
-            if sel.select(timeout=min(0.2, deadline - now)):
-                chunk = os.read(fd, 65536)
+            for key, _ in sel.select(timeout=min(0.2, deadline - now)):
+                chunk = os.read(key.fd, 65536)
                 if not chunk:
-                    break  # ffmpeg closed its stdout: it is exiting
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.startswith(b"out_time_us=") and line[12:].strip().isdigit():
-                        out_us = int(line[12:])
+                    sel.unregister(key.fileobj)
+                    open_pipes -= 1  # ffmpeg closed it: it is exiting
+                elif key.fileobj is proc.stderr:
+                    if len(head) < HEAD_BYTES:
+                        head += chunk[:HEAD_BYTES - len(head)]
+                    err_tail = (err_tail + chunk)[-STDERR_TAIL * 4:]
+                    if run.source is None and max_input_s is not None and any(m in head.decode("utf-8", "replace")
+                                                                                for m in _INPUT_DONE):
+                        run.source = _input_described(head.decode("utf-8", "replace"), max_input_s)
+                        if expected_s is None and run.source.duration_s:
+                            expected_s = min(run.source.duration_s, max_input_s)
+                else:
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line.startswith(b"out_time_us=") and line[12:].strip().isdigit():
+                            out_us = int(line[12:])
             now = time.monotonic()
             if now - last_report >= REPORT_EVERY_S:
                 last_report = now
@@ -334,10 +386,25 @@ def _watch(proc: subprocess.Popen[bytes], expected_s: float | None, timeout_s: f
                     if pct > last_pct:
                         last_pct = pct
                         on_progress(pct)
-    try:
-        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise VideoTimeout(f"compressing took longer than {timeout_s:g} s") from None
+    run.head = head.decode("utf-8", "replace")
+    run.tail = err_tail.decode("utf-8", "replace")
+    run.out_time_s = out_us / 1e6
+    if run.source is None and max_input_s is not None and run.head:
+        try:
+            run.source = parse_probe(run.head.split("\nOutput #0")[0])
+        except UnsupportedVideo:
+            pass  # judged with the exit status
+    if not wait_exit(proc, max(0.1, deadline - time.monotonic())):
+        raise VideoTimeout(f"compressing took longer than {timeout_s:g} s")
+    proc.wait()
+
+
+def _input_described(text: str, max_input_s: float) -> Probe:
+    """The input as ffmpeg described it before encoding; ``VideoTooLong`` past the cap."""
+    source = parse_probe(min((text.split(m)[0] for m in _INPUT_DONE), key=len))
+    if source.duration_s is not None and source.duration_s > max_input_s:
+        raise VideoTooLong(f"the video lasts {source.duration_s:.1f} s; the limit is {max_input_s:g} s")
+    return source
 
 
 def compress_video(src_path: str | os.PathLike[str], dest_path: str | os.PathLike[str], *, codec: str = "h264",
@@ -354,18 +421,16 @@ def compress_video(src_path: str | os.PathLike[str], dest_path: str | os.PathLik
     if should_cancel():
         raise Cancelled("cancelled before compressing")
     exe = ffmpeg or ffmpeg_exe()
-    started = time.monotonic()
-    source = probe(src_path, ffmpeg=exe, timeout_s=min(60.0, timeout_s))
-    if source.duration_s is not None and source.duration_s > max_duration_s:
-        raise VideoTooLong(f"the video lasts {source.duration_s:.1f} s; the limit is {max_duration_s:g} s")
-    cmd, encoder = build_command(exe, src_path, dest_path, job, source, max_duration_s, encoders(exe))
-    expected = min(source.duration_s, max_duration_s) if source.duration_s else None
+    cmd, encoder = build_command(exe, src_path, dest_path, job, max_duration_s, encoders(exe))
     try:
-        run_ffmpeg(cmd, expected_s=expected, timeout_s=max(1.0, timeout_s - (time.monotonic() - started)),
-                   on_progress=on_progress, should_cancel=should_cancel)
-        out = probe(dest_path, ffmpeg=exe)
-        if out.duration_s is not None and out.duration_s >= max_duration_s - 0.05 and (
-                source.duration_s is None or source.duration_s > max_duration_s):
+        run = run_ffmpeg(cmd, expected_s=None, timeout_s=timeout_s, on_progress=on_progress,
+                         should_cancel=should_cancel, max_input_s=max_duration_s)
+        width, height, fps = run.output_stream()
+        # out_time is the last frame's start: the output lasts one frame longer
+        duration = round(run.out_time_s + (1 / fps if fps else 0), 3) if run.out_time_s else None
+        source = run.source
+        if duration is not None and duration >= max_duration_s - 0.05 and (
+                source is None or source.duration_s is None or source.duration_s > max_duration_s):
             raise VideoTooLong(f"the video runs past the limit of {max_duration_s:g} s")
     except BaseException:
         try:
@@ -375,4 +440,4 @@ def compress_video(src_path: str | os.PathLike[str], dest_path: str | os.PathLik
         raise
     return {"format": job.format, "content_type": CONTENT_TYPES[job.format], "ext": job.format,
             "codec": job.codec, "encoder": encoder, "size": os.path.getsize(dest_path), "input_size": input_size,
-            "duration_s": out.duration_s, "width": out.width, "height": out.height}
+            "duration_s": duration, "width": width, "height": height}

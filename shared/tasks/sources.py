@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from shared import breakers, db, fetch, urlguard
+from shared import breakers, db, urlguard
 from shared.errors import NotFound, PermanentError
 from shared.settings import Settings
 
@@ -77,6 +77,8 @@ def fetch_url(settings: Settings, url: str, dest_dir: Path, *,
               on_progress: Callable[[int], None] | None = None,
               should_cancel: Callable[[], bool] | None = None) -> Input:
     """Download ``url`` into ``dest_dir`` behind the SSRF guard (``urlguard.BadUrl`` if unparsable)."""
+    from shared import fetch  # urllib3: loaded by the first task that fetches, not at start
+
     _scheme, host, _port, _target = urlguard.split_url(url)
     path = dest_dir / ("input" + _suffix(urlsplit(url).path))
     kwargs: dict[str, Any] = {"policy": fetch.FetchPolicy.from_settings(settings),

@@ -29,12 +29,13 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
-
-import redis
+from typing import TYPE_CHECKING, Any, cast
 
 from shared import breakers, db, redisclient
 from shared.settings import Settings
+
+if TYPE_CHECKING:  # redis-py is imported where it is used (shared/redisclient.py says why)
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]
         return pipe.execute(raise_on_error=False)
 
     def run() -> int:
+        import redis
+
         results = send()
         if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
             client.script_load(_APPEND)
@@ -152,6 +155,8 @@ def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]
 
 
 def _guarded_redis(run: Any) -> int:
+    import redis
+
     try:
         return run()
     except redis.RedisError as exc:

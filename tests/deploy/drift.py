@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from events import catalog
-from infra.runtime.config import DeliverySpec, RuntimeConfig, parse_duration
+from infra.runtime.config import DeliverySpec, FunctionSpec, RuntimeConfig, parse_duration
 
 SERVICE_API = "serving.knative.dev/v1"
 PARALLELISM = "rabbitmq.eventing.knative.dev/parallelism"
@@ -207,6 +207,8 @@ def _scaling_and_timeouts(graph: RuntimeConfig, objs: list[Mapping[str, Any]]) -
                 retention = None
             if retention != f.idle_s:
                 out.append(f"knative Service {name!r}: {RETENTION} {raw!r} != idle_s {f.idle_s:g} s")
+        out += _concurrency(f"knative Service {name!r}", f, tmpl["spec"].get("containerConcurrency", 0),
+                            _container_env(tmpl["spec"]))
         timeout = tmpl["spec"].get("timeoutSeconds")
         needs = [t.delivery.timeout_s for t in graph.triggers.values() if t.subscriber == name]
         if name == graph.dead_letter.subscriber:
@@ -214,6 +216,26 @@ def _scaling_and_timeouts(graph: RuntimeConfig, objs: list[Mapping[str, Any]]) -
         if needs and (timeout is None or timeout < max(needs)):
             out.append(f"knative Service {name!r}: timeoutSeconds {timeout} is shorter than the delivery "
                        f"timeout {max(needs):g} s of what it receives")
+    return out
+
+
+def _container_env(pod_spec: Mapping[str, Any]) -> dict[str, str]:
+    containers = pod_spec.get("containers") or [{}]
+    return {e.get("name"): str(e.get("value")) for e in containers[0].get("env") or [] if "value" in e}
+
+
+def _concurrency(where: str, f: FunctionSpec, concurrency: Any, env: Mapping[str, Any]) -> list[str]:
+    """One instance serves ``workers x threads`` requests at once: the platform's
+    concurrency, WORKERS and THREADS must say the same as the graph."""
+    out = []
+    if concurrency != f.concurrency and str(concurrency) != str(f.concurrency):
+        out.append(f"{where}: concurrency {concurrency!r} != workers x threads {f.concurrency} of the graph")
+    if f.signature == "asgi":
+        return out
+    if str(env.get("WORKERS", "1")) != str(f.workers):
+        out.append(f"{where}: WORKERS {env.get('WORKERS', '1')!r} != workers {f.workers} of the graph")
+    if str(env.get("THREADS")) != str(f.threads):
+        out.append(f"{where}: THREADS {env.get('THREADS')!r} != threads {f.threads} of the graph")
     return out
 
 
@@ -247,6 +269,10 @@ def _openfaas(graph: RuntimeConfig, stack: Mapping[str, Any]) -> list[str]:
         elif "topic" in ann:
             out.append(f"{where}: topic {ann['topic']!r} but no trigger delivers to it at its root path")
         labels = fn.get("labels") or {}
+        if f.signature != "asgi":
+            if labels.get("com.openfaas.scale.type") != "capacity":
+                out.append(f"{where}: com.openfaas.scale.type {labels.get('com.openfaas.scale.type')!r} != 'capacity'")
+            out += _concurrency(where, f, labels.get("com.openfaas.scale.target"), fn.get("environment") or {})
         if f.min_scale == 0 and labels.get("com.openfaas.scale.zero") == "true":
             raw = labels.get("com.openfaas.scale.zero-duration")
             try:

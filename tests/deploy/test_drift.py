@@ -188,6 +188,26 @@ def _openfaas_idle_differs(g, objs, st):
     return g, objs, st
 
 
+def _concurrency_differs(g, objs, st):
+    _find(objs, "Service", "gateway")["spec"]["template"]["spec"]["containerConcurrency"] = 8
+    return g, objs, st
+
+
+def _graph_workers_differ(g, objs, st):
+    spec = dataclasses.replace(g.functions["resize-image"], workers=1)
+    return dataclasses.replace(g, functions={**g.functions, "resize-image": spec}), objs, st
+
+
+def _openfaas_capacity_differs(g, objs, st):
+    st["functions"]["dead-letter"]["labels"]["com.openfaas.scale.target"] = "4"
+    return g, objs, st
+
+
+def _openfaas_workers_differ(g, objs, st):
+    del st["functions"]["gateway"]["environment"]["WORKERS"]
+    return g, objs, st
+
+
 CASES: list[tuple[Mutation, str]] = [
     (_graph_function, "function 'thumbnail' is missing from knative/ (Services), stack.yml"),
     (_stack_function_missing, "function 'generate-pdf' is missing from stack.yml"),
@@ -212,6 +232,10 @@ CASES: list[tuple[Mutation, str]] = [
     (_openfaas_back_on_the_cron_connector, "on the cron-connector, whose ticks are unsigned"),
     (_openfaas_build_arg_differs, "stack.yml function 'status-stream': build_args.ASGI"),
     (_openfaas_idle_differs, "stack.yml function 'generate-pdf': com.openfaas.scale.zero-duration '10m'"),
+    (_concurrency_differs, "knative Service 'gateway': concurrency 8 != workers x threads 16 of the graph"),
+    (_graph_workers_differ, "knative Service 'resize-image': WORKERS '2' != workers 1 of the graph"),
+    (_openfaas_capacity_differs, "stack.yml function 'dead-letter': concurrency '4' != workers x threads 10"),
+    (_openfaas_workers_differ, "stack.yml function 'gateway': WORKERS '1' != workers 2 of the graph"),
 ]
 
 

@@ -101,20 +101,20 @@ def test_select_requirements_refuses_anything_but_media_extras(extra):
 def _fake_framework(tmp_path: Path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "functions-framework"
+    fake = bin_dir / "python"
     fake.write_text('#!/bin/sh\necho "source=$FUNCTION_SOURCE args=$*"\n')
     fake.chmod(0o755)
     return {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
 
-def test_entrypoint_runs_functions_framework_on_the_function_source(tmp_path):
+def test_entrypoint_runs_the_server_on_the_function_source(tmp_path):
     src = tmp_path / "main.py"
     src.write_text("")
     env = {**_fake_framework(tmp_path), "TASKFORGE_FUNCTION_NAME": "resize-image", "FUNCTION_SOURCE": str(src)}
     proc = subprocess.run(["sh", str(ENTRYPOINT), "--debug"], env=env, capture_output=True, text=True,
                           timeout=30, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"source={src} args=--debug"
+    assert proc.stdout.strip() == f"source={src} args=-m infra.runtime.serve --debug"
 
 
 def test_entrypoint_derives_the_source_from_the_name_and_fails_clearly(tmp_path):

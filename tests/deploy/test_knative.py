@@ -155,8 +155,9 @@ def test_concurrency_timeouts_and_resources(base):
         assert set(c["resources"]) == {"requests", "limits"} and all(
             set(c["resources"][k]) == {"cpu", "memory"} for k in ("requests", "limits")), name
         if spec["containerConcurrency"]:
-            threads = {e["name"]: e["value"] for e in c.get("env", [])}.get("THREADS")
-            assert threads == str(spec["containerConcurrency"]), f"{name}: gunicorn threads != containerConcurrency"
+            env = {e["name"]: e["value"] for e in c.get("env", [])}
+            served = int(env.get("WORKERS", "1")) * int(env["THREADS"])
+            assert served == spec["containerConcurrency"], f"{name}: gunicorn workers x threads != containerConcurrency"
             assert template_annotations(svc)[AUTOSCALING + "target"] == str(spec["containerConcurrency"])
 
 

@@ -30,7 +30,7 @@ from shared.settings import Settings
 from tests.deploy.k8s import ROOT, kustomize
 
 SCHEMA = json.loads((ROOT / "tests" / "deploy" / "schemas" / "openfaas-stack.schema.json").read_text())
-SCALE_KEYS = ("com.openfaas.scale.min", "com.openfaas.scale.max", "com.openfaas.scale.zero",
+SCALE_KEYS = ("com.openfaas.scale.min", "com.openfaas.scale.type", "com.openfaas.scale.target", "com.openfaas.scale.max", "com.openfaas.scale.zero",
               "com.openfaas.scale.zero-duration")
 SECRETS_DIR = "/var/openfaas/secrets/"
 

@@ -99,6 +99,7 @@ def _fresh_clients() -> Iterator[None]:
     yield
     ratelimit.reset_clients()
     status.reset()
+    auth.principals.clear()
 
 
 def resize_body(upload_id: str | None = None, **extra: object) -> dict:

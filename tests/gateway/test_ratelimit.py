@@ -75,3 +75,64 @@ def test_zero_disables_a_limit(gw_settings):
     s = gw_settings.replace(submit_rate_per_min=0)
     for _ in range(5):
         ratelimit.check_submit(s, "u")
+
+
+# --- task submissions: tokens reserved in blocks ------------------------------------------
+def _redis_count(r, s, user_id) -> int:
+    base = s.key("rl", "submit", user_id)
+    return sum(int(r.get(k) or 0) for k in r.scan_iter(f"{base}:*"))
+
+
+def test_submissions_reserve_growing_blocks_and_never_exceed_the_limit_across_processes(gw_settings, r):
+    s = gw_settings.replace(submit_rate_per_min=1000)  # blocks of at most 1000 // 100 = 10
+    user_id = str(uuid.uuid4())
+    books = [ratelimit.Reservations(), ratelimit.Reservations()]  # two gateway processes
+    allowed = 0
+    for i in range(1300):
+        try:
+            ratelimit.check_submit(s, user_id, now=100.0 + i * 0.001, book=books[i % 2])
+            allowed += 1
+        except RateLimited as exc:
+            assert int(exc.headers["Retry-After"]) >= 1
+    # Every allowed submission was counted in Redis first: never above the limit. Tokens
+    # a process reserved and did not spend are lost: at most block - 1 per process.
+    assert 1000 - 2 * 9 <= allowed <= 1000
+    assert _redis_count(r, s, user_id) <= 1000
+    key = s.key("rl", "submit", user_id)
+    assert {b._blocks[key].size for b in books} <= set(range(1, 11))
+
+
+def test_a_busy_user_costs_one_redis_call_per_block(gw_settings, r):
+    s = gw_settings.replace(submit_rate_per_min=100_000)
+    user_id = str(uuid.uuid4())
+    book = ratelimit.Reservations()
+    for i in range(200):
+        ratelimit.check_submit(s, user_id, now=50.0 + i * 0.001, book=book)
+    key = s.key("rl", "submit", user_id)
+    assert book._blocks[key].size == 128  # doubling (the cap, limit // 100, is 1000)
+    # 1 + 2 + 4 + ... + 128 = 255 tokens reserved in 8 calls for the 200 submissions
+    assert _redis_count(r, s, user_id) == 255
+
+
+def test_a_sparse_user_is_counted_exactly(gw_settings, r):
+    s = gw_settings.replace(submit_rate_per_min=100_000)
+    user_id = str(uuid.uuid4())
+    book = ratelimit.Reservations()
+    for i in range(5):  # further apart than RESERVE_S: every block is one token
+        ratelimit.check_submit(s, user_id, now=10.0 + i * (ratelimit.RESERVE_S + 0.5), book=book)
+    assert _redis_count(r, s, user_id) == 5
+
+
+def test_the_last_tokens_of_a_window_are_decided_one_by_one(gw_settings, r):
+    s = gw_settings.replace(submit_rate_per_min=300)  # blocks of at most 3
+    user_id = str(uuid.uuid4())
+    book = ratelimit.Reservations()
+    results = []
+    for i in range(305):
+        try:
+            ratelimit.check_submit(s, user_id, now=7.0 + i * 0.001, book=book)
+            results.append(True)
+        except RateLimited:
+            results.append(False)
+    assert sum(results) >= 300 - 2 and results[-5:] == [False] * 5
+    assert _redis_count(r, s, user_id) <= 300

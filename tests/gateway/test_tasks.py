@@ -43,27 +43,31 @@ def test_the_eager_relay_publishes_after_commit(client, user, gw_settings, conn)
     assert client.get(f"/tasks/{r.json['id']}", headers=user.headers).json["status"] == "queued"
 
 
-def test_task_and_outbox_rows_commit_together_or_not_at_all(client, user, conn, monkeypatch):
+def test_batch_task_and_outbox_rows_commit_together_or_not_at_all(client, user, conn, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure between the task insert and the outbox insert")
 
     monkeypatch.setattr(outbox, "add_event", broken)
-    r = client.post("/tasks", json=resize_body(), headers=user.headers)
+    r = client.post("/tasks/batch", json={"tasks": [resize_body()]}, headers=user.headers)
     assert r.status_code == 500
     assert r.json == {"error": {"code": "internal", "message": "internal error"}}
     assert count(conn, "tasks") == 0 and count(conn, "outbox") == 0
 
 
-def test_a_database_error_in_the_outbox_insert_rolls_the_task_back(client, user, conn, monkeypatch):
-    real = outbox.add_event
-
-    def bad_sql(c, **kwargs):
-        real(c, **kwargs)
-        c.execute("INSERT INTO outbox (event_id) VALUES (NULL)")  # violates NOT NULL
-
-    monkeypatch.setattr(outbox, "add_event", bad_sql)
-    assert client.post("/tasks", json=pdf_body(), headers=user.headers).status_code == 500
+def test_a_database_error_in_the_outbox_insert_rolls_the_task_back(client, user, conn):
+    # POST /tasks writes both rows in one statement: make the outbox insert itself fail.
+    conn.execute("CREATE FUNCTION tf_test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                 " $$ BEGIN RAISE EXCEPTION 'outbox refused'; END $$")
+    conn.execute("CREATE TRIGGER tf_test_refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION tf_test_refuse()")
+    try:
+        r = client.post("/tasks", json=pdf_body(), headers=user.headers)
+    finally:
+        conn.execute("DROP TRIGGER tf_test_refuse ON outbox")
+        conn.execute("DROP FUNCTION tf_test_refuse()")
+    assert r.status_code == 500
+    assert r.json == {"error": {"code": "internal", "message": "internal error"}}
     assert count(conn, "tasks") == 0 and count(conn, "outbox") == 0
+    assert client.post("/tasks", json=pdf_body(), headers=user.headers).status_code == 202
 
 
 def test_same_idempotency_key_and_body_returns_the_same_task(client, user, conn):

@@ -264,22 +264,16 @@ def test_page_status_maps_to_permanent_or_retryable(tmp_path: Path, site, engine
 # --- bounded time, cancel, broken engines --------------------------------------------------
 @pytest.fixture()
 def engine_groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Process group ids of the engines started during the test (each engine leads its own group)."""
+    """Process group ids of the wkhtmltopdf processes started during the test (each leads its own group)."""
     groups: list[int] = []
-    real_popen, real_spawn = subprocess.Popen, os.posix_spawn
+    real_popen = subprocess.Popen
 
     class Recording(real_popen):  # type: ignore[misc,valid-type]
         def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
             super().__init__(*a, **kw)
             groups.append(self.pid)
 
-    def spawn(*a, **kw):  # type: ignore[no-untyped-def]
-        pid = real_spawn(*a, **kw)
-        groups.append(pid)
-        return pid
-
     monkeypatch.setattr(pdf.subprocess, "Popen", Recording)
-    monkeypatch.setattr(chromium.os, "posix_spawn", spawn)
     return groups
 
 
@@ -296,7 +290,8 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+# Chromium stays warm across renders: its timeout and cancel are in test_warm_chromium.py.
+@pytest.mark.parametrize("engine", ["wkhtmltopdf"])
 def test_endless_javascript_times_out_permanently_and_the_engine_dies(tmp_path: Path, engine: str,
                                                                       engine_groups: list[int]) -> None:
     with pytest.raises(pdf.EngineTimeout) as err:
@@ -305,7 +300,7 @@ def test_endless_javascript_times_out_permanently_and_the_engine_dies(tmp_path: 
     assert len(engine_groups) == 1 and not group_alive(engine_groups[0])
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ["wkhtmltopdf"])
 def test_cancel_stops_the_render(tmp_path: Path, engine: str, engine_groups: list[int]) -> None:
     polls = {"n": 0}
 
@@ -335,7 +330,8 @@ def test_options_from_settings(tmp_path: Path) -> None:
                       chromium_sandbox=False, chromium_user="daemon")
     opts = pdf.options_from_settings(s)
     assert opts == {"allow": LOOPBACK, "timeout_s": 7.0, "max_bytes": 123_456, "wkhtmltopdf_path": s.wkhtmltopdf_path,
-                    "chromium_path": s.chromium_path, "chromium_sandbox": False, "chromium_user": "daemon"}
+                    "chromium_path": s.chromium_path, "chromium_sandbox": False, "chromium_user": "daemon",
+                    "chromium_max_renders": s.chromium_max_renders}
     payload = {"html": "<p>FROM-SETTINGS</p>", "page_size": "A5", "engine": "wkhtmltopdf"}
     info = pdf.render_pdf(tmp_path / "o.pdf", **payload, **opts)
     assert info["pages"] == 1 and "FROM-SETTINGS" in text_of(tmp_path / "o.pdf")

@@ -8,9 +8,9 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from events import completions
 from functions.gateway import schemas
-from functions.gateway.guards import require_auth
+from functions.gateway.guards import autocommit, require_auth
 from functions.gateway.routes import webhooks
-from functions.gateway.submit import submit_batch, submit_one
+from functions.gateway.submit import submit_as, submit_batch
 from functions.gateway.web import json_body, principal, settings
 from shared import db, storage
 from shared.envelope import json_response
@@ -35,9 +35,9 @@ def create() -> Response:
     if callback_url is not None:
         callback_url = callbacks.check_callback(settings(), principal().user_id, callback_url,
                                                 resolver=webhooks.resolver())
-    sub = submit_one(settings(), principal().user_id, body["type"], body["payload"],
-                     idempotency_key=request.headers.get("Idempotency-Key"),
-                     traceparent=request.headers.get("traceparent"), callback_url=callback_url)
+    sub = submit_as(settings(), principal(), body["type"], body["payload"],
+                    idempotency_key=request.headers.get("Idempotency-Key"),
+                    traceparent=request.headers.get("traceparent"), callback_url=callback_url)
     # 202: accepted for processing; 200: an idempotent replay of an earlier submission.
     return json_response(tasks.public_task(sub.row), 202 if sub.created else 200, _location(sub.row["id"]))
 
@@ -68,7 +68,7 @@ def create_batch() -> Response:
 @bp.get("/tasks/<task_id>")
 @require_auth
 def get(task_id: str) -> Response:
-    with db.connection(settings()) as conn:
+    with autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
         row = tasks.get_task(conn, principal().user_id, task_id)
     return json_response(tasks.public_task(row))
 
@@ -84,7 +84,7 @@ def list_() -> Response:
     raw_limit = args.get("limit", "20")
     if not raw_limit.isdigit() or len(raw_limit) > 6:
         raise ValidationError("invalid query", details=[{"field": "limit", "message": "must be an integer"}])
-    with db.connection(settings()) as conn:
+    with autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
         rows, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
                                         task_type=args.get("type") or None, limit=int(raw_limit),
                                         cursor=args.get("cursor") or None)
