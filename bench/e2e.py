@@ -27,6 +27,11 @@ threads, confirms, same RabbitMQ: ``bench/peers/dramatiq_peer.py``).
   either system's capacity; each task's time from just before its POST (or
   ``apply_async``) to its result being recorded (the task row's ``finished_at``; the
   Celery task's own clock after writing its output).
+
+Iterating on one change: ``TASKFORGE_BENCH_E2E_TASKS=500`` shortens every burst (below
+2,000 the figures carry start-up effects: for comparing steps, never for the record), and
+``TASKFORGE_BENCH_E2E_PEERS=0`` runs TaskForge alone (one burst round, no latency run), so
+its ledger comes back in a minute.
 """
 from __future__ import annotations
 
@@ -279,6 +284,24 @@ class DramatiqDriver:
         return out
 
 
+def _taskforge_only(s: Settings, workdir: Path, png: bytes, burst_n: int) -> list[Figure]:
+    """One TaskForge burst and its ledger, no peers (for iterating on one change)."""
+    try:
+        with local_stack(s) as stack:
+            tf = TaskForgeDriver(stack, png)
+            try:
+                tf.paced(10, 10.0)  # warm up
+                rate, led = tf.burst(burst_n)
+            finally:
+                tf.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return [Figure("e2e_tasks_per_s", rate, "tasks/s", "TaskForge alone (no peer run)", 0.0,
+                   {"burst": burst_n, "rounds": 1}),
+            Figure("cpu_ms_per_task", led["cpu_ms_per_task_total"], "ms", "TaskForge alone (no peer run)", 0.0,
+                   {"burst": burst_n, "rounds": 1, "ledger": led})]
+
+
 def run(ctx: BenchContext) -> list[Figure]:
     workdir = Path(tempfile.mkdtemp(prefix="taskforge-bench-e2e-"))
     s = ctx.settings.replace(submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0, signup_rate_per_min=0,
@@ -293,6 +316,9 @@ def run(ctx: BenchContext) -> list[Figure]:
     # Bursts of at least 2,000 tasks per side per round: shorter ones measure start-up.
     burst_n, rounds = (5000, 3) if ctx.full else (2000, 2)
     paced_n, rate = (200, 20.0) if ctx.full else (60, 20.0)
+    burst_n = int(os.environ.get("TASKFORGE_BENCH_E2E_TASKS") or burst_n)
+    if os.environ.get("TASKFORGE_BENCH_E2E_PEERS", "1") == "0":
+        return _taskforge_only(s, workdir, png, burst_n)
     try:
         with local_stack(s) as stack, celery_worker(s, queue, workdir) as task, \
                 celery_worker(s, durable_queue, workdir, "bench.peers.celery_durable") as durable_task, \

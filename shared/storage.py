@@ -8,9 +8,11 @@ same deterministic key again simply replaces it.
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,7 +59,11 @@ def check_key(key: str) -> str:
 
 
 class LocalStorage:
-    """Objects as files under ``root``; the content type is kept in a sidecar file."""
+    """Objects as files under ``root``.
+
+    The content type is not stored beside the object: every reader already has it from
+    PostgreSQL (an upload's row, a task's ``result``). Objects written before this kept it
+    in a ``<object>.ct`` sidecar, which ``content_type`` still reads and ``delete`` removes."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -68,21 +74,23 @@ class LocalStorage:
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str) -> int:
         """Write to a ``.tmp-*`` file beside the target, then rename. On any failure — the
         stream raising (too large, truncated, client gone), a full disk — the temporary
-        files are removed before the error propagates (``OSError`` as ``StorageError``)."""
+        file is removed before the error propagates (``OSError`` as ``StorageError``).
+        ``content_type`` is not kept (see the class)."""
         path = self._path(key)
         tmp = ""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            except FileNotFoundError:  # the first object under this prefix
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(fileobj, out, 1024 * 1024)
                 size = out.tell()
-            Path(tmp + ".ct").write_text(content_type)
-            os.replace(tmp + ".ct", str(path) + ".ct")
             os.replace(tmp, path)
         except BaseException as exc:
-            for leftover in (tmp, tmp + ".ct") if tmp else ():
-                Path(leftover).unlink(missing_ok=True)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise StorageError(f"local storage write failed: {exc.strerror}") from exc
             raise
@@ -100,10 +108,25 @@ class LocalStorage:
             raise NotFound(f"object {key} not found") from exc
 
     def content_type(self, key: str) -> str:
+        """The type an older write kept in a sidecar, else ``application/octet-stream``
+        (callers take the type from PostgreSQL first)."""
         try:
             return (self._path(key).parent / (self._path(key).name + ".ct")).read_text()
         except FileNotFoundError:
             return "application/octet-stream"
+
+    def local_path(self, key: str) -> Path:
+        """The object's own file, to be read in place (never written: a new write of the
+        key replaces the file by rename, so an open reader keeps the old content).
+        ``NotFound`` if absent; ``IsADirectoryError`` if something else sits there."""
+        path = self._path(key)
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError as exc:
+            raise NotFound(f"object {key} not found") from exc
+        if not stat.S_ISREG(mode):
+            raise IsADirectoryError(errno.EISDIR, "the object is not a regular file", key)
+        return path
 
     def download_to(self, key: str, path: Path) -> None:
         with self.open(key) as src, open(path, "wb") as dst:

@@ -45,7 +45,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from events import catalog, codec, completions, payloads
-from shared import breakers, envelope, metrics, storage, tracing
+from shared import breakers, db, envelope, metrics, storage, tracing
 from shared import logging as logs
 from shared.envelope import Answer, error_answer, json_answer
 from shared.errors import (
@@ -106,6 +106,7 @@ class Job:
     report: Callable[[int], None]
     should_cancel: Callable[[], bool]
     resolver: Callable[[str, int], Sequence[str]] | None = None
+    upload: state.Upload | None = None  # the payload's upload, read with the claim
 
     def progress(self, pct: float) -> None:
         """The core's own progress, 0..100 (mapped into the task's overall progress)."""
@@ -117,7 +118,7 @@ class Job:
         lo, hi = FETCH_BAND
         return sources.fetch_source(
             self.settings, self.storage, self.user_id, self.payload.get("source") if source is None else source,
-            self.workdir, resolver=self.resolver, should_cancel=self.should_cancel,
+            self.workdir, resolver=self.resolver, should_cancel=self.should_cancel, upload=self.upload,
             on_progress=lambda pct: self.report(int(lo + (hi - lo) * pct / 100)),
         )
 
@@ -163,6 +164,11 @@ class Worker:
             try:
                 return self._process(settings, data, span)
             except state.LeaseLost:  # taken over while recording the outcome: the new owner answers
+                if _orphaned(settings, data["task_id"]):
+                    # Nobody owns it: the claim was an asynchronous commit a database
+                    # crash forgot. Keep the event so a redelivery runs the task again.
+                    log.warning("the task's claim was lost (database restart): the broker will retry")
+                    return error_answer(RetryableError("the task's claim was lost; retry", code="claim_lost"), 503)
                 log.warning("lost the task to another worker while recording its outcome")
                 return json_answer(202, {"outcome": "lease_lost"})
             except Exception as exc:  # the state write itself failed (database down): retry later
@@ -229,10 +235,11 @@ class Worker:
                 metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
                 return json_answer(200, {"outcome": "cancelled"})
             log.info("duplicate event for a finished task: acknowledged without work")
-            return self._reply(settings, _row(claim), span)
+            row = _row(claim)
+            return self._reply(settings, row, span, notify=state.wants_completion(row))
         cold, self._cold = self._cold, False
         batch_id = claim.row.get("batch_id") if claim.row is not None else None
-        answer = self._attempt(settings, _row(claim), owner, span)
+        answer = self._attempt(settings, _row(claim), owner, span, claim.upload)
         if batch_id:
             # A batch task finished (or will be retried): hand its slot to the next item.
             from shared.batches import release as batch_release
@@ -242,7 +249,8 @@ class Worker:
             batch_release.release_and_publish(settings)
         return answer
 
-    def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str) -> Answer:
+    def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str,
+                 upload: state.Upload | None = None) -> Answer:
         task_id, user_id = str(row["id"]), str(row["user_id"])
         started = time.monotonic()
         store = breakers.GuardedStorage(storage.get_storage(settings), key=settings.storage_backend)
@@ -253,7 +261,8 @@ class Worker:
                 payload = payloads.with_defaults(self.task_type, payloads.validate_payload(self.task_type, row["payload"]))
                 job = Job(settings=settings, task_id=task_id, user_id=user_id, task_type=self.task_type,
                           payload=payload, attempt=int(row["attempts"]), workdir=Path(tmp), storage=store,
-                          report=hb.report, should_cancel=hb.should_cancel, resolver=self.resolver)
+                          report=hb.report, should_cancel=hb.should_cancel, resolver=self.resolver,
+                          upload=upload)
                 output = self.run(job)
                 if hb.lost.is_set():
                     raise state.LeaseLost("lease lost while working")
@@ -264,7 +273,7 @@ class Worker:
             done = ch.record(state.succeed(ch.conn, task_id, owner, result))
         self._observe("succeeded", started, terminal=True)
         log.info("task succeeded (%d bytes)", result["size"])
-        return self._reply(settings, done, span)
+        return self._reply(settings, done, span, notify=state.wants_completion(done))
 
     def _store(self, store: Any, user_id: str, task_id: str, output: Output) -> dict[str, Any]:
         key = storage.check_key(f"results/{user_id}/{task_id}/{output.filename}")
@@ -311,7 +320,7 @@ class Worker:
             return error_answer(error, code)
         self._observe("failed", started, terminal=True)
         log.info("task failed permanently (%s)", error.code)
-        return self._reply(settings, done, span)
+        return self._reply(settings, done, span, notify=state.wants_completion(done))
 
     def _observe(self, outcome: str, started: float, *, terminal: bool) -> None:
         metrics.TASK_ATTEMPTS.labels(self.task_type, outcome).inc()
@@ -320,13 +329,26 @@ class Worker:
             metrics.TASKS_COMPLETED.labels(self.task_type, outcome).inc()
 
     # --- the reply event -------------------------------------------------------------------
-    def _reply(self, settings: Settings, row: dict[str, Any], span: str) -> Answer:
+    def _reply(self, settings: Settings, row: dict[str, Any], span: str, *, notify: bool = True) -> Answer:
         """200 with a ``task.succeeded``/``task.failed`` reply (binary mode); the reply id is
-        derived from the task, its status and version, so a repeated reply dedupes."""
+        derived from the task, its status and version, so a repeated reply dedupes.
+        Without ``notify`` (the statement that finished the task found no callback and no
+        endpoint of its owner: nobody would get a webhook) the answer is a plain 200."""
         st = str(row["status"])
-        if st not in ("succeeded", "failed"):
+        if st not in ("succeeded", "failed") or not notify:
             return json_answer(200, {"outcome": st})
         return Answer(200, *reply_event(self.source, row, span))
+
+
+def _orphaned(settings: Settings, task_id: str) -> bool:
+    """Whether the task is waiting for a worker (not running, not terminal): after a lost
+    lease this means no worker holds it, so the event must be kept, not acknowledged."""
+    try:
+        with db.connection(settings) as conn:
+            row = state.get(conn, task_id)
+    except Exception:  # the database is still down: retrying is the safe answer
+        return True
+    return row is not None and str(row["status"]) in ("pending", "queued", "retrying")
 
 
 def _row(claim: state.Claim) -> dict[str, Any]:

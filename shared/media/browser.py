@@ -223,7 +223,10 @@ class Browser:
             return
         session = msg.get("sessionId")
         if msg.get("method") == "Page.javascriptDialogOpening" and session:
-            self.send("Page.handleJavaScriptDialog", {"accept": False}, session, reply=None)
+            try:
+                self.send("Page.handleJavaScriptDialog", {"accept": False}, session, reply=None)
+            except RetryableError:
+                pass  # the browser is going away; its renders learn that from the pipe
         with self._lock:
             events = self._sessions.get(session) if session else None
         if events is not None:
@@ -441,23 +444,26 @@ class Keeper:
         """The running browser for these settings (started or replaced as needed), counted as in use."""
         key = (exe, sandbox, user)
         stale: Browser | None = None
-        with self._lock:
-            browser = self._current.get(key)
-            if browser is None or not browser.alive or browser.renders >= max(1, max_renders):
-                if browser is not None:
-                    browser.retired = True
-                    if browser.active == 0 or not browser.alive:
-                        stale = browser
-                        self._all.discard(browser)
-                # Started under the lock: a concurrent render waits for this browser
-                # instead of starting a second one.
-                browser = Browser(exe, sandbox=sandbox, user=user)
-                self._current[key] = browser
-                self._all.add(browser)
-            browser.renders += 1
-            browser.active += 1
-        if stale is not None:
-            stale.close()
+        try:
+            with self._lock:
+                browser = self._current.get(key)
+                if browser is None or not browser.alive or browser.renders >= max(1, max_renders):
+                    if browser is not None:
+                        browser.retired = True
+                        del self._current[key]
+                        if browser.active == 0 or not browser.alive:
+                            stale = browser
+                            self._all.discard(browser)
+                    # Started under the lock: a concurrent render waits for this browser
+                    # instead of starting a second one.
+                    browser = Browser(exe, sandbox=sandbox, user=user)
+                    self._current[key] = browser
+                    self._all.add(browser)
+                browser.renders += 1
+                browser.active += 1
+        finally:
+            if stale is not None:
+                stale.close()
         return browser
 
     def release(self, browser: Browser, *, healthy: bool) -> None:

@@ -7,11 +7,11 @@ raises. One background thread per process drains the queue in batches through th
 claim → publish → mark transaction as the sweeper (``shared.outbox.publish``), so a row
 the sweeper already holds is skipped (``SKIP LOCKED``) instead of being sent twice.
 
-Under load the thread lingers ``LINGER_S`` after the first id of a batch when its last
-batch ended less than ``BUSY_S`` ago, so a burst of requests shares one claim → publish
-→ mark transaction instead of paying one each (the relay's CPU per event, which competes
-with the requests for the interpreter). An idle relay publishes at once: the latency
-of a lone submission does not change.
+Under load — the last batch held more than one id and ended less than ``BUSY_S`` ago —
+the thread lingers ``LINGER_S`` after the first id of a batch, so a burst of requests
+shares one claim → publish → mark transaction instead of paying one each (the relay's
+CPU per event competes with the requests for the interpreter). A relay fed a trickle
+publishes at once: the latency of a lone submission does not change.
 
 Best effort by design: when the broker is down, the queue is full, or the process dies,
 the rows simply stay pending and the outbox sweeper publishes them on its next tick.
@@ -76,10 +76,10 @@ class Relay:
                 self._thread.start()
 
     def _run(self) -> None:
-        last_end = 0.0
+        last_end, last_size = 0.0, 0
         while True:
             ids = [self._queue.get()]
-            if time.monotonic() - last_end < BUSY_S:
+            if last_size > 1 and time.monotonic() - last_end < BUSY_S:
                 time.sleep(LINGER_S)
             while len(ids) < BATCH_MAX:
                 try:
@@ -91,7 +91,7 @@ class Relay:
             except Exception:  # never let the thread die: the sweeper covers what we miss
                 log.exception("eager relay failed; the outbox sweeper will publish these rows")
             finally:
-                last_end = time.monotonic()
+                last_end, last_size = time.monotonic(), len(ids)
                 for _ in ids:
                     self._queue.task_done()
 

@@ -1,11 +1,15 @@
 """The running task's heartbeat: lease renewal, cancel polling and progress writes.
 
-One background thread per running task keeps all database traffic off the core's path:
-the core's progress callback only stores a number, and its cancel callback only reads
-an ``Event``. Every ``tick`` (about ``settings.cancel_poll_s``) does at most one short
+One background thread per process (``_Beats``) ticks every running task of the process,
+keeping all database traffic off the core's path: the core's progress callback only
+stores a number, and its cancel callback only reads an ``Event``. A task registers on
+entry and leaves on exit (a dictionary insert, no thread started per task). Every
+``tick`` of a task (about ``settings.cancel_poll_s`` after the last) does at most one short
 transaction: renew the lease when a third of it has passed (which also reads the cancel
 flag), otherwise read the cancel flag; and write progress at most once per
-``settings.progress_interval_s`` (then fan it out to the status stream).
+``settings.progress_interval_s`` (then fan it out to the status stream). Lease renewals
+and progress commit asynchronously (``state.RELAXED``): a crash that forgets one only
+shortens a lease or hides a progress step.
 
 If the lease is lost (taken over after this process stalled, or the task was finished
 elsewhere) ``lost`` and ``cancel`` are set so the core stops; the worker then records
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,13 +40,13 @@ class Heartbeat:
         self.clock = clock
         self.cancel = threading.Event()  # the core should stop
         self.lost = threading.Event()  # another worker owns the task now
-        self._stop = threading.Event()
         self._progress: int | None = None  # latest value reported by the core
         self._written = 0
         now = clock()
         self._last_renew = now
         self._last_progress = now - settings.progress_interval_s
-        self._thread: threading.Thread | None = None
+        self._due = now  # when the process's heartbeat thread ticks this task next
+        self._ctx = contextvars.copy_context()
 
     # --- callbacks handed to the core ------------------------------------------------
     def report(self, progress: int) -> None:
@@ -81,22 +86,75 @@ class Heartbeat:
             log.info("cancel requested; asking the core to stop")
             self.cancel.set()
 
-    # --- thread ---------------------------------------------------------------------------
-    def _run(self) -> None:
-        interval = max(0.05, min(self.settings.cancel_poll_s, self.settings.progress_interval_s))
-        while not self._stop.wait(interval):
-            self.tick()
-            if self.lost.is_set():
-                return
+    # --- registration with the process's heartbeat thread ---------------------------------
+    @property
+    def interval_s(self) -> float:
+        return max(0.05, min(self.settings.cancel_poll_s, self.settings.progress_interval_s))
 
     def __enter__(self) -> Heartbeat:
-        ctx = contextvars.copy_context()  # log lines from the thread keep the task's ids
-        self._thread = threading.Thread(target=ctx.run, args=(self._run,), name=f"heartbeat-{self.task_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._ctx = contextvars.copy_context()  # log lines from the thread keep the task's ids
+        self._due = self.clock() + self.interval_s
+        _beats.add(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=max(5.0, self.settings.cancel_poll_s * 2))
+        _beats.remove(self)
+
+
+class _Beats:
+    """The process's one heartbeat thread and the running tasks it ticks.
+
+    ``remove`` waits while the thread is in the middle of that task's tick, so once a
+    task's ``with Heartbeat`` block has ended no tick of it runs any more."""
+
+    def __init__(self) -> None:
+        self._beats: dict[int, Heartbeat] = {}
+        self._cond = threading.Condition()
+        self._ticking: Heartbeat | None = None
+        self._pid = 0
+
+    def add(self, hb: Heartbeat) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # first use, or first use after a fork
+                self._pid = os.getpid()
+                self._beats.clear()
+                threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
+            self._beats[id(hb)] = hb
+            self._cond.notify_all()
+
+    def remove(self, hb: Heartbeat) -> None:
+        with self._cond:
+            self._beats.pop(id(hb), None)
+            while self._ticking is hb:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._beats:
+                    self._cond.wait()
+                    continue
+                due = [hb for hb in self._beats.values() if hb._due <= hb.clock()]
+                if not due:
+                    nxt = min(hb._due - hb.clock() for hb in self._beats.values())
+                    self._cond.wait(max(0.01, min(nxt, 1.0)))
+                    continue
+            for hb in due:
+                with self._cond:
+                    if id(hb) not in self._beats:  # finished meanwhile
+                        continue
+                    self._ticking = hb
+                try:
+                    hb._ctx.run(hb.tick)
+                except Exception:  # tick catches its own errors; this keeps the thread alive
+                    log.exception("heartbeat tick failed")
+                finally:
+                    with self._cond:
+                        self._ticking = None
+                        hb._due = hb.clock() + hb.interval_s
+                        if hb.lost.is_set():
+                            self._beats.pop(id(hb), None)
+                        self._cond.notify_all()
+
+
+_beats = _Beats()

@@ -62,10 +62,22 @@ class ClaimOutcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class Upload:
+    """The upload a claimed task's ``payload.source.upload_id`` names (read with the claim)."""
+
+    id: str
+    storage_key: str
+    content_type: str
+    size: int
+    filename: str | None
+
+
+@dataclass(frozen=True)
 class Claim:
     outcome: ClaimOutcome
     row: Row | None
     changed: bool = False  # whether ``row`` is a state change to publish
+    upload: Upload | None = None  # for CLAIMED: the payload's upload, if it names one of the owner's
 
     @property
     def claimed(self) -> bool:
@@ -74,6 +86,32 @@ class Claim:
 
 # Columns every change touches: the version the status stream orders by, and the clock.
 _BUMP = "status_version = status_version + 1, updated_at = now()"
+# A terminal change leaps the version instead: intermediate changes (claim, progress,
+# lease) commit asynchronously (``RELAXED``), so a PostgreSQL crash can forget a few of
+# them after the stream has shown them; the changes that follow would reuse their
+# versions and the stream's version guard would drop them. The leap puts the terminal
+# state (a durable commit) above any version such a loss can leave behind.
+VERSION_LEAP = 1024
+_FINAL = f"status_version = status_version + {VERSION_LEAP}, updated_at = now()"
+# An expression that makes the current transaction's commit asynchronous
+# (``synchronous_commit = off`` for this transaction only), evaluated by a statement's
+# RETURNING/SELECT list so it costs no round trip of its own and applies only when the
+# statement changed a row. Only for writes that redelivery, the conditional updates and
+# the reaper recover if a crash loses them (docs/architecture.md, durability classes).
+RELAXED = "set_config('synchronous_commit', 'off', true)"
+
+# What a claim returns beside the task row: the upload its payload names (the owner's
+# only), so the worker needs no lookup of its own. NULLs when there is none.
+_UPLOAD_COLUMNS = ("upload_key", "upload_content_type", "upload_size", "upload_filename")
+_UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+# Whether anyone listens for a task's completion: its one-off callback, or an endpoint of
+# its owner (task and batch completions are only ever sent to those). Evaluated by the
+# statement that finishes the task, so the worker knows whether to send a reply event.
+_NOTIFY = ("(EXISTS (SELECT 1 FROM task_callbacks cb WHERE cb.task_id = tasks.id)"
+           " OR EXISTS (SELECT 1 FROM webhook_endpoints we WHERE we.user_id = tasks.user_id"
+           " AND we.kind = 'endpoint')) AS notify")
 
 
 def _error(error: TaskForgeError | dict[str, Any]) -> Jsonb:
@@ -137,7 +175,7 @@ def request_cancel(conn: Conn, user_id: str, task_id: str) -> Row:
         ).fetchone())
     return _locked(_announce(conn, conn.execute(
         f"UPDATE tasks SET status = 'cancelled', cancel_requested = true, finished_at = now(),"
-        f" lease_owner = NULL, lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+        f" lease_owner = NULL, lease_until = NULL, {_FINAL} WHERE id = %s RETURNING *",
         (task_id,),
     ).fetchone()))
 
@@ -162,19 +200,35 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
             raise ValueError("pass both user_id and task_type, or neither")
         match = " AND user_id = %(user)s AND type = %(ttype)s"
         params.update(user=user_id, ttype=task_type)
+    # One statement: the conditional claim, the upload the payload names (the owner's
+    # only; a malformed id matches nothing) and, when it claimed, an asynchronous commit.
     row = conn.execute(
-        f"UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
+        f"WITH c AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
         f" lease_owner = %(owner)s, lease_until = now() + %(lease)s * interval '1 second',"
         f" started_at = coalesce(started_at, now()), {_BUMP}"
         " WHERE id = %(id)s AND NOT cancel_requested AND (status IN ('pending', 'queued', 'retrying')"
         "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))" + match +
-        " RETURNING *",
+        " RETURNING *)"
+        " SELECT c.*, u.storage_key AS upload_key, u.content_type AS upload_content_type,"
+        " u.size AS upload_size, u.filename AS upload_filename, u.id::text AS upload_id,"
+        f" {RELAXED} AS relaxed"
+        " FROM c LEFT JOIN uploads u ON u.user_id = c.user_id AND u.id = CASE"
+        f"   WHEN c.payload->'source'->>'upload_id' ~ '{_UUID_RE}'"
+        "   THEN (c.payload->'source'->>'upload_id')::uuid END",
         params,
     ).fetchone()
     if row is not None:
-        return Claim(ClaimOutcome.CLAIMED, row, changed=True)
+        del row["relaxed"]
+        upload_id = row.pop("upload_id")
+        upload = None
+        if upload_id is not None:
+            upload = Upload(upload_id, row["upload_key"], row["upload_content_type"], int(row["upload_size"] or 0),
+                            row["upload_filename"])
+        for col in _UPLOAD_COLUMNS:
+            del row[col]
+        return Claim(ClaimOutcome.CLAIMED, row, changed=True, upload=upload)
     row = conn.execute(
-        "SELECT *, (status = 'running' AND lease_until > now()) AS lease_live FROM tasks"
+        f"SELECT *, (status = 'running' AND lease_until > now()) AS lease_live, {_NOTIFY} FROM tasks"
         " WHERE id = %(id)s" + match + " FOR UPDATE",
         params,
     ).fetchone()
@@ -183,12 +237,13 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
     lease_live = bool(row.pop("lease_live"))
     status = TaskStatus(row["status"])
     if status in TERMINAL:
-        return Claim(ClaimOutcome.FINISHED, row)
+        return Claim(ClaimOutcome.FINISHED, row)  # with ``notify``: see ``wants_completion``
+    del row["notify"]
     if row["cancel_requested"] and not lease_live:
         # Cancel reached the task before it started, or its worker died mid-cancel.
         row = _announce(conn, conn.execute(
             f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
-            f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+            f" lease_until = NULL, {_FINAL} WHERE id = %s RETURNING *",
             (task_id,),
         ).fetchone())
         return Claim(ClaimOutcome.CANCELLED, row, changed=True)
@@ -196,15 +251,23 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
 
 
 def _owned_update(conn: Conn, task_id: str, owner: str, assignments: str,
-                  params: dict[str, Any]) -> Row:
+                  params: dict[str, Any], *, final: bool = False) -> Row:
     row = conn.execute(
-        f"UPDATE tasks SET {assignments}, {_BUMP}"
-        " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s RETURNING *",
+        f"UPDATE tasks SET {assignments}, {_FINAL if final else _BUMP}"
+        " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s"
+        " RETURNING *" + (f", {_NOTIFY}" if final else ""),
         {"id": task_id, "owner": owner, **params},
     ).fetchone()
     if row is None:
         raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
     return row
+
+
+def wants_completion(row: Row) -> bool:
+    """Whether a terminal row from ``succeed``/``fail``/``finish_cancelled`` has a
+    listener for its completion event (removes the ``notify`` column from the row).
+    A row without the column (a duplicate's, read elsewhere) counts as listened to."""
+    return bool(row.pop("notify", True))
 
 
 def renew_lease(conn: Conn, task_id: str, owner: str, lease_s: float) -> bool:
@@ -214,7 +277,7 @@ def renew_lease(conn: Conn, task_id: str, owner: str, lease_s: float) -> bool:
     row = conn.execute(
         "UPDATE tasks SET lease_until = now() + %(lease)s * interval '1 second'"
         " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s"
-        " RETURNING cancel_requested",
+        f" RETURNING cancel_requested, {RELAXED}",
         {"id": task_id, "owner": owner, "lease": float(lease_s)},
     ).fetchone()
     if row is None:
@@ -233,9 +296,11 @@ def set_progress(conn: Conn, task_id: str, owner: str, progress: int,
         f"UPDATE tasks SET progress = %(p)s, {_BUMP}"
         " WHERE id = %(id)s AND status = 'running' AND lease_owner = %(owner)s AND progress < %(p)s"
         "   AND (%(p)s = 100 OR updated_at <= now() - %(gap)s * interval '1 second')"
-        " RETURNING *",
+        f" RETURNING *, {RELAXED} AS relaxed",
         {"id": task_id, "owner": owner, "p": progress, "gap": float(min_interval_s)},
     ).fetchone()
+    if row is not None:
+        del row["relaxed"]
     if row is None:
         holder = conn.execute("SELECT status, lease_owner FROM tasks WHERE id = %s", (task_id,)).fetchone()
         if holder is None or holder["status"] != TaskStatus.RUNNING or holder["lease_owner"] != owner:
@@ -266,7 +331,7 @@ def succeed(conn: Conn, task_id: str, owner: str, result: dict[str, Any]) -> Row
         conn, task_id, owner,
         "status = 'succeeded', progress = 100, result = %(result)s, error = NULL, finished_at = now(),"
         " lease_owner = NULL, lease_until = NULL",
-        {"result": Jsonb(result)},
+        {"result": Jsonb(result)}, final=True,
     )
 
 
@@ -279,9 +344,9 @@ def fail(conn: Conn, task_id: str, owner: str, error: TaskForgeError | dict[str,
     row = _owned_update(
         conn, task_id, owner,
         "status = 'failed', error = %(error)s, finished_at = now(), lease_owner = NULL, lease_until = NULL",
-        {"error": _error(error)},
+        {"error": _error(error)}, final=True,
     )
-    if announce:
+    if announce and row.get("notify"):
         _announce(conn, row)
     return row
 
@@ -299,10 +364,13 @@ def mark_retrying(conn: Conn, task_id: str, owner: str,
 
 def finish_cancelled(conn: Conn, task_id: str, owner: str) -> Row:
     """``running → cancelled`` after the worker stopped on a cancel request."""
-    return _locked(_announce(conn, _owned_update(
+    row = _owned_update(
         conn, task_id, owner,
-        "status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_until = NULL", {},
-    )))
+        "status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_until = NULL", {}, final=True,
+    )
+    if row.get("notify"):
+        _announce(conn, row)
+    return row
 
 
 # --- safety nets: dead letters, replay, reaping -------------------------------------
@@ -315,7 +383,7 @@ def fail_dead_lettered(conn: Conn, task_id: str,
     """
     return _announce(conn, conn.execute(
         f"UPDATE tasks SET status = 'failed', error = %(error)s, finished_at = now(),"
-        f" lease_owner = NULL, lease_until = NULL, {_BUMP}"
+        f" lease_owner = NULL, lease_until = NULL, {_FINAL}"
         " WHERE id = %(id)s AND (status IN ('pending', 'queued', 'retrying')"
         "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))"
         " RETURNING *",
@@ -368,12 +436,12 @@ def reap_stale(conn: Conn, *, max_attempts: int, source: str, lease_grace_s: flo
         if row["cancel_requested"]:
             new = conn.execute(
                 f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
-                f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *", (row["id"],),
+                f" lease_until = NULL, {_FINAL} WHERE id = %s RETURNING *", (row["id"],),
             ).fetchone()
         elif status is TaskStatus.RUNNING and row["attempts"] >= max_attempts:
             new = conn.execute(
                 f"UPDATE tasks SET status = 'failed', error = %s, finished_at = now(), lease_owner = NULL,"
-                f" lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+                f" lease_until = NULL, {_FINAL} WHERE id = %s RETURNING *",
                 (Jsonb({"code": "lease_expired", "message": "the worker stopped and no attempts are left"}),
                  row["id"]),
             ).fetchone()
@@ -405,7 +473,7 @@ def _rescue(conn: Conn, row: Row, status: TaskStatus, *, stale_s: float, max_res
                else f"{idle} with no attempts left")
         return conn.execute(
             f"UPDATE tasks SET status = 'failed', error = %s, rescue_reason = %s, finished_at = now(),"
-            f" lease_owner = NULL, lease_until = NULL, {_BUMP} WHERE id = %s RETURNING *",
+            f" lease_owner = NULL, lease_until = NULL, {_FINAL} WHERE id = %s RETURNING *",
             (Jsonb({"code": f"stale_{status.value}", "message": f"the task was given up: {why}"}),
              f"failed: {why}", row["id"]),
         ).fetchone()

@@ -218,6 +218,9 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
         return
     try:
         with db.connection(settings) as conn:
+            # Asynchronous commit: a mark a crash forgets only makes catch_up re-append
+            # that change, and the script's version guard drops the duplicate.
+            conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(
                 "UPDATE tasks t SET published_version = v.ver"
                 " FROM unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"

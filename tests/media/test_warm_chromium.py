@@ -7,6 +7,7 @@ any attempt to connect beyond loopback.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,15 +245,25 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.parametrize(("how", "sig"), [("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL)])
 def test_the_browser_ends_with_its_worker_process(tmp_path: Path, how: str, sig: int) -> None:
     """SIGTERM stops the browser on the way out; even SIGKILL does, as the pipe closes."""
+    profile = ""
     child = subprocess.Popen([sys.executable, "-c", _CHILD, how, str(tmp_path / "c.pdf")], stdout=subprocess.PIPE,
                              text=True, cwd=Path(__file__).resolve().parents[2])
     try:
         assert child.stdout is not None
         pid = int(child.stdout.readline())
         assert group_members(pid)
+        profile = _profile_of(pid)
         child.send_signal(sig)
         assert child.wait(30) == -sig
         assert eventually(lambda: not group_members(pid), 15), "the browser outlived its worker"
+        if sig == signal.SIGTERM:
+            assert not Path(profile).exists()  # stopped cleanly: its profile is gone too
     finally:
         child.kill()
         child.wait()
+        shutil.rmtree(profile, ignore_errors=True)  # what a killed worker leaves behind
+
+
+def _profile_of(pid: int) -> str:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return next(a.split("=", 1)[1] for a in args if a.startswith("--user-data-dir="))

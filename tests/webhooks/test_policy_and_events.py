@@ -65,8 +65,14 @@ def _completions(conn) -> list[dict]:
                         (list(catalog.COMPLETION_TYPES),)).fetchall()
 
 
+def _listen(conn, user_id: str) -> None:
+    conn.execute("INSERT INTO webhook_endpoints (user_id, kind, url, events, secret_enc)"
+                 " VALUES (%s, 'endpoint', 'https://hooks.example.com/x', ARRAY['task.failed'], 'x')", (user_id,))
+
+
 def test_terminal_transitions_without_a_reply_are_announced_once(wh_settings, user):
     with db.connection(wh_settings) as conn:
+        _listen(conn, user.id)
         queued = _task(conn, user.id, "queued")
         cancelled = state.request_cancel(conn, user.id, str(queued["id"]))
         running = _task(conn, user.id)
@@ -85,6 +91,24 @@ def test_terminal_transitions_without_a_reply_are_announced_once(wh_settings, us
         (catalog.TASK_FAILED, str(failing["id"]))]
     assert [str(e["event_id"]) for e in events] == [completions.event_id_of(r) for r in (cancelled, stopped, failed)]
     assert all(e["payload"]["user_id"] == user.id for e in events)
+
+
+def test_a_worker_finishing_a_task_nobody_listens_for_announces_nothing(wh_settings, user):
+    # No endpoint of the owner and no callback: the statement that ends the task decides
+    # there is nobody to tell, and no completion event is written (webhook-delivery would
+    # only find no message to make).
+    with db.connection(wh_settings) as conn:
+        running = _task(conn, user.id)
+        state.claim(conn, str(running["id"]), "w1", 60)
+        conn.execute("UPDATE tasks SET cancel_requested = true WHERE id = %s", (running["id"],))
+        stopped = state.finish_cancelled(conn, str(running["id"]), "w1")
+        failing = _task(conn, user.id)
+        state.claim(conn, str(failing["id"]), "w2", 60)
+        failed = state.fail(conn, str(failing["id"]), "w2", {"code": "x", "message": "y"}, announce=True)
+        events = _completions(conn)
+    assert (stopped["status"], failed["status"]) == ("cancelled", "failed")
+    assert not state.wants_completion(stopped) and not state.wants_completion(failed)
+    assert events == []
 
 
 def test_secrets_never_reach_the_logs(wh_client, wh_settings, user, receiver, deliver, finished_task, caplog):

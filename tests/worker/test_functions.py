@@ -17,7 +17,7 @@ from events import catalog
 from shared import storage
 from shared.settings import set_settings
 
-from .helpers import reply_of, requested_event
+from .helpers import listened, reply_of, requested_event
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ def fsettings(settings):
 def test_resize_image_function(fsettings, make_user, make_task, conn, src_fmt, mime, payload, want_fmt, want_size):
     uid = make_user()
     upload = make_upload(conn, fsettings, uid, image_bytes(src_fmt), mime, f"in.{src_fmt.lower()}")
-    t = make_task(uid, status="queued", payload={"source": {"upload_id": upload}, **payload})
+    t = listened(conn, make_task(uid, status="queued", payload={"source": {"upload_id": upload}, **payload}))
     r = post_event(app_client("resize_image"), t)
     assert r.status_code == 200, r.data
     assert reply_of(r.headers, r.data)["type"] == catalog.TASK_SUCCEEDED
@@ -95,7 +95,9 @@ def test_resize_image_refuses_non_images_permanently(fsettings, make_user, make_
     t = make_task(uid, status="queued", payload={"source": {"upload_id": upload}, "width": 50})
     r = post_event(app_client("resize_image"), t)
     assert r.status_code == 200
-    assert reply_of(r.headers, r.data)["type"] == catalog.TASK_FAILED
+    # Nobody listens for this task's completion (no callback, no endpoint): a plain 200,
+    # no reply event for the broker to carry.
+    assert "ce-type" not in r.headers and r.get_json() == {"outcome": "failed"}
     row = task_row(conn, t["id"])
     assert row["status"] == "failed" and row["error"]["code"] == "unsupported_image"
 
@@ -170,8 +172,8 @@ def test_generate_pdf_function_renders_html(fsettings, make_task, conn, tmp_path
 
 
 def test_generate_pdf_refuses_local_files_permanently(fsettings, make_task, conn):
-    t = make_task(type="generate-pdf", status="queued",
-                  payload={"html": '<html><body><img src="file:///etc/passwd"></body></html>'})
+    t = listened(conn, make_task(type="generate-pdf", status="queued",
+                                 payload={"html": '<html><body><img src="file:///etc/passwd"></body></html>'}))
     r = post_event(app_client("generate_pdf"), t)
     assert r.status_code == 200
     assert reply_of(r.headers, r.data)["type"] == catalog.TASK_FAILED

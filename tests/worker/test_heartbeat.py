@@ -90,3 +90,38 @@ def test_database_trouble_in_a_tick_is_survived(settings, make_task, monkeypatch
     hb.tick()  # the database is back: the pending progress lands
     with db.connection(settings) as c:
         assert state.get(c, tid)["progress"] == 50
+
+
+def test_one_thread_ticks_every_running_task_of_the_process(settings, make_task):
+    import threading
+    import time
+
+    s = settings.replace(cancel_poll_s=0.05, progress_interval_s=0.05, lease_s=30)
+    tasks = [claimed(s, make_task) for _ in range(3)]
+    beats = [Heartbeat(s, tid, "w", lambda rows: None) for tid, _uid in tasks]
+    for hb in beats:
+        hb.__enter__()
+    try:
+        beats[1].report(40)
+        with db.connection(s) as c:
+            state.request_cancel(c, tasks[2][1], tasks[2][0])
+        deadline = time.monotonic() + 10
+        while not beats[2].should_cancel() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert beats[2].should_cancel() and not beats[0].should_cancel()
+        while time.monotonic() < deadline:
+            with db.connection(s) as c:
+                if state.get(c, tasks[1][0])["progress"] == 40:
+                    break
+            time.sleep(0.02)
+        with db.connection(s) as c:
+            assert state.get(c, tasks[1][0])["progress"] == 40
+        assert [t.name for t in threading.enumerate()].count("heartbeat") == 1
+    finally:
+        for hb in beats:
+            hb.__exit__(None, None, None)
+    # After exit no tick of these tasks runs any more: a later cancel is not noticed.
+    with db.connection(s) as c:
+        state.request_cancel(c, tasks[0][1], tasks[0][0])
+    time.sleep(0.3)
+    assert not beats[0].should_cancel()

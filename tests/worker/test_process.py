@@ -17,7 +17,7 @@ from PIL import Image
 from infra.runtime.launcher import free_ports, settings_env
 from shared import storage
 
-from .helpers import requested_event
+from .helpers import listened, requested_event
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,8 @@ def test_malformed_events_get_4xx_and_the_process_lives_on(resize_process, setti
         key = f"uploads/{uid}/{row['id']}"
         storage.get_storage(settings).put_bytes(key, data, "image/png")
         conn.execute("UPDATE uploads SET storage_key = %s WHERE id = %s", (key, row["id"]))
-        t = make_task(uid, status="queued", payload={"source": {"upload_id": str(row["id"])}, "width": 60})
+        t = listened(conn, make_task(uid, status="queued", payload={"source": {"upload_id": str(row["id"])},
+                                                                     "width": 60}))
         headers, body = requested_event(t)
         ok = client.post("/", content=body, headers=headers)
     assert ok.status_code == 200 and ok.headers["ce-type"] == "com.taskforge.task.succeeded"

@@ -160,3 +160,37 @@ def test_dead_host_retries_and_opens_only_its_own_breaker(settings, make_task, c
         t = make_task(status="queued", payload={"source": {"url": "http://10.0.0.1/x"}, "width": 5})
         assert w.handle(*requested_event(t), settings).status == 200
     assert not breakers.is_open("fetch", "10.0.0.1")
+
+
+def test_the_claim_reads_the_owners_upload_in_the_same_statement(settings, make_user, make_task, conn):
+    from shared import db
+    from shared.tasks import state
+
+    uid, other = make_user(), make_user()
+    mine = make_upload(conn, settings, uid, b"mine")
+    theirs = make_upload(conn, settings, other, b"theirs")
+    own = make_task(uid, status="queued", payload={"source": {"upload_id": mine}, "width": 5})
+    foreign = make_task(uid, status="queued", payload={"source": {"upload_id": theirs}, "width": 5})
+    junk = make_task(uid, status="queued", payload={"source": {"upload_id": "not-a-uuid"}, "width": 5})
+    with db.connection(settings) as c:
+        got = state.claim(c, str(own["id"]), "w", 30)
+        assert got.claimed and got.upload is not None
+        assert (got.upload.id, got.upload.storage_key, got.upload.size, got.upload.filename) == \
+            (mine, f"uploads/{uid}/{mine}", 4, "photo.JPG")
+        assert "upload_key" not in got.row and "relaxed" not in got.row
+        # Another user's upload, or a malformed id, is never joined: the fetch then refuses it.
+        assert state.claim(c, str(foreign["id"]), "w", 30).upload is None
+        assert state.claim(c, str(junk["id"]), "w", 30).upload is None
+
+
+def test_a_local_upload_is_read_in_place_without_a_copy(settings, make_user, conn, tmp_path):
+    uid = make_user()
+    upload = make_upload(conn, settings, uid, b"\x89PNG in place")
+    store = breakers.GuardedStorage(storage.get_storage(settings), key="test-in-place")
+    got = sources.fetch_upload(settings, store, uid, upload, tmp_path)
+    assert got.path.read_bytes() == b"\x89PNG in place" and got.size == len(b"\x89PNG in place")
+    assert not list(tmp_path.iterdir())  # nothing copied into the work directory
+    assert got.content_type == "image/jpeg" and got.name == "photo.JPG"
+    storage.get_storage(settings).delete(f"uploads/{uid}/{upload}")
+    with pytest.raises(sources.UploadNotFound):
+        sources.fetch_upload(settings, store, uid, upload, tmp_path)

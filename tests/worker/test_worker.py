@@ -14,7 +14,7 @@ from shared.errors import Cancelled, PermanentError, RetryableError
 from shared.tasks import state, status
 from shared.worker import Job, Output, Worker
 
-from .helpers import reply_of, requested_event
+from .helpers import listened, reply_of, requested_event
 
 
 class Core:
@@ -44,7 +44,7 @@ def task_row(conn, task_id):
 
 
 def test_success_stores_the_output_and_replies_succeeded(wsettings, make_task, conn, redis_client):
-    t = make_task(status="queued")
+    t = listened(conn, make_task(status="queued"))
     core = Core()
     w = Worker("resize-image", core)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -67,7 +67,7 @@ def test_success_stores_the_output_and_replies_succeeded(wsettings, make_task, c
 
 
 def test_duplicate_of_finished_task_is_acknowledged_without_work(wsettings, make_task, conn):
-    t = make_task(status="queued")
+    t = listened(conn, make_task(status="queued"))
     core = Core()
     w = Worker("resize-image", core)
     first = w.handle(*requested_event(t), wsettings)
@@ -78,7 +78,7 @@ def test_duplicate_of_finished_task_is_acknowledged_without_work(wsettings, make
 
 
 def test_permanent_error_fails_the_task_and_answers_2xx(wsettings, make_task, conn):
-    t = make_task(status="queued")
+    t = listened(conn, make_task(status="queued"))
     w = Worker("resize-image", Core(PermanentError("not an image", code="unsupported_media")))
     ans = w.handle(*requested_event(t), wsettings)
     assert ans.status == 200
@@ -115,7 +115,7 @@ def test_retry_after_transient_failure_succeeds_on_the_next_delivery(wsettings, 
 
 
 def test_last_attempt_records_failed_and_still_answers_5xx_for_the_dead_letter(wsettings, make_task, conn):
-    t = make_task(status="queued")
+    t = listened(conn, make_task(status="queued"))
     w = Worker("resize-image", Core(RetryableError("still down")))
     codes = [w.handle(*requested_event(t), wsettings).status for _ in range(wsettings.max_attempts)]
     assert all(c == 503 for c in codes)
@@ -291,3 +291,50 @@ def test_a_redelivery_that_finds_the_task_running_keeps_the_retry(wsettings, mak
     assert retried.status == 200 and core.calls == 1
     row = task_row(conn, t["id"])
     assert (row["status"], row["attempts"]) == ("succeeded", 2)
+
+
+def test_no_reply_event_when_nobody_listens_for_the_completion(wsettings, make_task, make_user, conn):
+    # No callback and no endpoint: the statement that finished the task says so, and the
+    # answer is a plain 200 (nothing for the broker to carry to webhook-delivery).
+    quiet = make_task(status="queued")
+    w = Worker("resize-image", Core())
+    ans = w.handle(*requested_event(quiet), wsettings)
+    assert ans.status == 200 and "ce-type" not in ans.headers and json.loads(ans.body) == {"outcome": "succeeded"}
+    assert task_row(conn, quiet["id"])["status"] == "succeeded"
+    # A duplicate delivery answers the same way.
+    again = w.handle(*requested_event(quiet), wsettings)
+    assert again.status == 200 and "ce-type" not in again.headers
+    # An endpoint of the owner (any subscription) is a listener: the reply is sent.
+    uid = make_user()
+    conn.execute("INSERT INTO webhook_endpoints (user_id, kind, url, events, secret_enc)"
+                 " VALUES (%s, 'endpoint', 'https://hooks.example.com/x', ARRAY['task.succeeded'], 'x')", (uid,))
+    heard = make_task(uid, status="queued")
+    ans = w.handle(*requested_event(heard), wsettings)
+    assert ans.status == 200 and reply_of(ans.headers, ans.body)["type"] == catalog.TASK_SUCCEEDED
+
+
+def test_a_last_attempt_failure_nobody_listens_for_writes_no_completion_event(wsettings, make_task, conn):
+    t = make_task(status="queued")
+    w = Worker("resize-image", Core(RetryableError("still down")))
+    for _ in range(wsettings.max_attempts):
+        w.handle(*requested_event(t), wsettings)
+    assert task_row(conn, t["id"])["status"] == "failed"
+    assert conn.execute("SELECT count(*) AS n FROM outbox WHERE headers->>'subject' = %s",
+                        (str(t["id"]),)).fetchone()["n"] == 0
+
+
+def test_a_claim_lost_to_a_database_restart_keeps_the_event(wsettings, make_task, conn):
+    # The claim commits asynchronously; if a crash forgets it the task is back in queued
+    # with no owner. The worker then cannot record its outcome and must not acknowledge.
+    t = make_task(status="queued")
+
+    def core(job: Job) -> Output:
+        conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_until = NULL,"
+                     " attempts = 0 WHERE id = %s", (job.task_id,))  # what the lost commit leaves
+        return Core()(job)
+
+    ans = Worker("resize-image", core).handle(*requested_event(t), wsettings)
+    assert ans.status == 503 and json.loads(ans.body)["error"]["code"] == "claim_lost"
+    assert task_row(conn, t["id"])["status"] == "queued"
+    again = Worker("resize-image", Core()).handle(*requested_event(t), wsettings)  # the redelivery
+    assert again.status == 200 and task_row(conn, t["id"])["status"] == "succeeded"
