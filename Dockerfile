@@ -1,36 +1,64 @@
 # One parameterised image definition for every TaskForge function (docs/architecture.md §7).
 #
-#   docker build --build-arg FUNCTION=resize-image --build-arg PIP_EXTRAS=pillow -t taskforge/resize-image .
-#   docker build --build-arg FUNCTION=compress-video --build-arg PIP_EXTRAS=imageio-ffmpeg \
-#                -t taskforge/compress-video .
-#   docker build --build-arg FUNCTION=generate-pdf --build-arg PIP_EXTRAS=pdfkit \
+#   docker build --build-arg FUNCTION=resize-image --build-arg "PIP_EXTRAS=pillow boto3 urllib3" \
+#                -t taskforge/resize-image .
+#   docker build --build-arg FUNCTION=generate-pdf --build-arg "PIP_EXTRAS=pdfkit boto3 urllib3" \
 #                --build-arg "APT_PACKAGES=wkhtmltopdf chromium fonts-dejavu-core fonts-liberation" \
 #                -t taskforge/generate-pdf .
-#   docker build --build-arg FUNCTION=status-stream --build-arg TARGET=status_stream \
-#                --build-arg ASGI=true --build-arg "PIP_EXTRAS=uvloop httptools" -t taskforge/status-stream .
+#   docker build --build-arg FUNCTION=status-stream --build-arg TARGET=status_stream --build-arg ASGI=true \
+#                --build-arg "PIP_EXTRAS=uvloop httptools python-jose argon2-cffi" -t taskforge/status-stream .
 #
-# stack.yml carries the same arguments per function (build_args), so `faas-cli build`
-# and a plain `docker build` produce the same images; `make images` builds them all
+# stack.yml carries each function's arguments (build_args), so `faas-cli build` and a
+# plain `docker build` produce the same images; `make images` builds them all
 # (infra/images/build.py). Behind a TLS-inspecting proxy or a private package index, pass
 # the CA bundle and pip configuration as build secrets: they are mounted only while the
-# install steps run and never stored in a layer (DOCKER_BUILDKIT=1 for docker):
-#   podman build --secret id=ca-bundle,src=/path/ca.pem --secret id=pip-conf,src=pip.conf ... The gateway image also runs the
-# migration Job (`taskforge migrate`) and the OpenFaaS bridge dispatcher.
+# install steps run and never stored in a layer (BuildKit: DOCKER_BUILDKIT=1 for docker):
+#   podman build --secret id=ca-bundle,src=/path/ca.pem --secret id=pip-conf,src=pip.conf ...
+# The gateway image also runs the migration Job (`taskforge migrate`) and the OpenFaaS
+# bridge dispatcher.
 
 # bookworm, not the floating tag: Debian 13 dropped wkhtmltopdf, which the PDF image needs.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# binutils, for stripping debug symbols from the extension modules pip installs. Only
+# mounted into the install steps (read-only); no image carries it. Built once. TOOLS
+# names what is mounted: this stage, or an image built from it (`make images` tags it
+# and passes TOOLS: podman 4's buildah mounts a cached stage without its own layers).
+FROM ${PYTHON_IMAGE} AS tools
+RUN --mount=type=secret,id=ca-bundle \
+    ca=""; [ -f /run/secrets/ca-bundle ] && ca="-o Acquire::https::CAInfo=/run/secrets/ca-bundle"; \
+    apt-get update $ca \
+    && apt-get install $ca -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
+
 FROM ${PYTHON_IMAGE}
+
+# No PYTHONDONTWRITEBYTECODE: pip byte-compiles what it installs and the project is
+# compiled below, so a start (on a read-only root) reads .pyc instead of compiling.
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /app
+
+# Dependencies before code, so code changes do not reinstall them, and in this order so
+# images share layers: (1) what every function imports, the same layer in every image;
+# (2) this image's Debian packages; (3) the Python packages only this function imports.
+# Each install is trimmed in its own step (infra/images/slim.py: only S3's botocore
+# models, no tests folders of dependencies, extension modules stripped).
+ARG TOOLS=tools
+COPY requirements.txt infra/images/select-requirements.sh infra/images/slim.py /tmp/build/
+RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip-conf \
+    --mount=type=bind,from=${TOOLS},source=/,target=/tmp/tools \
+    if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
+    if [ -f /run/secrets/pip-conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip-conf; fi; \
+    sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt > /tmp/build/shared.txt \
+    && pip install -r /tmp/build/shared.txt \
+    && python /tmp/build/slim.py --tools /tmp/tools
 
 # Debian packages only this image needs (the PDF renderers; nothing for the others).
 ARG APT_PACKAGES=""
-# Python packages only some images need (listed in requirements.txt) this one adds back.
-ARG PIP_EXTRAS=""
-
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
 RUN --mount=type=secret,id=ca-bundle \
     if [ -n "${APT_PACKAGES}" ]; then \
         ca=""; [ -f /run/secrets/ca-bundle ] && ca="-o Acquire::https::CAInfo=/run/secrets/ca-bundle"; \
@@ -39,26 +67,22 @@ RUN --mount=type=secret,id=ca-bundle \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
-WORKDIR /app
-
-# Dependencies first, so code changes do not reinstall them. Of botocore's service models
-# only S3's and the credential providers' (STS, SSO) are kept: the functions use nothing
-# else, and the rest is most of botocore's size.
-COPY requirements.txt infra/images/select-requirements.sh /tmp/build/
+# Python packages only this function imports (the per-image part of requirements.txt).
+ARG PIP_EXTRAS=""
 RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip-conf \
+    --mount=type=bind,from=${TOOLS},source=/,target=/tmp/tools \
     if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
     if [ -f /run/secrets/pip-conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip-conf; fi; \
-    sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/image.txt \
-    && pip install -r /tmp/build/image.txt \
-    && rm -rf /tmp/build \
-    && models=$(python -c 'import botocore, os; print(os.path.join(os.path.dirname(botocore.__file__), "data"))') \
-    && for d in "$models"/*/; do \
-         case "$(basename "$d")" in s3|sts|sso|sso-oidc) ;; *) rm -rf "$d" ;; esac; \
-       done
+    if [ -n "${PIP_EXTRAS}" ]; then \
+        sh /tmp/build/select-requirements.sh /tmp/build/requirements.txt ${PIP_EXTRAS} > /tmp/build/extras.txt \
+        && pip install -r /tmp/build/extras.txt \
+        && python /tmp/build/slim.py --tools /tmp/tools; \
+    fi \
+    && rm -rf /tmp/build
 
-# Declared after the dependency layers, so every image with the same APT_PACKAGES and
-# PIP_EXTRAS shares them. FUNCTION: the function's name in infra/runtime/taskforge.yaml
-# (its folder under functions/ has underscores for hyphens). TARGET: the
+# Declared after the dependency layers, so they stay shared. FUNCTION: the function's
+# name in infra/runtime/taskforge.yaml (its folder under functions/ has underscores for
+# hyphens). TARGET: the
 # functions-framework target. SIGNATURE: http or cloudevent; ASGI=true serves an async
 # target (status-stream).
 ARG FUNCTION

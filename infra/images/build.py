@@ -9,10 +9,14 @@ Steps, each skipped when it is not needed:
   2. make sure the Dockerfile's base image exists: pull it, and where no registry is
      reachable build the equivalent from Debian's archive (base.sh) under the same name,
      so the Dockerfile stays the same for everyone;
-  3. build each function with its ``build_args`` from ``stack.yml``, tagged with the
+  3. with podman, build the Dockerfile's ``tools`` stage (binutils, mounted into the
+     install steps to strip extension modules) as its own image, ``TOOLS_IMAGE``: its
+     buildah mounts a cached stage without the stage's own layers;
+  4. build each function with its ``build_args`` from ``stack.yml``, tagged with the
      ``image`` stack.yml names, handing the host's CA bundle and pip configuration to
-     the build as secrets (mounted during the install steps only, never in a layer);
-  4. report each image's size, its growth over the base, and the build time
+     the build as secrets (mounted during the install steps only, never in a layer).
+     The dependency layer every function shares is built by the first and reused;
+  5. report each image's size, its growth over the base, and the build time
      (printed, and written as JSON to ``--report``).
 
 Exit code 0 when every image built, 1 when one failed, 2 for bad arguments.
@@ -39,6 +43,8 @@ from infra.images.engine import DOCKERFILE, PROJECT_ROOT, STACK_FILE, Engine, En
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REPORT = PROJECT_ROOT / "var" / "images" / "report.json"
+# The tools stage as an image of its own (step 3); never pushed, no function runs it.
+TOOLS_IMAGE = "localhost/taskforge/build-tools:local"
 PULL_TIMEOUT_S = 180.0
 BUILD_TIMEOUT_S = 1800.0
 # pip settings that name files on the host make no sense inside a build: they are dropped
@@ -131,9 +137,12 @@ def ensure_base(engine: Engine, ref: str) -> str:
     return "debootstrap"
 
 
-def build_command(engine: Engine, ref: str, args: Mapping[str, str], secrets: Mapping[str, Path]) -> list[str]:
+def build_command(engine: Engine, ref: str, args: Mapping[str, str], secrets: Mapping[str, Path],
+                  target: str = "") -> list[str]:
     """The engine's build command line for one image (pure)."""
     cmd = ["build", "--file", str(DOCKERFILE), "--tag", ref, "--network", "host"]
+    if target:
+        cmd += ["--target", target]
     for key, value in sorted(args.items()):
         cmd += ["--build-arg", f"{key}={value}"]
     for sid, path in sorted(secrets.items()):
@@ -141,11 +150,12 @@ def build_command(engine: Engine, ref: str, args: Mapping[str, str], secrets: Ma
     return [*cmd, str(PROJECT_ROOT)]
 
 
-def build_one(engine: Engine, ref: str, args: Mapping[str, str], secrets: Mapping[str, Path]) -> float:
+def build_one(engine: Engine, ref: str, args: Mapping[str, str], secrets: Mapping[str, Path],
+              target: str = "") -> float:
     """Build one image, streaming the engine's output; returns seconds taken."""
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}  # docker needs BuildKit for secrets
     t0 = time.monotonic()
-    proc = subprocess.run([engine.name, *build_command(engine, ref, args, secrets)], env=env,
+    proc = subprocess.run([engine.name, *build_command(engine, ref, args, secrets, target)], env=env,
                           timeout=BUILD_TIMEOUT_S, check=False)
     if proc.returncode != 0:
         raise EngineError(f"building {ref} failed (exit {proc.returncode})")
@@ -200,10 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     path.write_text(conf, encoding="utf-8")
                     path.chmod(0o600)
                     secrets["pip-conf"] = path
+            tools: dict[str, str] = {}
+            if engine.name == "podman":
+                took = build_one(engine, TOOLS_IMAGE, {}, secrets, target="tools")
+                print(f"images: build tools {TOOLS_IMAGE} ({took:.1f} s)", file=sys.stderr, flush=True)
+                tools = {"TOOLS": TOOLS_IMAGE}
             for name in wanted:
                 ref = stack["functions"][name]["image"]
                 print(f"images: building {name} -> {ref}", file=sys.stderr, flush=True)
-                took = build_one(engine, ref, all_args[name], secrets)
+                took = build_one(engine, ref, {**all_args[name], **tools}, secrets)
                 rows.append({"function": name, "image": ref, "build_s": round(took, 1),
                              "size_mb": round(engine.image_size_bytes(ref) / 1e6, 1)})
         base_mb = engine.image_size_bytes(base_ref) / 1e6

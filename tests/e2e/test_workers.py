@@ -145,17 +145,22 @@ def test_compress_video_end_to_end(client, tmp_path):
     assert "h264" in info and "320x180" in info
 
 
-def test_generate_pdf_end_to_end(client, tmp_path):
-    marker = f"taskforge-{uuid.uuid4().hex}"
-    task = client.submit("generate-pdf", {"html": f"<html><body><h1>{marker}</h1></body></html>"})
-    done = client.finished(task["id"])
-    assert done["status"] == "succeeded", done
-    body = client.result(task["id"]).content
-    assert body.startswith(b"%PDF")
-    (tmp_path / "out.pdf").write_bytes(body)
-    text = subprocess.run(["pdftotext", str(tmp_path / "out.pdf"), "-"], capture_output=True, text=True,
-                          check=True).stdout
-    assert marker in text
+@pytest.mark.parametrize("engine", ["wkhtmltopdf", "chromium"])
+def test_generate_pdf_end_to_end(client, tmp_path, engine):
+    # chromium twice: the second task is served by the worker's warm browser, in a fresh context
+    for n in range(2 if engine == "chromium" else 1):
+        marker = f"taskforge{uuid.uuid4().hex}"  # no hyphen: Chromium's PDF text may break the line there
+        task = client.submit("generate-pdf", {"html": f"<html><body><h1>{marker}</h1></body></html>",
+                                              "engine": engine})
+        done = client.finished(task["id"])
+        assert done["status"] == "succeeded", done
+        assert done["result"]["engine"] == engine, done
+        body = client.result(task["id"]).content
+        assert body.startswith(b"%PDF")
+        (tmp_path / f"out{n}.pdf").write_bytes(body)
+        text = subprocess.run(["pdftotext", str(tmp_path / f"out{n}.pdf"), "-"], capture_output=True, text=True,
+                              check=True).stdout
+        assert marker in text
 
 
 # --- failures and recovery ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tests.worker.helpers import requested_event
 FUNCTIONS = harness.tested_functions()
 # These read their settings while loading (import time): with refused settings the
 # server never starts, so the platform never routes to it.
-SETTINGS_AT_IMPORT = {"gateway", "dead-letter"}
+SETTINGS_AT_IMPORT = {"gateway", "dead-letter", "webhook-delivery"}
 LONG_SECRET = "s" * 48
 
 
