@@ -63,6 +63,7 @@ ATTEMPT_HEADER = "x-taskforge-attempt"  # not a CloudEvents attribute name: neve
 NOT_BEFORE_HEADER = "x-taskforge-not-before"  # epoch seconds
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 PREFETCH_FACTOR = 2  # messages held per worker thread: one in delivery, one ready behind it
+IDLE_POLL_S = 0.25  # a running dispatcher's loop wakes at least this often (to see a stop)
 LOCAL_WAIT_HAND_OFF_S = 1.0  # below this, time spent in the prefetch never forces a hand-off
 Activate = Callable[[], AbstractContextManager[Any]]
 Poster = Callable[[str, Mapping[str, str], bytes, float], Attempt]
@@ -177,7 +178,7 @@ class Dispatcher:
         failures = 0
         while not self._stop.is_set():
             try:
-                self._run_session(until=self._stop.is_set)
+                self._run_session(until=self._stop.is_set, poll_s=IDLE_POLL_S)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - RabbitMQ trouble (or a bug): back off, reconnect
                 failures += 1
@@ -187,8 +188,10 @@ class Dispatcher:
                 self._stop.wait(delay)
         self._close_publisher()
 
-    def _run_session(self, until: Callable[[], bool]) -> None:
-        """Consume over one connection until ``until()`` (checked every 50 ms) is true."""
+    def _run_session(self, until: Callable[[], bool], poll_s: float = 0.05) -> None:
+        """Consume over one connection until ``until()`` (checked every ``poll_s``) is true.
+        Deliveries and settlements wake the loop at once; ``poll_s`` only bounds how soon
+        a stop is noticed."""
         params = pika.URLParameters(self.settings.amqp_url)
         params.socket_timeout = self.settings.broker_connect_timeout_s
         conn = pika.BlockingConnection(params)
@@ -210,7 +213,7 @@ class Dispatcher:
             for w in workers:
                 w.start()
             while not until():
-                conn.process_data_events(time_limit=0.05)
+                conn.process_data_events(time_limit=poll_s)
                 self._flush(session)
             session.consume_ch.basic_cancel(tag)
             # Let in-flight deliveries settle (their acks need this thread to pump events).

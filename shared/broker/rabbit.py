@@ -2,7 +2,9 @@
 
 Why not ``BlockingConnection``: it waits for one confirm per message (about 2,200 msg/s
 here) and has no public API for batched confirms. Here one I/O thread owns the
-connection; ``publish()`` hands it a whole batch, the thread publishes every message
+connection; ``publish()`` (or ``send()``, for pre-encoded messages each with its own
+exchange and routing key: the local dispatcher's replies, dead letters and hand-offs)
+hands it a whole batch, the thread publishes every message
 back to back, and the caller waits until the broker has acked or nacked every delivery
 tag (``multiple=True`` acks settle a range at once). ``mandatory`` messages that no queue
 took come back through ``basic.return`` before their ack and are reported as

@@ -7,12 +7,6 @@ raises. One background thread per process drains the queue in batches through th
 claim → publish → mark transaction as the sweeper (``shared.outbox.publish``), so a row
 the sweeper already holds is skipped (``SKIP LOCKED``) instead of being sent twice.
 
-Under load — the last batch held more than one id and ended less than ``BUSY_S`` ago —
-the thread lingers ``LINGER_S`` after the first id of a batch, so a burst of requests
-shares one claim → publish → mark transaction instead of paying one each (the relay's
-CPU per event competes with the requests for the interpreter). A relay fed a trickle
-publishes at once: the latency of a lone submission does not change.
-
 Best effort by design: when the broker is down, the queue is full, or the process dies,
 the rows simply stay pending and the outbox sweeper publishes them on its next tick.
 """
@@ -36,8 +30,6 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 500  # event ids per transaction: the burst of a /tasks/batch fits in one
 RETRIES = 3  # quick retries of a batch whose transaction failed transiently
 RETRY_DELAY_S = 0.05  # doubled per retry
-LINGER_S = 0.005  # under load: how long a batch waits for more ids before it is claimed
-BUSY_S = 0.05  # "under load": the previous batch ended less than this long ago
 
 
 class Relay:
@@ -76,11 +68,8 @@ class Relay:
                 self._thread.start()
 
     def _run(self) -> None:
-        last_end, last_size = 0.0, 0
         while True:
             ids = [self._queue.get()]
-            if last_size > 1 and time.monotonic() - last_end < BUSY_S:
-                time.sleep(LINGER_S)
             while len(ids) < BATCH_MAX:
                 try:
                     ids.append(self._queue.get_nowait())
@@ -91,7 +80,6 @@ class Relay:
             except Exception:  # never let the thread die: the sweeper covers what we miss
                 log.exception("eager relay failed; the outbox sweeper will publish these rows")
             finally:
-                last_end, last_size = time.monotonic(), len(ids)
                 for _ in ids:
                     self._queue.task_done()
 

@@ -24,10 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psycopg.errors
+
 from events import catalog
 from shared import db, deadletters, metrics
 from shared.batches import release as batch_release
 from shared.broker import Broker, backend_of
+from shared.errors import ServiceUnavailable
 from shared.outbox.publish import claim_and_publish, fan_out, park_event_ids
 from shared.settings import Settings
 from shared.tasks import health as task_health
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 SOURCE = catalog.source_of("outbox-sweeper")
 PURGE_CHUNK = 5000  # rows per DELETE: keeps each purge transaction short
 PURGE_MAX_CHUNKS = 20
+MAX_CONFLICT_RETRIES = 5  # per lane and sweep: deadlocks or serialization failures retried
+_CONFLICTS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 @dataclass
@@ -114,11 +119,23 @@ def _lane(settings: Settings, broker: Broker, stats: SweepStats, lock: threading
 
     Returns True when it stopped because no claimable row was left.
     """
+    conflicts = 0
     while True:
         if stats.error:  # another lane hit a broker failure: stop, the next tick retries
             return False
-        with db.connection(settings) as conn:
-            out = claim_and_publish(conn, broker, limit=size, via="sweeper")
+        try:
+            with db.connection(settings) as conn:
+                out = claim_and_publish(conn, broker, limit=size, via="sweeper")
+        except ServiceUnavailable as exc:
+            # A deadlock with a concurrent writer of the same tasks rolls this batch back:
+            # its rows are still pending and go again (their events perhaps twice, which
+            # consumers absorb). Anything else, or a conflict that keeps coming, propagates.
+            if not isinstance(exc.__cause__, _CONFLICTS) or conflicts >= MAX_CONFLICT_RETRIES:
+                raise
+            conflicts += 1
+            log.warning("outbox batch rolled back by a lock conflict; trying again",
+                        extra={"error_class": exc.__cause__.__class__.__name__, "retry": conflicts})
+            continue
         if out.task_rows:
             fan_out_pool.submit(fan_out, settings, out.task_rows)
         with lock:
