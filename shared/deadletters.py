@@ -70,6 +70,14 @@ def error_text(value: Any) -> str | None:
         return text
 
 
+def _rejection_text(data: Any) -> str | None:
+    """The reason in a ``task.rejected`` reply's data (``{submission, error}``)."""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or "") or None
+    return None if error is None else str(error)
+
+
 def task_id_of(event_type: str, subject: str | None, data: Any) -> str | None:
     """The task a dead-lettered event was about (subject and ``data.task_id``),
     or None when it is not a task event or names no valid task id."""
@@ -135,6 +143,8 @@ def record(conn: Conn, event: CloudEvent) -> Recorded:
     task_id = task_id_of(event_type, subject, data) if catalog.task_type_of(event_type) else None
     dest, code = attrs.get("knativeerrordest"), attrs.get("knativeerrorcode")
     text = error_text(attrs.get("knativeerrordata"))
+    if event_type == catalog.TASK_REJECTED and text is None:
+        text = _rejection_text(data)  # a refused CloudEvent submission: the gateway's reason
     row = _one(conn.execute(
         "INSERT INTO dead_letters (event_id, event_type, source, subject, task_id, attributes, data,"
         " error_dest, error_code, error_data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
@@ -273,6 +283,9 @@ def replay(conn: Conn, dead_letter_id: str) -> Replayed:
         # because a worker claims the task through a conditional state change.
     if row["event_type"] == catalog.TASK_SUBMITTED:
         raise Conflict("a submitted event is replayed as a submission (replay_submission)")
+    if row["event_type"] == catalog.TASK_REJECTED:
+        raise Conflict("a rejected submission is a record of the gateway's refusal; the producer "
+                       "must send a corrected event")
     extensions = {k: str(v) for k, v in catalog.without_secrets(attrs).items() if k not in _REBUILT}
     extensions["replayof"] = row["event_id"]
     event_id = outbox.add_event(conn, type=row["event_type"], source=row["source"],

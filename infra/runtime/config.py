@@ -341,8 +341,9 @@ def _check_graph(cfg: RuntimeConfig) -> None:
             raise ConfigError(f"{where}.delivery.deadLetterSink: {sink!r} differs from dead_letter.subscriber "
                               f"{dl!r}; the local broker has one dead-letter queue")
         _check_hold(where, t.delivery, cfg.broker.consumer_timeout_s)
-        if t.subscriber == dl:
-            raise ConfigError(f"{where}: the dead-letter function must not be a trigger subscriber")
+        # The dead-letter function may subscribe to a trigger (it records refused CloudEvent
+        # submissions); what it fails to take still reaches it through the dead-letter queue,
+        # whose own delivery has no sink, so nothing loops.
     _check_hold("dead_letter.delivery", cfg.dead_letter.delivery, cfg.broker.consumer_timeout_s)
     if cfg.dead_letter.delivery.dead_letter_sink is not None:
         raise ConfigError("dead_letter.delivery.deadLetterSink: the dead-letter sink has no sink of its own")

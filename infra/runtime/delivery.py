@@ -6,7 +6,9 @@ Response-code table (eventing-rabbitmq ``pkg/dispatcher``, Knative's ``Selective
 =====================================  ===========================================
 answer                                 outcome
 =====================================  ===========================================
-2xx                                    ``success``: ack; a CloudEvent body is a reply
+2xx                                    ``success``: ack; a CloudEvent body is a reply,
+                                       except in a 202 answer (Knative's data plane never
+                                       routes a 202 body: accepted, not completed)
 5xx, 404, 408, 409, 429                ``retry`` per the delivery spec, then dead letter
 timeout, connection error, cold start  ``retry`` (no status: ``knativeerrorcode`` -1)
 every other 4xx, every 3xx, 1xx        ``drop``: ack, no retry, no dead letter
@@ -25,6 +27,7 @@ from events import codec
 
 RETRYABLE_4XX = frozenset({404, 408, 409, 429})
 ERROR_DATA_MAX_BYTES = 1024  # Knative truncates knativeerrordata to this much of the body
+ACCEPTED = 202  # never a reply, whatever its body (Knative data plane, "derived events")
 NO_STATUS = -1  # eventing-rabbitmq reports -1 when there was no HTTP answer at all
 ERROR_EXTENSIONS = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
 
@@ -92,12 +95,16 @@ def without_error_extensions(event: CloudEvent) -> CloudEvent:
 
 
 def reply_of(attempt: Attempt) -> CloudEvent | None:
-    """The reply event in a 2xx answer, or None when the body is not a CloudEvent.
+    """The reply event in a 2xx answer, or None when the body is not a CloudEvent or the
+    answer is a 202 (Knative's data-plane contract: a 202 answer is never processed as a
+    reply, even when its body reads as a CloudEvent).
 
     Raises ``EventDecodeError`` when the answer claims to be a CloudEvent (``ce-*``
     headers or the structured content type) but is not a valid one.
     """
-    if attempt.outcome is not Outcome.SUCCESS or not attempt.body and "ce-specversion" not in attempt.headers:
+    if attempt.outcome is not Outcome.SUCCESS or attempt.status == ACCEPTED:
+        return None
+    if not attempt.body and "ce-specversion" not in attempt.headers:
         return None
     ct = codec.media_type(attempt.headers.get("content-type"))
     if "ce-specversion" in attempt.headers or ct == codec.STRUCTURED_CT:

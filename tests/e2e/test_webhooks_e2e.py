@@ -8,8 +8,10 @@ settings allow loopback receivers, like `make dev` does.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -95,6 +97,56 @@ def _wait_requests(stack: LocalStack, rec: Receiver, n: int, timeout_s: float = 
         if time.monotonic() > deadline:
             pytest.fail(f"{len(rec.requests)} of {n} webhook requests arrived\n{stack.log_tail(120)}", pytrace=False)
         time.sleep(0.2)
+
+
+def _submitted(event_id: str, apikey: str, data: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    return {"ce-specversion": "1.0", "ce-id": event_id, "ce-source": "/tests/producer",
+            "ce-type": "com.taskforge.task.submitted", "ce-apikey": apikey,
+            "content-type": "application/json"}, json.dumps(data).encode()
+
+
+def test_broker_submissions_leave_nothing_unroutable(wh_stack, receiver):  # noqa: F811
+    """A CloudEvent submission through the broker: the accepted one (202, never a reply)
+    runs to success, the refused one's task.rejected reply is kept by the dead-letter
+    recorder, and neither answer lands in the unroutable queue."""
+    client = Client(wh_stack)
+    key = client.http.post("/api-keys", json={"name": "producer"})
+    assert key.status_code == 201, key.text
+    upload = client.upload(jpeg_bytes(160, 120), "image/jpeg")
+    good_id, bad_id = f"ok-{uuid.uuid4().hex[:8]}", f"bad-{uuid.uuid4().hex[:8]}"
+    for event_id, data in ((good_id, {"type": "resize-image",
+                                      "payload": {"source": {"upload_id": upload}, "width": 40}}),
+                           (bad_id, {"type": "resize-image", "payload": {"width": "wide"}})):
+        headers, body = _submitted(event_id, key.json()["key"], data)
+        r = httpx.post(wh_stack.ingress + "/", content=body, headers=headers)
+        assert r.status_code == 202, r.text
+
+    deadline = time.monotonic() + 120
+    items: list[dict[str, Any]] = []
+    while not (items and items[0]["status"] == "succeeded"):
+        assert time.monotonic() < deadline, f"{items}\n{wh_stack.log_tail(80)}"
+        time.sleep(0.3)
+        items = client.http.get("/tasks").json()["items"]
+    assert len(items) == 1  # the refused submission created nothing
+
+    with psycopg.connect(wh_stack.settings.database_url) as conn:
+        while True:
+            rows = conn.execute("SELECT event_type, data, error_data FROM dead_letters"
+                                " WHERE data->'submission'->>'id' = %s", (bad_id,)).fetchall()
+            conn.commit()
+            if rows:
+                break
+            assert time.monotonic() < deadline, wh_stack.log_tail(80)
+            time.sleep(0.3)
+    (event_type, data, error_text), = rows
+    assert event_type == "com.taskforge.task.rejected"
+    assert data["submission"] == {"id": bad_id, "source": "/tests/producer"}
+    assert data["error"]["code"] == "validation_failed" and error_text
+
+    time.sleep(3)  # let any stray reply settle in the broker
+    assert queue_depth(wh_stack.settings, unroutable_name(wh_stack.settings)) == 0
+    # The sweeper drops what it finds there: its log must not name either answer.
+    assert "dropping an unroutable event" not in wh_stack.log_tail(2000)
 
 
 def test_completion_and_cancellation_webhooks_through_the_broker(wh_stack, receiver, stalling_source):  # noqa: F811

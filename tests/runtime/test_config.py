@@ -101,7 +101,6 @@ CASES = [
     (lambda d: d["triggers"]["codes"].__setitem__("parallelism", 0), "parallelism: must be >= 1"),
     (lambda d: d["triggers"]["codes"].__setitem__("path", "events"), "starts with '/'"),
     (lambda d: d["triggers"]["codes"].__setitem__("filtre", {}), "unknown keys ['filtre']"),
-    (lambda d: d["triggers"]["codes"].__setitem__("subscriber", "dead-letter"), "must not be a trigger subscriber"),
     (lambda d: d["functions"]["scripted"].__setitem__("port", 20003), "already used by scripted"),
     (lambda d: d["functions"]["scripted"].__setitem__("port", 70000), "out of range"),
     (lambda d: d["functions"]["scripted"].__setitem__("signature", "grpc"), "signature: 'grpc' is not one of"),

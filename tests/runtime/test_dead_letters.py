@@ -235,6 +235,21 @@ def test_replay_refuses_finished_tasks_and_unknown_ids(app: Flask, settings: Set
     assert [r["type"] for r in conn.execute("SELECT type FROM outbox")] == ["com.taskforge.task.failed"]
 
 
+def test_a_rejected_submission_is_recorded_with_its_reason_and_not_replayable(app: Flask, settings: Settings,
+                                                                              conn, admin) -> None:
+    rejected = codec.make_event(
+        {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_REJECTED,
+         "source": "/taskforge/gateway", "subject": "sub-1", "datacontenttype": "application/json"},
+        {"submission": {"id": "sub-1", "source": "/producer"},
+         "error": {"code": "invalid_api_key", "message": "the API key is not valid"}})
+    rec = _record(settings, rejected)
+    assert rec.created and rec.task is None
+    assert rec.row["error_data"] == "the API key is not valid"
+    r = app.test_client().post(f"/admin/dead-letters/{rec.row['id']}/replay", headers=admin["headers"])
+    assert r.status_code == 409 and "corrected event" in r.get_json()["error"]["message"]
+    assert conn.execute("SELECT count(*) AS n FROM outbox").fetchone()["n"] == 0
+
+
 def test_replay_of_an_in_flight_task_leaves_its_state(app: Flask, settings: Settings, conn, owner, admin) -> None:
     task_id = make_task(conn, owner["id"], "retrying")
     rec = _record(settings, dead(requested(task_id, owner["id"])))  # retrying -> failed by the sink

@@ -63,7 +63,10 @@ def test_reply_detection() -> None:
     reply_headers, body = codec.to_binary_http(event("t.reply", {"r": 1}))
     assert reply_of(Attempt(200, reply_headers, body))["type"] == "t.reply"
     s_headers, s_body = codec.to_structured_http(event("t.reply", {"r": 2}))
-    assert reply_of(Attempt(202, s_headers, s_body)).get_data() == {"r": 2}
+    assert reply_of(Attempt(201, s_headers, s_body)).get_data() == {"r": 2}
+    # Knative's data plane never routes the body of a 202 (accepted, not completed).
+    assert reply_of(Attempt(202, s_headers, s_body)) is None
+    assert reply_of(Attempt(202, reply_headers, body)) is None
     assert reply_of(Attempt(200, {"content-type": "application/json"}, b'{"ok": true}')) is None
     assert reply_of(Attempt(204, {}, b"")) is None
     assert reply_of(Attempt(500, reply_headers, body)) is None  # only 2xx answers reply
