@@ -85,6 +85,11 @@ class Claim:
 
 
 # Columns every change touches: the version the status stream orders by, and the clock.
+# The prefix of a multi-row UPDATE of ``tasks`` whose first parameter is the ids: it
+# locks the rows in id order first. Two statements that lock overlapping sets in
+# different orders (a hash join over unnest, a sequential scan) can deadlock.
+LOCK_IN_ID_ORDER = ("WITH locked AS MATERIALIZED (SELECT id FROM tasks WHERE id = ANY(%s::uuid[])"
+                    " ORDER BY id FOR UPDATE)")
 _BUMP = "status_version = status_version + 1, updated_at = now()"
 # A terminal change leaps the version instead: intermediate changes (claim, progress,
 # lease) commit asynchronously (``RELAXED``), so a PostgreSQL crash can forget a few of
@@ -141,12 +146,14 @@ def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
     Tasks in any other state (already claimed by a fast worker, cancelled) are left
     alone, so calling this twice or late is harmless. Returns only the changed rows.
     """
-    ids = sorted({str(t) for t in task_ids})  # sorted: the primary-key scan then locks rows in one order for every relay
+    ids = sorted({str(t) for t in task_ids})
     if not ids:
         return []
+    # Rows are locked in id order (LOCK_IN_ID_ORDER), as every multi-row update of tasks
+    # does, so concurrent sweeper lanes and the status marks never deadlock.
     return conn.execute(
-        f"UPDATE tasks SET status = 'queued', {_BUMP}"
-        " WHERE id = ANY(%s::uuid[]) AND status = 'pending' RETURNING *",
+        f"{LOCK_IN_ID_ORDER} UPDATE tasks SET status = 'queued', {_BUMP}"
+        " FROM locked WHERE tasks.id = locked.id AND tasks.status = 'pending' RETURNING tasks.*",
         (ids,),
     ).fetchall()
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from shared import breakers, db, redisclient
 from shared.settings import Settings
+from shared.tasks import state
 
 if TYPE_CHECKING:  # redis-py is imported where it is used (shared/redisclient.py says why)
     import redis
@@ -221,11 +222,12 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
             # Asynchronous commit: a mark a crash forgets only makes catch_up re-append
             # that change, and the script's version guard drops the duplicate.
             conn.execute("SET LOCAL synchronous_commit = off")
-            conn.execute(
-                "UPDATE tasks t SET published_version = v.ver"
-                " FROM unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"
-                " WHERE t.id = v.id AND t.published_version < v.ver",
-                (list(tasks), list(tasks.values())),
+            ids = sorted(tasks)
+            conn.execute(  # rows locked in id order, as mark_queued does: no deadlock between them
+                f"{state.LOCK_IN_ID_ORDER} UPDATE tasks t SET published_version = v.ver"
+                " FROM locked, unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"
+                " WHERE t.id = locked.id AND t.id = v.id AND t.published_version < v.ver",
+                (ids, ids, [tasks[i] for i in ids]),
             )
     except Exception as exc:  # harmless: a later catch_up re-appends, the script dedupes
         log.warning("could not record published status versions",

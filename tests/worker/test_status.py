@@ -129,3 +129,42 @@ def test_redis_breaker_opens_and_publishing_fails_fast(settings, make_task):
     assert status.redis_breaker(down).current_state == "open"
     assert status.redis_breaker(settings).current_state == "closed"
     assert breakers.BREAKER_STATE.labels(breaker="redis")._value.get() == 1
+
+
+def test_marks_and_mark_queued_lock_rows_in_one_order(settings, make_task, make_user, conn, caplog):
+    """The status marks and a sweeper's mark_queued update overlapping sets of task rows
+    at once; both lock in id order, so neither is ever rolled back by a deadlock."""
+    import threading
+
+    import psycopg
+
+    uid = make_user()
+    conn.execute("INSERT INTO tasks (user_id, type, status, payload)"
+                 " SELECT %s, 'resize-image', 'pending', '{}'::jsonb FROM generate_series(1, 3000)", (uid,))
+    ids = [str(r["id"]) for r in conn.execute("SELECT id FROM tasks WHERE user_id = %s", (uid,))]
+    failures: list[BaseException] = []
+    for round_ in range(8):
+        conn.execute("UPDATE tasks SET status = 'pending' WHERE user_id = %s", (uid,))
+        start = threading.Barrier(2)
+
+        def queue(start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                with db.connection(settings) as c:
+                    state.mark_queued(c, ids)
+            except psycopg.errors.DeadlockDetected as exc:
+                failures.append(exc)
+
+        def mark(start: threading.Barrier = start, version: int = 10 + round_) -> None:
+            start.wait()
+            status._write_marks(settings, {i: version for i in sorted(ids, reverse=True)})
+
+        threads = [threading.Thread(target=queue), threading.Thread(target=mark)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures
+    assert "could not record published status versions" not in caplog.text
+    assert conn.execute("SELECT min(published_version) AS v FROM tasks WHERE user_id = %s",
+                        (uid,)).fetchone()["v"] == 17
