@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -195,10 +196,12 @@ class Client:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     if line.startswith(b"data: {"):
-                        sent = json.loads(line[6:]).get("payload", {}).get("t")
-                        if sent is not None:
+                        # The send time travels as the entry's updated_at: status entries
+                        # carry no payload (the stream drops one if a producer sends it).
+                        sent = json.loads(line[6:]).get("updated_at")
+                        if isinstance(sent, str):
                             self.level.received += 1
-                            self.level.latencies_ms.append((now - sent) * 1000)
+                            self.level.latencies_ms.append((now - datetime.fromisoformat(sent).timestamp()) * 1000)
         except (OSError, asyncio.CancelledError):
             return
 
@@ -237,7 +240,7 @@ async def run_level(url: str, redis_url: str, keys: list[str], tokens: list[str]
             u = random.randrange(users)
             seq += 1
             task = {"id": str(uuid.uuid4()), "type": "resize-image", "status": "running", "progress": seq % 100,
-                    "payload": {"t": time.time()}, "updated_at": None}
+                    "updated_at": datetime.now(UTC).isoformat()}
             await r.xadd(keys[u], {"task": json.dumps(task), "version": "1"}, maxlen=1000, approximate=True)
             level.expected += per_user[u]
             await asyncio.sleep(1 / events_per_s)
