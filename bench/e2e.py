@@ -142,6 +142,7 @@ class TaskForgeDriver:
 
 
 # --- Celery ----------------------------------------------------------------------------
+CELERY_DELAY_LEVELS = 28  # kombu's native delayed delivery: one queue/exchange per bit of the delay
 @contextmanager
 def celery_worker(s: Settings, queue: str, workdir: Path, module: str = "bench.peers.celery_peer") -> Iterator[Any]:
     """A Celery worker (prefork, one process per core) of ``module`` on ``queue``; yields the task."""
@@ -153,7 +154,15 @@ def celery_worker(s: Settings, queue: str, workdir: Path, module: str = "bench.p
            "--result-backend", s.redis_url, "worker", "-Q", queue, "-c", str(os.cpu_count() or 2),
            "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat",
            "-n", f"{queue}@bench", "-l", "WARNING"]
-    with _peer_process(cmd, workdir / f"celery-{queue}.log", os.environ, s, queues=[queue], exchanges=(queue,)):
+    queues, exchanges = [queue], [queue]
+    if module != "bench.peers.celery_peer":
+        # With quorum queues Celery declares its native delayed-delivery topology (28 levels
+        # and a routing exchange): the durable peer removes it too, so runs leave nothing.
+        levels = [f"celery_delayed_{i}" for i in range(CELERY_DELAY_LEVELS)]
+        queues += levels
+        exchanges += [*levels, "celery_delayed_delivery"]
+    with _peer_process(cmd, workdir / f"celery-{queue}.log", os.environ, s, queues=queues,
+                       exchanges=tuple(exchanges)):
         yield peer.resize
 
 
