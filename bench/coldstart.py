@@ -133,25 +133,14 @@ def first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, st
     CPU ms its processes spent until then)``."""
     if source is not None:
         spec = dataclasses.replace(spec, source=source, target="handle")
-    method, path, headers, body = request
     cmd = function_command(spec, os.getpid())
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=str(Path(__file__).resolve().parents[1]),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        with httpx.Client(timeout=10.0) as client:
-            while True:
-                if time.perf_counter() - t0 > FIRST_ANSWER_TIMEOUT_S or proc.poll() is not None:
-                    raise RuntimeError(f"{spec.name} ({spec.source}) never answered (exit {proc.poll()})")
-                try:
-                    r = client.request(method, f"{spec.url}{path}", headers=headers, content=body)
-                except httpx.TransportError:
-                    time.sleep(0.005)
-                    continue
-                if r.status_code < 500:
-                    return (time.perf_counter() - t0) * 1000, group_cpu_ms(proc.pid)
-                raise RuntimeError(f"{spec.name} answered {r.status_code}: {r.text[:300]}")
+        ms = _first_answer_ms(proc, t0, spec.url, request, f"{spec.name} ({spec.source})")
+        return ms, group_cpu_ms(proc.pid)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -160,27 +149,35 @@ def first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, st
         proc.wait(timeout=10)
 
 
+def _first_answer_ms(proc: subprocess.Popen[bytes], t0: float, url: str,
+                     request: tuple[str, str, dict[str, str], bytes], what: str) -> float:
+    """Send ``request`` to ``url`` until it is answered (connection refusals retried every
+    5 ms); ms since ``t0`` of the first non-5xx answer. Raises if ``proc`` exits, the
+    answer is a 5xx, or nothing answers within ``FIRST_ANSWER_TIMEOUT_S``."""
+    method, path, headers, body = request
+    with httpx.Client(timeout=10.0) as client:
+        while True:
+            if time.perf_counter() - t0 > FIRST_ANSWER_TIMEOUT_S or proc.poll() is not None:
+                raise RuntimeError(f"{what} never answered (exit {proc.poll()})")
+            try:
+                r = client.request(method, f"{url}{path}", headers=headers, content=body)
+            except httpx.TransportError:
+                time.sleep(0.005)
+                continue
+            if r.status_code < 500:
+                return (time.perf_counter() - t0) * 1000
+            raise RuntimeError(f"{what} answered {r.status_code}: {r.text[:300]}")
+
+
 def time_first_answer_container(launcher: Any, request: tuple[str, str, dict[str, str], bytes]) -> float:
     """Start ``launcher``'s container, return ms until its first non-5xx answer; removes it."""
-    method, path, headers, body = request
     url = f"http://127.0.0.1:{launcher.spec.port}"
     launcher.prepare()
     t0 = time.perf_counter()
     proc = subprocess.Popen(launcher.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        with httpx.Client(timeout=10.0) as client:
-            while True:
-                if time.perf_counter() - t0 > FIRST_ANSWER_TIMEOUT_S or proc.poll() is not None:
-                    raise RuntimeError(f"{launcher.spec.name} container never answered (exit {proc.poll()})")
-                try:
-                    r = client.request(method, f"{url}{path}", headers=headers, content=body)
-                except httpx.TransportError:
-                    time.sleep(0.005)
-                    continue
-                if r.status_code < 500:
-                    return (time.perf_counter() - t0) * 1000
-                raise RuntimeError(f"{launcher.spec.name} container answered {r.status_code}: {r.text[:300]}")
+        return _first_answer_ms(proc, t0, url, request, f"{launcher.spec.name} container")
     finally:
         launcher.cleanup()
         try:
