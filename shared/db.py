@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "migrations"
 _MIGRATION_LOCK = 0x7A5F0001  # advisory lock key shared by every migrator
 
+# How long the pool keeps re-trying to replace one broken connection before it gives
+# that slot up. psycopg_pool doubles the wait between tries (1, 2, 4, ... s) until this
+# bound, so after a long outage the next try could be a minute away while PostgreSQL is
+# already back and every request times out. A short bound keeps the gap a few seconds:
+# a given-up slot is re-grown, with a fresh 1 s backoff, by the next request that waits.
+RECONNECT_GIVE_UP_S = 5.0
+
 _pools: dict[str, ConnectionPool] = {}
 _lock = threading.Lock()
 
@@ -47,6 +54,7 @@ def get_pool(settings: Settings) -> ConnectionPool:
                     kwargs={"row_factory": dict_row, "autocommit": False},
                     open=True,
                     timeout=10.0,
+                    reconnect_timeout=RECONNECT_GIVE_UP_S,
                     name=f"taskforge-{settings.function_name}",
                 )
                 _pools[settings.database_url] = pool

@@ -68,7 +68,7 @@ class Store:
                     pool = AsyncConnectionPool(
                         self.settings.database_url, min_size=1, max_size=self._max, open=False,
                         kwargs={"row_factory": dict_row, "autocommit": True}, timeout=10.0,
-                        name="taskforge-status-stream")
+                        reconnect_timeout=db.RECONNECT_GIVE_UP_S, name="taskforge-status-stream")
                     await pool.open(wait=False)
                     self._pool = pool
         return self._pool
