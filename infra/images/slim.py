@@ -270,6 +270,12 @@ def drop_unused(site: Path, tools: Path) -> int:
     return freed
 
 
+def original_soname(vendored: str) -> str | None:
+    """``libcrypto-3a0647ea.so.3`` -> ``libcrypto.so.3`` (None for other names)."""
+    m = _VENDORED.match(vendored)
+    return f"{m['name']}.so.{m['major']}" if m else None
+
+
 def system_lib_dirs() -> list[Path]:
     arch = sysconfig.get_config_var("MULTIARCH") or ""
     return [Path(d) / arch for d in ("/usr/lib", "/lib") if arch and (Path(d) / arch).is_dir()]
@@ -280,10 +286,9 @@ def link_system_copies(site: Path) -> int:
     copy; returns bytes freed. Put back when an extension module stops importing."""
     pairs = []
     for lib in vendored_libs(site):
-        m = _VENDORED.match(lib.name)
-        if not m:
+        soname = original_soname(lib.name)
+        if soname is None:
             continue
-        soname = f"{m['name']}.so.{m['major']}"
         system = next((d / soname for d in system_lib_dirs() if (d / soname).exists()), None)
         if system is not None:
             pairs.append((lib, system.resolve()))
