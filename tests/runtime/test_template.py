@@ -221,3 +221,13 @@ def test_template_env_carries_no_settings(base_settings: Settings) -> None:
     assert not [k for k in env if k.startswith("TASKFORGE_")]
     assert "PORT" not in env and "K_SERVICE" not in env and env["PYTHONUNBUFFERED"] == "1"
     assert str(PROJECT_ROOT) in env["PYTHONPATH"]
+
+
+def test_the_setting_turns_the_template_off(base_settings: Settings, tmp_path: Path) -> None:
+    from infra.runtime.supervisor import Stack
+
+    config = parse_config(graph_doc(free_ports(3), tmp_path))
+    assert Stack(config, base_settings, plain_env()).supervisor.template is not None  # the default
+    off = Stack(config, base_settings.replace(runtime_template=False), plain_env())
+    assert off.supervisor.template is None
+    assert all(p.template is None for p in off.supervisor.processes.values())
