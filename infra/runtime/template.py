@@ -27,7 +27,8 @@ Parent death: the template dies with the supervisor (PR_SET_PDEATHSIG), and each
 with the template, so a killed supervisor leaves no function behind, as with the plain
 start. If the template is absent, fails to start or dies, ``spawn`` returns ``None``
 (logged) and functions start the plain way; the functions it had started get SIGTERM
-and the supervisor restarts them as after any crash.
+and the supervisor restarts them as after any crash. A function start at least
+``RESTART_AFTER_S`` after the failure starts a new template (at most ``MAX_RESTARTS`` times).
 
 A function whose interpreter-level variables (``PYTHON*``, ``LANG``, ``LC_*``, ``LD_*``)
 differ from the template's always starts the plain way: those take effect when an
@@ -86,6 +87,8 @@ FORBIDDEN = ("prometheus_client", "shared.metrics")
 INTERPRETER_VARS = ("PYTHON", "LANG", "LC_", "LD_")
 
 READY_TIMEOUT_S = 30.0
+RESTART_AFTER_S = 30.0  # a template that died is started again this long after, on a function start
+MAX_RESTARTS = 5
 REPLY_TIMEOUT_S = 10.0
 _MAX_MESSAGE = 1 << 20
 _PR_SET_PDEATHSIG = 1
@@ -296,6 +299,10 @@ class Template:
         self._lock = threading.Lock()
         self._ready = False
         self._failed: str | None = None
+        self._failed_at = 0.0
+        self._closed = False
+        self.restarts = 0
+        self.restart_after_s = RESTART_AFTER_S
 
     @property
     def alive(self) -> bool:
@@ -324,6 +331,7 @@ class Template:
         """Give the template up for this run (caller may hold the lock)."""
         if self._failed is None:
             self._failed = why
+            self._failed_at = time.monotonic()
             log.warning("template process unavailable, functions start the plain way",
                         extra={"reason": why})
         if self._sock is not None:
@@ -351,7 +359,19 @@ class Template:
             raise ConnectionError(str(reply["error"]))
         return reply, fds
 
+    def _revive_locked(self) -> None:
+        """Start a new template in place of a failed one, when it is time (caller holds the lock)."""
+        if (self._failed is None or self._closed or self.restarts >= MAX_RESTARTS
+                or time.monotonic() - self._failed_at < self.restart_after_s):
+            return
+        self.restarts += 1
+        log.info("starting the template process again", extra={"restarts": self.restarts,
+                                                                 "previous_failure": self._failed})
+        self._failed, self._ready, self._proc = None, False, None
+        self.start()
+
     def _wait_ready_locked(self) -> bool:
+        self._revive_locked()
         if self._ready:
             return True
         if self._sock is None or self._failed is not None:
@@ -414,6 +434,7 @@ class Template:
     def stop(self) -> None:
         """Close the socket (the template exits) and make sure it is gone."""
         with self._lock:
+            self._closed = True
             sock, self._sock = self._sock, None
             if sock is not None:
                 sock.close()

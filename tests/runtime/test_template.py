@@ -165,7 +165,7 @@ def test_stop_sends_sigterm_and_kills_the_group(tmp_path: Path, template: Templa
     assert group_members(pid) == [] and not port_accepts(proc.spec.port)
 
 
-def test_without_a_template_functions_start_the_plain_way(tmp_path: Path) -> None:
+def test_without_a_template_functions_start_the_plain_way_until_a_new_one_starts(tmp_path: Path) -> None:
     doc = graph_doc(free_ports(3), tmp_path)
     doc["functions"]["scripted"]["min_scale"] = 1
     config = parse_config(doc)
@@ -184,6 +184,14 @@ def test_without_a_template_functions_start_the_plain_way(tmp_path: Path) -> Non
         assert not proc.from_template and ppid(proc.pid) == os.getpid()
         assert httpx.post(proc.spec.url, json={}, headers={"ce-id": "y"}, timeout=5).status_code == 200
         assert not sup.template.alive
+        # once it is time, a start brings a new template up and forks from it again
+        sup.template.restart_after_s = 0.0
+        second = proc.pid
+        assert second is not None
+        os.killpg(second, signal.SIGKILL)
+        wait_for(lambda: proc.is_running() and proc.pid != second, what="restart from a new template")
+        assert proc.from_template and sup.template.restarts == 1 and sup.template.alive
+        assert ppid(proc.pid) == sup.template.pid
     finally:
         sup.stop(grace_s=3)
     assert not port_accepts(proc.spec.port)
