@@ -31,6 +31,15 @@ RUN --mount=type=secret,id=ca-bundle \
     && apt-get install $ca -y --no-install-recommends binutils \
     && rm -rf /var/lib/apt/lists/*
 
+# compress-video's ffmpeg: built from Debian's source package with only the codecs,
+# containers and filters shared/media/video.py uses (infra/images/ffmpeg.sh); ~8 MB plus
+# five codec libraries instead of a ~170 MB full build. Only an image whose FFMPEG
+# argument names it (stack.yml) builds and copies it; `make images` builds it as an image
+# of its own with podman, as it does the tools stage.
+FROM ${PYTHON_IMAGE} AS ffmpeg
+COPY infra/images/ffmpeg.sh /tmp/ffmpeg.sh
+RUN --mount=type=secret,id=ca-bundle sh /tmp/ffmpeg.sh /opt/ffmpeg && rm /tmp/ffmpeg.sh
+
 FROM ${PYTHON_IMAGE}
 
 # No PYTHONDONTWRITEBYTECODE: pip byte-compiles what it installs and the project is
@@ -57,15 +66,22 @@ RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip-conf \
     && pip install -r /tmp/build/shared.txt \
     && python /tmp/build/slim.py --tools /tmp/tools
 
-# Debian packages only this image needs (the PDF renderers; nothing for the others).
+# Debian packages only this image needs (the PDF renderers, compress-video's codec
+# libraries; nothing for the others), without apt's lists, caches (~80 MB) or archives.
 ARG APT_PACKAGES=""
 RUN --mount=type=secret,id=ca-bundle \
     if [ -n "${APT_PACKAGES}" ]; then \
         ca=""; [ -f /run/secrets/ca-bundle ] && ca="-o Acquire::https::CAInfo=/run/secrets/ca-bundle"; \
         apt-get update $ca \
         && apt-get install $ca -y --no-install-recommends ${APT_PACKAGES} \
-        && rm -rf /var/lib/apt/lists/*; \
+        && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb; \
     fi
+
+# compress-video's ffmpeg (FFMPEG=ffmpeg, the stage above): onto PATH. Every other image
+# mounts the tools stage, which has none, and copies nothing.
+ARG FFMPEG=tools
+RUN --mount=type=bind,from=${FFMPEG},source=/,target=/tmp/stage \
+    if [ -x /tmp/stage/opt/ffmpeg/bin/ffmpeg ]; then install -m 0755 /tmp/stage/opt/ffmpeg/bin/ffmpeg /usr/local/bin/; fi
 
 # Python packages only this function imports (the per-image part of requirements.txt).
 ARG PIP_EXTRAS=""

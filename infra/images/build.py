@@ -11,7 +11,8 @@ Steps, each skipped when it is not needed:
      so the Dockerfile stays the same for everyone;
   3. with podman, build the Dockerfile's ``tools`` stage (binutils, mounted into the
      install steps to strip extension modules) as its own image, ``TOOLS_IMAGE``: its
-     buildah mounts a cached stage without the stage's own layers;
+     buildah mounts a cached stage without the stage's own layers; and so the
+     ``ffmpeg`` stage, ``FFMPEG_IMAGE``, when an image to build names it (``FFMPEG``);
   4. build each function with its ``build_args`` from ``stack.yml``, tagged with the
      ``image`` stack.yml names, handing the host's CA bundle and pip configuration to
      the build as secrets (mounted during the install steps only, never in a layer).
@@ -45,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_REPORT = PROJECT_ROOT / "var" / "images" / "report.json"
 # The tools stage as an image of its own (step 3); never pushed, no function runs it.
 TOOLS_IMAGE = "localhost/taskforge/build-tools:local"
+# Likewise the ffmpeg stage, for the images whose FFMPEG argument names it (compress-video).
+FFMPEG_IMAGE = "localhost/taskforge/build-ffmpeg:local"
 PULL_TIMEOUT_S = 180.0
 BUILD_TIMEOUT_S = 1800.0
 # pip settings that name files on the host make no sense inside a build: they are dropped
@@ -215,10 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 took = build_one(engine, TOOLS_IMAGE, {}, secrets, target="tools")
                 print(f"images: build tools {TOOLS_IMAGE} ({took:.1f} s)", file=sys.stderr, flush=True)
                 tools = {"TOOLS": TOOLS_IMAGE}
+                if any(all_args[name].get("FFMPEG") == "ffmpeg" for name in wanted):
+                    took = build_one(engine, FFMPEG_IMAGE, {}, secrets, target="ffmpeg")
+                    print(f"images: build ffmpeg {FFMPEG_IMAGE} ({took:.1f} s)", file=sys.stderr, flush=True)
             for name in wanted:
                 ref = stack["functions"][name]["image"]
                 print(f"images: building {name} -> {ref}", file=sys.stderr, flush=True)
-                took = build_one(engine, ref, {**all_args[name], **tools}, secrets)
+                args = {**all_args[name], **tools}
+                if tools:  # the stages FFMPEG names, as images (by default the tools stage: no ffmpeg)
+                    args["FFMPEG"] = FFMPEG_IMAGE if args.get("FFMPEG") == "ffmpeg" else TOOLS_IMAGE
+                took = build_one(engine, ref, args, secrets)
                 rows.append({"function": name, "image": ref, "build_s": round(took, 1),
                              "size_mb": round(engine.image_size_bytes(ref) / 1e6, 1)})
         base_mb = engine.image_size_bytes(base_ref) / 1e6

@@ -1,4 +1,4 @@
-"""compress-video core: the static ffmpeg shipped by imageio-ffmpeg.
+"""compress-video core: ffmpeg (imageio-ffmpeg's static build, or the image's own minimal one).
 
 API::
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -98,9 +99,13 @@ _AUDIO_BITRATE = re.compile(r"^[1-9][0-9]{0,2}k$")
 
 @cache
 def ffmpeg_exe() -> str:
-    """Path of the ffmpeg binary bundled with imageio-ffmpeg (honours IMAGEIO_FFMPEG_EXE)."""
-    import imageio_ffmpeg  # imported lazily: only video workers pay for it
-
+    """Path of the ffmpeg binary: imageio-ffmpeg's where it is installed (the venv; it
+    honours IMAGEIO_FFMPEG_EXE), else the one on PATH (the compress-video image builds its
+    own, with only what this module uses: infra/images/ffmpeg.sh)."""
+    try:
+        import imageio_ffmpeg  # imported lazily: only video workers pay for it
+    except ImportError:
+        return shutil.which("ffmpeg") or "ffmpeg"  # a missing one fails as RetryableError on first use
     return str(imageio_ffmpeg.get_ffmpeg_exe())
 
 
