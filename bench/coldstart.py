@@ -12,15 +12,31 @@ uvicorn workers for ASGI), then send its first real request until it is answered
 * dead-letter: a dead-lettered event (recorded in the bench database);
 * gateway and status-stream: ``GET /healthz``.
 
-Figure ``cold_start_ms_<function>`` = median over rounds of (first answer − spawn), ms;
-``cold_start_cpu_ms_<function>`` = the CPU time (user + system) its processes spent in
-that span, ms, which a loaded machine moves far less than the wall-clock figure.
-Baseline: a bare functions-framework function that does nothing (``bench/bare/main.py``,
-the ASGI variant for ASGI functions), started the same way with the same request and
-environment (so the same number of processes), alternating with the function in the same
-run. The figure's details list the function's top imports (``top_imports``: import
-time of ``functions.<name>.main`` by top-level package, ms, from ``python -X importtime``
-in a fresh process), so a regression shows what it loads.
+Two paths, both reported (issue 13: "report both the template path and the plain path"):
+
+* the plain path, ``cold_start_ms_<function>``: a new interpreter from the venv
+  (``python -m infra.runtime.child …``, what container mode and ``TASKFORGE_RUNTIME_TEMPLATE=false``
+  do) — median over rounds of (first answer − spawn), ms;
+* the template path, ``cold_start_ms_template_<function>``: what ``make dev``'s scale from
+  zero does by default — the template process (``infra/runtime/template.py``) is already
+  running with its imports done, and the figure is (first answer − the fork request), ms.
+  The template's own start is paid once per stack and is in the details
+  (``template_ready_ms``), not in the figure.
+
+``cold_start_cpu_ms_<function>`` and ``cold_start_cpu_ms_template_<function>`` are the CPU
+time (user + system) the function's processes spent in that span, ms, which a loaded
+machine moves far less than the wall-clock figure (for the template path: only the forked
+child's, the template's imports are shared, not spent again).
+
+Baseline of all four: a bare functions-framework function that does nothing
+(``bench/bare/main.py``, the ASGI variant for ASGI functions) started the plain way with
+the same request and environment (so the same number of processes), alternating with the
+function's plain and template starts in the same run. The template figures' details also
+give the bare function forked from the template (``bare_from_template_ms``: the floor of
+that path). The plain figure's details list the function's top imports (``top_imports``:
+import time of ``functions.<name>.main`` by top-level package, ms, from ``python -X
+importtime`` in a fresh process), the template figure's those left after the template's
+(``top_imports_after_template``), so a regression shows what it loads.
 
 Figure ``cold_start_ms_container_<function>`` = median over rounds of (first answer −
 ``<engine> run``), ms: the function started as a container of its image exactly as the
@@ -49,8 +65,9 @@ from events import catalog, codec
 from infra.images.engine import Engine, detect, image_refs
 from infra.runtime.config import FunctionSpec, load_config
 from infra.runtime.launcher import free_ports, settings_env
-from infra.runtime.process import function_command
+from infra.runtime.process import Child, function_command, serve_args
 from infra.runtime.supervisor import function_env
+from infra.runtime.template import Template, template_env
 from shared.settings import Settings
 
 BARE = Path(__file__).resolve().parent / "bare" / "main.py"
@@ -82,14 +99,25 @@ def first_request(function: str) -> tuple[str, str, dict[str, str], bytes]:
     return "POST", "/", dict(headers), body
 
 
-def top_imports(module: str, n: int = 8) -> dict[str, float]:
+_MARK = "-- template imports done --"
+
+
+def top_imports(module: str, n: int = 8, after_template: bool = False) -> dict[str, float]:
     """The ``n`` top-level packages that cost ``module``'s import the most (self time
-    summed over their modules, ms; the project's packages by second-level name)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+    summed over their modules, ms; the project's packages by second-level name). With
+    ``after_template``: only what is left to import after the template's modules."""
+    code = f"import {module}"
+    if after_template:
+        code = f"import sys; from infra.runtime.template import preload; preload(); print({_MARK!r}, " \
+               f"file=sys.stderr); {code}"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
                           cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True,
                           timeout=120, check=False)
+    lines = proc.stderr.splitlines()
+    if after_template and _MARK in lines:
+        lines = lines[lines.index(_MARK) + 1:]
     cost: dict[str, float] = {}
-    for line in proc.stderr.splitlines():
+    for line in lines:
         if not line.startswith("import time:") or "|" not in line:
             continue
         fields = line[len("import time:"):].split("|")
@@ -149,7 +177,35 @@ def first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, st
         proc.wait(timeout=10)
 
 
-def _first_answer_ms(proc: subprocess.Popen[bytes], t0: float, url: str,
+def first_answer_template(template: Template, spec: FunctionSpec, env: dict[str, str],
+                          request: tuple[str, str, dict[str, str], bytes],
+                          source: Path | None = None) -> tuple[float, float]:
+    """Fork ``spec`` (or ``source`` in its place) from the running ``template``, as the
+    runtime's scale from zero does: ``(wall ms until a non-5xx answer, CPU ms the
+    function's processes spent until then)``."""
+    if source is not None:
+        spec = dataclasses.replace(spec, source=source, target="handle")
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        t0 = time.perf_counter()
+        child = template.spawn(spec.name, serve_args(spec), env, str(Path(__file__).resolve().parents[1]),
+                               stdout=null, stderr=null)
+    finally:
+        os.close(null)
+    if child is None:
+        raise RuntimeError(f"the template could not start {spec.name}")
+    try:
+        ms = _first_answer_ms(child, t0, spec.url, request, f"{spec.name} ({spec.source}) from the template")
+        return ms, group_cpu_ms(child.pid)
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait(timeout=10)
+
+
+def _first_answer_ms(proc: Child, t0: float, url: str,
                      request: tuple[str, str, dict[str, str], bytes], what: str) -> float:
     """Send ``request`` to ``url`` until it is answered (connection refusals retried every
     5 ms); ms since ``t0`` of the first non-5xx answer. Raises if ``proc`` exits, the
@@ -230,6 +286,18 @@ def container_figures(ctx: BenchContext, engine: Engine | None, rounds: int) -> 
     return figures
 
 
+def start_template(env: dict[str, str]) -> tuple[Template, float, float]:
+    """The template process for ``env``'s functions, running: ``(template, ms until it
+    was ready, its CPU ms)``."""
+    template = Template(template_env(env), cwd=str(Path(__file__).resolve().parents[1]))
+    t0 = time.perf_counter()
+    template.start()
+    if not template.wait_ready():
+        raise RuntimeError("the template process did not start")
+    assert template.pid is not None
+    return template, (time.perf_counter() - t0) * 1000, group_cpu_ms(template.pid)
+
+
 def run(ctx: BenchContext) -> list[Figure]:
     s: Settings = ctx.settings
     graph = load_config()
@@ -238,26 +306,49 @@ def run(ctx: BenchContext) -> list[Figure]:
     base_env["WORKERS"] = "1"
     rounds = 7 if ctx.full else 3
     figures = []
-    for name, spec in graph.functions.items():
-        if not Path(spec.source).is_file():  # a function not written yet: say so, measure the rest
-            print(f"cold start: {name} has no {spec.source}, not measured", file=sys.stderr)
-            continue
-        env = function_env(graph, name, base_env)
-        request = first_request(name)
-        port = free_ports(1)[0]
-        spec = dataclasses.replace(spec, port=port)
-        bare = BARE.with_name("asgi.py") if spec.signature == "asgi" else BARE
-
-        value, base = alternate(functools.partial(first_answer, spec, env, request),
-                                functools.partial(first_answer, spec, env, request, source=bare), rounds)
-        key = name.replace('-', '_')
-        details: dict[str, Any] = {"first_request": " ".join(request[:2]), "rounds": rounds,
-                                   "workers": spec.workers, "threads": spec.threads}
-        figures.append(Figure(f"cold_start_ms_{key}", median([v[0] for v in value]), "ms",
-                              f"bare functions-framework function ({spec.signature}), same start",
-                              median([b[0] for b in base]),
-                              {**details, "top_imports": top_imports(f"functions.{spec.module_dir}.main")}))
-        figures.append(Figure(f"cold_start_cpu_ms_{key}", median([v[1] for v in value]), "ms",
-                              f"bare functions-framework function ({spec.signature}), same start",
-                              median([b[1] for b in base]), details))
+    template, ready_ms, ready_cpu_ms = start_template(function_env(graph, next(iter(graph.functions)), base_env))
+    try:
+        for name, spec in graph.functions.items():
+            if not Path(spec.source).is_file():  # a function not written yet: say so, measure the rest
+                print(f"cold start: {name} has no {spec.source}, not measured", file=sys.stderr)
+                continue
+            figures += function_figures(ctx, template, graph, name, spec, base_env, rounds,
+                                        {"template_ready_ms": round(ready_ms, 1),
+                                         "template_ready_cpu_ms": round(ready_cpu_ms, 1)})
+    finally:
+        template.stop()
     return figures + container_figures(ctx, detect(s.container_engine), rounds)
+
+
+def function_figures(ctx: BenchContext, template: Template, graph: Any, name: str, spec: FunctionSpec,
+                     base_env: dict[str, str], rounds: int, template_details: dict[str, Any]) -> list[Figure]:
+    """The plain and template figures of one function (wall and CPU), one alternation."""
+    env = function_env(graph, name, base_env)
+    request = first_request(name)
+    spec = dataclasses.replace(spec, port=free_ports(1)[0])
+    env["PORT"] = str(spec.port)
+    bare = BARE.with_name("asgi.py") if spec.signature == "asgi" else BARE
+    plain, base, forked, bare_forked = alternate(
+        functools.partial(first_answer, spec, env, request),
+        functools.partial(first_answer, spec, env, request, source=bare),
+        rounds,
+        functools.partial(first_answer_template, template, spec, env, request),
+        functools.partial(first_answer_template, template, spec, env, request, source=bare))
+    key = name.replace('-', '_')
+    details: dict[str, Any] = {"first_request": " ".join(request[:2]), "rounds": rounds,
+                               "workers": spec.workers, "threads": spec.threads}
+    baseline = f"bare functions-framework function ({spec.signature}), plain start (a new interpreter)"
+    plain_note = {"path": "plain: a new interpreter from the venv, spawn to first answer"}
+    template_note = {"path": "template: fork from the running template process to first answer "
+                             "(make dev's scale from zero)", **template_details}
+    wall, cpu = (lambda xs: median([x[0] for x in xs])), (lambda xs: median([x[1] for x in xs]))
+    return [
+        Figure(f"cold_start_ms_{key}", wall(plain), "ms", baseline, wall(base),
+               {**details, **plain_note, "top_imports": top_imports(f"functions.{spec.module_dir}.main")}),
+        Figure(f"cold_start_cpu_ms_{key}", cpu(plain), "ms", baseline, cpu(base), {**details, **plain_note}),
+        Figure(f"cold_start_ms_template_{key}", wall(forked), "ms", baseline, wall(base),
+               {**details, **template_note, "bare_from_template_ms": round(wall(bare_forked), 1),
+                "top_imports_after_template": top_imports(f"functions.{spec.module_dir}.main", after_template=True)}),
+        Figure(f"cold_start_cpu_ms_template_{key}", cpu(forked), "ms", baseline, cpu(base),
+               {**details, **template_note, "bare_from_template_cpu_ms": round(cpu(bare_forked), 1)}),
+    ]

@@ -45,6 +45,7 @@ class Settings:
     dev_port_offset: int = 0  # `taskforge dev`: added to every port of the graph (parallel local stacks)
     runtime: str = "processes"  # `taskforge dev`: run functions as "processes" or "containers" of their images
     runtime_containers: tuple[str, ...] = ()  # with runtime=containers: only these functions ("" = all)
+    runtime_template: bool = True  # runtime=processes: fork functions from a pre-imported template process
     container_engine: str = ""  # "podman" | "docker" ("" = the first that works)
     # --- auth ---
     jwt_secret: str = DEV_SECRET

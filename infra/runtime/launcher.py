@@ -122,6 +122,36 @@ def children(ppid: int) -> dict[int, list[str]]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, …), from /proc."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = list(children(todo.pop()))
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports ``pid`` holds a listening socket for (from /proc; empty if unknown)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
     try:
@@ -231,15 +261,21 @@ class LocalStack:
             print(f"local stack: could not delete its RabbitMQ topology ({exc!r})", file=sys.stderr)
 
     def function_pids(self) -> dict[str, int]:
-        """``{function: pid}`` of the function processes (gunicorn masters) running now,
-        found among the runtime's children by their ``--port``."""
+        """``{function: pid}`` of the function processes (gunicorn masters) running now:
+        the runtime's descendants that lead their own process group and listen on a
+        function's port (a function forked from the template process is not the
+        runtime's child, and its command line is the template's)."""
         if self.proc is None:
             return {}
-        by_port = {str(spec.port): name for name, spec in self.config.functions.items()}
+        by_port = {spec.port: name for name, spec in self.config.functions.items()}
         out: dict[str, int] = {}
-        for pid, argv in children(self.proc.pid).items():
-            if "--port" in argv and argv.index("--port") + 1 < len(argv):
-                name = by_port.get(argv[argv.index("--port") + 1])
-                if name and alive(pid):
-                    out[name] = pid
+        for pid in descendants(self.proc.pid):
+            try:
+                if os.getpgid(pid) != pid or not alive(pid):
+                    continue
+            except ProcessLookupError:
+                continue
+            for port in listening_ports(pid):
+                if port in by_port:
+                    out[by_port[port]] = pid
         return out

@@ -22,10 +22,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from infra.runtime.config import HOST, FunctionSpec
 from shared.errors import RetryableError, TaskForgeError
+
+if TYPE_CHECKING:
+    from infra.runtime.template import Template
 
 log = logging.getLogger("taskforge.runtime.process")
 
@@ -49,15 +52,30 @@ def port_accepts(port: int, host: str = HOST, timeout_s: float = 0.2) -> bool:
         return False
 
 
-def function_command(spec: FunctionSpec, parent_pid: int) -> list[str]:
-    """The command line of a function process (functions-framework's own CLI)."""
-    cmd = [sys.executable, "-m", "infra.runtime.child", "--parent-pid", str(parent_pid), "--",
-           "--target", spec.target, "--source", str(spec.source), "--host", HOST, "--port", str(spec.port)]
+def serve_args(spec: FunctionSpec) -> list[str]:
+    """``infra.runtime.serve``'s arguments for ``spec`` (functions-framework's CLI)."""
+    args = ["--target", spec.target, "--source", str(spec.source), "--host", HOST, "--port", str(spec.port)]
     if spec.signature == "asgi":
-        cmd.append("--asgi")  # gunicorn with uvicorn workers, as in the container
+        args.append("--asgi")  # gunicorn with uvicorn workers, as in the container
     elif spec.signature == "cloudevent":
-        cmd += ["--signature-type", "cloudevent"]
-    return cmd
+        args += ["--signature-type", "cloudevent"]
+    return args
+
+
+def function_command(spec: FunctionSpec, parent_pid: int) -> list[str]:
+    """The command line of a function process started the plain way (a new interpreter)."""
+    return [sys.executable, "-m", "infra.runtime.child", "--parent-pid", str(parent_pid), "--", *serve_args(spec)]
+
+
+class Child(Protocol):
+    """A started function process: ``subprocess.Popen``, or a ``TemplateChild``."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 class Launcher(Protocol):
@@ -77,10 +95,19 @@ class Launcher(Protocol):
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
 
 
-def _spawn(cmd: list[str], env: Mapping[str, str], cwd: str) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], env: Mapping[str, str], cwd: str,
+           pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     # Own process group: Ctrl-C in the terminal reaches the supervisor only, which then
     # stops children in order; stop() signals the whole group (gunicorn master + workers).
-    return subprocess.Popen(cmd, env=dict(env), cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env=dict(env), cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL,
+                            pass_fds=pass_fds)
+
+
+def spawn_process(cmd: list[str], env: Mapping[str, str], cwd: str,
+                  pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a new session from the long-lived spawner thread (so its
+    PR_SET_PDEATHSIG fires when the supervisor dies, not when a caller's thread ends)."""
+    return _spawner.submit(_spawn, cmd, env, cwd, pass_fds).result()
 
 
 class FunctionProcess:
@@ -88,15 +115,17 @@ class FunctionProcess:
 
     def __init__(self, spec: FunctionSpec, env: Mapping[str, str], *, cwd: str,
                  ready_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 launcher: Launcher | None = None) -> None:
+                 launcher: Launcher | None = None, template: Template | None = None) -> None:
         self.spec = spec
         self.launcher = launcher
+        self.template = template
         self.env = dict(env)
         self.cwd = cwd
         self.ready_timeout_s = ready_timeout_s
         self._clock = clock
         self._cond = threading.Condition()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
+        self.from_template = False  # whether the running process was forked from the template
         self.state = "stopped"
         self.in_flight = 0
         self.last_used = clock()
@@ -168,19 +197,26 @@ class FunctionProcess:
         if port_accepts(self.spec.port):
             self._start_failed()
             raise ColdStartError(f"{name}: port {self.spec.port} is already taken by another program")
+        t0 = self._clock()
         try:
+            proc: Child | None = None
             if self.launcher is not None:
                 self.launcher.prepare()
-            cmd = self.launcher.command() if self.launcher is not None else function_command(self.spec, os.getpid())
-            proc = _spawner.submit(_spawn, cmd, self.env, self.cwd).result()
+                proc = spawn_process(self.launcher.command(), self.env, self.cwd)
+            elif self.template is not None:  # None: the template cannot, start it the plain way
+                proc = self.template.spawn(name, serve_args(self.spec), self.env, self.cwd)
+            forked = proc is not None
+            if proc is None:
+                proc = spawn_process(function_command(self.spec, os.getpid()), self.env, self.cwd)
         except (OSError, TaskForgeError) as exc:
             self._start_failed()
             raise ColdStartError(f"{name}: cannot start: {exc}") from exc
-        t0 = self._clock()
         with self._cond:
             self._proc = proc
+            self.from_template = self.launcher is None and forked
             self.starts += 1
-        log.info("starting function", extra=({"function": name, "pid": proc.pid, "port": self.spec.port}))
+        log.info("starting function", extra=({"function": name, "pid": proc.pid, "port": self.spec.port,
+                                              "from_template": self.from_template}))
         while not port_accepts(self.spec.port):
             if proc.poll() is not None:
                 self._cleanup()
@@ -281,7 +317,7 @@ class FunctionProcess:
             self._cond.notify_all()
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+def _terminate(proc: Child, grace_s: float) -> None:
     """SIGTERM the process group, SIGKILL it after ``grace_s``; reaps the child."""
     if proc.poll() is not None:
         _kill_group(proc.pid, signal.SIGKILL)  # leftover workers of a dead master

@@ -4,7 +4,9 @@ foreground (``taskforge dev`` / ``make dev``).
 
 What ``run_dev`` runs (docs/architecture.md §6), all from the one graph file:
   * one process per function (functions-framework: gunicorn for ``http`` targets,
-    gunicorn + uvicorn workers for ``asgi``), ``min_scale >= 1`` ones started at boot;
+    gunicorn + uvicorn workers for ``asgi``), ``min_scale >= 1`` ones started at boot,
+    each forked from the template process (``infra/runtime/template.py``) unless
+    ``TASKFORGE_RUNTIME_TEMPLATE=false``;
   * the broker topology (headers exchange, one queue per trigger, dead-letter queue);
   * the HTTP ingress for ``K_SINK`` producers;
   * one dispatcher per trigger and one for the dead-letter queue;
@@ -27,6 +29,7 @@ from typing import Any
 
 from infra.runtime.config import PROJECT_ROOT, ConfigError, RuntimeConfig, load_config
 from infra.runtime.process import FunctionProcess, Launcher
+from infra.runtime.template import Template, template_env
 from shared.errors import TaskForgeError
 from shared.settings import Settings, get_settings
 
@@ -75,12 +78,16 @@ class Supervisor:
     def __init__(self, config: RuntimeConfig, base_env: Mapping[str, str], *,
                  cwd: str | Path = PROJECT_ROOT, ready_timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
-                 launchers: Mapping[str, Launcher] | None = None) -> None:
+                 launchers: Mapping[str, Launcher] | None = None, template: bool = False) -> None:
         self.config = config
         launchers = launchers or {}
+        envs = {name: function_env(config, name, base_env) for name in config.functions}
+        # Process mode's fast start: functions fork from one pre-imported template process.
+        self.template = (Template(template_env(next(iter(envs.values()))), cwd=str(cwd))
+                         if template and envs and not launchers else None)
         self.processes = {
-            name: FunctionProcess(spec, function_env(config, name, base_env), cwd=str(cwd),
-                                  ready_timeout_s=ready_timeout_s, clock=clock, launcher=launchers.get(name))
+            name: FunctionProcess(spec, envs[name], cwd=str(cwd), ready_timeout_s=ready_timeout_s, clock=clock,
+                                  launcher=launchers.get(name), template=self.template)
             for name, spec in config.functions.items()
         }
         self._stop = threading.Event()
@@ -93,8 +100,10 @@ class Supervisor:
         """Start every ``min_scale >= 1`` function (in parallel) and the monitor thread.
 
         A function that fails to start is logged and retried by the monitor with backoff;
-        it does not stop the others.
+        it does not stop the others. The template process (if any) starts first.
         """
+        if self.template is not None:
+            self.template.start()
         starters = [threading.Thread(target=self._start_quietly, args=(p,), daemon=True)
                     for p in self.processes.values() if p.spec.min_scale >= 1]
         for t in starters:
@@ -141,6 +150,8 @@ class Supervisor:
             t.start()
         for t in stoppers:
             t.join(timeout=grace_s + 10)
+        if self.template is not None:
+            self.template.stop()
 
 
 class Stack:
@@ -157,7 +168,8 @@ class Stack:
             self.containers = containers.launchers_for(config, settings, envs, cwd=PROJECT_ROOT,
                                                        only=settings.runtime_containers)
         self.supervisor = Supervisor(config, base_env,
-                                     launchers=self.containers.launchers if self.containers else None)
+                                     launchers=self.containers.launchers if self.containers else None,
+                                     template=settings.runtime == "processes" and settings.runtime_template)
         self.ingress: Any = None
         self.ticker: Any = None
         self.dispatchers: list[Any] = []

@@ -10,7 +10,7 @@ Every function takes the caller's connection and runs inside the caller's transa
 so a state change can commit together with other work (the sweeper marks outbox rows
 dispatched and tasks queued in one transaction). Each returns the changed rows (dicts
 with every column); after commit the caller hands them to
-``shared.tasks.status.publish_rows(settings, rows)``, which fans them out to Redis.
+``shared.tasks.status.submit(settings, rows)`` (via ``shared.tasks.unit``), which fans them out to Redis.
 
 Each change is a single conditional ``UPDATE``: PostgreSQL re-checks the ``WHERE`` clause
 on the locked row, so of two concurrent claimers exactly one wins, and a worker whose

@@ -7,8 +7,13 @@ capped approximately at ``settings.status_stream_maxlen``. The status-stream fun
 reads these streams and turns entries into Server-Sent Events.
 
 Best effort, never lossy:
-- PostgreSQL is the truth. ``publish_rows`` never raises: if Redis is down the change is
-  already committed and ``tasks.published_version`` stays behind ``status_version``.
+- Off the work path: a committed change is handed to the process's one fan-out thread
+  (``submit``), which sends everything gathered since its last round trip in one Redis
+  pipeline; a request never waits on Redis. Within a process changes go out in the order
+  they were handed over; across processes the script's version guard orders them.
+- PostgreSQL is the truth. Publishing never raises: if Redis is down (or the fan-out's
+  queue is full, or the process dies before sending) the change is already committed
+  and ``tasks.published_version`` stays behind ``status_version``.
   What Redis took is marked in ``published_version`` in batches, off the work path
   (``_Marks``: one ``UPDATE`` for many changes, within ``MARK_INTERVAL_S``).
 - ``catch_up`` replays such rows with their *current* state. It runs after the next
@@ -40,6 +45,8 @@ if TYPE_CHECKING:  # redis-py is imported where it is used (shared/redisclient.p
 
 log = logging.getLogger(__name__)
 
+FANOUT_MAX_QUEUED = 20_000  # changes waiting for Redis; past it they are left to catch_up
+FANOUT_BATCH = 500  # changes per pipeline
 MARK_INTERVAL_S = 0.2  # published versions are written in batches this often
 MARK_BATCH = 500  # ... or as soon as this many tasks have one waiting
 CATCH_UP_EVERY_S = 60.0  # a publishing process re-checks for missed changes this often
@@ -99,17 +106,41 @@ def publish(settings: Settings, task: Mapping[str, Any], *, user_id: str | None 
     return _append(settings, [(str(uid), str(task["id"]), entry, int(version or 0))]) > 0
 
 
+Item = tuple[str, str, dict[str, Any], int]  # user id, task id, public summary, version
+
+
+def _items(rows: Iterable[Mapping[str, Any] | None]) -> list[Item]:
+    return [(str(r["user_id"]), str(r["id"]), _public(r), int(r.get("status_version") or 0))
+            for r in rows if r]
+
+
+def submit(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -> None:
+    """Hand committed task rows to the process's fan-out thread and return at once (what
+    ``shared.tasks.unit`` does after every commit). ``flush`` waits for it to send them."""
+    items = _items(rows)
+    if items:
+        _fanout.put(settings, items)
+
+
+def flush(timeout_s: float = 10.0) -> bool:
+    """Wait until every change handed to the fan-out has been sent to Redis (or left to
+    ``catch_up``). Returns whether that happened within ``timeout_s``."""
+    return _fanout.drain(timeout_s)
+
+
 def publish_rows(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -> int:
-    """Fan out committed task rows (as returned by ``shared.tasks.state``); call after commit.
+    """Fan out committed task rows now, on the calling thread (``catch_up``, tests); the
+    work path uses ``submit``.
 
     Rows whose entry reached Redis get ``published_version`` advanced; the others are
     replayed later by ``catch_up``. Returns the number of rows Redis accepted (entries
     older than one already in the stream count as accepted). Never raises.
     """
-    items = [(str(r["user_id"]), str(r["id"]), _public(r), int(r.get("status_version") or 0))
-             for r in rows if r]
-    if not items:
-        return 0
+    items = _items(rows)
+    return _publish_items(settings, items) if items else 0
+
+
+def _publish_items(settings: Settings, items: list[Item]) -> int:
     accepted = _append(settings, items)
     if accepted:
         _marks.add(settings, [(i[1], i[3]) for i in items if i[3] > 0])
@@ -117,7 +148,84 @@ def publish_rows(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -
     return accepted
 
 
-def _append(settings: Settings, items: list[tuple[str, str, dict[str, Any], int]]) -> int:
+class _Fanout:
+    """The process's one status publisher: a thread that takes every change handed over
+    since its last round trip and sends it in one pipeline (per settings), so a burst of
+    changes costs one Redis round trip, not one per change, and no request waits on it.
+
+    Bounded: past ``FANOUT_MAX_QUEUED`` waiting changes new ones are not queued but left
+    to ``catch_up`` (PostgreSQL holds them). Started on first use in each process (after a
+    fork too); what is still queued at exit is sent by an ``atexit`` drain.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[Settings, list[Item]]] = []
+        self._queued = 0
+        self._sending = False
+        self._cond = threading.Condition()
+        self._pid = 0
+
+    def put(self, settings: Settings, items: list[Item]) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # first use, or first use after a fork
+                self._pid = os.getpid()
+                self._queue, self._queued, self._sending = [], 0, False
+                threading.Thread(target=self._run, name="status-fanout", daemon=True).start()
+                atexit.register(self.drain, 5.0)
+            if self._queued + len(items) > FANOUT_MAX_QUEUED:
+                _state["backlog"] = True  # the next catch-up replays them from PostgreSQL
+                log.warning("status fan-out queue full; changes left to the catch-up",
+                            extra={"changes": len(items)})
+                return
+            self._queue.append((settings, items))
+            self._queued += len(items)
+            self._cond.notify_all()
+
+    def drain(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._pid != os.getpid():
+                    return not (self._queue or self._sending)
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                taken, self._queue, self._queued = self._queue, [], 0
+                self._sending = True
+            try:
+                for settings, items in _grouped(taken):
+                    for i in range(0, len(items), FANOUT_BATCH):
+                        _publish_items(settings, items[i:i + FANOUT_BATCH])
+            except Exception:  # never let the thread die; PostgreSQL still holds every change
+                _state["backlog"] = True
+                log.exception("status fan-out failed; the changes will be replayed")
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+
+
+def _grouped(taken: list[tuple[Settings, list[Item]]]) -> list[tuple[Settings, list[Item]]]:
+    """Consecutive hand-overs with the same settings merged, order kept."""
+    out: list[tuple[Settings, list[Item]]] = []
+    for settings, items in taken:
+        if out and out[-1][0] is settings:
+            out[-1][1].extend(items)
+        else:
+            out.append((settings, list(items)))
+    return out
+
+
+_fanout = _Fanout()
+
+
+def _append(settings: Settings, items: list[Item]) -> int:
     """Run the append script for every item in one pipeline; 0 when Redis is unavailable.
 
     The script is called by its known SHA-1 (``EVALSHA``), with no ``SCRIPT EXISTS``
@@ -287,6 +395,7 @@ def catch_up(settings: Settings, limit: int = 500, min_age_s: float = CATCH_UP_M
 
 
 def reset() -> None:
-    """Drop cached clients and flags (tests)."""
+    """Send what the fan-out holds, then drop cached clients and flags (tests)."""
+    _fanout.drain(5.0)
     redisclient.reset()
     _state.update(backlog=False, last_catch_up=0.0)

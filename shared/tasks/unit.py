@@ -9,8 +9,9 @@ Every caller that changes a task's state writes::
 ``record`` collects the rows the state machine returned (a row, a list of rows, or
 None for "nothing changed") and returns what it was given. When the block ends without
 an exception the transaction commits and then, only then, the rows are handed to the
-status fan-out (``status.publish_rows``, best effort: PostgreSQL already holds the
-truth, and the catch-up path replays what Redis missed). If the block raises, the
+status fan-out (``status.submit``: handed to the process's fan-out thread, which sends
+them to Redis off the work path; best effort: PostgreSQL already holds the truth, and
+the catch-up path replays what Redis missed). If the block raises, the
 transaction rolls back and nothing is published. No caller commits and publishes by hand.
 """
 from __future__ import annotations
@@ -47,13 +48,13 @@ class Changes:
 @contextmanager
 def changes(settings: Settings, publish: Publisher | None = None) -> Iterator[Changes]:
     """A transaction on the process's pool; its recorded rows are published after commit
-    (by ``publish``, default the status fan-out). Raises what the block or the commit raises."""
+    (by ``publish``, default the status fan-out thread). Raises what the block or the commit raises."""
     with db.connection(settings) as conn:
         unit = Changes(conn)
         yield unit
     if unit.rows:
         if publish is None:
-            status.publish_rows(settings, unit.rows)
+            status.submit(settings, unit.rows)
         else:
             publish(unit.rows)
 
@@ -61,6 +62,4 @@ def changes(settings: Settings, publish: Publisher | None = None) -> Iterator[Ch
 def publish_after(settings: Settings, rows: Iterable[Row | None]) -> None:
     """Fan out rows changed by a transaction that has already committed (the outbox
     relay and sweep, which commit per batch inside their own loops)."""
-    ready = [r for r in rows if r is not None]
-    if ready:
-        status.publish_rows(settings, ready)
+    status.submit(settings, rows)

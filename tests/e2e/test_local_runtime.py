@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
 from events import codec
-from infra.runtime.launcher import LocalStack
+from infra.runtime.launcher import LocalStack, children
 from infra.runtime.process import port_accepts
 
 pytestmark = pytest.mark.e2e
@@ -36,6 +37,11 @@ def test_ticks_cold_start_the_outbox_sweeper_through_the_broker(stack: LocalStac
     # The sweeper is min_scale 0: only a delivery (the ticker's ping) can have started it.
     _wait(lambda: _deliveries(stack, "outbox-ping", "delivered") >= 1, 60, "a delivered tick", stack)
     assert port_accepts(stack.config.function("outbox-sweeper").port)
+    # ... forked from the runtime's template process (make dev's default), not a new interpreter
+    pid = stack.function_pids()["outbox-sweeper"]
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert "infra.runtime.template" in Path(f"/proc/{parent}/cmdline").read_text()
+    assert parent in children(stack.pid)
 
 
 def test_ingress_takes_cloudevents_and_refuses_garbage(stack: LocalStack) -> None:

@@ -168,3 +168,90 @@ def test_marks_and_mark_queued_lock_rows_in_one_order(settings, make_task, make_
     assert "could not record published status versions" not in caplog.text
     assert conn.execute("SELECT min(published_version) AS v FROM tasks WHERE user_id = %s",
                         (uid,)).fetchone()["v"] == 17
+
+
+# --- the fan-out thread (status.submit, what every committed unit of work calls) ---------
+def _queued_then_running(settings, task_id):
+    with db.connection(settings) as c:
+        queued = state.mark_queued(c, [task_id])[0]
+    with db.connection(settings) as c:
+        running = state.claim(c, task_id, "w", 30).row
+    return queued, running
+
+
+def test_a_unit_of_work_hands_its_changes_to_the_fan_out_thread(settings, make_task, redis_client, conn,
+                                                                monkeypatch):
+    from shared.tasks import unit
+
+    senders: list[str] = []
+    real = status._append
+
+    def spy(s, items):
+        senders.append(__import__("threading").current_thread().name)
+        return real(s, items)
+
+    monkeypatch.setattr(status, "_append", spy)
+    t = make_task(status="pending")
+    with unit.changes(settings) as ch:
+        ch.record(state.mark_queued(ch.conn, [t["id"]]))
+    assert status.flush()
+    assert senders == ["status-fanout"]  # the committing thread never waited on Redis
+    assert [e[0]["status"] for e in entries(redis_client, settings, str(t["user_id"]))] == ["queued"]
+    status.flush_marks()
+    row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s", (t["id"],)).fetchone()
+    assert row["published_version"] == row["status_version"]
+
+
+def test_changes_handed_over_together_go_out_in_order_in_one_pipeline(settings, make_task, make_user,
+                                                                      redis_client, monkeypatch):
+    uid = make_user()
+    tasks = [make_task(uid, status="pending") for _ in range(5)]
+    changes = []
+    for t in tasks:
+        changes.extend(_queued_then_running(settings, t["id"]))
+    gate = __import__("threading").Event()
+    sends: list[int] = []
+    real = status._append
+
+    def held(s, items):
+        gate.wait(10)  # the thread is busy: everything handed over meanwhile gathers
+        sends.append(len(items))
+        return real(s, items)
+
+    monkeypatch.setattr(status, "_append", held)
+    status.submit(settings, [changes[0]])
+    for row in changes[1:]:
+        status.submit(settings, [row])
+    gate.set()
+    assert status.flush()
+    assert sum(sends) == 10 and len(sends) <= 2  # the first hand-over, then one pipeline for the rest
+    got = entries(redis_client, settings, uid)
+    for t in tasks:  # per task: queued, then running, never the other way round
+        assert [e[0]["status"] for e in got if e[0]["id"] == str(t["id"])] == ["queued", "running"]
+
+
+def test_a_full_fan_out_queue_leaves_changes_to_the_catch_up(settings, make_task, make_user, redis_client,
+                                                             conn, monkeypatch):
+    uid = make_user()
+    first, second = make_task(uid, status="pending"), make_task(uid, status="pending")
+    gate = __import__("threading").Event()
+    real = status._append
+
+    def held(s, items):
+        gate.wait(10)
+        return real(s, items)
+
+    monkeypatch.setattr(status, "_append", held)
+    monkeypatch.setattr(status, "FANOUT_MAX_QUEUED", 1)
+    with db.connection(settings) as c:
+        rows = state.mark_queued(c, [first["id"], second["id"]])
+    status.submit(settings, [rows[0]])  # taken by the thread, which is held
+    time.sleep(0.2)
+    status.submit(settings, [rows[0]])  # queued (1 of 1)
+    status.submit(settings, [rows[1]])  # over the bound: not queued, left to the catch-up
+    gate.set()
+    assert status.flush()
+    assert [e[0]["id"] for e in entries(redis_client, settings, uid)] == [str(rows[0]["id"])]
+    conn.execute("UPDATE tasks SET updated_at = now() - interval '5 seconds' WHERE id = %s", (rows[1]["id"],))
+    assert status.catch_up(settings) == 1
+    assert {e[0]["id"] for e in entries(redis_client, settings, uid)} == {str(first["id"]), str(second["id"])}

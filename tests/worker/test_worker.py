@@ -61,6 +61,7 @@ def test_success_stores_the_output_and_replies_succeeded(wsettings, make_task, c
     assert reply.get_data()["result"]["key"] == key and reply.get_data()["status"] == "succeeded"
     with storage.get_storage(wsettings).open(key) as fh:
         assert fh.read() == b"width=10 fit=contain"  # schema defaults were filled in for the core
+    assert status.flush()  # the fan-out thread sends the changes off the work path
     stream = [json.loads(f["task"])["status"]
               for _i, f in redis_client.xrange(status.stream_key(wsettings, str(t["user_id"])))]
     assert stream[0] == "running" and stream[-1] == "succeeded"

@@ -230,7 +230,7 @@ def cancel(batch_id: str) -> Response:
             done = batches.cancel_task(conn, user_id, task_id)
         if done is not None:
             changed.append(done)
-    status.publish_rows(s, changed)
+    status.submit(s, changed)
     with db.connection(s) as conn:
         row = batches.get(conn, user_id, batch_id)
     return json_response(batches.public_batch(row), 202, _location(row["id"]))
