@@ -7,7 +7,8 @@ free loopback port, passes its settings to the child as ``TASKFORGE_*`` variable
 gateway's ``/readyz``, and stops the whole group. Its output goes to ``log_path``.
 
 Also the process helpers its users share: ``free_ports``, ``settings_env``,
-``stop_group``, ``children``, ``alive`` and ``rss_mb`` (all Linux ``/proc`` based).
+``stop_group``, ``children``, ``descendants``, ``listening_ports``, ``alive`` and
+``rss_mb`` (all Linux ``/proc`` based).
 """
 from __future__ import annotations
 

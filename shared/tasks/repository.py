@@ -197,10 +197,10 @@ def create_task(conn: Conn, *, user_id: str, task_type: Any, payload: Any,
         if existing is None:  # pragma: no cover - the unique index guarantees a winner
             raise Conflict("idempotency key in use, retry")
         return _replay(existing, rhash)
-    if callback_url:
-        from shared.webhooks import store as webhook_store  # it imports this module
-
-        webhook_store.add_task_callback(conn, row["id"], callback_url)
+    if callback_url:  # read by the webhook deliveries (shared/webhooks/store.py); written here so a
+        # worker's imports never reach the webhook secrets (and their cryptography wheel)
+        conn.execute("INSERT INTO task_callbacks (task_id, url) VALUES (%s, %s) ON CONFLICT (task_id) DO NOTHING",
+                     (row["id"], callback_url))
     event_id = outbox.add_requested(conn, row, source=SOURCE, traceparent=span, max_bytes=max_event_bytes)
     return Submission(row=row, created=True, event_ids=[event_id])
 

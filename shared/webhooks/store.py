@@ -115,11 +115,6 @@ def subscribed(conn: Conn, user_id: str, event: str) -> list[Row]:
 
 
 # --- one-off callbacks ----------------------------------------------------------------
-def add_task_callback(conn: Conn, task_id: Any, url: str) -> None:
-    conn.execute("INSERT INTO task_callbacks (task_id, url) VALUES (%s, %s) ON CONFLICT (task_id) DO NOTHING",
-                 (task_id, url))
-
-
 def task_callback(conn: Conn, task_id: Any) -> str | None:
     row = conn.execute("SELECT url FROM task_callbacks WHERE task_id = %s", (task_id,)).fetchone()
     return row["url"] if row else None
