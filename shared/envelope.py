@@ -94,18 +94,6 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     return resp
 
 
-def json_text_response(text: str | bytes, status: int = 200,
-                       headers: Mapping[str, str] | None = None) -> flask.Response:
-    """``json_response`` for a document that is JSON text already (rendered by PostgreSQL)."""
-    import flask
-
-    resp = flask.Response(text.encode() if isinstance(text, str) else text, status=status,
-                          mimetype="application/json")
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
-    return resp
-
-
 def json_handler(core: Callable[[Mapping[str, str], bytes], Any], *, what: str) -> Handler:
     """A handler that answers 200 with what ``core(headers, body)`` returns, or its error.
     ``what`` names the work in log lines."""

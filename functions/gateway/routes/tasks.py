@@ -12,9 +12,9 @@ from functions.gateway import schemas
 from functions.gateway.guards import autocommit, require_auth
 from functions.gateway.routes import webhooks
 from functions.gateway.submit import submit_as, submit_batch
-from functions.gateway.web import json_body, principal, settings
+from functions.gateway.web import json_body, json_text_response, principal, settings
 from shared import db, storage
-from shared.envelope import json_response, json_text_response
+from shared.envelope import json_response
 from shared.errors import NotFound, ValidationError
 from shared.outbox import relay
 from shared.tasks import repository as tasks
