@@ -100,13 +100,12 @@ class Relay:
     def relay(self, event_ids: list[str]) -> int:
         """Publish the still-pending rows among ``event_ids`` (one transaction). Returns
         the number published; rows already taken by a sweeper are skipped."""
-        with db.connection(self.settings) as conn, conn.pipeline():
-            # Pipelined: BEGIN and this SET travel with the claim, one round trip. The
-            # commit is asynchronous (no wait for the WAL flush): a mark that a PostgreSQL
+        with db.connection(self.settings) as conn:
+            # relaxed: the commit does not wait for the WAL flush. A mark that a PostgreSQL
             # crash forgets leaves its row pending, and the sweeper publishes it again, a
             # duplicate the design allows (receivers dedupe on source + id), never a loss.
-            conn.execute("SET LOCAL synchronous_commit = off")
-            out = claim_and_publish(conn, self.broker, limit=len(event_ids), event_ids=event_ids, via="relay")
+            out = claim_and_publish(conn, self.broker, limit=len(event_ids), event_ids=event_ids, via="relay",
+                                    relaxed=True)
         if out.error:
             log.warning("eager relay could not publish; rows stay pending for the sweeper",
                         extra={"rows": out.claimed, "error": out.error})

@@ -82,15 +82,17 @@ def test_the_relay_claims_publishes_and_marks_in_one_asynchronously_committed_tr
     real = relay_module.claim_and_publish
 
     def spy(conn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"])
-        return real(conn, *args, **kwargs)
+        before = conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]
+        out = real(conn, *args, **kwargs)  # the claim itself relaxes the transaction's commit
+        seen.append((before, conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]))
+        return out
 
     monkeypatch.setattr(relay_module, "claim_and_publish", spy)
     user = h.make_user(rabbit)
     client = create_app(rabbit).test_client()
     ids = [client.post("/tasks", json=BODY, headers=bearer(rabbit, user)).get_json()["id"] for _ in range(3)]
     assert relay.flush(rabbit, 10.0)
-    assert seen and set(seen) == {"off"}
+    assert seen and set(seen) == {("on", "off")}
     assert sorted(e["subject"] for e in h.drain_queue(rabbit, topo.queue_of("resize-image"))) == sorted(ids)
     assert all(r["dispatched_at"] is not None for r in h.outbox_rows(rabbit))
     assert h.task_statuses(rabbit) == {i: "queued" for i in ids}
