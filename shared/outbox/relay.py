@@ -130,12 +130,22 @@ _relays: dict[Settings, Relay] = {}
 _relays_lock = threading.Lock()
 
 
+_last: tuple[Settings, Relay] | None = None  # the relay asked for last, by identity of its settings
+
+
 def get_relay(settings: Settings) -> Relay:
     """The process's relay for these settings (re-created after a fork)."""
+    global _last
+    last = _last
+    # A process serves with one settings object: the identity check spares hashing the
+    # whole (large, frozen) settings on every submission.
+    if last is not None and last[0] is settings and last[1]._pid == os.getpid():
+        return last[1]
     with _relays_lock:
         relay = _relays.get(settings)
         if relay is None or relay._pid != os.getpid():
             relay = _relays[settings] = Relay(settings)
+        _last = (settings, relay)
         return relay
 
 
