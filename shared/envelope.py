@@ -19,6 +19,8 @@ a body over ``max_body_bytes``              413 ``too_large`` (a chunked body ha
 ``POST`` without a valid delivery signature  401 ``unsigned_delivery`` (``shared.delivery_auth``;
                                             only where the policy asks for one)
 ``POST`` with the event                     whatever ``handle(headers, body)`` answers
+``POST`` with a batch of events             200 with each event's own answer
+(``application/cloudevents-batch+json``)    (``events.batch``)
 ==========================================  =================================================
 
 ``handle`` returns an :class:`Answer` and never raises; ``json_handler`` turns a core that
@@ -41,6 +43,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from events import batch as eventbatch
+from events.codec import STRUCTURED_CT as STRUCTURED
 from shared import delivery_auth
 from shared.errors import TaskForgeError, TooLarge, error_body, error_document
 from shared.settings import get_settings
@@ -139,7 +143,22 @@ def respond(method: str, path: str, content_length: int | None, stream: IO[bytes
     except delivery_auth.UnsignedDelivery as exc:
         log.warning("refused an unsigned or badly signed delivery", extra={"function": name, "reason": exc.message})
         return error_answer(exc)
+    if eventbatch.is_batch(headers.get("content-type")):
+        return _batch(handle, body)
     return handle(headers, body)
+
+
+def _batch(handle: Handler, body: bytes) -> Answer:
+    """A batch of events (``events.batch``): each handled as if it came alone, in
+    order; 200 with every event's own answer."""
+    try:
+        events = eventbatch.decode_request(body)
+    except eventbatch.BadBatch as exc:
+        return error_answer(exc)
+    item_headers = {"content-type": STRUCTURED}
+    answers = [handle(item_headers, event) for event in events]
+    return Answer(200, {"content-type": "application/json"}, eventbatch.encode_answer(
+        [eventbatch.ItemAnswer(a.status, a.headers, a.body) for a in answers]))
 
 
 def serve(request: flask.Request, handle: Handler, *, name: str) -> flask.Response:

@@ -48,6 +48,9 @@ DEAD_LETTERS = Counter("taskforge_dead_letters_total", "Events recorded by the d
 DELIVERIES = Counter("taskforge_deliveries_total", "Dispatcher deliveries by trigger and outcome",
                      ["trigger", "outcome"])
 
+DELIVERY_BATCHES = Histogram("taskforge_delivery_batch_events", "Events per batched delivery, by trigger",
+                             ["trigger"], buckets=(2, 4, 8, 16, 32, 64))
+
 SSE_CONNECTIONS = Gauge("taskforge_sse_connections", "Open Server-Sent Events streams", multiprocess_mode="livesum")
 SSE_EVENTS_SENT = Counter("taskforge_sse_events_sent_total", "Task events written to SSE streams")
 

@@ -24,7 +24,10 @@ app = create_app(settings)
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """The gateway app as a WSGI application, each request logged with its trace id."""
-    with tf_logging.bind(trace_id=tracing.trace_id_of(environ.get("HTTP_TRACEPARENT"))):
+    trace_id = tracing.trace_id_of(environ.get("HTTP_TRACEPARENT"))
+    if trace_id is None:  # nothing to bind: skip the context's copy and restore
+        return app.wsgi_app(environ, start_response)
+    with tf_logging.bind(trace_id=trace_id):
         return app.wsgi_app(environ, start_response)
 
 

@@ -125,6 +125,12 @@ def json_body(schema: dict[str, Any] | None = None, *, optional: bool = False) -
     return validate(schema, value) if schema is not None else value
 
 
+def json_text_response(text: str, status: int = 200) -> Response:
+    """``shared.envelope.json_response`` for a document that is JSON text already (the
+    task reads, rendered by PostgreSQL)."""
+    return Response(text.encode(), status=status, mimetype="application/json")
+
+
 def error_response(exc: BaseException) -> Response:
     """The JSON answer for any exception (never a stack trace or an internal message)."""
     if isinstance(exc, TaskForgeError):

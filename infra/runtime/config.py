@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from events import batch as eventbatch
 from infra.runtime import yamlcheck as check
 from infra.runtime.yamlcheck import ConfigError, format_duration, parse_duration
 
@@ -103,6 +104,16 @@ class FunctionSpec:
 
 
 @dataclass(frozen=True)
+class BatchSpec:
+    """Batched delivery (local dispatcher only, ``events.batch``): up to
+    ``max_events`` events per request, gathered for at most ``wait_s`` (0: only what is
+    already waiting, so a lone event is never delayed)."""
+
+    max_events: int = 8
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class TriggerSpec:
     name: str
     filter: Mapping[str, str]
@@ -110,6 +121,7 @@ class TriggerSpec:
     path: str = "/"
     parallelism: int = 1
     delivery: DeliverySpec = DeliverySpec()
+    batch: BatchSpec | None = None  # None: one event per request (Knative's only mode)
 
     @property
     def type(self) -> str:
@@ -284,7 +296,7 @@ def _trigger(name: Any, raw: Any, default: DeliverySpec | None) -> TriggerSpec:
     where = f"triggers.{name}"
     check.dns_name(name, where)
     t = check.mapping(raw, where)
-    check.only(t, where, {"type", "filter", "subscriber", "path", "parallelism", "delivery"})
+    check.only(t, where, {"type", "filter", "subscriber", "path", "parallelism", "delivery", "batch"})
     filt = {str(k): check.text(v, f"{where}.filter.{k}") for k, v in check.mapping(t.get("filter", {}), f"{where}.filter").items()}
     if "type" in t:
         filt["type"] = check.text(t["type"], f"{where}.type")
@@ -300,7 +312,24 @@ def _trigger(name: Any, raw: Any, default: DeliverySpec | None) -> TriggerSpec:
         path=check.url_path(t.get("path", "/"), f"{where}.path"),
         parallelism=int(check.number(t.get("parallelism", 1), f"{where}.parallelism", minimum=1, integer=True)),
         delivery=delivery,
+        batch=_batch(t["batch"], f"{where}.batch") if "batch" in t else None,
     )
+
+
+def _batch(raw: Any, where: str) -> BatchSpec:
+    b = check.mapping(raw, where)
+    check.only(b, where, {"maxEvents", "wait"})
+    return BatchSpec(
+        max_events=_max_events(b.get("maxEvents", 8), f"{where}.maxEvents"),
+        wait_s=check.duration(b.get("wait", "PT0S"), f"{where}.wait"),
+    )
+
+
+def _max_events(v: Any, where: str) -> int:
+    n = int(check.number(v, where, minimum=2, integer=True))
+    if n > eventbatch.MAX_EVENTS:
+        raise ConfigError(f"{where}: at most {eventbatch.MAX_EVENTS} events per batch, got {n}")
+    return n
 
 
 def _delivery(raw: Any, where: str) -> DeliverySpec:

@@ -306,24 +306,36 @@ class Dispatcher:
             msg = session.work.get()
             if msg is None:
                 return
-            if self._stop.is_set() or not session.open:  # not started: leave it for redelivery
-                with self._in_flight_lock:
-                    self._in_flight -= 1
-                continue
-            try:
-                outcome = self._deliver(msg)
-            except _Settle:
-                outcome = "interrupted"  # unacked: RabbitMQ redelivers it
-            except Exception:  # noqa: BLE001 - a bug must not kill the worker or lose the message
-                log.exception("delivery failed unexpectedly", extra=({"trigger": self.name}))
-                outcome = "error"
-                with contextlib.suppress(Exception):
-                    time.sleep(1.0)
-                    self._nack(msg, requeue=True)
-            finally:
-                with self._in_flight_lock:
-                    self._in_flight -= 1
-            self._count(outcome)
+            if not self._take(session, msg):
+                return
+
+    def _take(self, session: _Session, msg: _Msg) -> bool:
+        """Deliver ``msg`` (a batching dispatcher takes what waits behind it too). Returns
+        False when the stop sentinel was taken meanwhile."""
+        self._run_one(msg, lambda: self._deliver(msg))
+        return True
+
+    def _run_one(self, msg: _Msg, deliver: Callable[[], str]) -> None:
+        """Run one message's delivery and count its outcome; every message taken from the
+        work queue goes through here exactly once."""
+        if self._stop.is_set() or not msg.session.open:  # not started: leave it for redelivery
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            return
+        try:
+            outcome = deliver()
+        except _Settle:
+            outcome = "interrupted"  # unacked: RabbitMQ redelivers it
+        except Exception:  # noqa: BLE001 - a bug must not kill the worker or lose the message
+            log.exception("delivery failed unexpectedly", extra=({"trigger": self.name}))
+            outcome = "error"
+            with contextlib.suppress(Exception):
+                time.sleep(1.0)
+                self._nack(msg, requeue=True)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+        self._count(outcome)
 
     def _count(self, outcome: str) -> None:
         with self._stats_lock:
@@ -353,9 +365,15 @@ class Dispatcher:
         wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s - waited)
         if wait > 0 and self._stop.wait(wait):  # a handed-off message still in its backoff
             return self._hand_off(msg, event, first, not_before)
+        return self._attempts(msg, event, first, held_since)
+
+    def _attempts(self, msg: _Msg, event: CloudEvent, first: int, held_since: float,
+                  answered: Attempt | None = None) -> str:
+        """Attempts ``first``.. of the delivery spec (the first already made and ``answered``,
+        when given: a batch's answer for this event)."""
         http_headers, body = codec.to_binary_http(event)
         for n in range(first, self.delivery.attempts + 1):
-            attempt = self._attempt(http_headers, body)
+            attempt = answered if answered is not None and n == first else self._attempt(http_headers, body)
             outcome = attempt.outcome
             if outcome is Outcome.SUCCESS:
                 return self._succeeded(msg, event, attempt)
@@ -475,13 +493,16 @@ def for_config(config: RuntimeConfig, settings: Settings,
         proc = process_of(function)
         return lambda: proc.serving()
 
-    out = [
-        Dispatcher(settings, name=t.name, queue_name=trigger_queue(settings, t.name), url=config.subscriber_url(t),
-                   delivery=t.delivery, parallelism=t.parallelism, dead_letter=dead_letter_queue(settings),
-                   consumer_timeout_s=config.broker.consumer_timeout_s, activate=activator(t.subscriber),
-                   loop_guard_type=t.type)
-        for t in config.triggers.values()
-    ]
+    from infra.runtime.batching import BatchingDispatcher  # it extends this module's class
+
+    out: list[Dispatcher] = []
+    for t in config.triggers.values():
+        kw: dict[str, Any] = dict(
+            name=t.name, queue_name=trigger_queue(settings, t.name), url=config.subscriber_url(t),
+            delivery=t.delivery, parallelism=t.parallelism, dead_letter=dead_letter_queue(settings),
+            consumer_timeout_s=config.broker.consumer_timeout_s, activate=activator(t.subscriber),
+            loop_guard_type=t.type)
+        out.append(BatchingDispatcher(t.batch, settings, **kw) if t.batch else Dispatcher(settings, **kw))
     dl = config.dead_letter
     out.append(Dispatcher(settings, name="dead-letter", queue_name=dead_letter_queue(settings),
                           url=config.dead_letter_url(), delivery=dl.delivery, parallelism=2, dead_letter=None,

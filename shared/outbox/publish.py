@@ -44,7 +44,7 @@ Row = dict[str, Any]
 # The payload comes back as JSON text: it is sent as the body as is, so the sweeper never
 # parses and re-serialises it (a sizeable share of its CPU per row).
 _CLAIM = (
-    "SELECT id, event_id, type, headers, payload::text AS payload, attempts FROM outbox"
+    "SELECT id, event_id, type, headers, payload::text AS payload, attempts{relaxed} FROM outbox"
     " WHERE dispatched_at IS NULL AND parked_at IS NULL{only}"
     " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
@@ -61,15 +61,18 @@ class Outcome:
     task_rows: list[Row] = field(default_factory=list)  # changed tasks, to fan out after commit
 
 
-def claim(conn: Conn, *, limit: int, event_ids: Sequence[str] | None = None) -> list[Row]:
+def claim(conn: Conn, *, limit: int, event_ids: Sequence[str] | None = None, relaxed: bool = False) -> list[Row]:
     """Lock up to ``limit`` pending rows (oldest first), skipping rows locked elsewhere.
 
     With ``event_ids`` only those rows are considered (the eager relay's own rows).
+    ``relaxed`` makes the transaction's commit asynchronous (``state.RELAXED``, set by
+    the claim itself: no round trip of its own, and only when it claimed a row).
     """
+    sql = _CLAIM.replace("{relaxed}", f", {state.RELAXED} AS relaxed" if relaxed else "")
     if event_ids is not None:
-        sql = _CLAIM.format(only=" AND event_id = ANY(%(ids)s::uuid[])")
+        sql = sql.format(only=" AND event_id = ANY(%(ids)s::uuid[])")
         return conn.execute(sql, {"limit": limit, "ids": list(event_ids)}).fetchall()
-    return conn.execute(_CLAIM.format(only=""), {"limit": limit}).fetchall()
+    return conn.execute(sql.format(only=""), {"limit": limit}).fetchall()
 
 
 def event_of(row: Row) -> CloudEvent:
@@ -102,14 +105,15 @@ def task_id_of(row: Row) -> str | None:
 
 
 def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
-                      event_ids: Sequence[str] | None = None, via: str) -> Outcome:
+                      event_ids: Sequence[str] | None = None, via: str, relaxed: bool = False) -> Outcome:
     """Claim pending rows, publish them, and mark the outcome, in the caller's transaction.
 
     Never raises for broker failures (they are recorded in ``Outcome.error`` and on the
     rows); database errors propagate and roll the transaction back (rows stay pending).
-    ``via`` labels the metrics (``relay`` or ``sweeper``).
+    ``via`` labels the metrics (``relay`` or ``sweeper``); ``relaxed`` (the eager relay)
+    commits the marks asynchronously (see ``claim``).
     """
-    rows = claim(conn, limit=limit, event_ids=event_ids)
+    rows = claim(conn, limit=limit, event_ids=event_ids, relaxed=relaxed)
     out = Outcome(claimed=len(rows))
     if not rows:
         return out

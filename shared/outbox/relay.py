@@ -101,7 +101,11 @@ class Relay:
         """Publish the still-pending rows among ``event_ids`` (one transaction). Returns
         the number published; rows already taken by a sweeper are skipped."""
         with db.connection(self.settings) as conn:
-            out = claim_and_publish(conn, self.broker, limit=len(event_ids), event_ids=event_ids, via="relay")
+            # relaxed: the commit does not wait for the WAL flush. A mark that a PostgreSQL
+            # crash forgets leaves its row pending, and the sweeper publishes it again, a
+            # duplicate the design allows (receivers dedupe on source + id), never a loss.
+            out = claim_and_publish(conn, self.broker, limit=len(event_ids), event_ids=event_ids, via="relay",
+                                    relaxed=True)
         if out.error:
             log.warning("eager relay could not publish; rows stay pending for the sweeper",
                         extra={"rows": out.claimed, "error": out.error})
@@ -126,12 +130,22 @@ _relays: dict[Settings, Relay] = {}
 _relays_lock = threading.Lock()
 
 
+_last: tuple[Settings, Relay] | None = None  # the relay asked for last, by identity of its settings
+
+
 def get_relay(settings: Settings) -> Relay:
     """The process's relay for these settings (re-created after a fork)."""
+    global _last
+    last = _last
+    # A process serves with one settings object: the identity check spares hashing the
+    # whole (large, frozen) settings on every submission.
+    if last is not None and last[0] is settings and last[1]._pid == os.getpid():
+        return last[1]
     with _relays_lock:
         relay = _relays.get(settings)
         if relay is None or relay._pid != os.getpid():
             relay = _relays[settings] = Relay(settings)
+        _last = (settings, relay)
         return relay
 
 

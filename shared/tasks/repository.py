@@ -68,6 +68,31 @@ def task_summary(row: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+# The same documents rendered by PostgreSQL, for the read routes: the rows never become
+# Python objects (no payload decoded only to be encoded again, no datetimes formatted
+# one by one), so a page of 100 tasks costs the gateway one text column per row. Key
+# order, the timestamp form of ``iso`` (microseconds only when there are any) and the
+# compact separators are those of ``public_task``; a nested value (payload, result,
+# error) is PostgreSQL's text of the stored jsonb, the same JSON value.
+def _iso_sql(column: str) -> str:
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    return (f"to_char({utc}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN extract(microseconds FROM {column})"
+            f"::bigint %% 1000000 = 0 THEN '' ELSE to_char({utc}, '.US') END || 'Z'")
+
+
+def _document_sql(with_payload: bool) -> str:
+    payload = """ || ',"payload":' || payload::text""" if with_payload else ""
+    return ("""'{"id":"' || id::text || '","type":' || to_json(type)::text || ',"status":"' || status::text"""
+            f""" || '","progress":' || progress::text{payload}"""
+            """ || ',"result":' || coalesce(result::text, 'null') || ',"error":' || coalesce(error::text, 'null')"""
+            """ || ',"attempts":' || attempts::text || ',"created_at":"' || """ + _iso_sql("created_at")
+            + """ || '","updated_at":"' || """ + _iso_sql("updated_at") + """ || '"}'""")
+
+
+PUBLIC_TASK_SQL = _document_sql(with_payload=True)  # the text of ``public_task(row)``
+TASK_SUMMARY_SQL = _document_sql(with_payload=False)  # the text of ``task_summary(row)``
+
+
 # --- pure helpers ---------------------------------------------------------------------
 def request_hash(task_type: str, payload: Any) -> str:
     """sha256 of the canonical JSON of a submission (key order and spacing do not matter)."""
@@ -245,10 +270,23 @@ def get_task(conn: Conn, user_id: str, task_id: Any) -> dict[str, Any]:
     return row
 
 
+def get_task_json(conn: Conn, user_id: str, task_id: Any) -> str:
+    """``public_task`` of the user's task as JSON text, rendered by PostgreSQL (``GET
+    /tasks/{id}``); ``NotFound`` as ``get_task``."""
+    ident = parse_uuid(task_id)
+    row = None if ident is None else conn.execute(
+        f"SELECT {PUBLIC_TASK_SQL} AS doc FROM tasks WHERE id = %s AND user_id = %s", (ident, user_id)).fetchone()
+    if row is None:
+        raise NotFound("task not found")
+    return str(row["doc"] if isinstance(row, dict) else row[0])
+
+
 def list_tasks(conn: Conn, user_id: str, *, status: str | None = None,
                task_type: str | None = None, limit: int = 20,
-               cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-    """A page of the user's tasks, newest first, and the cursor of the next page (or None).
+               cursor: str | None = None) -> tuple[list[str], str | None]:
+    """A page of the user's tasks, newest first, as ``task_summary`` JSON texts (rendered
+    by PostgreSQL: only the summary's columns are read, never the payload), and the
+    cursor of the next page (or None).
 
     Keyset pagination on ``(created_at, id)``: stable while tasks are being added, and
     each page costs one index range scan however deep the client pages.
@@ -274,10 +312,10 @@ def list_tasks(conn: Conn, user_id: str, *, status: str | None = None,
         where.append("(created_at, id) < (%s, %s)")
         params += [when, ident]  # type: ignore[list-item]
     rows = conn.execute(
-        "SELECT * FROM tasks WHERE " + " AND ".join(where) + " ORDER BY created_at DESC, id DESC LIMIT %s",
-        (*params, limit + 1)).fetchall()
+        f"SELECT created_at, id, {TASK_SUMMARY_SQL} AS doc FROM tasks WHERE " + " AND ".join(where)
+        + " ORDER BY created_at DESC, id DESC LIMIT %s", (*params, limit + 1)).fetchall()
     next_cursor = pagination.encode(rows[limit - 1]["created_at"], rows[limit - 1]["id"]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return [str(r["doc"]) for r in rows[:limit]], next_cursor
 
 
 def count_active(conn: Conn, user_id: str, cap: int) -> int:

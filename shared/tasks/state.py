@@ -91,6 +91,11 @@ class Claim:
 LOCK_IN_ID_ORDER = ("WITH locked AS MATERIALIZED (SELECT id FROM tasks WHERE id = ANY(%s::uuid[])"
                     " ORDER BY id FOR UPDATE)")
 _BUMP = "status_version = status_version + 1, updated_at = now()"
+# What a status entry is made of (``shared.tasks.status``: ``repository.task_summary``,
+# the owner, the version): the columns a change returns when only the fan-out reads it.
+WATCHED_COLUMNS = ", ".join(f"tasks.{c}" for c in (
+    "id", "user_id", "type", "status", "progress", "result", "error", "attempts", "created_at", "updated_at",
+    "status_version"))
 # A terminal change leaps the version instead: intermediate changes (claim, progress,
 # lease) commit asynchronously (``RELAXED``), so a PostgreSQL crash can forget a few of
 # them after the stream has shown them; the changes that follow would reuse their
@@ -144,7 +149,9 @@ def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
     """``pending → queued`` for the tasks whose event was just published (confirmed).
 
     Tasks in any other state (already claimed by a fast worker, cancelled) are left
-    alone, so calling this twice or late is harmless. Returns only the changed rows.
+    alone, so calling this twice or late is harmless. Returns only the changed rows,
+    with ``WATCHED_COLUMNS`` (what the status fan-out sends: never the payload, which
+    the relay and the sweeper would otherwise decode for every task they queue).
     """
     ids = sorted({str(t) for t in task_ids})
     if not ids:
@@ -153,7 +160,7 @@ def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
     # does, so concurrent sweeper lanes and the status marks never deadlock.
     return conn.execute(
         f"{LOCK_IN_ID_ORDER} UPDATE tasks SET status = 'queued', {_BUMP}"
-        " FROM locked WHERE tasks.id = locked.id AND tasks.status = 'pending' RETURNING tasks.*",
+        f" FROM locked WHERE tasks.id = locked.id AND tasks.status = 'pending' RETURNING {WATCHED_COLUMNS}",
         (ids,),
     ).fetchall()
 

@@ -80,3 +80,30 @@ def test_served_like_the_runtime_serves_it(gw_settings, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_application_binds_the_requests_trace_id_for_its_log_lines(gw_settings, monkeypatch):
+    """``application`` (what gunicorn serves) logs each request with its trace id, and
+    leaves nothing bound once it answered (with or without a traceparent)."""
+    import importlib
+
+    from shared import logging as tf_logging
+
+    set_settings(gw_settings)
+    main = importlib.import_module("functions.gateway.main")
+    seen: list[dict] = []
+
+    def wsgi_app(environ, start_response):  # type: ignore[no-untyped-def]
+        seen.append(dict(tf_logging._context.get({})))
+        start_response("200 OK", [])
+        return [b""]
+
+    monkeypatch.setattr(main.app, "wsgi_app", wsgi_app)
+    before = dict(tf_logging._context.get({}))
+    traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    main.application({"HTTP_TRACEPARENT": traced}, lambda *a: None)
+    main.application({}, lambda *a: None)
+    main.application({"HTTP_TRACEPARENT": "garbage"}, lambda *a: None)
+    assert seen[0].get("trace_id") == "0af7651916cd43dd8448eb211c80319c"
+    assert "trace_id" not in seen[1] and "trace_id" not in seen[2]
+    assert dict(tf_logging._context.get({})) == before

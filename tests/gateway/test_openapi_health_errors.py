@@ -108,6 +108,33 @@ def test_metrics_are_served(client, user):
     assert re.search(r'^taskforge_tasks_submitted_total\{type="generate-pdf"\} [1-9]', text, re.M)
 
 
+def test_http_metrics_count_requests_by_rule_but_not_scrapes_or_probes(client, user):
+    """The gateway's HTTP metrics keep prometheus-flask-exporter's names and labels (the
+    dashboard and alert rules use them): labelled by URL rule, never by raw path."""
+    def value(text: str, sample: str) -> float:
+        m = re.search("^" + re.escape(sample) + r" ([0-9.e+]+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    get_one = 'flask_http_request_duration_seconds_count{method="GET",status="404",url_rule="/tasks/<task_id>"}'
+    total_404 = 'flask_http_request_total{method="GET",status="404"}'
+    unknown = 'flask_http_request_duration_seconds_count{method="GET",status="404",url_rule="None"}'
+    scrape = 'flask_http_request_duration_seconds_count{method="GET",status="200",url_rule="/metrics"}'
+    probe = 'flask_http_request_duration_seconds_count{method="GET",status="200",url_rule="/healthz"}'
+    before = client.get("/metrics").get_data(as_text=True)
+    for task_id in ("00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000002"):
+        assert client.get(f"/tasks/{task_id}", headers=user.headers).status_code == 404
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/healthz").status_code == 200
+    after = client.get("/metrics")
+    assert after.status_code == 200 and after.headers["Content-Type"].startswith("text/plain")
+    text = after.get_data(as_text=True)
+    assert value(text, get_one) - value(before, get_one) == 2
+    assert value(text, unknown) - value(before, unknown) == 1
+    assert value(text, total_404) - value(before, total_404) == 3
+    assert value(text, scrape) == 0 and value(text, probe) == 0
+    assert "00000000-0000-0000-0000-000000000001" not in text
+
+
 def test_unknown_route_and_wrong_method_are_json(client):
     r = client.get("/nowhere")
     assert r.status_code == 404 and r.json["error"]["code"] == "not_found"

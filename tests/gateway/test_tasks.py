@@ -143,6 +143,34 @@ def test_get_task_and_ownership(client, make_user):
     assert client.get(f"/tasks/{task['id']}").status_code == 401
 
 
+def test_reads_render_the_same_documents_as_public_task(client, user, conn, gw_settings):
+    """GET /tasks/{id} and GET /tasks are rendered by PostgreSQL: the same JSON values as
+    ``public_task``/``task_summary`` of the row, whatever the row holds (timestamps with
+    and without microseconds, far from UTC, text that needs escaping, nested results)."""
+    import json
+
+    ids = [client.post("/tasks", json=pdf_body(f'<p>"q" \\ \t é ✓ {i}</p>'), headers=user.headers).json["id"]
+           for i in range(3)]
+    assert relay.flush(gw_settings, timeout_s=10)  # the relay's pending -> queued is done
+    conn.execute("UPDATE tasks SET status = 'succeeded', progress = 100, attempts = 2,"
+                 " result = %s, created_at = '2026-01-02 03:04:05+05:30', updated_at = '2026-01-02 03:04:05.000001+00'"
+                 " WHERE id = %s", (json.dumps({"key": "k\"ey", "size": 1.5, "nested": [1, None, "ü"]}), ids[0]))
+    conn.execute("UPDATE tasks SET status = 'failed', error = %s, created_at = '1999-12-31 23:59:59.5-08'"
+                 " WHERE id = %s", (json.dumps({"code": "boom", "message": "line\nbreak"}), ids[1]))
+    rows = {str(r["id"]): r for r in conn.execute("SELECT * FROM tasks WHERE user_id = %s", (user.id,))}
+    for task_id, row in rows.items():
+        got = client.get(f"/tasks/{task_id}", headers=user.headers)
+        assert got.status_code == 200 and got.headers["Content-Type"] == "application/json"
+        assert got.json == tasks.public_task(row)
+    page = client.get("/tasks?limit=100", headers=user.headers).json
+    assert page["next_cursor"] is None
+    assert sorted(page["items"], key=lambda t: t["id"]) == sorted(
+        (tasks.task_summary(r) for r in rows.values()), key=lambda t: t["id"])
+    assert all("payload" not in item for item in page["items"])
+    assert rows[ids[0]]["created_at"].microsecond == 0  # the form without a fraction was covered
+    assert tasks.public_task(rows[ids[0]])["created_at"] == "2026-01-01T21:34:05Z"
+
+
 def test_list_pages_newest_first_without_gaps_or_duplicates(client, user, make_user):
     ids = [client.post("/tasks", json=pdf_body(f"<p>{i}</p>"), headers=user.headers).json["id"] for i in range(5)]
     client.post("/tasks", json=pdf_body(), headers=make_user().headers)  # someone else's

@@ -55,6 +55,8 @@ def graph_doc(ports: list[int], logs: Path, consumer_timeout_s: float = 1800) ->
                        "delivery": {**FAST, "retry": 0}},
             "replied": {"type": "test.replied", "subscriber": "scripted", "delivery": {**FAST, "retry": 0}},
             "ping": {"type": "dev.knative.sources.ping", "subscriber": "scripted", "delivery": {**FAST, "retry": 0}},
+            "batched": {"type": "test.batched", "subscriber": "scripted", "batch": {"maxEvents": 8, "wait": "PT0.5S"},
+                        "delivery": {**FAST, "retry": 2}},
         },
         "dead_letter": {"subscriber": "dead-letter",
                         "delivery": {"retry": 2, "backoffPolicy": "linear", "backoffDelay": "PT0.05S",

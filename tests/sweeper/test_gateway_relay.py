@@ -69,3 +69,32 @@ def test_broker_down_during_post_tasks_still_202_and_the_sweeper_publishes_once_
     events = h.drain_queue(rabbit, topo.queue_of("resize-image"))
     assert sorted(e["subject"] for e in events) == sorted(ids)  # each exactly once
     assert set(h.task_statuses(rabbit).values()) == {"queued"}
+
+
+def test_the_relay_claims_publishes_and_marks_in_one_asynchronously_committed_transaction(
+        rabbit: Settings, topo: topology.Topology, monkeypatch) -> None:
+    """The relay's transaction skips the WAL flush wait (a forgotten mark only means a
+    duplicate publish by the sweeper) and still leaves every row dispatched and its task
+    queued once committed."""
+    from shared.outbox import relay as relay_module
+
+    seen: list[str] = []
+    real = relay_module.claim_and_publish
+
+    def spy(conn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        before = conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]
+        out = real(conn, *args, **kwargs)  # the claim itself relaxes the transaction's commit
+        seen.append((before, conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]))
+        return out
+
+    monkeypatch.setattr(relay_module, "claim_and_publish", spy)
+    user = h.make_user(rabbit)
+    client = create_app(rabbit).test_client()
+    ids = [client.post("/tasks", json=BODY, headers=bearer(rabbit, user)).get_json()["id"] for _ in range(3)]
+    assert relay.flush(rabbit, 10.0)
+    assert seen and set(seen) == {("on", "off")}
+    assert sorted(e["subject"] for e in h.drain_queue(rabbit, topo.queue_of("resize-image"))) == sorted(ids)
+    assert all(r["dispatched_at"] is not None for r in h.outbox_rows(rabbit))
+    assert h.task_statuses(rabbit) == {i: "queued" for i in ids}
+    with db.connection(rabbit) as conn:  # the setting was the relay transaction's own
+        assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"

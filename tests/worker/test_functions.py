@@ -102,6 +102,39 @@ def test_resize_image_refuses_non_images_permanently(fsettings, make_user, make_
     assert row["status"] == "failed" and row["error"]["code"] == "unsupported_image"
 
 
+def test_resize_image_takes_a_batch_and_answers_each_task_on_its_own(fsettings, make_user, make_task, conn):
+    """A batch of three requested events in one POST (events/batch.py), served by the
+    function's own WSGI application: each task runs as if its event came alone."""
+    from werkzeug.test import Client
+
+    from events import batch as eventbatch
+    from events import codec
+    from functions.resize_image.main import application
+
+    uid = make_user()
+    good = make_upload(conn, fsettings, uid, image_bytes("PNG"), "image/png", "a.png")
+    bad = make_upload(conn, fsettings, uid, b"not an image" * 50, "image/png", "b.png")
+    listened_ok = listened(conn, make_task(uid, status="queued", payload={"source": {"upload_id": good},
+                                                                           "width": 64}))
+    quiet_ok = make_task(uid, status="queued", payload={"source": {"upload_id": good}, "width": 32})
+    refused = make_task(uid, status="queued", payload={"source": {"upload_id": bad}, "width": 32})
+    tasks = [listened_ok, quiet_ok, refused]
+    bodies = [codec.to_structured_http(codec.from_http(*requested_event(t)))[1] for t in tasks]
+    headers, body = eventbatch.encode_request(bodies)
+    r = Client(application).post("/", data=body, headers=headers)
+    assert r.status_code == 200
+    answers = eventbatch.decode_answer(r.data, 3)
+    assert answers is not None and [a.status for a in answers] == [200, 200, 200]
+    reply = codec.from_http(answers[0].headers, answers[0].body)  # listened to: the reply event
+    assert reply["type"] == catalog.TASK_SUCCEEDED and reply["subject"] == str(listened_ok["id"])
+    assert json.loads(answers[1].body) == {"outcome": "succeeded"}
+    assert json.loads(answers[2].body) == {"outcome": "failed"}
+    rows = [task_row(conn, t["id"]) for t in tasks]
+    assert [r["status"] for r in rows] == ["succeeded", "succeeded", "failed"]
+    assert (rows[0]["result"]["width"], rows[1]["result"]["width"]) == (64, 32)
+    assert rows[2]["error"]["code"] == "unsupported_image"
+
+
 def ffmpeg() -> str:
     import imageio_ffmpeg
 

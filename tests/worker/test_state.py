@@ -26,6 +26,9 @@ def test_mark_queued_moves_only_pending_tasks(settings, make_task, make_user):
         rows = state.mark_queued(c, [a["id"], b["id"], running["id"], a["id"]])
     assert sorted(str(r["id"]) for r in rows) == sorted([str(a["id"]), str(b["id"])])
     assert all(r["status"] == "queued" and r["status_version"] == a["status_version"] + 1 for r in rows)
+    # What the status fan-out sends, never the payload (nobody reads it: decoding it was waste).
+    assert all(set(r) == {c.removeprefix("tasks.") for c in state.WATCHED_COLUMNS.split(", ")} for r in rows)
+    assert "payload" not in rows[0] and str(rows[0]["user_id"]) == str(uid)
     with tx(settings) as c:
         assert state.mark_queued(c, [a["id"]]) == []  # already queued: nothing changes
         assert state.get(c, str(running["id"]))["status"] == "running"

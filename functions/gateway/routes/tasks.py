@@ -1,6 +1,7 @@
 """Tasks: submit (one or a batch), read, list, cancel, download the result."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint, Response, redirect, request, send_file
@@ -11,7 +12,7 @@ from functions.gateway import schemas
 from functions.gateway.guards import autocommit, require_auth
 from functions.gateway.routes import webhooks
 from functions.gateway.submit import submit_as, submit_batch
-from functions.gateway.web import json_body, principal, settings
+from functions.gateway.web import json_body, json_text_response, principal, settings
 from shared import db, storage
 from shared.envelope import json_response
 from shared.errors import NotFound, ValidationError
@@ -69,8 +70,8 @@ def create_batch() -> Response:
 @require_auth
 def get(task_id: str) -> Response:
     with autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
-        row = tasks.get_task(conn, principal().user_id, task_id)
-    return json_response(tasks.public_task(row))
+        doc = tasks.get_task_json(conn, principal().user_id, task_id)
+    return json_text_response(doc)
 
 
 @bp.get("/tasks")
@@ -85,11 +86,12 @@ def list_() -> Response:
     if not raw_limit.isdigit() or len(raw_limit) > 6:
         raise ValidationError("invalid query", details=[{"field": "limit", "message": "must be an integer"}])
     with autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
-        rows, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
+        docs, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
                                         task_type=args.get("type") or None, limit=int(raw_limit),
                                         cursor=args.get("cursor") or None)
-    # Pages carry summaries (no payload): 100 items stay small whatever was submitted.
-    return json_response({"items": [tasks.task_summary(r) for r in rows], "next_cursor": cursor})
+    # Pages carry summaries (no payload): 100 items stay small whatever was submitted. The
+    # summaries come as JSON text from PostgreSQL and are joined, never decoded here.
+    return json_text_response('{"items":[' + ",".join(docs) + '],"next_cursor":' + json.dumps(cursor) + "}")
 
 
 @bp.post("/tasks/<task_id>/cancel")

@@ -11,6 +11,8 @@ Event data (JSON) keys, all optional:
 Every request is appended as one JSON line to the file in ``SCRIPTED_LOG`` with the
 attempt number, the ``ce-*`` headers and the time. With ``SCRIPTED_MODE=record`` it
 answers 200 to everything (the dead-letter recorder) unless the data has ``dl_codes``.
+A batch (``application/cloudevents-batch+json``) is answered event by event, each as if
+it had come alone (its log line's ``content_type`` is ``batch``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import time
 
 import functions_framework
 from flask import Request, Response
+
+from events import batch as eventbatch
 
 _lock = threading.Lock()
 _attempts: dict[str, int] = {}
@@ -37,11 +41,30 @@ def _pick(values: list, n: int, default):
 
 @functions_framework.http
 def handle(request: Request) -> Response:
-    event_id = request.headers.get("ce-id", "")
+    if eventbatch.is_batch(request.headers.get("content-type")):
+        return _batch(request)
     try:
         data = request.get_json(force=True, silent=True) or {}
     except Exception:  # noqa: BLE001
         data = {}
+    ce = {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("ce-")}
+    status, headers, body = _answer(ce, data, request.path, request.headers.get("content-type"))
+    return Response(body, status=status, headers=headers)
+
+
+def _batch(request: Request) -> Response:
+    """A batch (``events.batch``): each event answered as if it came alone, in order."""
+    answers = []
+    for raw in eventbatch.decode_request(request.get_data()):
+        doc = json.loads(raw)
+        ce = {f"ce-{k}": str(v) for k, v in doc.items() if k not in ("data", "data_base64")}
+        status, headers, body = _answer(ce, doc.get("data"), request.path, "batch")
+        answers.append(eventbatch.ItemAnswer(status, headers, body.encode()))
+    return Response(eventbatch.encode_answer(answers), status=200, content_type="application/json")
+
+
+def _answer(ce: dict[str, str], data, path: str, content_type: str | None) -> tuple[int, dict[str, str], str]:
+    event_id = ce.get("ce-id", "")
     if not isinstance(data, dict):
         data = {}
     group = str(data.get("group", ""))
@@ -50,9 +73,7 @@ def handle(request: Request) -> Response:
         _in_flight[group] = concurrent = _in_flight.get(group, 0) + 1
     try:
         entry = {"t": time.time(), "pid": os.getpid(), "attempt": n, "concurrent": concurrent,
-                 "path": request.path,
-                 "headers": {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("ce-")},
-                 "content_type": request.headers.get("content-type"), "data": data}
+                 "path": path, "headers": ce, "content_type": content_type, "data": data}
         if LOG:
             with _lock, open(LOG, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
@@ -65,9 +86,8 @@ def handle(request: Request) -> Response:
         if reply and 200 <= status < 300 and not RECORD:
             headers = {"ce-specversion": "1.0", "ce-id": f"reply-{event_id}", "ce-source": "/test/scripted",
                        "ce-type": reply["type"], "content-type": "application/json"}
-            return Response(json.dumps(reply.get("data")), status=status, headers=headers)
-        body = data.get("body", json.dumps({"attempt": n}))
-        return Response(body, status=status, content_type="application/json")
+            return status, headers, json.dumps(reply.get("data"))
+        return status, {"content-type": "application/json"}, data.get("body", json.dumps({"attempt": n}))
     finally:
         with _lock:
             _in_flight[group] -= 1
