@@ -1,5 +1,5 @@
-"""Every custom Prometheus metric TaskForge exports (HTTP metrics come from
-prometheus-flask-exporter). Dashboards and alert rules use only these names; a test checks.
+"""Every custom Prometheus metric TaskForge exports (the gateway's HTTP metrics,
+``flask_http_*``, are defined beside its app in ``functions/gateway/app.py``). Dashboards and alert rules use only these names; a test checks.
 
 Metric objects live in the default registry. A function served by more than one
 gunicorn worker process runs prometheus-client's multiprocess mode: the server
