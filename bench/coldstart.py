@@ -170,11 +170,7 @@ def first_answer(spec: FunctionSpec, env: dict[str, str], request: tuple[str, st
         ms = _first_answer_ms(proc, t0, spec.url, request, f"{spec.name} ({spec.source})")
         return ms, group_cpu_ms(proc.pid)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+        _kill_group(proc)
 
 
 def first_answer_template(template: Template, spec: FunctionSpec, env: dict[str, str],
@@ -198,11 +194,16 @@ def first_answer_template(template: Template, spec: FunctionSpec, env: dict[str,
         ms = _first_answer_ms(child, t0, spec.url, request, f"{spec.name} ({spec.source}) from the template")
         return ms, group_cpu_ms(child.pid)
     finally:
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child.wait(timeout=10)
+        _kill_group(child)
+
+
+def _kill_group(child: Child) -> None:
+    """SIGKILL a measured function's whole process group and reap its leader."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait(timeout=10)
 
 
 def _first_answer_ms(proc: Child, t0: float, url: str,
