@@ -12,6 +12,7 @@ import secrets
 import uuid
 from typing import Any
 
+from shared import principal_cache
 from shared.db import Conn
 from shared.errors import Conflict, NotFound, ValidationError
 
@@ -74,9 +75,7 @@ def revoke_key(conn: Conn, user_id: str, key_id: Any) -> dict[str, Any]:
         (ident, user_id)).fetchone()
     if row is None:
         raise NotFound("API key not found")
-    from shared import auth  # auth imports this module
-
-    auth.forget(api_key_id=str(row["id"]))
+    principal_cache.forget(api_key_id=str(row["id"]))
     return row
 
 

@@ -15,8 +15,8 @@ headers into a :class:`Principal` (docs/architecture.md §8).
 - Passwords are hashed with argon2id (memory-hard); unknown emails still pay one hash
   so login timing does not reveal which accounts exist.
 - API keys (``shared.apikeys``) authenticate scripts in place of a bearer token.
-- ``authenticate_cached`` keeps a credential's verified principal for ``CACHE_S``
-  seconds per process, so most requests pay neither the signature check nor a database
+- ``authenticate_cached`` keeps a credential's verified principal for
+  ``principal_cache.CACHE_S`` seconds per process, so most requests pay neither the signature check nor a database
   lookup. A revocation thus reaches every route within ``CACHE_S`` (at once in the
   process that revoked, which drops the entries; at once for task submissions, whose
   one statement re-checks the credential: ``shared.tasks.intake``). Administrator
@@ -42,7 +42,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from jose import jwt
 from jose.exceptions import JOSEError
 
-from shared import apikeys
+from shared import apikeys, principal_cache
 from shared.db import Conn
 from shared.errors import AuthError, Conflict, ServiceUnavailable, ValidationError
 from shared.settings import Settings
@@ -286,7 +286,7 @@ def rotate_refresh(settings: Settings, conn: Conn, token: Any) -> TokenPair:
     if row["spent_at"] is not None:
         conn.execute("UPDATE refresh_families SET revoked_at = now() WHERE id = %s", (row["family_id"],))
         conn.commit()  # the revocation must survive the error below
-        forget(family_id=str(row["family_id"]))
+        principal_cache.forget(family_id=str(row["family_id"]))
         raise AuthError("refresh token reuse detected: the session is revoked", code="refresh_reused")
     if row["expires_at"] <= datetime.now(UTC):
         raise AuthError("refresh token expired", code="token_expired")
@@ -300,7 +300,7 @@ def logout(conn: Conn, principal: Principal, refresh_token: Any = None) -> None:
 
     A refresh token of another user is ignored (logout never touches other sessions).
     """
-    forget(jti=principal.jti)
+    principal_cache.forget(jti=principal.jti)
     if principal.jti and principal.token_exp:
         conn.execute(
             "INSERT INTO revoked_access_tokens (jti, expires_at) VALUES (%s, to_timestamp(%s))"
@@ -311,7 +311,7 @@ def logout(conn: Conn, principal: Principal, refresh_token: Any = None) -> None:
             " (SELECT family_id FROM refresh_tokens WHERE token_hash = %s AND user_id = %s) RETURNING id",
             (sha256_hex(refresh_token), principal.user_id)).fetchone()
         if revoked is not None:
-            forget(family_id=str(revoked["id"] if isinstance(revoked, dict) else revoked[0]))
+            principal_cache.forget(family_id=str(revoked["id"] if isinstance(revoked, dict) else revoked[0]))
     # Housekeeping: the table only needs entries whose token could still be presented.
     conn.execute("DELETE FROM revoked_access_tokens WHERE expires_at < now() - interval '1 minute'")
 
@@ -385,63 +385,10 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
                      jti=claims["jti"], token_exp=int(claims["exp"]), family_id=family)
 
 
-# --- the per-process cache of verified credentials ----------------------------------------
-CACHE_S = 2.0  # how long a verified credential is trusted without looking again
-CACHE_MAX = 10_000  # entries per process; past it the cache starts over
-
-
-class PrincipalCache:
-    """Verified principals by credential (its sha256), each until a monotonic deadline."""
-
-    def __init__(self, ttl_s: float = CACHE_S, max_entries: int = CACHE_MAX) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._entries: dict[tuple[str, str], tuple[float, Principal]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str], now: float) -> Principal | None:
-        hit = self._entries.get(key)
-        if hit is None or hit[0] <= now:
-            return None
-        p = hit[1]
-        if p.token_exp is not None and p.token_exp <= time.time():  # the token itself ran out
-            return None
-        return p
-
-    def put(self, key: tuple[str, str], principal: Principal, now: float) -> None:
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[key] = (now + self.ttl_s, principal)
-
-    def drop(self, match: Callable[[Principal], bool]) -> None:
-        """Forget every principal ``match`` selects (a revocation made in this process)."""
-        with self._lock:
-            for key in [k for k, (_, p) in self._entries.items() if match(p)]:
-                del self._entries[key]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-principals = PrincipalCache()
-
-
-def forget(*, jti: str | None = None, family_id: str | None = None, api_key_id: str | None = None,
-           user_id: str | None = None) -> None:
-    """Drop cached principals of a credential revoked in this process (any given field matches)."""
-    def match(p: Principal) -> bool:
-        return bool((jti and p.jti == jti) or (family_id and p.family_id == family_id)
-                    or (api_key_id and p.api_key_id == api_key_id) or (user_id and p.user_id == user_id))
-
-    principals.drop(match)
-
-
 def authenticate_cached(settings: Settings, connect: Callable[[], AbstractContextManager[Conn]],
                         headers: HeaderSource, *, now: float | None = None) -> Principal:
-    """``authenticate`` through the process's cache: a credential verified less than
-    ``CACHE_S`` seconds ago is trusted again without a signature check or a database
+    """``authenticate`` through the process's cache (``shared.principal_cache``): a
+    credential verified less than ``principal_cache.CACHE_S`` seconds ago is trusted again without a signature check or a database
     round trip; otherwise ``connect()`` gives the connection for the full check. Failures
     are never cached."""
     found = credentials(headers)
@@ -450,9 +397,9 @@ def authenticate_cached(settings: Settings, connect: Callable[[], AbstractContex
                         headers={"WWW-Authenticate": 'Bearer realm="taskforge"'})
     now = time.monotonic() if now is None else now
     key = (settings.database_url + "\0" + _verifying_key(settings), sha256_hex(found[0] + ":" + found[1]))
-    p = principals.get(key, now)
+    p = principal_cache.principals.get(key, now)
     if p is None:
         with connect() as conn:
             p = authenticate(settings, conn, headers)
-        principals.put(key, p, now)
+        principal_cache.principals.put(key, p, now)
     return p

@@ -6,7 +6,7 @@
 database by an operator, or whose id is in ``settings.admin_user_ids``; checked live on
 every request) and answers 403 otherwise.
 The caller is ``web.principal()``. ``@require_auth`` and ``@require_bearer`` trust a
-credential verified in the last ``auth.CACHE_S`` seconds (``auth.authenticate_cached``);
+credential verified in the last ``principal_cache.CACHE_S`` seconds (``auth.authenticate_cached``);
 ``@require_admin`` always checks in the database.
 """
 from __future__ import annotations

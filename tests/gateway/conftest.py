@@ -18,7 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from functions.gateway.app import create_app
-from shared import auth, db, ratelimit
+from shared import auth, db, principal_cache, ratelimit
 from shared.outbox import relay
 from shared.settings import Settings
 from shared.tasks import status
@@ -99,7 +99,7 @@ def _fresh_clients() -> Iterator[None]:
     yield
     ratelimit.reset_clients()
     status.reset()
-    auth.principals.clear()
+    principal_cache.principals.clear()
 
 
 def resize_body(upload_id: str | None = None, **extra: object) -> dict:

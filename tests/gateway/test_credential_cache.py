@@ -1,11 +1,11 @@
 """The gateway's per-process cache of verified credentials: a revocation made elsewhere
-(another gateway process, an operator) reaches every route within ``auth.CACHE_S``, and
+(another gateway process, an operator) reaches every route within ``principal_cache.CACHE_S``, and
 task submissions at once (their one statement re-checks the credential)."""
 from __future__ import annotations
 
 import pytest
 
-from shared import apikeys, auth, db
+from shared import apikeys, auth, db, principal_cache
 from shared.errors import AuthError
 from tests.gateway.conftest import pdf_body
 
@@ -23,9 +23,9 @@ def test_a_revocation_made_elsewhere_takes_effect_within_the_cache_bound(gw_sett
                  (claims["jti"], claims["exp"]))
     # Still trusted from the cache just before the bound, refused from the database after it.
     assert auth.authenticate_cached(gw_settings, _connect(gw_settings), headers,
-                                    now=t0 + auth.CACHE_S - 0.01) == first
+                                    now=t0 + principal_cache.CACHE_S - 0.01) == first
     with pytest.raises(AuthError) as err:
-        auth.authenticate_cached(gw_settings, _connect(gw_settings), headers, now=t0 + auth.CACHE_S + 0.01)
+        auth.authenticate_cached(gw_settings, _connect(gw_settings), headers, now=t0 + principal_cache.CACHE_S + 0.01)
     assert err.value.code == "token_revoked"
 
 
@@ -34,7 +34,7 @@ def test_failures_are_not_cached(gw_settings, user, conn):
     for t in (1.0, 1.1):
         with pytest.raises(AuthError):
             auth.authenticate_cached(gw_settings, _connect(gw_settings), user.headers, now=t)
-    assert auth.principals._entries == {}
+    assert principal_cache.principals._entries == {}
 
 
 def test_a_submission_refuses_a_revoked_token_at_once_even_while_it_is_cached(client, user, conn):
