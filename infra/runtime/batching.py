@@ -113,11 +113,10 @@ class BatchingDispatcher(Dispatcher):
             return None
         if time.monotonic() - msg.received > LOCAL_WAIT_HAND_OFF_S:  # the single path weighs its hold
             return None
-        if self.dead_letter is not None and "knativeerrordest" in msg.headers:
+        if self._is_dead_lettered_copy(msg):
             return None
         try:
-            return codec.from_amqp({k: v for k, v in msg.headers.items() if not k.startswith("x-")},
-                                   msg.props, msg.body)
+            return self._event_of(msg)
         except BadRequest:
             return None
 

@@ -342,13 +342,22 @@ class Dispatcher:
             self.stats[outcome] += 1
         metrics.DELIVERIES.labels(self.name, outcome).inc()
 
+    def _is_dead_lettered_copy(self, msg: _Msg) -> bool:
+        """A trigger's message that already carries Knative's error attributes."""
+        return self.dead_letter is not None and "knativeerrordest" in msg.headers
+
+    @staticmethod
+    def _event_of(msg: _Msg) -> CloudEvent:
+        """The message's CloudEvent (private ``x-`` headers left out); ``BadRequest`` if it is none."""
+        headers = {k: v for k, v in msg.headers.items() if not k.startswith("x-")}
+        return codec.from_amqp(headers, msg.props, msg.body)
+
     def _deliver(self, msg: _Msg) -> str:
-        if self.dead_letter is not None and "knativeerrordest" in msg.headers:
+        if self._is_dead_lettered_copy(msg):
             self._ack(msg)  # an already dead-lettered copy: upstream skips these too
             return "skipped"
-        headers = {k: v for k, v in msg.headers.items() if not k.startswith("x-")}
         try:
-            event = codec.from_amqp(headers, msg.props, msg.body)
+            event = self._event_of(msg)
         except BadRequest as exc:
             log.error("undecodable message rejected", extra=({"trigger": self.name, "error": str(exc)}))
             self._nack(msg, requeue=False)  # to the DLX, as upstream does

@@ -278,7 +278,7 @@ def get_task_json(conn: Conn, user_id: str, task_id: Any) -> str:
         f"SELECT {PUBLIC_TASK_SQL} AS doc FROM tasks WHERE id = %s AND user_id = %s", (ident, user_id)).fetchone()
     if row is None:
         raise NotFound("task not found")
-    return str(row["doc"] if isinstance(row, dict) else row[0])
+    return str(row["doc"])
 
 
 def list_tasks(conn: Conn, user_id: str, *, status: str | None = None,
