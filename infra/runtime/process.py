@@ -205,7 +205,7 @@ class FunctionProcess:
                 proc = spawn_process(self.launcher.command(), self.env, self.cwd)
             elif self.template is not None:  # None: the template cannot, start it the plain way
                 proc = self.template.spawn(name, serve_args(self.spec), self.env, self.cwd)
-            forked = proc is not None
+            forked = proc is not None and self.launcher is None
             if proc is None:
                 proc = spawn_process(function_command(self.spec, os.getpid()), self.env, self.cwd)
         except (OSError, TaskForgeError) as exc:
@@ -213,7 +213,7 @@ class FunctionProcess:
             raise ColdStartError(f"{name}: cannot start: {exc}") from exc
         with self._cond:
             self._proc = proc
-            self.from_template = self.launcher is None and forked
+            self.from_template = forked
             self.starts += 1
         log.info("starting function", extra=({"function": name, "pid": proc.pid, "port": self.spec.port,
                                               "from_template": self.from_template}))
