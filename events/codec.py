@@ -48,6 +48,7 @@ _NAME = re.compile(r"^[a-z0-9]{1,64}$")
 # HTTP header values: space, '"', '%' and anything outside printable ASCII are
 # percent-encoded (CloudEvents HTTP binding §3.1.3.2).
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["%]')  # what ``quote(..., safe=_HEADER_SAFE)`` would change
 
 
 class EventDecodeError(BadRequest):
@@ -70,6 +71,8 @@ def is_json(content_type: str | None) -> bool:
 
 def _attr_str(name: str, value: Any) -> str:
     """An attribute value as the canonical string form used on the wire."""
+    if type(value) is str:  # the common case, first
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, _dt.datetime):
@@ -119,6 +122,20 @@ def make_event(attributes: Mapping[str, Any], data: Any) -> CloudEvent:
     Unlike the SDK's constructor this never invents ``time`` or ``id``: a decoded event
     carries exactly the attributes that were on the wire.
     """
+    attrs = checked_attributes(attributes)
+    had_time = "time" in attrs
+    try:
+        event = CloudEvent(attrs, data)
+    except Exception as exc:  # the SDK raises its own hierarchy for bad attributes
+        raise EventDecodeError(f"invalid CloudEvent: {exc}") from exc
+    if not had_time:
+        del event["time"]
+    return event
+
+
+def checked_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes of a valid event (names lower-cased, ``None`` values left out), by
+    the rules of :func:`make_event`. Raises EventDecodeError."""
     attrs: dict[str, Any] = {}
     for key, value in attributes.items():
         name = key.lower()
@@ -135,14 +152,7 @@ def make_event(attributes: Mapping[str, Any], data: Any) -> CloudEvent:
             raise EventDecodeError(f"missing or empty required attribute {name!r}")
     if attrs["specversion"] != SPECVERSION:
         raise EventDecodeError(f"unsupported specversion {attrs['specversion']!r}")
-    had_time = "time" in attrs
-    try:
-        event = CloudEvent(attrs, data)
-    except Exception as exc:  # the SDK raises its own hierarchy for bad attributes
-        raise EventDecodeError(f"invalid CloudEvent: {exc}") from exc
-    if not had_time:
-        del event["time"]
-    return event
+    return attrs
 
 
 def attributes_of(event: CloudEvent) -> dict[str, Any]:
@@ -161,25 +171,31 @@ def _lower_headers(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> di
 
 def to_binary_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
     """Binary mode: ``(headers, body)``; attributes as percent-encoded ``ce-`` headers."""
+    body = encode_data(event)
+    return _binary_headers(attributes_of(event), bool(body) and not isinstance(
+        event.get_data(), (bytes, bytearray, memoryview))), body
+
+
+def _binary_headers(attrs: Mapping[str, Any], json_body: bool) -> dict[str, str]:
+    """The binary-mode headers of an event's attributes; ``json_body``: a body holding
+    JSON data without a ``datacontenttype`` (it is then ``application/json``)."""
     headers: dict[str, str] = {}
-    for name, value in attributes_of(event).items():
+    for name, value in attrs.items():
         if name == "datacontenttype":
             continue
-        headers[f"ce-{name}"] = quote(_attr_str(name, value), safe=_HEADER_SAFE)
-    body = encode_data(event)
-    ct = event.get("datacontenttype")
+        text = _attr_str(name, value)
+        headers[f"ce-{name}"] = quote(text, safe=_HEADER_SAFE) if _NEEDS_QUOTING.search(text) else text
+    ct = attrs.get("datacontenttype")
     if ct:
         headers["content-type"] = str(ct)
-    elif body and not isinstance(event.get_data(), (bytes, bytearray, memoryview)):
+    elif json_body:
         headers["content-type"] = JSON_CT  # absent datacontenttype means JSON data
-    return headers, body
+    return headers
 
 
 def to_structured_doc(event: CloudEvent) -> dict[str, Any]:
     """The structured-mode JSON object of an event (``data`` or ``data_base64``)."""
-    doc: dict[str, Any] = {}
-    for name, value in attributes_of(event).items():
-        doc[name] = value if isinstance(value, (str, int, bool)) else _attr_str(name, value)
+    doc = _structured_attributes(attributes_of(event))
     data = event.get_data()
     if data is None:
         return doc
@@ -194,6 +210,12 @@ def to_structured_doc(event: CloudEvent) -> dict[str, Any]:
     else:
         doc["data"] = data  # a JSON value, or the text of a non-JSON content type
     return doc
+
+
+def _structured_attributes(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes as members of a structured-mode document."""
+    return {name: value if isinstance(value, (str, int, bool)) else _attr_str(name, value)
+            for name, value in attrs.items()}
 
 
 def to_structured_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
@@ -300,6 +322,50 @@ def from_amqp(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] |
     ``properties`` may be a mapping or a ``pika.BasicProperties``. Headers that are not
     CloudEvents attribute names (``x-death``, ``x-first-death-reason``, ...) are ignored.
     """
+    attrs = _amqp_attributes(headers, properties, bool(body))
+    if attrs is None:
+        return from_structured(body or b"")
+    return make_event(attrs, decode_data(body, attrs.get("datacontenttype")))
+
+
+def amqp_to_binary_http(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] | Any,
+                        body: bytes | bytearray | memoryview | None) -> tuple[dict[str, str], bytes]:
+    """``to_binary_http(from_amqp(...))`` without building the event in between (what a
+    dispatcher does with every message): the same checks and errors, the same headers.
+    The body is the message's own bytes: JSON data is checked, not re-encoded."""
+    raw = bytes(body or b"")
+    attrs = _amqp_attributes(headers, properties, bool(raw))
+    if attrs is None:
+        return to_binary_http(from_structured(raw))
+    attrs = checked_attributes(attrs)
+    ct = attrs.get("datacontenttype")
+    json_data = is_json(ct)
+    if json_data and decode_data(raw, ct) is None:  # raises unless the body is JSON
+        raw = b""  # JSON null is no data, as encode_data writes it
+    return _binary_headers(attrs, bool(raw) and json_data), raw
+
+
+def amqp_to_structured(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] | Any,
+                       body: bytes | bytearray | memoryview | None) -> bytes:
+    """``to_structured_http(from_amqp(...))[1]`` without building the event in between:
+    the same checks and errors; JSON data is checked and embedded as it came."""
+    raw = bytes(body or b"")
+    attrs = _amqp_attributes(headers, properties, bool(raw))
+    if attrs is None:
+        return to_structured_http(from_structured(raw))[1]
+    attrs = checked_attributes(attrs)
+    ct = attrs.get("datacontenttype")
+    data = decode_data(raw, ct)  # raises unless JSON data is JSON
+    if data is None or not is_json(ct):  # no data, or data_base64
+        return to_structured_http(make_event(attrs, data))[1]
+    head = json.dumps(_structured_attributes(attrs), separators=(",", ":"), ensure_ascii=False)
+    return head[:-1].encode("utf-8") + b',"data":' + raw + b"}"
+
+
+def _amqp_attributes(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] | Any,
+                     has_body: bool) -> dict[str, Any] | None:
+    """The attributes an AMQP message carries in its headers and properties (unchecked),
+    or None for a structured message (its body is the whole event)."""
     def prop(name: str) -> Any:
         if isinstance(properties, Mapping):
             return properties.get(name)
@@ -308,7 +374,7 @@ def from_amqp(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] |
     content_type = prop("content_type")
     hdrs = {str(k).lower(): v for k, v in (headers or {}).items()}
     if media_type(content_type) == STRUCTURED_CT or media_type(_maybe_str(hdrs.get("content-type"))) == STRUCTURED_CT:
-        return from_structured(body or b"")
+        return None
     attrs: dict[str, Any] = {}
     for key, value in hdrs.items():
         name = key[3:] if key.startswith("ce-") else key
@@ -316,9 +382,9 @@ def from_amqp(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] |
             attrs["datacontenttype"] = _attr_str("datacontenttype", value)
         elif _NAME.match(name):
             attrs[name] = _header_value(name, value)
-    if "specversion" not in attrs and "type" not in attrs and body:
+    if "specversion" not in attrs and "type" not in attrs and has_body:
         # No attribute headers at all: a structured body sent without its content type.
-        return from_structured(body)
+        return None
     if content_type and "datacontenttype" not in attrs:
         attrs["datacontenttype"] = str(content_type)
     if "id" not in attrs and prop("message_id"):
@@ -326,7 +392,7 @@ def from_amqp(headers: Mapping[str, Any] | None, properties: Mapping[str, Any] |
     if "type" in attrs:
         # eventing-rabbitmq readers treat a typed message without specversion as 1.0.
         attrs.setdefault("specversion", SPECVERSION)
-    return make_event(attrs, decode_data(body, attrs.get("datacontenttype")))
+    return attrs
 
 
 def _maybe_str(value: Any) -> str | None:

@@ -177,3 +177,65 @@ def test_pre_encoded_json_bytes_travel_as_is_and_decode_to_the_value() -> None:
     for mode in ENCODINGS.values():
         assert mode(event).get_data() == {"a": [1, 2]}
     assert json.loads(codec.to_structured_http(event)[1])["data"] == {"a": [1, 2]}
+
+
+# AMQP messages as producers send them: the eventing-rabbitmq format, ce- prefixed
+# headers, structured bodies with and without their content type, other data.
+AMQP_MESSAGES = {
+    "eventing-rabbitmq": codec.to_amqp(requested_event()),
+    "quoted values": codec.to_amqp(requested_event(note='a "quoted" 100% ✓ value')),
+    "ce- prefixed, int and bool": ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t", "ce-source": "/s",
+                                    "ce-count": 3, "ce-flag": True, "x-death": [{"count": 1}]},
+                                   {"content_type": "application/json"}, b' {"a": [1, 2]} '),
+    "id from message_id, bytes value": ({"type": "t", "source": "/s", "blob": b"caf\xc3\xa9"},
+                                        {"message_id": "m-1"}, b""),
+    "no content type, JSON body": ({"specversion": "1.0", "id": "1", "type": "t", "source": "/s"}, {}, b"[1]"),
+    "JSON null": ({"specversion": "1.0", "id": "1", "type": "t", "source": "/s"},
+                  {"content_type": "application/json"}, b"null"),
+    "other data": ({"specversion": "1.0", "id": "1", "type": "t", "source": "/s"},
+                   {"content_type": "image/png"}, b"\x89PNG\x00\xff"),
+    "structured": ({}, {"content_type": codec.STRUCTURED_CT}, codec.to_structured_http(requested_event())[1]),
+    "structured, no content type": ({}, {}, codec.to_structured_http(requested_event())[1]),
+}
+
+
+@pytest.mark.parametrize("name", AMQP_MESSAGES)
+def test_amqp_straight_to_http_matches_the_decoded_event(name: str) -> None:
+    headers, props, body = AMQP_MESSAGES[name]
+    props = pika.BasicProperties(**props) if isinstance(props, dict) else props
+    event = codec.from_amqp(headers, props, body)
+    want_headers, want_body = codec.to_binary_http(event)
+    got_headers, got_body = codec.amqp_to_binary_http(headers, props, body)
+    assert got_headers == want_headers
+    same(codec.from_http(got_headers, got_body), codec.from_http(want_headers, want_body))
+    if "structured" in name or not want_body:
+        assert got_body == want_body
+    else:  # the message's own bytes: JSON data is not re-encoded
+        assert got_body == body
+    structured = codec.amqp_to_structured(headers, props, body)
+    assert json.loads(structured) == json.loads(codec.to_structured_http(event)[1])
+    same(codec.from_http({"content-type": codec.STRUCTURED_CT}, structured), event)
+
+
+@pytest.mark.parametrize(("headers", "props", "body"), [
+    ({}, {}, b""),
+    ({"type": "t", "source": "/s"}, {}, b""),  # no id and no message_id
+    ({"type": "t", "id": "1"}, {}, b""),  # no source
+    ({"type": "t", "id": "1", "source": "/s", "specversion": "0.3"}, {}, b""),
+    ({"type": "t", "id": "1", "source": "/s", "content-type": "application/json"}, {}, b"\xff"),
+    ({"type": "t", "id": "1", "source": "/s", "content-type": "application/json"}, {}, b'{"a": '),
+    ({"type": "t", "id": "1", "source": "/s", "blob": b"\xff\xfe"}, {}, b""),
+    ({"type": "t", "id": "1", "source": "/s", "nested": {"a": 1}}, {}, b""),
+    ({}, {"content_type": codec.STRUCTURED_CT}, b"[]"),
+])
+def test_amqp_straight_to_http_refuses_what_the_decoder_refuses(headers: dict, props: dict, body: bytes) -> None:
+    for convert in (codec.from_amqp, codec.amqp_to_binary_http, codec.amqp_to_structured):
+        with pytest.raises(codec.EventDecodeError):
+            convert(headers, props, body)
+
+
+def test_header_values_are_percent_encoded_only_where_needed() -> None:
+    headers, _ = codec.to_binary_http(requested_event(note='say "hi" at 100% ✓', plain="a-b_c.d~e/f:g"))
+    assert headers["ce-note"] == "say%20%22hi%22%20at%20100%25%20%E2%9C%93"
+    assert headers["ce-plain"] == "a-b_c.d~e/f:g"
+    assert headers["ce-traceparent"] == TRACEPARENT
