@@ -29,12 +29,10 @@ import time
 from functools import partial
 from typing import Any
 
-from cloudevents.http import CloudEvent
-
 from events import batch as eventbatch
 from events import codec
 from infra.runtime.config import BatchSpec
-from infra.runtime.delivery import Attempt
+from infra.runtime.delivery import Attempt, Outcome
 from infra.runtime.dispatcher import (
     ATTEMPT_HEADER,
     LOCAL_WAIT_HAND_OFF_S,
@@ -86,8 +84,10 @@ class BatchingDispatcher(Dispatcher):
 
     def _deliver_batch(self, msgs: list[_Msg]) -> None:
         """One POST for the plain first attempts in ``msgs``, then each message on its own
-        (every message goes through ``_run_one`` exactly once)."""
-        fresh: list[tuple[_Msg, CloudEvent]] = []
+        (every message goes through ``_run_one`` exactly once). The events the batch's
+        answer settles (success, drop) are settled first, so a retry's backoff holds none
+        of their acks back."""
+        fresh: list[tuple[_Msg, bytes]] = []
         answers: list[eventbatch.ItemAnswer] | None = None
         try:
             fresh = [(m, e) for m in msgs if (e := self._batchable(m)) is not None]
@@ -99,30 +99,32 @@ class BatchingDispatcher(Dispatcher):
         if answers is None:
             fresh = []
         in_batch = {id(m) for m, _ in fresh}
-        for (m, event), answer in zip(fresh, answers or [], strict=True):
-            attempt = Attempt(answer.status, answer.headers, answer.body)
-            self._run_one(m, partial(self._attempts, m, event, 1, m.received, attempt))
+        answered = [(m, Attempt(a.status, a.headers, a.body)) for (m, _), a in zip(fresh, answers or [], strict=True)]
+        answered.sort(key=lambda ma: ma[1].outcome is Outcome.RETRY)  # stable: settled ones first
+        for m, attempt in answered:
+            self._run_one(m, partial(self._attempts, m, 1, m.received, attempt))
         for m in msgs:
             if id(m) not in in_batch:
                 self._run_one(m, partial(self._deliver, m))
 
-    def _batchable(self, msg: _Msg) -> CloudEvent | None:
-        """The event of a message that may go in a batch: decodable, a first attempt not
-        waiting out a backoff, not held long, not a dead-lettered copy."""
+    def _batchable(self, msg: _Msg) -> bytes | None:
+        """The structured-mode event of a message that may go in a batch: decodable, a
+        first attempt not waiting out a backoff, not held long, not a dead-lettered copy."""
         if ATTEMPT_HEADER in msg.headers or NOT_BEFORE_HEADER in msg.headers:
             return None
         if time.monotonic() - msg.received > LOCAL_WAIT_HAND_OFF_S:  # the single path weighs its hold
             return None
         if self._is_dead_lettered_copy(msg):
             return None
-        try:
-            return self._event_of(msg)
+        try:  # straight from the message, no CloudEvent in between
+            return codec.amqp_to_structured(self._event_headers(msg), msg.props, msg.body)
         except BadRequest:
             return None
 
-    def _post_batch(self, events: list[CloudEvent]) -> list[eventbatch.ItemAnswer] | None:
-        """The per-event answers of one batch POST, or None when it brought none."""
-        headers, body = eventbatch.encode_request([codec.to_structured_http(e)[1] for e in events])
+    def _post_batch(self, events: list[bytes]) -> list[eventbatch.ItemAnswer] | None:
+        """The per-event answers of one batch POST of structured-mode ``events``, or None
+        when it brought none."""
+        headers, body = eventbatch.encode_request(events)
         if len(body) > self.settings.max_body_bytes:
             return None
         attempt = self._attempt(headers, body)

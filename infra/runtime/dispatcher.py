@@ -99,6 +99,9 @@ class _Msg:
     props: pika.BasicProperties
     body: bytes
     received: float  # time.monotonic() when it arrived: its hold time starts here
+    # Decoded on demand, at most once (``Dispatcher._request_of``, ``Dispatcher._event_of``):
+    request: tuple[dict[str, str], bytes] | None = None  # the binary-mode POST
+    event: CloudEvent | None = None  # only the rare paths (hand-off, reply, dead letter) need it
 
 
 class _Settle(Exception):
@@ -347,17 +350,31 @@ class Dispatcher:
         return self.dead_letter is not None and "knativeerrordest" in msg.headers
 
     @staticmethod
-    def _event_of(msg: _Msg) -> CloudEvent:
-        """The message's CloudEvent (private ``x-`` headers left out); ``BadRequest`` if it is none."""
-        headers = {k: v for k, v in msg.headers.items() if not k.startswith("x-")}
-        return codec.from_amqp(headers, msg.props, msg.body)
+    def _event_headers(msg: _Msg) -> dict[str, Any]:
+        """The message's headers without the private ``x-`` ones (never attributes)."""
+        return {k: v for k, v in msg.headers.items() if not k.startswith("x-")}
+
+    @classmethod
+    def _event_of(cls, msg: _Msg) -> CloudEvent:
+        """The message's CloudEvent; ``BadRequest`` if it is none."""
+        if msg.event is None:
+            msg.event = codec.from_amqp(cls._event_headers(msg), msg.props, msg.body)
+        return msg.event
+
+    @classmethod
+    def _request_of(cls, msg: _Msg) -> tuple[dict[str, str], bytes]:
+        """The binary-mode POST of the message's event, straight from the message (no
+        CloudEvent in between: ``codec.amqp_to_binary_http``); ``BadRequest`` if it is none."""
+        if msg.request is None:
+            msg.request = codec.amqp_to_binary_http(cls._event_headers(msg), msg.props, msg.body)
+        return msg.request
 
     def _deliver(self, msg: _Msg) -> str:
         if self._is_dead_lettered_copy(msg):
             self._ack(msg)  # an already dead-lettered copy: upstream skips these too
             return "skipped"
         try:
-            event = self._event_of(msg)
+            self._request_of(msg)
         except BadRequest as exc:
             log.error("undecodable message rejected", extra=({"trigger": self.name, "error": str(exc)}))
             self._nack(msg, requeue=False)  # to the DLX, as upstream does
@@ -370,39 +387,37 @@ class Dispatcher:
         if waited > LOCAL_WAIT_HAND_OFF_S and waited + self.delivery.timeout_s > self.hold_budget_s:
             # It sat in the prefetch behind slow deliveries: its attempt could cross the
             # consumer timeout, so it goes back to the queue unattempted.
-            return self._hand_off(msg, event, first, max(not_before, time.time()))
+            return self._hand_off(msg, first, max(not_before, time.time()))
         wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s - waited)
         if wait > 0 and self._stop.wait(wait):  # a handed-off message still in its backoff
-            return self._hand_off(msg, event, first, not_before)
-        return self._attempts(msg, event, first, held_since)
+            return self._hand_off(msg, first, not_before)
+        return self._attempts(msg, first, held_since)
 
-    def _attempts(self, msg: _Msg, event: CloudEvent, first: int, held_since: float,
-                  answered: Attempt | None = None) -> str:
+    def _attempts(self, msg: _Msg, first: int, held_since: float, answered: Attempt | None = None) -> str:
         """Attempts ``first``.. of the delivery spec (the first already made and ``answered``,
         when given: a batch's answer for this event)."""
-        http_headers, body = codec.to_binary_http(event)
         for n in range(first, self.delivery.attempts + 1):
-            attempt = answered if answered is not None and n == first else self._attempt(http_headers, body)
+            attempt = answered if answered is not None and n == first else self._attempt(*self._request_of(msg))
             outcome = attempt.outcome
             if outcome is Outcome.SUCCESS:
-                return self._succeeded(msg, event, attempt)
+                return self._succeeded(msg, attempt)
             if outcome is Outcome.DROP:
                 log.warning("delivery refused, dropped", extra=({
-                    "trigger": self.name, "event_id": event["id"], "status": attempt.status}))
+                    "trigger": self.name, "event_id": self._event_of(msg)["id"], "status": attempt.status}))
                 self._ack(msg)
                 return "dropped"
             self._count("retry")
             if n == self.delivery.attempts:
-                return self._exhausted(msg, event, attempt)
+                return self._exhausted(msg, attempt)
             delay = self.delivery.backoff_s(n)
             held = time.monotonic() - held_since
             if held + delay + self.delivery.timeout_s > self.hold_budget_s or self._stop.is_set():
-                return self._hand_off(msg, event, n + 1, time.time() + delay)
+                return self._hand_off(msg, n + 1, time.time() + delay)
             log.info("delivery failed, retrying", extra=({
-                "trigger": self.name, "event_id": event["id"], "attempt": n, "answer": attempt.describe(),
-                "backoff_s": delay}))
+                "trigger": self.name, "event_id": self._event_of(msg)["id"], "attempt": n,
+                "answer": attempt.describe(), "backoff_s": delay}))
             if self._stop.wait(delay):
-                return self._hand_off(msg, event, n + 1, time.time())
+                return self._hand_off(msg, n + 1, time.time())
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _attempt(self, headers: Mapping[str, str], body: bytes) -> Attempt:
@@ -414,19 +429,19 @@ class Dispatcher:
         except ColdStartError as exc:
             return Attempt(None, {}, b"", f"cold start failed: {exc}")
 
-    def _succeeded(self, msg: _Msg, event: CloudEvent, attempt: Attempt) -> str:
+    def _succeeded(self, msg: _Msg, attempt: Attempt) -> str:
         try:
             reply = reply_of(attempt)
         except BadRequest as exc:
             log.warning("answer claims to be a CloudEvent but is not; ignored", extra=({
-                "trigger": self.name, "event_id": event["id"], "error": str(exc)}))
+                "trigger": self.name, "event_id": self._event_of(msg)["id"], "error": str(exc)}))
             reply = None
         if reply is None:
             self._ack(msg)
             return "delivered"
         if self.loop_guard_type and reply["type"] == self.loop_guard_type:
             log.error("reply has the trigger's own type (would loop); dropped", extra=({
-                "trigger": self.name, "event_id": event["id"], "reply_type": reply["type"]}))
+                "trigger": self.name, "event_id": self._event_of(msg)["id"], "reply_type": reply["type"]}))
             self._ack(msg)
             return "reply_loop"
         try:
@@ -435,11 +450,12 @@ class Dispatcher:
             # Upstream dead-letters the original when its reply cannot be sent.
             log.error("reply could not be published", extra=({"trigger": self.name, "error": repr(exc)}))
             failed = Attempt(attempt.status, attempt.headers, f"reply not published: {exc!r}".encode())
-            return self._exhausted(msg, event, failed)
+            return self._exhausted(msg, failed)
         self._ack(msg)
         return "replied"
 
-    def _exhausted(self, msg: _Msg, event: CloudEvent, attempt: Attempt) -> str:
+    def _exhausted(self, msg: _Msg, attempt: Attempt) -> str:
+        event = self._event_of(msg)
         if self.dead_letter is None:
             # The dead-letter sink itself failed: like Knative, the event is lost — say so loudly
             # (the whole event, for an operator to recover, minus any credential it carries).
@@ -463,10 +479,10 @@ class Dispatcher:
         self._ack(msg)
         return "dead_lettered"
 
-    def _hand_off(self, msg: _Msg, event: CloudEvent, next_attempt: int, not_before: float) -> str:
+    def _hand_off(self, msg: _Msg, next_attempt: int, not_before: float) -> str:
         """Re-queue the message to continue at ``next_attempt`` after ``not_before``."""
         try:
-            self._publish(msg, "", self.queue_name, event,
+            self._publish(msg, "", self.queue_name, self._event_of(msg),
                           {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
         except (TaskForgeError, _Settle) as exc:
             # Give it back as it came (its own attempt number) rather than hold it unacked.

@@ -93,3 +93,27 @@ def test_the_envelope_answers_each_event_of_a_batch_as_if_alone() -> None:
     assert eventbatch.decode_answer(answer.body, 2) is None  # not an answer to a batch of two
     for bad in (b"{}", b"[]", b"not json", b"[1, 2]", b"[" + b",".join(items * 30) + b"]"):
         assert envelope._batch(handle, bad).status == 400
+
+
+def test_a_retry_in_a_batch_holds_back_none_of_the_others_acks(rig: Rig) -> None:
+    ok = [event("test.batched", {"codes": [200]}) for _ in range(5)]
+    flaky = event("test.batched", {"codes": [503, 200]})
+    rig.publish(ok[0], ok[1], flaky, *ok[2:])
+    d = rig.dispatcher("batched")
+    settled: list[int] = []  # delivery tags, in the order the connection's thread applied them
+    flush = d._flush
+
+    def recording(session: Any) -> None:
+        with session.lock:
+            settled.extend(tag for tag, _op in session.settled)
+        flush(session)
+
+    d._flush = recording  # type: ignore[method-assign]
+    counts = d.drain()
+    assert counts["delivered"] == 6 and counts["retry"] == 1
+    for e in (*ok, flaky):
+        assert rig.calls(event_id=e["id"])[0]["content_type"] == "batch"
+    # The flaky event (third delivery tag) is retried after its backoff; the five the
+    # batch's answer settled, before and after it in the batch, were acked first.
+    assert sorted(settled[:5]) == [1, 2, 4, 5, 6] and settled[5:] == [3]
+    assert rig.ready(rig.queue("batched")) == 0

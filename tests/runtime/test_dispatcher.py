@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from typing import Any
 
 import pytest
 
 from events import codec
-from infra.runtime.delivery import classify
+from infra.runtime import dispatcher as dispatch
+from infra.runtime.delivery import Attempt, classify
 from tests.runtime.conftest import Rig, event
 
 # status -> (attempts made with retry=2, dead-lettered?)
@@ -270,3 +272,23 @@ def test_post_survives_connections_the_function_closed_in_between(rig: Rig) -> N
     proc.ensure_running()
     assert post(url, headers, body, 5).status == 200
     assert [c["attempt"] for c in rig.calls(event_id=e["id"])] == [1, 2, 1]  # each sent once; 1 again after restart
+
+
+def test_the_post_carries_the_message_body_as_published(rig: Rig) -> None:
+    raw = b'{ "codes": [200],  "note": "caf\xc3\xa9" }'  # not how json.dumps would write it
+    e = codec.make_event(codec.attributes_of(event("test.codes")), raw)
+    headers, props, body = codec.to_amqp(e)
+    assert body == raw
+    seen: list[tuple[dict[str, str], bytes]] = []
+
+    def spy(url: str, hdrs: Any, sent: bytes, timeout_s: float) -> Attempt:
+        seen.append((dict(hdrs), sent))
+        return dispatch.post(url, hdrs, sent, timeout_s)
+
+    rig.publish(e)
+    assert rig.dispatcher("codes", poster=spy).drain()["delivered"] == 1
+    ((sent_headers, sent_body),) = seen
+    assert sent_body == raw
+    want, _ = codec.to_binary_http(e)
+    assert {k: v for k, v in sent_headers.items() if k != "x-taskforge-signature"} == want
+    assert rig.calls(event_id=e["id"])[0]["data"] == {"codes": [200], "note": "café"}
