@@ -30,8 +30,11 @@ threads, confirms, same RabbitMQ: ``bench/peers/dramatiq_peer.py``).
 
 Iterating on one change: ``TASKFORGE_BENCH_E2E_TASKS=500`` shortens every burst (below
 2,000 the figures carry start-up effects: for comparing steps, never for the record), and
-``TASKFORGE_BENCH_E2E_PEERS=0`` runs TaskForge alone (one burst round, no latency run), so
-its ledger comes back in a minute.
+``TASKFORGE_BENCH_E2E_PEERS=0`` runs TaskForge alone (one burst round), so its ledger
+comes back in a minute; with it, ``TASKFORGE_BENCH_E2E_PACED=N`` adds a paced latency run
+of N tasks and ``TASKFORGE_BENCH_E2E_TASKS=0`` leaves the burst out. Every latency
+figure carries the median of each hop of a task's path (``HOPS``: gateway, relay,
+deliver, work, from the client's clock and the task and outbox rows).
 """
 from __future__ import annotations
 
@@ -78,6 +81,14 @@ def png_bytes() -> bytes:
 
 
 # --- TaskForge -------------------------------------------------------------------------
+# A task's path, hop by hop, each from the one before (PostgreSQL's now() is its
+# transaction's start): ``gateway`` to the submission's transaction (HTTP, auth,
+# validation); ``relay`` to the relay marking the event dispatched, after its confirm
+# (the submission's commit, the relay's hand-off, publish, confirm); ``deliver`` to the
+# worker's claim (RabbitMQ to the dispatcher, its POST, the worker's intake); ``work``
+# to ``finished_at`` (claim commit, Pillow, storage). ``answered``: the POST's 202, from
+# the same start.
+HOPS = ("gateway", "relay", "deliver", "work", "answered")
 class TaskForgeDriver:
     def __init__(self, stack: LocalStack, png: bytes) -> None:
         self.stack = stack
@@ -130,15 +141,33 @@ class TaskForgeDriver:
         return rate, Ledger.per_task(before, ledger.snapshot(), n)
 
     def paced(self, n: int, rate_per_s: float) -> list[float]:
-        sent: dict[str, float] = {}
+        return self.paced_hops(n, rate_per_s)[0]
+
+    def paced_hops(self, n: int, rate_per_s: float) -> tuple[list[float], dict[str, list[float]]]:
+        """Latencies (ms) of ``n`` tasks submitted at ``rate_per_s``, and each task's
+        path hop by hop (ms, from the clocks of this process and the rows): see ``HOPS``."""
+        sent: dict[str, tuple[float, float]] = {}
         t_next = time.monotonic()
         for _ in range(n):
             t0 = time.time()
-            sent[self.submit()] = t0
+            task_id = self.submit()
+            sent[task_id] = (t0, time.time())
             t_next += 1.0 / rate_per_s
             time.sleep(max(0.0, t_next - time.monotonic()))
         fin = self.finished(list(sent))
-        return [(fin[i] - t0) * 1000 for i, t0 in sent.items()]
+        rows = self.db.execute(
+            "SELECT t.id::text AS id, extract(epoch FROM t.created_at) AS created,"
+            " extract(epoch FROM o.dispatched_at) AS dispatched, extract(epoch FROM t.started_at) AS started"
+            " FROM tasks t JOIN outbox o ON o.headers->>'subject' = t.id::text"
+            " AND o.type LIKE '%%.requested' WHERE t.id = ANY(%s::uuid[])", (list(sent),)).fetchall()
+        hops: dict[str, list[float]] = {h: [] for h in HOPS}
+        for r in rows:
+            t0, answered = sent[r["id"]]
+            marks = (t0, float(r["created"]), float(r["dispatched"]), float(r["started"]), fin[r["id"]])
+            for h, a, b in zip(HOPS, marks, marks[1:], strict=False):
+                hops[h].append((b - a) * 1000)
+            hops["answered"].append((answered - t0) * 1000)
+        return [(fin[i] - t0) * 1000 for i, (t0, _a) in sent.items()], hops
 
 
 # --- Celery ----------------------------------------------------------------------------
@@ -293,22 +322,36 @@ class DramatiqDriver:
         return out
 
 
-def _taskforge_only(s: Settings, workdir: Path, png: bytes, burst_n: int) -> list[Figure]:
-    """One TaskForge burst and its ledger, no peers (for iterating on one change)."""
+def _taskforge_only(s: Settings, workdir: Path, png: bytes, burst_n: int, paced_n: int, rate: float) -> list[Figure]:
+    """One TaskForge burst and its ledger (none with ``burst_n`` 0), then a paced latency
+    run hop by hop (none with ``paced_n`` 0); no peers (for iterating on one change)."""
+    out: list[Figure] = []
+    alone = "TaskForge alone (no peer run)"
     try:
         with local_stack(s) as stack:
             tf = TaskForgeDriver(stack, png)
             try:
                 tf.paced(10, 10.0)  # warm up
-                rate, led = tf.burst(burst_n)
+                if burst_n:
+                    rate_v, led = tf.burst(burst_n)
+                    out += [Figure("e2e_tasks_per_s", rate_v, "tasks/s", alone, 0.0, {"burst": burst_n, "rounds": 1}),
+                            Figure("cpu_ms_per_task", led["cpu_ms_per_task_total"], "ms", alone, 0.0,
+                                   {"burst": burst_n, "rounds": 1, "ledger": led})]
+                if paced_n:
+                    lat, hops = tf.paced_hops(paced_n, rate)
+                    extra = {"tasks": len(lat), "rate_per_s": rate, **hop_medians([hops])}
+                    out += [Figure("e2e_latency_p50_ms", percentile(lat, 50), "ms", alone, 0.0, dict(extra)),
+                            Figure("e2e_latency_p99_ms", percentile(lat, 99), "ms", alone, 0.0, dict(extra))]
             finally:
                 tf.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return [Figure("e2e_tasks_per_s", rate, "tasks/s", "TaskForge alone (no peer run)", 0.0,
-                   {"burst": burst_n, "rounds": 1}),
-            Figure("cpu_ms_per_task", led["cpu_ms_per_task_total"], "ms", "TaskForge alone (no peer run)", 0.0,
-                   {"burst": burst_n, "rounds": 1, "ledger": led})]
+    return out
+
+
+def hop_medians(runs: list[dict[str, list[float]]]) -> dict[str, float]:
+    """``hop_<name>_p50_ms``: the median of each hop over every task of ``runs``."""
+    return {f"hop_{h}_p50_ms": percentile([x for r in runs for x in r[h]], 50) for h in HOPS}
 
 
 def run(ctx: BenchContext) -> list[Figure]:
@@ -327,7 +370,8 @@ def run(ctx: BenchContext) -> list[Figure]:
     paced_n, rate = (200, 20.0) if ctx.full else (60, 20.0)
     burst_n = int(os.environ.get("TASKFORGE_BENCH_E2E_TASKS") or burst_n)
     if os.environ.get("TASKFORGE_BENCH_E2E_PEERS", "1") == "0":
-        return _taskforge_only(s, workdir, png, burst_n)
+        paced_only = int(os.environ.get("TASKFORGE_BENCH_E2E_PACED") or 0)
+        return _taskforge_only(s, workdir, png, burst_n, paced_only, rate)
     try:
         with local_stack(s) as stack, celery_worker(s, queue, workdir) as task, \
                 celery_worker(s, durable_queue, workdir, "bench.peers.celery_durable") as durable_task, \
@@ -344,7 +388,8 @@ def run(ctx: BenchContext) -> list[Figure]:
                 bursts_v, bursts_b, bursts_d, bursts_q = alternate(
                     lambda: tf.burst(burst_n), lambda: cel.burst(burst_n), rounds,
                     lambda: durable.burst(burst_n), lambda: dram.burst(burst_n))
-                lat_v, lat_b = alternate(lambda: tf.paced(paced_n, rate), lambda: cel.paced(paced_n, rate), rounds)
+                lat_hops, lat_b = alternate(lambda: tf.paced_hops(paced_n, rate),
+                                            lambda: cel.paced(paced_n, rate), rounds)
             finally:
                 tf.close()
                 durable.close()
@@ -353,9 +398,9 @@ def run(ctx: BenchContext) -> list[Figure]:
     peer = f"Celery prefork x{os.cpu_count()} acks_late, same RabbitMQ, Redis results, same Pillow work"
     thr_v, thr_b = [r for r, _ in bursts_v], [r for r, _ in bursts_b]
     led_v, led_b = merge(led for _, led in bursts_v), merge(led for _, led in bursts_b)
-    v = [x for xs in lat_v for x in xs]
+    v = [x for xs, _h in lat_hops for x in xs]
     b = [x for xs in lat_b for x in xs]
-    lat_extra = {"tasks": len(v), "rate_per_s": rate}
+    lat_extra = {"tasks": len(v), "rate_per_s": rate, **hop_medians([h for _xs, h in lat_hops])}
     return [
         Figure("e2e_tasks_per_s", median(thr_v), "tasks/s", peer, median(thr_b),
                {"burst": burst_n, "rounds": rounds}),
