@@ -27,7 +27,7 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("resize-image", run)
-application = envelope.wsgi_app(worker.handle, name="resize-image")  # served by gunicorn (docs/architecture.md §6)
+application = envelope.wsgi_app(worker.handle, name="resize-image", batch=worker.handle_batch)  # served by gunicorn (docs/architecture.md §6)
 
 
 def handle(request: Any) -> Any:
