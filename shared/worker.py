@@ -12,6 +12,11 @@ of finished work is acknowledged without work) → run the core in a temporary d
 with progress and cancel callbacks, a heartbeat renewing the lease → store the output
 under ``results/<user>/<task>/<filename>`` → record the outcome → answer.
 
+A batch of events (``handle_batch``, the envelope's batch entry) takes the same steps
+set-wise: every event decoded and checked, all their tasks claimed in one statement
+(``state.claim_many``), each claimed core run as alone, every success recorded in one
+statement (``state.succeed_many``); each event gets the answer it would have got alone.
+
 Answers, read by the broker's dispatcher:
 
 ==========================================  ===================  ==========================
