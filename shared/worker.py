@@ -133,8 +133,9 @@ class Worker:
     """The adapter for one task type. ``run(job) -> Output`` is the pure core binding."""
 
     def __init__(self, task_type: str, run: Callable[[Job], Output], *,
-                 resolver: Callable[[str, int], Sequence[str]] | None = None) -> None:
+                 resolver: Callable[[str, int], Sequence[str]] | None = None, small_work: bool = False) -> None:
         self.task_type = task_type
+        self.small_work = small_work  # work directories on a tmpfs when one is there (``work_root``)
         self.event_type = catalog.requested_type(task_type)
         self.run = run
         self.resolver = resolver  # tests inject a stub DNS resolver (SSRF tests)
@@ -363,7 +364,8 @@ class Worker:
         hb = Heartbeat(settings, task_id, owner)
         log.info("attempt %d started", row["attempts"])
         try:
-            with hb, tempfile.TemporaryDirectory(prefix=f"taskforge-{self.task_type}-") as tmp:
+            root = work_root(settings) if self.small_work else None
+            with hb, tempfile.TemporaryDirectory(prefix=f"taskforge-{self.task_type}-", dir=root) as tmp:
                 stored = row["payload"]
                 if not validate.payload_is_valid(self.task_type, stored):  # else the Python validator explains
                     payloads.validate_payload(self.task_type, stored)
@@ -514,6 +516,24 @@ def _release_batch_slot(settings: Settings, claim: state.Claim, cold: bool) -> N
     if cold:
         batch_release.charge_cold_start(settings, str(batch_id))
     batch_release.release_and_publish(settings)
+
+
+def work_root(settings: Settings) -> str | None:
+    """Where a small task's work directory goes: ``settings.work_tmpfs_dir`` (a tmpfs such
+    as ``/dev/shm``: creating and removing a directory there costs no disk metadata work)
+    while it is a writable directory with ``work_tmpfs_min_free_bytes`` free; otherwise
+    None, the default temporary directory (also when the tmpfs fills up, or a container's
+    is too small)."""
+    root = settings.work_tmpfs_dir
+    if not root:
+        return None
+    try:
+        fs = os.statvfs(root)
+    except OSError:
+        return None
+    if fs.f_bavail * fs.f_frsize < settings.work_tmpfs_min_free_bytes or not os.access(root, os.W_OK | os.X_OK):
+        return None
+    return root
 
 
 def _orphaned(settings: Settings, task_id: str) -> bool:

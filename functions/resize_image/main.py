@@ -26,7 +26,7 @@ def run(job: Job) -> Output:
     return Output(dest, info["content_type"], f"output.{info['ext']}", {k: info[k] for k in _META if k in info})
 
 
-worker = Worker("resize-image", run)
+worker = Worker("resize-image", run, small_work=True)  # work directories on a tmpfs when there is one
 application = envelope.wsgi_app(worker.handle, name="resize-image", batch=worker.handle_batch)  # served by gunicorn (docs/architecture.md §6)
 
 
