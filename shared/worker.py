@@ -297,6 +297,7 @@ class Worker:
                 with d.bound():
                     answers[i] = _state_failed(settings, d, exc)
             return
+        leased_at = time.monotonic()  # the later tasks' leases age while earlier cores run
         worked: list[tuple[int, Delivery, Done]] = []
         claimed: list[tuple[state.Claim, bool]] = []  # batch tasks' slots are released as alone
         for (i, d), claim in zip(run, claims, strict=True):
@@ -309,7 +310,8 @@ class Worker:
                     else:
                         cold, self._cold = self._cold, False
                         claimed.append((claim, cold))
-                        done = self._work(settings, _row(claim), d.owner, d.span, claim.upload, changed.extend)
+                        done = self._work(settings, _row(claim), d.owner, d.span, claim.upload, changed.extend,
+                                          leased_at=leased_at)
                         if isinstance(done, Done):
                             worked.append((i, d, done))
                         else:
@@ -354,14 +356,16 @@ class Worker:
         return self._succeeded(settings, finished, done, span)
 
     def _work(self, settings: Settings, row: dict[str, Any], owner: str, span: str,
-              upload: state.Upload | None = None, publish: unit.Publisher | None = None) -> Done | Answer:
+              upload: state.Upload | None = None, publish: unit.Publisher | None = None, *,
+              leased_at: float | None = None) -> Done | Answer:
         """Run the core on a claimed task and store its output: ``Done`` (the success is
         still to be recorded), or the answer of a failure already recorded (``publish``
-        gets its changed rows; default the status fan-out)."""
+        gets its changed rows; default the status fan-out). ``leased_at``: when the
+        lease was taken (``time.monotonic``), if not just now."""
         task_id, user_id = str(row["id"]), str(row["user_id"])
         started = time.monotonic()
         store = breakers.GuardedStorage(storage.get_storage(settings), key=settings.storage_backend)
-        hb = Heartbeat(settings, task_id, owner)
+        hb = Heartbeat(settings, task_id, owner, leased_at=leased_at)
         log.info("attempt %d started", row["attempts"])
         try:
             root = work_root(settings) if self.small_work else None
