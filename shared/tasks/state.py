@@ -245,8 +245,11 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
 # duplicate of finished work (with whether anyone listens for its completion) or busy.
 # A request with no row is missing. Only when something was claimed and nothing became
 # terminal does the transaction commit asynchronously (``RELAXED``).
-_CLAIMABLE = ("NOT tasks.cancel_requested AND (tasks.status IN ('pending', 'queued', 'retrying')"
-              " OR (tasks.status = 'running' AND (tasks.lease_until IS NULL OR tasks.lease_until < now())))")
+# Both changes test the row as ``locked`` read it (the newest version, now ours), not as
+# the statement's snapshot saw it: a row that changed meanwhile is judged as it is.
+_CLAIMABLE = ("NOT (locked.task).cancel_requested AND ((locked.task).status IN ('pending', 'queued', 'retrying')"
+              " OR ((locked.task).status = 'running'"
+              "     AND ((locked.task).lease_until IS NULL OR (locked.task).lease_until < now())))")
 _CLAIM_MANY = (
     "WITH req AS (SELECT * FROM unnest(%(ids)s::uuid[], %(owners)s::text[], %(users)s::uuid[], %(types)s::text[])"
     "   AS r(id, owner, user_id, type)),"
@@ -261,8 +264,8 @@ _CLAIM_MANY = (
     f"   FROM locked WHERE tasks.id = (locked.task).id AND {_CLAIMABLE} RETURNING tasks.*),"
     " cancelled AS (UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
     f"   lease_until = NULL, {_FINAL}"
-    "   FROM locked WHERE tasks.id = (locked.task).id AND tasks.cancel_requested AND NOT locked.lease_live"
-    f"     AND tasks.status NOT IN ({_TERMINAL}) RETURNING tasks.*)"
+    "   FROM locked WHERE tasks.id = (locked.task).id AND (locked.task).cancel_requested AND NOT locked.lease_live"
+    f"     AND (locked.task).status NOT IN ({_TERMINAL}) RETURNING tasks.*)"
     " SELECT 'claimed' AS outcome, c.*, NULL::boolean AS notify, u.storage_key AS upload_key,"
     " u.content_type AS upload_content_type, u.size AS upload_size, u.filename AS upload_filename,"
     f" u.id::text AS upload_id, CASE WHEN NOT EXISTS (SELECT 1 FROM cancelled) THEN {RELAXED} END AS relaxed"

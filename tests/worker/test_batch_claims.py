@@ -228,6 +228,42 @@ def test_claim_many_answers_what_single_claims_would(settings, make_task, make_u
     assert conn.execute("SELECT status FROM tasks WHERE id = %s", (dead["id"],)).fetchone()["status"] == "running"
 
 
+@pytest.mark.parametrize("change, outcome", [
+    ("retrying", ClaimOutcome.CLAIMED),  # the attempt it waited for failed retryably: its turn
+    ("cancel", ClaimOutcome.CANCELLED),  # a cancel came while it waited
+])
+def test_a_claim_that_waited_for_the_row_judges_it_as_it_is_now(settings, make_task, conn, change, outcome):
+    """Deterministic race: the claim's statement starts while another transaction holds the
+    row; it is decided on the row that transaction committed, not on its older snapshot."""
+    t = make_task(status="queued")
+    tid, uid = str(t["id"]), str(t["user_id"])
+    with db.connection(settings) as c:
+        state.claim(c, tid, "first", 30)
+    a = psycopg.connect(settings.database_url, row_factory=dict_row)
+    try:
+        if change == "retrying":
+            state.mark_retrying(a, tid, "first", RetryableError("hiccup"))
+        else:
+            a.execute("UPDATE tasks SET cancel_requested = true, lease_until = now() - interval '1 s'"
+                      " WHERE id = %s", (tid,))  # its worker died mid-cancel
+        result: list[ClaimOutcome] = []
+
+        def claim() -> None:
+            with psycopg.connect(settings.database_url, row_factory=dict_row) as c:
+                result.append(state.claim_many(c, [ClaimRequest(tid, "second", uid, "resize-image")], 30)[0].outcome)
+                c.commit()
+
+        th = threading.Thread(target=claim)
+        th.start()
+        th.join(timeout=0.5)
+        assert th.is_alive()  # blocked on the row
+        a.commit()
+        th.join(timeout=10)
+        assert result == [outcome]
+    finally:
+        a.close()
+
+
 def test_overlapping_claims_in_opposite_orders_never_deadlock(settings, make_task, make_user):
     user = make_user()
     ids = [str(make_task(user, status="queued")["id"]) for _ in range(12)]
