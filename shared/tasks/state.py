@@ -257,6 +257,7 @@ _CLAIM_MANY = (
     "   coalesce(tasks.status = 'running' AND tasks.lease_until > now(), false) AS lease_live"
     "   FROM tasks JOIN req ON tasks.id = req.id"
     "     AND (req.type IS NULL OR (tasks.user_id = req.user_id AND tasks.type = req.type))"
+    "   WHERE tasks.id = ANY(%(ids)s::uuid[])"  # the primary key finds the rows, whatever the join
     "   ORDER BY tasks.id FOR UPDATE OF tasks),"
     " claimed AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
     "   lease_owner = locked.owner, lease_until = now() + %(lease)s * interval '1 second',"
