@@ -123,6 +123,9 @@ class Settings:
     outbox_retention_s: int = 3600
     eager_relay: bool = True
     relay_queue_max: int = 10_000  # eager-relay backlog (event ids); beyond it the sweeper catches up
+    # How long the outbox row of a task just submitted belongs to the eager relay, which
+    # publishes it without a claim (``outbox.relay_until``); the sweeper takes it after that.
+    relay_window_s: float = 2.0
     # --- batches (POST /batches; fair release, shared/batches/release.py) ---
     manifest_max_items: int = 100_000  # lines per manifest
     manifest_max_bytes: int = 64 * 1024 * 1024  # a manifest sent as the request body

@@ -11,7 +11,8 @@ steps 2 and 3 and re-checks the caller's credential in one statement:
    a 202 means the event is deliverable);
 3. the in-flight cap, counted inside that transaction *after* the insert, so a refused
    submission rolls back with it and a replayed idempotent request is never refused;
-4. after commit: the eager relay (``shared.outbox.relay.after_commit``) and the submitted-tasks
+4. after commit: the eager relay (``shared.outbox.relay.after_commit``; ``POST /tasks`` hands
+   it the event in full, so it publishes without reading the row back) and the submitted-tasks
    metric. Neither may fail the request — the task is committed and the sweeper is the
    safety net for the relay.
 
@@ -36,13 +37,14 @@ from shared.tasks import repository as tasks
 log = logging.getLogger("taskforge.gateway")
 
 
-def after_commit(settings: Settings, rows: Sequence[dict[str, Any]], event_ids: Sequence[str]) -> None:
-    """Best-effort work once task rows are committed (never raises)."""
-    if event_ids:
+def after_commit(settings: Settings, rows: Sequence[dict[str, Any]], events: Sequence[Any]) -> None:
+    """Best-effort work once task rows are committed (never raises). ``events``: the
+    outbox event ids, or the events in full where the statement handed them back."""
+    if events:
         try:
             from shared.outbox import relay
 
-            relay.after_commit(settings, list(event_ids))
+            relay.after_commit(settings, list(events))
         except Exception:  # the relay promises not to raise; a bug there must not turn a 202 into a 500
             log.exception("eager relay failed; the outbox sweeper will publish these events")
     for row in rows:
@@ -76,7 +78,7 @@ def submit_as(settings: Settings, caller: intake.Caller, task_type: Any, payload
     sub = intake.submit(settings, caller, task_type, payload, idempotency_key=idempotency_key,
                         traceparent=traceparent, callback_url=callback_url)
     if sub.created:
-        after_commit(settings, [sub.row], sub.event_ids)
+        after_commit(settings, [sub.row], sub.written or sub.event_ids)
     return sub
 
 

@@ -34,6 +34,7 @@ from shared import metrics
 from shared.broker import Broker, Rejected, publish_timed
 from shared.db import Conn
 from shared.errors import TaskForgeError
+from shared.outbox.writer import Written
 from shared.settings import Settings
 from shared.tasks import state, unit
 
@@ -48,6 +49,15 @@ _CLAIM = (
     " WHERE dispatched_at IS NULL AND parked_at IS NULL{only}"
     " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
+# Rows the eager relay holds (it publishes them without a claim) are not the sweeper's.
+_NOT_RELAYS = " AND (relay_until IS NULL OR relay_until < now())"
+# The eager relay's mark of events it published without claiming their rows: a row the
+# sweeper marked (or parked) meanwhile is left as it is.
+_MARK_WRITTEN = ("UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
+                 " WHERE event_id = ANY(%s::uuid[]) AND dispatched_at IS NULL AND parked_at IS NULL")
+# ... and its hand-back of rows it could not publish: the sweeper may take them at once.
+_RELEASE_WRITTEN = ("UPDATE outbox SET relay_until = NULL, attempts = attempts + 1, last_error = %s"
+                    " WHERE event_id = ANY(%s::uuid[]) AND dispatched_at IS NULL AND parked_at IS NULL")
 
 
 @dataclass
@@ -64,15 +74,17 @@ class Outcome:
 def claim(conn: Conn, *, limit: int, event_ids: Sequence[str] | None = None, relaxed: bool = False) -> list[Row]:
     """Lock up to ``limit`` pending rows (oldest first), skipping rows locked elsewhere.
 
-    With ``event_ids`` only those rows are considered (the eager relay's own rows).
-    ``relaxed`` makes the transaction's commit asynchronous (``state.RELAXED``, set by
-    the claim itself: no round trip of its own, and only when it claimed a row).
+    With ``event_ids`` only those rows are considered (the eager relay's own rows);
+    without, rows the eager relay still holds (``relay_until``: it publishes them
+    without a claim, ``publish_written``) are left to it. ``relaxed`` makes the
+    transaction's commit asynchronous (``state.RELAXED``, set by the claim itself: no
+    round trip of its own, and only when it claimed a row).
     """
     sql = _CLAIM.replace("{relaxed}", f", {state.RELAXED} AS relaxed" if relaxed else "")
     if event_ids is not None:
         sql = sql.format(only=" AND event_id = ANY(%(ids)s::uuid[])")
         return conn.execute(sql, {"limit": limit, "ids": list(event_ids)}).fetchall()
-    return conn.execute(sql.format(only=""), {"limit": limit}).fetchall()
+    return conn.execute(sql.format(only=_NOT_RELAYS), {"limit": limit}).fetchall()
 
 
 def event_of(row: Row) -> CloudEvent:
@@ -157,6 +169,56 @@ def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
     if to_park:
         out.task_rows.extend(park(conn, to_park))
         out.parked = len(to_park)
+    return out
+
+
+def publish_written(conn: Conn, broker: Broker, written: Sequence[Written], *, via: str = "relay") -> Outcome:
+    """Publish events whose rows the caller's process has just committed, straight from
+    what it wrote (no claim, no read of the rows), then mark the confirmed ones
+    dispatched and their tasks queued in the caller's transaction (one round trip; the
+    commit is asynchronous, as the relay's always is).
+
+    Without a claim, a sweeper may publish the same row meanwhile: it leaves a row to
+    the relay until the row's ``relay_until`` (set by the submission, ``relay_window_s``
+    ahead), so this happens only when the relay runs late, and the duplicate is one the
+    design allows (receivers dedupe on ``source`` + ``id``). Rows it cannot publish
+    (the broker failed: ``Outcome.error``; the broker refused them; not a valid event)
+    are handed back with ``last_error`` set, so the sweeper takes them at once and parks
+    the refused ones as it parks any row.
+    """
+    out = Outcome(claimed=len(written))
+    if not written:
+        return out
+    events: list[CloudEvent] = []
+    sendable: list[Written] = []
+    for w in written:
+        try:
+            events.append(codec.make_event(w.attributes, w.data.encode("utf-8")))
+            sendable.append(w)
+        except TaskForgeError as exc:  # cannot happen for what intake writes; the sweeper parks it
+            conn.execute(_RELEASE_WRITTEN, (f"not a valid CloudEvent: {exc.message}"[:500], [w.event_id]))
+    try:
+        publish_timed(broker, events)
+    except Rejected as exc:
+        refused = set(exc.event_ids)
+        conn.execute(_RELEASE_WRITTEN, (f"{exc.code}: {exc.message}"[:500], list(refused)))
+        log.warning("eager relay: the broker refused events; the sweeper will park them",
+                    extra={"events": len(refused), "error": exc.message})
+        sendable = [w for w in sendable if w.event_id not in refused]
+    except Exception as exc:  # the broker's fault: every row is handed to the sweeper
+        out.error = f"{exc.__class__.__name__}: {exc}"[:500]
+        metrics.OUTBOX_PUBLISH_ERRORS.labels(via).inc()
+        conn.execute(_RELEASE_WRITTEN, (out.error, [w.event_id for w in sendable]))
+        return out
+    ok = sendable
+    if not ok:
+        return out
+    with conn.pipeline():
+        conn.execute(f"SELECT {state.RELAXED}")
+        conn.execute(_MARK_WRITTEN, ([w.event_id for w in ok],))
+        out.task_rows.extend(state.mark_queued(conn, [w.task_id for w in ok if w.task_id]))
+    out.published = len(ok)
+    metrics.OUTBOX_PUBLISHED.labels(via).inc(len(ok))
     return out
 
 

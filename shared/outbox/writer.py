@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from events import catalog
 from shared.db import Conn
 from shared.errors import TooLarge
+
+
+@dataclass(frozen=True)
+class Written:
+    """An outbox row's event as the transaction that wrote it knows it: its attributes
+    and its data exactly as the row stores it (PostgreSQL's text of the jsonb, the bytes
+    every publisher sends). The eager relay publishes such an event without reading the
+    row back (``shared.outbox.publish.publish_written``)."""
+
+    event_id: str
+    attributes: Mapping[str, Any]
+    data: str
+    task_id: str | None = None  # the task a ``*.requested`` event asks to run
 
 
 def add_event(conn: Conn, *, type: str, source: str, data: dict[str, Any],

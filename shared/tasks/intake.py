@@ -3,9 +3,11 @@
 ``submit(settings, principal, ...)`` does what ``repository.create_task`` followed by
 ``ratelimit.check_in_flight`` does in six round trips — and re-checks the caller's
 credential on the way — in a single call of the SQL function ``taskforge_submit_task``
-(``infra/migrations/0008_submit_in_one_statement.sql``) on an autocommit connection:
-the call is its own transaction, so the task row and its outbox row still commit
-together or not at all.
+(``infra/migrations/0008_submit_in_one_statement.sql``, 0009 for its result) on an
+autocommit connection: the call is its own transaction, so the task row and its outbox
+row still commit together or not at all. It hands back the requested event's data as
+the outbox row stores it, so the eager relay can publish the event without reading
+the row (``Submission.written``).
 
 Everything that needs no database is done here first: the idempotency key's form, the
 payload's schema (the compiled validator; the Python one words the errors), the
@@ -30,11 +32,12 @@ from events import catalog, payloads
 from events import validate as compiled
 from shared import db, tracing
 from shared.errors import AuthError, Conflict, RateLimited, ServiceUnavailable, TooLarge, ValidationError
+from shared.outbox.writer import Written
 from shared.settings import Settings
 from shared.tasks import repository as tasks
 
-_SQL = ("SELECT outcome, task, found_uploads FROM taskforge_submit_task("
-        "%s, %s, %s, %s, %s, %s::uuid[], %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+_SQL = ("SELECT outcome, task, found_uploads, event_data FROM taskforge_submit_task("
+        "%s, %s, %s, %s, %s, %s::uuid[], %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
 _TIMESTAMPS = ("created_at", "updated_at", "started_at", "finished_at", "lease_until")
 
 
@@ -93,7 +96,7 @@ def submit(settings: Settings, caller: Caller, task_type: Any, payload: Any, *,
     params = (caller.user_id, caller.via, caller.jti, caller.family_id, caller.api_key_id,
               [str(p) for p in parsed], task_id, task_type, json.dumps(payload), key, rhash,
               tracing.trace_id_of(span), callback_url or None, event_id, event_type, json.dumps(headers),
-              settings.max_body_bytes, cap)
+              settings.max_body_bytes, cap, settings.relay_window_s if settings.eager_relay else None)
     try:
         with db.get_pool(settings).connection() as conn:
             conn.autocommit = True  # the statement is its own transaction: no BEGIN, no COMMIT
@@ -123,7 +126,9 @@ def submit(settings: Settings, caller: Caller, task_type: Any, payload: Any, *,
             raise Conflict("this Idempotency-Key was already used for a different request",
                            code="idempotency_key_reused")
         return tasks.Submission(row=row, created=False)
-    return tasks.Submission(row=row, created=True, event_ids=[event_id])
+    data = found["event_data"] if isinstance(found, dict) else found[3]
+    written = [Written(event_id, headers, data, task_id)] if isinstance(data, str) else []
+    return tasks.Submission(row=row, created=True, event_ids=[event_id], written=written)
 
 
 def _refusal(exc: psycopg.Error, settings: Settings) -> None:

@@ -121,11 +121,13 @@ def parse_uuid(value: Any) -> uuid.UUID | None:
 # --- creation -------------------------------------------------------------------------
 @dataclass
 class Submission:
-    """Outcome of one create: the task row, whether it is new, the outbox event ids written."""
+    """Outcome of one create: the task row, whether it is new, the outbox event ids written
+    (and, where the statement handed them back, those events in full: ``written``)."""
 
     row: dict[str, Any]
     created: bool
     event_ids: list[str] = field(default_factory=list)
+    written: list[outbox.Written] = field(default_factory=list)
 
 
 def missing_uploads(conn: Conn, user_id: str, ids: Sequence[str]) -> set[str]:

@@ -9,7 +9,7 @@ reads these streams and turns entries into Server-Sent Events.
 Best effort, never lossy:
 - Off the work path: a committed change is handed to the process's one fan-out thread
   (``submit``), which sends everything gathered since its last round trip in one Redis
-  pipeline; a request never waits on Redis. Within a process changes go out in the order
+  script call; a request never waits on Redis. Within a process changes go out in the order
   they were handed over; across processes the script's version guard orders them.
 - PostgreSQL is the truth. Publishing never raises: if Redis is down (or the fan-out's
   queue is full, or the process dies before sending) the change is already committed
@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from shared import breakers, db, redisclient
 from shared.settings import Settings
-from shared.tasks import state
 
 if TYPE_CHECKING:  # redis-py is imported where it is used (shared/redisclient.py says why)
     import redis
@@ -46,7 +45,7 @@ if TYPE_CHECKING:  # redis-py is imported where it is used (shared/redisclient.p
 log = logging.getLogger(__name__)
 
 FANOUT_MAX_QUEUED = 20_000  # changes waiting for Redis; past it they are left to catch_up
-FANOUT_BATCH = 500  # changes per pipeline
+FANOUT_BATCH = 500  # changes per call of the append script
 MARK_INTERVAL_S = 0.2  # published versions are written in batches this often
 MARK_BATCH = 500  # ... or as soon as this many tasks have one waiting
 CATCH_UP_EVERY_S = 60.0  # a publishing process re-checks for missed changes this often
@@ -54,15 +53,25 @@ CATCH_UP_MIN_AGE_S = 2.0  # younger unpublished rows are probably being publishe
 MAX_CATCH_UP_ROUNDS = 20  # bounds one call's work; the rest waits for the next call
 VERSION_TTL_S = 7 * 24 * 3600  # how long the last-appended version of a task is remembered
 
-# KEYS: stream, version key. ARGV: version (0 = unversioned), task JSON, maxlen, ttl.
+# One call appends a whole batch of changes, in order (one command, not one per change:
+# the client's packing and Redis's command dispatch are paid once per batch).
+# KEYS: per change its stream and its version key. ARGV: maxlen, ttl, then per change its
+# version (0 = unversioned) and its task JSON. Returns how many entries were appended.
 _APPEND = """
-local v = tonumber(ARGV[1])
-if v > 0 then
-  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if v <= cur then return false end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
+local maxlen, ttl, appended = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
+for i = 1, #KEYS / 2 do
+  local version, v = ARGV[2 * i + 1], tonumber(ARGV[2 * i + 1])
+  local newer = true
+  if v > 0 then
+    newer = v > tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+    if newer then redis.call('SET', KEYS[2 * i], version, 'EX', ttl) end
+  end
+  if newer then
+    redis.call('XADD', KEYS[2 * i - 1], 'MAXLEN', '~', maxlen, '*', 'task', ARGV[2 * i + 2], 'version', version)
+    appended = appended + 1
+  end
 end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[3]), '*', 'task', ARGV[2], 'version', ARGV[1])
+return appended
 """
 _APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()  # what EVALSHA names the script by
 
@@ -150,7 +159,7 @@ def _publish_items(settings: Settings, items: list[Item]) -> int:
 
 class _Fanout:
     """The process's one status publisher: a thread that takes every change handed over
-    since its last round trip and sends it in one pipeline (per settings), so a burst of
+    since its last round trip and sends it in one script call (per settings), so a burst of
     changes costs one Redis round trip, not one per change, and no request waits on it.
 
     Bounded: past ``FANOUT_MAX_QUEUED`` waiting changes new ones are not queued but left
@@ -226,32 +235,28 @@ _fanout = _Fanout()
 
 
 def _append(settings: Settings, items: list[Item]) -> int:
-    """Run the append script for every item in one pipeline; 0 when Redis is unavailable.
+    """Append every item with one call of the append script; 0 when Redis is unavailable.
 
     The script is called by its known SHA-1 (``EVALSHA``), with no ``SCRIPT EXISTS``
     round trip before it; only when Redis answers ``NOSCRIPT`` (it restarted or was
-    flushed) is the script loaded and the pipeline sent once more (the version guard
-    makes the repeat harmless)."""
+    flushed) is the script loaded and the call made once more (the version guard makes
+    the repeat harmless). Returns ``len(items)``: entries the version guard skipped (an
+    older state than one already in the stream) count as taken."""
     client = redis_client(settings)
-
-    def send() -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for uid, task_id, public, version in items:
-            pipe.evalsha(_APPEND_SHA, 2, stream_key(settings, uid), _version_key(settings, task_id), str(version),
-                         json.dumps(public, separators=(",", ":"), ensure_ascii=False, default=str),
-                         str(settings.status_stream_maxlen), str(VERSION_TTL_S))
-        return pipe.execute(raise_on_error=False)
+    keys: list[str] = []
+    args: list[str] = [str(settings.status_stream_maxlen), str(VERSION_TTL_S)]
+    for uid, task_id, public, version in items:
+        keys += (stream_key(settings, uid), _version_key(settings, task_id))
+        args += (str(version), json.dumps(public, separators=(",", ":"), ensure_ascii=False, default=str))
 
     def run() -> int:
         import redis
 
-        results = send()
-        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+        try:
+            client.evalsha(_APPEND_SHA, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
             client.script_load(_APPEND)
-            results = send()
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise errors[0]
+            client.evalsha(_APPEND_SHA, len(keys), *keys, *args)
         return len(items)
 
     try:
@@ -331,11 +336,16 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
             # that change, and the script's version guard drops the duplicate.
             conn.execute("SET LOCAL synchronous_commit = off")
             ids = sorted(tasks)
-            conn.execute(  # rows locked in id order, as mark_queued does: no deadlock between them
-                f"{state.LOCK_IN_ID_ORDER} UPDATE tasks t SET published_version = v.ver"
-                " FROM locked, unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"
-                " WHERE t.id = locked.id AND t.id = v.id AND t.published_version < v.ver",
-                (ids, ids, [tasks[i] for i in ids]),
+            # Rows are locked in id order, as every multi-row update of tasks does (no
+            # deadlock between them), and only those still behind: a mark another process
+            # already passed (a worker's, for the change after the relay's) costs no lock.
+            conn.execute(
+                "WITH locked AS MATERIALIZED (SELECT t.id, v.ver FROM tasks t"
+                " JOIN unnest(%s::uuid[], %s::bigint[]) AS v(id, ver) ON t.id = v.id"
+                " WHERE t.published_version < v.ver ORDER BY t.id FOR UPDATE OF t)"
+                " UPDATE tasks t SET published_version = locked.ver FROM locked"
+                " WHERE t.id = locked.id AND t.published_version < locked.ver",
+                (ids, [tasks[i] for i in ids]),
             )
     except Exception as exc:  # harmless: a later catch_up re-appends, the script dedupes
         log.warning("could not record published status versions",

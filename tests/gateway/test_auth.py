@@ -5,6 +5,8 @@ import pytest
 
 from shared import auth, db
 
+pytestmark = pytest.mark.usefixtures("one_fixed_window")  # limits count in fixed minutes
+
 
 def signup(client, email="ann@example.com", password="password123"):
     return client.post("/auth/signup", json={"email": email, "password": password})

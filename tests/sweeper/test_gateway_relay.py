@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import socket
+import time
+
+import pytest
 
 from functions.gateway.app import create_app
 from infra.runtime import topology
@@ -71,26 +74,33 @@ def test_broker_down_during_post_tasks_still_202_and_the_sweeper_publishes_once_
     assert set(h.task_statuses(rabbit).values()) == {"queued"}
 
 
-def test_the_relay_claims_publishes_and_marks_in_one_asynchronously_committed_transaction(
-        rabbit: Settings, topo: topology.Topology, monkeypatch) -> None:
-    """The relay's transaction skips the WAL flush wait (a forgotten mark only means a
-    duplicate publish by the sweeper) and still leaves every row dispatched and its task
+@pytest.mark.parametrize("path", ["publish_written", "claim_and_publish"])
+def test_the_relay_publishes_and_marks_in_one_asynchronously_committed_transaction(
+        rabbit: Settings, topo: topology.Topology, monkeypatch, path: str) -> None:
+    """Both ways of the relay (``POST /tasks`` hands it the events in full; other writers
+    hand it ids, which it claims) skip the WAL flush wait (a forgotten mark only means a
+    duplicate publish by the sweeper) and still leave every row dispatched and its task
     queued once committed."""
     from shared.outbox import relay as relay_module
 
-    seen: list[str] = []
-    real = relay_module.claim_and_publish
+    seen: list[tuple[str, str]] = []
+    real = getattr(relay_module, path)
 
     def spy(conn, *args, **kwargs):  # type: ignore[no-untyped-def]
         before = conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]
-        out = real(conn, *args, **kwargs)  # the claim itself relaxes the transaction's commit
+        out = real(conn, *args, **kwargs)  # the statements themselves relax the transaction's commit
         seen.append((before, conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]))
         return out
 
-    monkeypatch.setattr(relay_module, "claim_and_publish", spy)
+    monkeypatch.setattr(relay_module, path, spy)
     user = h.make_user(rabbit)
-    client = create_app(rabbit).test_client()
-    ids = [client.post("/tasks", json=BODY, headers=bearer(rabbit, user)).get_json()["id"] for _ in range(3)]
+    if path == "publish_written":
+        client = create_app(rabbit).test_client()
+        ids = [client.post("/tasks", json=BODY, headers=bearer(rabbit, user)).get_json()["id"] for _ in range(3)]
+    else:
+        subs = h.make_tasks(rabbit, user, 3)
+        relay.after_commit(rabbit, [s.event_ids[0] for s in subs])
+        ids = [str(s.row["id"]) for s in subs]
     assert relay.flush(rabbit, 10.0)
     assert seen and set(seen) == {("on", "off")}
     assert sorted(e["subject"] for e in h.drain_queue(rabbit, topo.queue_of("resize-image"))) == sorted(ids)
@@ -98,3 +108,66 @@ def test_the_relay_claims_publishes_and_marks_in_one_asynchronously_committed_tr
     assert h.task_statuses(rabbit) == {i: "queued" for i in ids}
     with db.connection(rabbit) as conn:  # the setting was the relay transaction's own
         assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
+
+
+def test_a_submitted_task_s_row_is_the_relay_s_until_its_window_ends(rabbit: Settings, topo: topology.Topology,
+                                                                    monkeypatch) -> None:
+    """The sweeper leaves a just-submitted row to the eager relay (which publishes it
+    without a claim) until ``relay_until``; a relay that never came is covered after it."""
+    from shared.outbox import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "after_commit", lambda *a, **k: None)  # the relay never runs
+    s = rabbit.replace(relay_window_s=1.5)
+    user = h.make_user(s)
+    resp = create_app(s).test_client().post("/tasks", json=BODY, headers=bearer(s, user))
+    assert resp.status_code == 202, resp.data
+    (row,) = h.outbox_rows(s)
+    assert row["relay_until"] is not None and row["relay_until"] > row["created_at"]
+    broker = RabbitBroker(s)
+    try:
+        assert sweep_once(s, broker).published == 0  # still the relay's
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and h.outbox_rows(s)[0]["dispatched_at"] is None:
+            time.sleep(0.3)
+            sweep_once(s, broker)
+    finally:
+        broker.close()
+    assert h.outbox_rows(s)[0]["dispatched_at"] is not None
+    (event,) = h.drain_queue(s, topo.queue_of("resize-image"))
+    assert event["subject"] == resp.get_json()["id"]
+
+
+def test_without_the_eager_relay_a_submitted_row_is_the_sweeper_s_at_once(rabbit: Settings,
+                                                                         topo: topology.Topology) -> None:
+    s = rabbit.replace(eager_relay=False)
+    user = h.make_user(s)
+    resp = create_app(s).test_client().post("/tasks", json=BODY, headers=bearer(s, user))
+    assert resp.status_code == 202, resp.data
+    assert h.outbox_rows(s)[0]["relay_until"] is None
+    broker = RabbitBroker(s)
+    try:
+        assert sweep_once(s, broker).published == 1
+    finally:
+        broker.close()
+    assert len(h.drain_queue(s, topo.queue_of("resize-image"))) == 1
+
+
+def test_an_event_that_waited_past_half_its_window_is_claimed_not_sent_blind(
+        rabbit: Settings, topo: topology.Topology, monkeypatch) -> None:
+    """A written event whose window is (nearly) over may meet the sweeper: the relay then
+    takes the claiming way (``SKIP LOCKED``), never the blind one."""
+    from shared.outbox import relay as relay_module
+
+    used: list[str] = []
+    for name in ("publish_written", "claim_and_publish"):
+        real = getattr(relay_module, name)
+        monkeypatch.setattr(relay_module, name,
+                            lambda *a, _real=real, _name=name, **k: (used.append(_name), _real(*a, **k))[1])
+    s = rabbit.replace(relay_window_s=0.0)
+    user = h.make_user(s)
+    resp = create_app(s).test_client().post("/tasks", json=BODY, headers=bearer(s, user))
+    assert resp.status_code == 202, resp.data
+    assert relay.flush(s, 10.0)
+    assert used == ["claim_and_publish"]
+    assert h.task_statuses(s) == {resp.get_json()["id"]: "queued"}
+    assert len(h.drain_queue(s, topo.queue_of("resize-image"))) == 1

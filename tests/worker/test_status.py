@@ -202,7 +202,7 @@ def test_a_unit_of_work_hands_its_changes_to_the_fan_out_thread(settings, make_t
     assert row["published_version"] == row["status_version"]
 
 
-def test_changes_handed_over_together_go_out_in_order_in_one_pipeline(settings, make_task, make_user,
+def test_changes_handed_over_together_go_out_in_order_in_one_script_call(settings, make_task, make_user,
                                                                       redis_client, monkeypatch):
     uid = make_user()
     tasks = [make_task(uid, status="pending") for _ in range(5)]
@@ -224,7 +224,7 @@ def test_changes_handed_over_together_go_out_in_order_in_one_pipeline(settings, 
         status.submit(settings, [row])
     gate.set()
     assert status.flush()
-    assert sum(sends) == 10 and len(sends) <= 2  # the first hand-over, then one pipeline for the rest
+    assert sum(sends) == 10 and len(sends) <= 2  # the first hand-over, then one call for the rest
     got = entries(redis_client, settings, uid)
     for t in tasks:  # per task: queued, then running, never the other way round
         assert [e[0]["status"] for e in got if e[0]["id"] == str(t["id"])] == ["queued", "running"]
