@@ -2,8 +2,9 @@
 
 The request is CloudEvents' HTTP *batched* content mode: ``Content-Type:
 application/cloudevents-batch+json`` and a JSON array of structured-mode events. The
-function (``shared.envelope``) handles each event exactly as if it had come alone, in
-order, and answers ``200`` with one result per event, in the same order::
+function (``shared.envelope``) answers each event exactly as it would have alone (in
+order, or through the function's own batch entry, e.g. the workers' set-based claim) and
+answers ``200`` with one result per event, in the same order::
 
     {"results": [{"status": 200, "headers": {...}, "body": "..."}, ...]}
 

@@ -20,7 +20,9 @@ a body over ``max_body_bytes``              413 ``too_large`` (a chunked body ha
                                             only where the policy asks for one)
 ``POST`` with the event                     whatever ``handle(headers, body)`` answers
 ``POST`` with a batch of events             200 with each event's own answer
-(``application/cloudevents-batch+json``)    (``events.batch``)
+(``application/cloudevents-batch+json``)    (``events.batch``): ``batch(headers, bodies)``
+                                            when the function offers one, else ``handle``
+                                            for each event, in order
 ==========================================  =================================================
 
 ``handle`` returns an :class:`Answer` and never raises; ``json_handler`` turns a core that
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -70,6 +72,9 @@ class Answer:
 
 
 Handler = Callable[[Any, bytes], Answer]  # headers: a Mapping or werkzeug Headers
+# A function's own way with a batch: ``(headers, bodies)`` of its structured-mode events
+# in, one answer per event out (the answers each would have got alone, in order).
+BatchHandler = Callable[[Any, Sequence[bytes]], list[Answer]]
 
 
 def dumps(body: Any) -> bytes:
@@ -115,9 +120,10 @@ def json_handler(core: Callable[[Mapping[str, str], bytes], Any], *, what: str) 
 
 
 def respond(method: str, path: str, content_length: int | None, stream: IO[bytes], headers: Any,
-            handle: Handler, *, name: str) -> Answer:
+            handle: Handler, *, name: str, batch: BatchHandler | None = None) -> Answer:
     """Answer one request to the function ``name`` (see the table above). ``headers`` is
-    case-insensitive (werkzeug's ``Headers``/``EnvironHeaders``); ``stream`` is the body."""
+    case-insensitive (werkzeug's ``Headers``/``EnvironHeaders``); ``stream`` is the body.
+    ``batch`` is the function's own handler of a batch of events, if it has one."""
     if method == "GET" and path == "/metrics":
         from shared import metrics
 
@@ -144,29 +150,33 @@ def respond(method: str, path: str, content_length: int | None, stream: IO[bytes
         log.warning("refused an unsigned or badly signed delivery", extra={"function": name, "reason": exc.message})
         return error_answer(exc)
     if eventbatch.is_batch(headers.get("content-type")):
-        return _batch(handle, body)
+        return _batch(handle, body, batch)
     return handle(headers, body)
 
 
-def _batch(handle: Handler, body: bytes) -> Answer:
-    """A batch of events (``events.batch``): each handled as if it came alone, in
-    order; 200 with every event's own answer."""
+def _batch(handle: Handler, body: bytes, batch: BatchHandler | None = None) -> Answer:
+    """A batch of events (``events.batch``): each answered as if it came alone (by
+    ``batch`` when given, else by ``handle``, in order); 200 with every event's own answer."""
     try:
         events = eventbatch.decode_request(body)
     except eventbatch.BadBatch as exc:
         return error_answer(exc)
     item_headers = {"content-type": STRUCTURED}
-    answers = [handle(item_headers, event) for event in events]
+    if batch is not None:
+        answers = batch(item_headers, events)
+    else:
+        answers = [handle(item_headers, event) for event in events]
     return Answer(200, {"content-type": "application/json"}, eventbatch.encode_answer(
         [eventbatch.ItemAnswer(a.status, a.headers, a.body) for a in answers]))
 
 
-def serve(request: flask.Request, handle: Handler, *, name: str) -> flask.Response:
+def serve(request: flask.Request, handle: Handler, *, name: str,
+          batch: BatchHandler | None = None) -> flask.Response:
     """:func:`respond` for a Flask request (functions-framework's target)."""
     import flask
 
     answer = respond(request.method, request.path, request.content_length, request.stream, request.headers,
-                     handle, name=name)
+                     handle, name=name, batch=batch)
     return flask.Response(answer.body, status=answer.status, headers=answer.headers)
 
 
@@ -199,9 +209,9 @@ class EnvironHeaders(Mapping[str, str]):
         return isinstance(key, str) and key.lower() in self._h
 
 
-def wsgi_app(handle: Handler, *, name: str) -> WSGIApp:
+def wsgi_app(handle: Handler, *, name: str, batch: BatchHandler | None = None) -> WSGIApp:
     """:func:`respond` as a plain WSGI application (no Flask, no werkzeug), what gunicorn
-    serves."""
+    serves. ``batch``: see :func:`respond`."""
 
     def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
@@ -211,7 +221,7 @@ def wsgi_app(handle: Handler, *, name: str) -> WSGIApp:
         if length is not None and length < 0:
             length = 0
         answer = respond(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO") or "/", length,
-                         environ["wsgi.input"], EnvironHeaders(environ), handle, name=name)
+                         environ["wsgi.input"], EnvironHeaders(environ), handle, name=name, batch=batch)
         headers = [(k, v) for k, v in answer.headers.items()] + [("Content-Length", str(len(answer.body)))]
         start_response(f"{answer.status} {_REASONS.get(answer.status, 'Status')}", headers)
         return [answer.body]

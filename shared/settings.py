@@ -102,6 +102,11 @@ class Settings:
     progress_interval_s: float = 1.0  # at most one progress write per task per interval
     breaker_fail_max: int = 5  # consecutive dependency failures that open a circuit breaker
     breaker_reset_s: float = 30.0  # an open breaker lets one trial call through after this
+    # A worker of small work (resize-image) makes each task's work directory here, on a
+    # tmpfs, when it is a writable directory with this much free (else the default
+    # temporary directory; "" = always the default): no disk metadata work per task.
+    work_tmpfs_dir: str = "/dev/shm"
+    work_tmpfs_min_free_bytes: int = 512 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_video_duration_s: float = 600.0
     video_timeout_s: float = 540.0

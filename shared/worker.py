@@ -12,6 +12,11 @@ of finished work is acknowledged without work) → run the core in a temporary d
 with progress and cancel callbacks, a heartbeat renewing the lease → store the output
 under ``results/<user>/<task>/<filename>`` → record the outcome → answer.
 
+A batch of events (``handle_batch``, the envelope's batch entry) takes the same steps
+set-wise: every event decoded and checked, all their tasks claimed in one statement
+(``state.claim_many``), each claimed core run as alone, every success recorded in one
+statement (``state.succeed_many``); each event gets the answer it would have got alone.
+
 Answers, read by the broker's dispatcher:
 
 ==========================================  ===================  ==========================
@@ -58,7 +63,7 @@ from shared.errors import (
     is_retryable,
 )
 from shared.settings import Settings, get_settings
-from shared.tasks import sources, state, unit
+from shared.tasks import sources, state, status, unit
 from shared.tasks.heartbeat import Heartbeat
 from shared.tasks.repository import public_task
 
@@ -67,6 +72,7 @@ log = logging.getLogger(__name__)
 # Progress bands: fetching the input is the first tenth, the core up to 95, storing the rest.
 FETCH_BAND, CORE_BAND = (0, 10), (10, 95)
 BUSY_POLL_S = 0.5
+_HOST = socket.gethostname()
 _UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
 
 
@@ -127,8 +133,9 @@ class Worker:
     """The adapter for one task type. ``run(job) -> Output`` is the pure core binding."""
 
     def __init__(self, task_type: str, run: Callable[[Job], Output], *,
-                 resolver: Callable[[str, int], Sequence[str]] | None = None) -> None:
+                 resolver: Callable[[str, int], Sequence[str]] | None = None, small_work: bool = False) -> None:
         self.task_type = task_type
+        self.small_work = small_work  # work directories on a tmpfs when one is there (``work_root``)
         self.event_type = catalog.requested_type(task_type)
         self.run = run
         self.resolver = resolver  # tests inject a stub DNS resolver (SSRF tests)
@@ -146,36 +153,59 @@ class Worker:
     # --- HTTP ----------------------------------------------------------------------------
     def http(self, request: Any) -> Any:
         """functions-framework entry: a Flask request in, a Flask response out."""
-        return envelope.serve(request, self.handle, name=self.task_type)
+        return envelope.serve(request, self.handle, name=self.task_type, batch=self.handle_batch)
 
     def handle(self, headers: Mapping[str, str] | Any, body: bytes, settings: Settings | None = None) -> Answer:
         """Process one delivery. Never raises: every outcome is an ``Answer``."""
         settings = settings or get_settings()
         self._first_request(settings)
         try:
-            event = codec.from_http(headers, body)
-            data = self._check(event)
+            delivery = self._decode(headers, body)
         except BadRequest as exc:
-            log.warning("refused a malformed event: %s", exc.message)
-            metrics.TASK_ATTEMPTS.labels(self.task_type, "malformed").inc()
-            return error_answer(exc, 400)
-        span = tracing.child_of(event.get("traceparent"))
-        with logs.bind(task_id=data["task_id"], event_id=event["id"], trace_id=tracing.trace_id_of(span),
-                       user_id=data["user_id"]):
+            return _malformed(self.task_type, exc)
+        return self._single(settings, delivery)
+
+    def handle_batch(self, headers: Mapping[str, str] | Any, bodies: Sequence[bytes],
+                     settings: Settings | None = None) -> list[Answer]:
+        """Process a batch of deliveries (``events.batch``; the envelope calls this for a
+        batched request): each event gets exactly the answer it would have got alone, but
+        the tasks are claimed in one statement and their successes recorded in one
+        (``state.claim_many``, ``state.succeed_many``; docs/architecture.md §3). Never raises."""
+        settings = settings or get_settings()
+        self._first_request(settings)
+        answers: list[Answer | None] = [None] * len(bodies)
+        together: list[tuple[int, Delivery]] = []
+        after: list[tuple[int, Delivery]] = []  # handled alone once the batch's outcomes are recorded
+        seen: set[str] = set()
+        for i, body in enumerate(bodies):
             try:
-                return self._process(settings, data, span)
-            except state.LeaseLost:  # taken over while recording the outcome: the new owner answers
-                if _orphaned(settings, data["task_id"]):
-                    # Nobody owns it: the claim was an asynchronous commit a database
-                    # crash forgot. Keep the event so a redelivery runs the task again.
-                    log.warning("the task's claim was lost (database restart): the broker will retry")
-                    return error_answer(RetryableError("the task's claim was lost; retry", code="claim_lost"), 503)
-                log.warning("lost the task to another worker while recording its outcome")
-                return json_answer(202, {"outcome": "lease_lost"})
-            except Exception as exc:  # the state write itself failed (database down): retry later
-                log.exception("could not record the task's state")
-                err = exc if isinstance(exc, RetryableError) else RetryableError("internal error", code="internal")
-                return error_answer(err, max(503, http_status(err)))
+                delivery = self._decode(headers, body)
+            except BadRequest as exc:
+                answers[i] = _malformed(self.task_type, exc)
+                continue
+            # A second event for a task comes after the first one's outcome, as it would alone.
+            (after if delivery.task_id in seen else together).append((i, delivery))
+            seen.add(delivery.task_id)
+        if len(together) > 1:
+            self._together(settings, together, answers, after)
+        else:
+            after[:0] = together
+        for i, delivery in after:
+            answers[i] = self._single(settings, delivery)
+        return [a if a is not None else _internal_error() for a in answers]
+
+    def _decode(self, headers: Mapping[str, str] | Any, body: bytes) -> Delivery:
+        event = codec.from_http(headers, body)
+        data = self._check(event)
+        owner = f"{self.task_type}@{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        return Delivery(event, data, tracing.child_of(event.get("traceparent")), owner)
+
+    def _single(self, settings: Settings, delivery: Delivery) -> Answer:
+        with delivery.bound():
+            try:
+                return self._process(settings, delivery)
+            except Exception as exc:
+                return _state_failed(settings, delivery, exc)
 
     def _first_request(self, settings: Settings) -> None:
         if self._started:
@@ -203,64 +233,143 @@ class Worker:
         return data
 
     # --- one task ------------------------------------------------------------------------
-    def _claim(self, settings: Settings, data: dict[str, Any], owner: str) -> state.Claim:
+    def _claim(self, settings: Settings, d: Delivery) -> state.Claim:
         """Claim, waiting up to ``claim_wait_s`` while another worker's lease is live:
         if that worker died, its lease runs out and this delivery takes the task over."""
         deadline = time.monotonic() + settings.claim_wait_s
         while True:
             with unit.changes(settings) as ch:
-                claim = state.claim(ch.conn, data["task_id"], owner, settings.lease_s,
-                                    user_id=data["user_id"], task_type=self.task_type)
+                claim = state.claim(ch.conn, d.task_id, d.owner, settings.lease_s,
+                                    user_id=d.data["user_id"], task_type=self.task_type)
                 if claim.changed:
                     ch.record(claim.row)
             if claim.outcome is not state.ClaimOutcome.BUSY or time.monotonic() >= deadline:
                 return claim
             time.sleep(BUSY_POLL_S)
 
-    def _process(self, settings: Settings, data: dict[str, Any], span: str) -> Answer:
-        owner = f"{self.task_type}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        claim = self._claim(settings, data, owner)
-        outcome = claim.outcome
-        if outcome is not state.ClaimOutcome.CLAIMED:
-            metrics.TASK_ATTEMPTS.labels(self.task_type, outcome.value).inc()
-            if outcome is state.ClaimOutcome.MISSING:
-                log.warning("event for an unknown task (or one that does not match it): dropped")
-                return json_answer(200, {"outcome": "missing"})
-            if outcome is state.ClaimOutcome.BUSY:
-                # Keep the event: acknowledging it here would leave nothing in the queue if
-                # the running attempt then fails retryably (its own delivery may be long
-                # gone), and the task would sit in retrying until the reaper's bound.
-                # 409 is retried with backoff; once the attempt ends the retry claims the
-                # task (retrying) or is acknowledged as a duplicate (finished).
-                log.info("another worker holds a live lease on this task: the broker will retry")
-                return error_answer(TaskBusy("another worker is running this task; retry later"), 409)
-            if outcome is state.ClaimOutcome.CANCELLED:
-                metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
-                return json_answer(200, {"outcome": "cancelled"})
-            log.info("duplicate event for a finished task: acknowledged without work")
-            row = _row(claim)
-            return self._reply(settings, row, span, notify=state.wants_completion(row))
+    def _process(self, settings: Settings, d: Delivery) -> Answer:
+        claim = self._claim(settings, d)
+        if claim.outcome is not state.ClaimOutcome.CLAIMED:
+            return self._unclaimed(settings, claim, d.span)
         cold, self._cold = self._cold, False
-        batch_id = claim.row.get("batch_id") if claim.row is not None else None
-        answer = self._attempt(settings, _row(claim), owner, span, claim.upload)
-        if batch_id:
-            # A batch task finished (or will be retried): hand its slot to the next item.
-            from shared.batches import release as batch_release
-
-            if cold:
-                batch_release.charge_cold_start(settings, str(batch_id))
-            batch_release.release_and_publish(settings)
+        answer = self._attempt(settings, _row(claim), d.owner, d.span, claim.upload)
+        _release_batch_slot(settings, claim, cold)
         return answer
+
+    def _unclaimed(self, settings: Settings, claim: state.Claim, span: str) -> Answer:
+        """The answer for a claim that did not make this delivery the task's runner."""
+        outcome = claim.outcome
+        metrics.TASK_ATTEMPTS.labels(self.task_type, outcome.value).inc()
+        if outcome is state.ClaimOutcome.MISSING:
+            log.warning("event for an unknown task (or one that does not match it): dropped")
+            return json_answer(200, {"outcome": "missing"})
+        if outcome is state.ClaimOutcome.BUSY:
+            # Keep the event: acknowledging it here would leave nothing in the queue if
+            # the running attempt then fails retryably (its own delivery may be long
+            # gone), and the task would sit in retrying until the reaper's bound.
+            # 409 is retried with backoff; once the attempt ends the retry claims the
+            # task (retrying) or is acknowledged as a duplicate (finished).
+            log.info("another worker holds a live lease on this task: the broker will retry")
+            return error_answer(TaskBusy("another worker is running this task; retry later"), 409)
+        if outcome is state.ClaimOutcome.CANCELLED:
+            metrics.TASKS_COMPLETED.labels(self.task_type, "cancelled").inc()
+            return json_answer(200, {"outcome": "cancelled"})
+        log.info("duplicate event for a finished task: acknowledged without work")
+        row = _row(claim)
+        return self._reply(settings, row, span, notify=state.wants_completion(row))
+
+    # --- a batch of tasks ------------------------------------------------------------------
+    def _together(self, settings: Settings, run: list[tuple[int, Delivery]], answers: list[Answer | None],
+                  after: list[tuple[int, Delivery]]) -> None:
+        """Claim the tasks of ``run`` in one statement, run each claimed core, record the
+        successes in one statement; fill in ``answers``. Events that must wait for a live
+        lease elsewhere go to ``after`` (the single path waits it out). Every change of
+        the batch is handed to the status fan-out once, at the end."""
+        changed: list[dict[str, Any]] = []
+        try:
+            with unit.changes(settings, changed.extend) as ch:
+                claims = state.claim_many(ch.conn, [
+                    state.ClaimRequest(d.task_id, d.owner, d.data["user_id"], self.task_type) for _i, d in run],
+                    settings.lease_s)
+                ch.record([c.row for c in claims if c.changed])
+        except Exception as exc:
+            for i, d in run:
+                with d.bound():
+                    answers[i] = _state_failed(settings, d, exc)
+            return
+        leased_at = time.monotonic()  # the later tasks' leases age while earlier cores run
+        worked: list[tuple[int, Delivery, Done]] = []
+        claimed: list[tuple[state.Claim, bool]] = []  # batch tasks' slots are released as alone
+        for (i, d), claim in zip(run, claims, strict=True):
+            with d.bound():
+                try:
+                    if claim.outcome is state.ClaimOutcome.BUSY and settings.claim_wait_s > 0:
+                        after.append((i, d))
+                    elif claim.outcome is not state.ClaimOutcome.CLAIMED:
+                        answers[i] = self._unclaimed(settings, claim, d.span)
+                    else:
+                        cold, self._cold = self._cold, False
+                        claimed.append((claim, cold))
+                        done = self._work(settings, _row(claim), d.owner, d.span, claim.upload, changed.extend,
+                                          leased_at=leased_at)
+                        if isinstance(done, Done):
+                            worked.append((i, d, done))
+                        else:
+                            answers[i] = done
+                except Exception as exc:
+                    answers[i] = _state_failed(settings, d, exc)
+        if worked:
+            self._record_successes(settings, worked, answers, changed.extend)
+        status.submit(settings, changed)
+        for claim, cold in claimed:
+            _release_batch_slot(settings, claim, cold)
+
+    def _record_successes(self, settings: Settings, worked: list[tuple[int, Delivery, Done]],
+                          answers: list[Answer | None], publish: unit.Publisher) -> None:
+        """Record the batch's successes in one statement and answer each of them."""
+        try:
+            with unit.changes(settings, publish) as ch:
+                rows = ch.record(state.succeed_many(
+                    ch.conn, [(d.task_id, d.owner, done.result) for _i, d, done in worked]))
+        except Exception as exc:
+            for i, d, _done in worked:
+                with d.bound():
+                    answers[i] = _state_failed(settings, d, exc)
+            return
+        by_id = {str(r["id"]): r for r in rows}
+        for i, d, done in worked:
+            with d.bound():
+                row = by_id.get(d.task_id)
+                if row is None:  # as alone: the outcome's conditional UPDATE found no lease
+                    answers[i] = _state_failed(
+                        settings, d, state.LeaseLost(f"task {d.task_id} is no longer leased to {d.owner}"))
+                else:
+                    answers[i] = self._succeeded(settings, row, done, d.span)
 
     def _attempt(self, settings: Settings, row: dict[str, Any], owner: str, span: str,
                  upload: state.Upload | None = None) -> Answer:
+        done = self._work(settings, row, owner, span, upload)
+        if not isinstance(done, Done):
+            return done
+        with unit.changes(settings) as ch:
+            finished = ch.record(state.succeed(ch.conn, str(row["id"]), owner, done.result))
+        return self._succeeded(settings, finished, done, span)
+
+    def _work(self, settings: Settings, row: dict[str, Any], owner: str, span: str,
+              upload: state.Upload | None = None, publish: unit.Publisher | None = None, *,
+              leased_at: float | None = None) -> Done | Answer:
+        """Run the core on a claimed task and store its output: ``Done`` (the success is
+        still to be recorded), or the answer of a failure already recorded (``publish``
+        gets its changed rows; default the status fan-out). ``leased_at``: when the
+        lease was taken (``time.monotonic``), if not just now."""
         task_id, user_id = str(row["id"]), str(row["user_id"])
         started = time.monotonic()
         store = breakers.GuardedStorage(storage.get_storage(settings), key=settings.storage_backend)
-        hb = Heartbeat(settings, task_id, owner)
+        hb = Heartbeat(settings, task_id, owner, leased_at=leased_at)
         log.info("attempt %d started", row["attempts"])
         try:
-            with hb, tempfile.TemporaryDirectory(prefix=f"taskforge-{self.task_type}-") as tmp:
+            root = work_root(settings) if self.small_work else None
+            with hb, tempfile.TemporaryDirectory(prefix=f"taskforge-{self.task_type}-", dir=root) as tmp:
                 stored = row["payload"]
                 if not validate.payload_is_valid(self.task_type, stored):  # else the Python validator explains
                     payloads.validate_payload(self.task_type, stored)
@@ -274,12 +383,14 @@ class Worker:
                     raise state.LeaseLost("lease lost while working")
                 result = self._store(store, user_id, task_id, output)
         except Exception as exc:
-            return self._failed(settings, row, owner, exc, hb, started, span)
-        with unit.changes(settings) as ch:
-            done = ch.record(state.succeed(ch.conn, task_id, owner, result))
-        self._observe("succeeded", started, terminal=True)
-        log.info("task succeeded (%d bytes)", result["size"])
-        return self._reply(settings, done, span, notify=state.wants_completion(done))
+            return self._failed(settings, row, owner, exc, hb, started, span, publish)
+        return Done(result, started)
+
+    def _succeeded(self, settings: Settings, row: dict[str, Any], done: Done, span: str) -> Answer:
+        """The answer for a success just recorded (``row``: what ``state.succeed`` returned)."""
+        self._observe("succeeded", done.started, terminal=True)
+        log.info("task succeeded (%d bytes)", done.result["size"])
+        return self._reply(settings, row, span, notify=state.wants_completion(row))
 
     def _store(self, store: Any, user_id: str, task_id: str, output: Output) -> dict[str, Any]:
         key = storage.check_key(f"results/{user_id}/{task_id}/{output.filename}")
@@ -289,14 +400,14 @@ class Worker:
                 "filename": output.filename}
 
     def _failed(self, settings: Settings, row: dict[str, Any], owner: str, exc: Exception, hb: Heartbeat,
-                started: float, span: str) -> Answer:
+                started: float, span: str, publish: unit.Publisher | None = None) -> Answer:
         task_id = str(row["id"])
         if isinstance(exc, state.LeaseLost) or hb.lost.is_set():
             log.warning("lost the task to another worker; recording nothing")
             self._observe("lease_lost", started, terminal=False)
             return json_answer(202, {"outcome": "lease_lost"})
         if isinstance(exc, Cancelled) or hb.cancel.is_set():
-            with unit.changes(settings) as ch:
+            with unit.changes(settings, publish) as ch:
                 done = ch.record(state.finish_cancelled(ch.conn, task_id, owner))
             self._observe("cancelled", started, terminal=True)
             log.info("task cancelled during work")
@@ -308,7 +419,7 @@ class Worker:
             error = RetryableError(f"internal error ({exc.__class__.__name__})", code="internal")
         retryable = is_retryable(exc)
         last = int(row["attempts"]) >= settings.max_attempts
-        with unit.changes(settings) as ch:
+        with unit.changes(settings, publish) as ch:
             if retryable and not last:
                 done = ch.record(state.mark_retrying(ch.conn, task_id, owner, error))
             else:
@@ -344,6 +455,89 @@ class Worker:
         if st not in ("succeeded", "failed") or not notify:
             return json_answer(200, {"outcome": st})
         return Answer(200, *reply_event(self.source, row, span))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One decoded, checked event and the attempt it starts (``owner`` names its lease)."""
+
+    event: Any
+    data: dict[str, Any]
+    span: str
+    owner: str
+
+    @property
+    def task_id(self) -> str:
+        return str(self.data["task_id"])
+
+    def bound(self) -> Any:
+        """Log lines inside the block carry the event's task, ids and trace."""
+        return logs.bind(task_id=self.data["task_id"], event_id=self.event["id"],
+                         trace_id=tracing.trace_id_of(self.span), user_id=self.data["user_id"])
+
+
+@dataclass(frozen=True)
+class Done:
+    """A core's stored output whose success is still to be recorded."""
+
+    result: dict[str, Any]
+    started: float
+
+
+def _malformed(task_type: str, exc: BadRequest) -> Answer:
+    log.warning("refused a malformed event: %s", exc.message)
+    metrics.TASK_ATTEMPTS.labels(task_type, "malformed").inc()
+    return error_answer(exc, 400)
+
+
+def _internal_error() -> Answer:
+    return error_answer(RetryableError("internal error", code="internal"), 503)
+
+
+def _state_failed(settings: Settings, d: Delivery, exc: Exception) -> Answer:
+    """The answer when recording the task's state raised ``exc`` (inside ``d.bound()``)."""
+    if isinstance(exc, state.LeaseLost):  # taken over while recording the outcome: the new owner answers
+        if _orphaned(settings, d.task_id):
+            # Nobody owns it: the claim was an asynchronous commit a database
+            # crash forgot. Keep the event so a redelivery runs the task again.
+            log.warning("the task's claim was lost (database restart): the broker will retry")
+            return error_answer(RetryableError("the task's claim was lost; retry", code="claim_lost"), 503)
+        log.warning("lost the task to another worker while recording its outcome")
+        return json_answer(202, {"outcome": "lease_lost"})
+    # The state write itself failed (database down): retry later.
+    log.error("could not record the task's state", exc_info=exc)
+    err = exc if isinstance(exc, RetryableError) else RetryableError("internal error", code="internal")
+    return error_answer(err, max(503, http_status(err)))
+
+
+def _release_batch_slot(settings: Settings, claim: state.Claim, cold: bool) -> None:
+    """A batch task finished (or will be retried): hand its slot to the next item."""
+    batch_id = claim.row.get("batch_id") if claim.row is not None else None
+    if not batch_id:
+        return
+    from shared.batches import release as batch_release
+
+    if cold:
+        batch_release.charge_cold_start(settings, str(batch_id))
+    batch_release.release_and_publish(settings)
+
+
+def work_root(settings: Settings) -> str | None:
+    """Where a small task's work directory goes: ``settings.work_tmpfs_dir`` (a tmpfs such
+    as ``/dev/shm``: creating and removing a directory there costs no disk metadata work)
+    while it is a writable directory with ``work_tmpfs_min_free_bytes`` free; otherwise
+    None, the default temporary directory (also when the tmpfs fills up, or a container's
+    is too small)."""
+    root = settings.work_tmpfs_dir
+    if not root:
+        return None
+    try:
+        fs = os.statvfs(root)
+    except OSError:
+        return None
+    if fs.f_bavail * fs.f_frsize < settings.work_tmpfs_min_free_bytes or not os.access(root, os.W_OK | os.X_OK):
+        return None
+    return root
 
 
 def _orphaned(settings: Settings, task_id: str) -> bool:

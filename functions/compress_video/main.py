@@ -29,7 +29,7 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("compress-video", run)
-application = envelope.wsgi_app(worker.handle, name="compress-video")  # served by gunicorn (docs/architecture.md §6)
+application = envelope.wsgi_app(worker.handle, name="compress-video", batch=worker.handle_batch)  # served by gunicorn (docs/architecture.md §6)
 
 
 def handle(request: Any) -> Any:

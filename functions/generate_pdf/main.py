@@ -39,7 +39,7 @@ def run(job: Job) -> Output:
 
 
 worker = Worker("generate-pdf", run)
-application = envelope.wsgi_app(worker.handle, name="generate-pdf")  # served by gunicorn (docs/architecture.md §6)
+application = envelope.wsgi_app(worker.handle, name="generate-pdf", batch=worker.handle_batch)  # served by gunicorn (docs/architecture.md §6)
 install_sigterm()  # the warm Chromium stops with the process (shared.media.browser)
 
 

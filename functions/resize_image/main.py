@@ -26,8 +26,8 @@ def run(job: Job) -> Output:
     return Output(dest, info["content_type"], f"output.{info['ext']}", {k: info[k] for k in _META if k in info})
 
 
-worker = Worker("resize-image", run)
-application = envelope.wsgi_app(worker.handle, name="resize-image")  # served by gunicorn (docs/architecture.md §6)
+worker = Worker("resize-image", run, small_work=True)  # work directories on a tmpfs when there is one
+application = envelope.wsgi_app(worker.handle, name="resize-image", batch=worker.handle_batch)  # served by gunicorn (docs/architecture.md §6)
 
 
 def handle(request: Any) -> Any:

@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(self, settings: Settings, task_id: str, owner: str,
-                 publish: unit.Publisher | None = None, *, clock: Callable[[], float] = time.monotonic):
+                 publish: unit.Publisher | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 leased_at: float | None = None):
+        """``leased_at`` (on ``clock``): when the lease was taken or last renewed, if not
+        just now (a task of a batch waits for the cores before it), so the first renewal
+        comes as due."""
         self.settings, self.task_id, self.owner = settings, task_id, owner
         self.publish = publish
         self.clock = clock
@@ -43,7 +47,7 @@ class Heartbeat:
         self._progress: int | None = None  # latest value reported by the core
         self._written = 0
         now = clock()
-        self._last_renew = now
+        self._last_renew = now if leased_at is None else min(now, leased_at)
         self._last_progress = now - settings.progress_interval_s
         self._due = now  # when the process's heartbeat thread ticks this task next
         self._ctx = contextvars.copy_context()

@@ -119,9 +119,15 @@ _UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-f
 # Whether anyone listens for a task's completion: its one-off callback, or an endpoint of
 # its owner (task and batch completions are only ever sent to those). Evaluated by the
 # statement that finishes the task, so the worker knows whether to send a reply event.
-_NOTIFY = ("(EXISTS (SELECT 1 FROM task_callbacks cb WHERE cb.task_id = tasks.id)"
-           " OR EXISTS (SELECT 1 FROM webhook_endpoints we WHERE we.user_id = tasks.user_id"
-           " AND we.kind = 'endpoint')) AS notify")
+def _notify(task: str) -> str:
+    """The listener test for the task row (or alias) ``task``, as a ``notify`` column."""
+    return (f"(EXISTS (SELECT 1 FROM task_callbacks cb WHERE cb.task_id = {task}.id)"
+            f" OR EXISTS (SELECT 1 FROM webhook_endpoints we WHERE we.user_id = {task}.user_id"
+            " AND we.kind = 'endpoint')) AS notify")
+
+
+_NOTIFY = _notify("tasks")
+_TERMINAL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
 
 
 def _error(error: TaskForgeError | dict[str, Any]) -> Jsonb:
@@ -195,6 +201,18 @@ def request_cancel(conn: Conn, user_id: str, task_id: str) -> Row:
 
 
 # --- workers -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One task a worker asks to run: the event's task id and, when the event names them,
+    its user and type (a task of another user or type is then ``MISSING``). ``owner``
+    names this attempt (the lease holder)."""
+
+    task_id: str
+    owner: str
+    user_id: str | None = None
+    task_type: str | None = None
+
+
 def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
           user_id: str | None = None, task_type: str | None = None) -> Claim:
     """Try to become the task's runner: ``pending/queued/retrying → running``.
@@ -206,62 +224,105 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
     it becomes ``cancelled`` (``CANCELLED``); a live lease elsewhere is ``BUSY``.
     With ``user_id`` and ``task_type`` (from the event), a task of another user or type is
     ``MISSING``: an event that does not match its row never touches it.
+    The single-task case of :func:`claim_many` (one statement, the same rules).
     """
-    params: dict[str, Any] = {"id": task_id, "owner": owner, "lease": float(lease_s)}
-    match = ""
-    if user_id is not None or task_type is not None:
-        if user_id is None or task_type is None:
+    if (user_id is None) != (task_type is None):
+        raise ValueError("pass both user_id and task_type, or neither")
+    return claim_many(conn, [ClaimRequest(task_id, owner, user_id, task_type)], lease_s)[0]
+
+
+# The set-based claim, one statement for any number of tasks (``claim_many``):
+#   req        the requests (id, owner, and the user and type the event names, or NULLs);
+#   locked     the matching rows, locked in id order (as LOCK_IN_ID_ORDER, so concurrent
+#              claims of overlapping sets never deadlock). A locking read returns the
+#              newest version of a row it had to wait for, so every outcome below is
+#              decided on the row as it is now, not as the statement's snapshot saw it;
+#   claimed    the conditional claim (the single-task rule, row by row);
+#   cancelled  a task whose cancel arrived before any live worker had it becomes
+#              cancelled (terminal: the transaction then commits durably);
+# and the answer: the claimed rows with the upload their payload names (the owner's only;
+# a malformed id matches nothing), the cancelled rows, and every other locked row as a
+# duplicate of finished work (with whether anyone listens for its completion) or busy.
+# A request with no row is missing. Only when something was claimed and nothing became
+# terminal does the transaction commit asynchronously (``RELAXED``).
+# Both changes test the row as ``locked`` read it (the newest version, now ours), not as
+# the statement's snapshot saw it: a row that changed meanwhile is judged as it is.
+_CLAIMABLE = ("NOT (locked.task).cancel_requested AND ((locked.task).status IN ('pending', 'queued', 'retrying')"
+              " OR ((locked.task).status = 'running'"
+              "     AND ((locked.task).lease_until IS NULL OR (locked.task).lease_until < now())))")
+_CLAIM_MANY = (
+    "WITH req AS (SELECT * FROM unnest(%(ids)s::uuid[], %(owners)s::text[], %(users)s::uuid[], %(types)s::text[])"
+    "   AS r(id, owner, user_id, type)),"
+    " locked AS MATERIALIZED (SELECT tasks AS task, req.owner,"
+    "   coalesce(tasks.status = 'running' AND tasks.lease_until > now(), false) AS lease_live"
+    "   FROM tasks JOIN req ON tasks.id = req.id"
+    "     AND (req.type IS NULL OR (tasks.user_id = req.user_id AND tasks.type = req.type))"
+    "   WHERE tasks.id = ANY(%(ids)s::uuid[])"  # the primary key finds the rows, whatever the join
+    "   ORDER BY tasks.id FOR UPDATE OF tasks),"
+    " claimed AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
+    "   lease_owner = locked.owner, lease_until = now() + %(lease)s * interval '1 second',"
+    f"   started_at = coalesce(started_at, now()), {_BUMP}"
+    f"   FROM locked WHERE tasks.id = (locked.task).id AND {_CLAIMABLE} RETURNING tasks.*),"
+    " cancelled AS (UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
+    f"   lease_until = NULL, {_FINAL}"
+    "   FROM locked WHERE tasks.id = (locked.task).id AND (locked.task).cancel_requested AND NOT locked.lease_live"
+    f"     AND (locked.task).status NOT IN ({_TERMINAL}) RETURNING tasks.*)"
+    " SELECT 'claimed' AS outcome, c.*, NULL::boolean AS notify, u.storage_key AS upload_key,"
+    " u.content_type AS upload_content_type, u.size AS upload_size, u.filename AS upload_filename,"
+    f" u.id::text AS upload_id, CASE WHEN NOT EXISTS (SELECT 1 FROM cancelled) THEN {RELAXED} END AS relaxed"
+    " FROM claimed c LEFT JOIN uploads u ON u.user_id = c.user_id AND u.id = CASE"
+    f"   WHEN c.payload->'source'->>'upload_id' ~ '{_UUID_RE}'"
+    "   THEN (c.payload->'source'->>'upload_id')::uuid END"
+    " UNION ALL SELECT 'cancelled', x.*, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cancelled x"
+    f" UNION ALL SELECT CASE WHEN t.status IN ({_TERMINAL}) THEN 'finished' ELSE 'busy' END, t.*, {_notify('t')},"
+    " NULL, NULL, NULL, NULL, NULL, NULL"
+    " FROM (SELECT (l.task).* FROM locked l WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = (l.task).id)"
+    "   AND NOT EXISTS (SELECT 1 FROM cancelled x WHERE x.id = (l.task).id)) t"
+)
+
+
+def claim_many(conn: Conn, requests: Sequence[ClaimRequest], lease_s: float) -> list[Claim]:
+    """:func:`claim` for several tasks in one statement (a worker's batch of events):
+    the claims, in the order of ``requests``, are what as many single claims would
+    return. Task ids must be distinct (a second event for the same task is handled after
+    the first's outcome, as it would be alone). Cancelled-before-start tasks get their
+    completion event in the same transaction."""
+    ids = [str(r.task_id) for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ValueError("claim_many takes each task once")
+    if not ids:
+        return []
+    for r in requests:
+        if (r.user_id is None) != (r.task_type is None):
             raise ValueError("pass both user_id and task_type, or neither")
-        match = " AND user_id = %(user)s AND type = %(ttype)s"
-        params.update(user=user_id, ttype=task_type)
-    # One statement: the conditional claim, the upload the payload names (the owner's
-    # only; a malformed id matches nothing) and, when it claimed, an asynchronous commit.
-    row = conn.execute(
-        f"WITH c AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, progress = 0, error = NULL,"
-        f" lease_owner = %(owner)s, lease_until = now() + %(lease)s * interval '1 second',"
-        f" started_at = coalesce(started_at, now()), {_BUMP}"
-        " WHERE id = %(id)s AND NOT cancel_requested AND (status IN ('pending', 'queued', 'retrying')"
-        "   OR (status = 'running' AND (lease_until IS NULL OR lease_until < now())))" + match +
-        " RETURNING *)"
-        " SELECT c.*, u.storage_key AS upload_key, u.content_type AS upload_content_type,"
-        " u.size AS upload_size, u.filename AS upload_filename, u.id::text AS upload_id,"
-        f" {RELAXED} AS relaxed"
-        " FROM c LEFT JOIN uploads u ON u.user_id = c.user_id AND u.id = CASE"
-        f"   WHEN c.payload->'source'->>'upload_id' ~ '{_UUID_RE}'"
-        "   THEN (c.payload->'source'->>'upload_id')::uuid END",
-        params,
-    ).fetchone()
-    if row is not None:
-        del row["relaxed"]
-        upload_id = row.pop("upload_id")
+    rows = conn.execute(_CLAIM_MANY, {
+        "ids": ids, "owners": [r.owner for r in requests], "users": [r.user_id for r in requests],
+        "types": [r.task_type for r in requests], "lease": float(lease_s),
+    }).fetchall()
+    by_id = {str(row["id"]): _claim_of(conn, row) for row in rows}
+    return [by_id.get(i) or Claim(ClaimOutcome.MISSING, None) for i in ids]
+
+
+def _claim_of(conn: Conn, row: Row) -> Claim:
+    """The :class:`Claim` of one row of ``_CLAIM_MANY`` (shaped as the single claim's)."""
+    outcome = ClaimOutcome(row.pop("outcome"))
+    upload_id = row.pop("upload_id")
+    upload_cols = {col: row.pop(col) for col in _UPLOAD_COLUMNS}
+    del row["relaxed"]
+    if outcome is ClaimOutcome.CLAIMED:
+        del row["notify"]
         upload = None
         if upload_id is not None:
-            upload = Upload(upload_id, row["upload_key"], row["upload_content_type"], int(row["upload_size"] or 0),
-                            row["upload_filename"])
-        for col in _UPLOAD_COLUMNS:
-            del row[col]
-        return Claim(ClaimOutcome.CLAIMED, row, changed=True, upload=upload)
-    row = conn.execute(
-        f"SELECT *, (status = 'running' AND lease_until > now()) AS lease_live, {_NOTIFY} FROM tasks"
-        " WHERE id = %(id)s" + match + " FOR UPDATE",
-        params,
-    ).fetchone()
-    if row is None:
-        return Claim(ClaimOutcome.MISSING, None)
-    lease_live = bool(row.pop("lease_live"))
-    status = TaskStatus(row["status"])
-    if status in TERMINAL:
-        return Claim(ClaimOutcome.FINISHED, row)  # with ``notify``: see ``wants_completion``
+            upload = Upload(upload_id, upload_cols["upload_key"], upload_cols["upload_content_type"],
+                            int(upload_cols["upload_size"] or 0), upload_cols["upload_filename"])
+        return Claim(outcome, row, changed=True, upload=upload)
+    if outcome is ClaimOutcome.FINISHED:
+        return Claim(outcome, row)  # with ``notify``: see ``wants_completion``
     del row["notify"]
-    if row["cancel_requested"] and not lease_live:
+    if outcome is ClaimOutcome.CANCELLED:
         # Cancel reached the task before it started, or its worker died mid-cancel.
-        row = _announce(conn, conn.execute(
-            f"UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
-            f" lease_until = NULL, {_FINAL} WHERE id = %s RETURNING *",
-            (task_id,),
-        ).fetchone())
-        return Claim(ClaimOutcome.CANCELLED, row, changed=True)
-    return Claim(ClaimOutcome.BUSY, row)
+        return Claim(outcome, _announce(conn, row), changed=True)
+    return Claim(outcome, row)
 
 
 def _owned_update(conn: Conn, task_id: str, owner: str, assignments: str,
@@ -341,12 +402,31 @@ def is_cancel_requested(conn: Conn, task_id: str) -> bool:
 
 def succeed(conn: Conn, task_id: str, owner: str, result: dict[str, Any]) -> Row:
     """``running → succeeded`` with ``result`` (``{key, content_type, size, ...}``)."""
-    return _owned_update(
-        conn, task_id, owner,
-        "status = 'succeeded', progress = 100, result = %(result)s, error = NULL, finished_at = now(),"
-        " lease_owner = NULL, lease_until = NULL",
-        {"result": Jsonb(result)}, final=True,
-    )
+    (row,) = succeed_many(conn, [(task_id, owner, result)]) or (None,)
+    if row is None:
+        raise LeaseLost(f"task {task_id} is no longer leased to {owner}")
+    return row
+
+
+def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, str, dict[str, Any]]]) -> list[Row]:
+    """:func:`succeed` for several ``(task_id, owner, result)`` in one statement (a
+    worker's batch): the rows locked in id order (LOCK_IN_ID_ORDER), each changed only
+    while ``owner`` still holds its lease. Returns the changed rows, each with
+    ``notify`` (``wants_completion``); a task missing from them lost its lease."""
+    if not outcomes:
+        return []
+    ids = [str(t) for t, _o, _r in outcomes]
+    if len(set(ids)) != len(ids):
+        raise ValueError("succeed_many takes each task once")
+    return conn.execute(
+        f"{LOCK_IN_ID_ORDER}, v AS (SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[]) AS v(id, owner, result))"
+        " UPDATE tasks SET status = 'succeeded', progress = 100, result = v.result, error = NULL,"
+        f" finished_at = now(), lease_owner = NULL, lease_until = NULL, {_FINAL}"
+        " FROM locked JOIN v ON v.id = locked.id"
+        " WHERE tasks.id = locked.id AND tasks.status = 'running' AND tasks.lease_owner = v.owner"
+        f" RETURNING tasks.*, {_NOTIFY}",
+        (ids, ids, [o for _t, o, _r in outcomes], [Jsonb(r) for _t, _o, r in outcomes]),
+    ).fetchall()
 
 
 def fail(conn: Conn, task_id: str, owner: str, error: TaskForgeError | dict[str, Any],

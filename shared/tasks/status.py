@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from shared import breakers, db, redisclient
 from shared.settings import Settings
-from shared.tasks import state
 
 if TYPE_CHECKING:  # redis-py is imported where it is used (shared/redisclient.py says why)
     import redis
@@ -337,11 +336,16 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
             # that change, and the script's version guard drops the duplicate.
             conn.execute("SET LOCAL synchronous_commit = off")
             ids = sorted(tasks)
-            conn.execute(  # rows locked in id order, as mark_queued does: no deadlock between them
-                f"{state.LOCK_IN_ID_ORDER} UPDATE tasks t SET published_version = v.ver"
-                " FROM locked, unnest(%s::uuid[], %s::bigint[]) AS v(id, ver)"
-                " WHERE t.id = locked.id AND t.id = v.id AND t.published_version < v.ver",
-                (ids, ids, [tasks[i] for i in ids]),
+            # Rows are locked in id order, as every multi-row update of tasks does (no
+            # deadlock between them), and only those still behind: a mark another process
+            # already passed (a worker's, for the change after the relay's) costs no lock.
+            conn.execute(
+                "WITH locked AS MATERIALIZED (SELECT t.id, v.ver FROM tasks t"
+                " JOIN unnest(%s::uuid[], %s::bigint[]) AS v(id, ver) ON t.id = v.id"
+                " WHERE t.published_version < v.ver ORDER BY t.id FOR UPDATE OF t)"
+                " UPDATE tasks t SET published_version = locked.ver FROM locked"
+                " WHERE t.id = locked.id AND t.published_version < locked.ver",
+                (ids, [tasks[i] for i in ids]),
             )
     except Exception as exc:  # harmless: a later catch_up re-appends, the script dedupes
         log.warning("could not record published status versions",

@@ -89,3 +89,26 @@ def test_a_dead_lettered_batch_task_frees_its_slot_at_once(settings, make_user, 
     got = conn.execute("SELECT n_failed, n_waiting, n_pending + n_queued AS ready FROM batches WHERE id = %s",
                        (bid,)).fetchone()
     assert got == {"n_failed": 1, "n_waiting": 0, "ready": 1}  # line 2 went out without waiting for a tick
+
+
+def test_a_delivered_batch_of_batch_tasks_releases_a_slot_per_task_and_charges_one_cold_start(
+        settings, make_user, conn):
+    from events import codec
+
+    s = settings.replace(claim_wait_s=0.0, broker_backend="memory")
+    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
+        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(4))
+    with db.connection(s) as c:
+        row, _ = batches.create(c, user_id=make_user(), parsed=manifest.parse(text.encode(), max_items=10),
+                                max_in_flight=2)
+    bid = str(row["id"])
+    assert len(batch_release.release(s).rows) == 2
+    first = conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchall()
+    bodies = [codec.to_structured_http(codec.from_http(*requested_event(t)))[1] for t in first]
+    worker = Worker("resize-image", core)  # a fresh process, as far as the worker knows
+    answers = worker.handle_batch({"content-type": codec.STRUCTURED_CT}, bodies, s)
+    assert [a.status for a in answers] == [200, 200]
+    got = conn.execute("SELECT cold_starts, n_succeeded, n_queued, n_waiting FROM batches WHERE id = %s",
+                       (bid,)).fetchone()
+    # Both finished tasks handed their slot on: the two remaining items are released.
+    assert got == {"cold_starts": 1, "n_succeeded": 2, "n_queued": 2, "n_waiting": 0}

@@ -125,3 +125,13 @@ def test_one_thread_ticks_every_running_task_of_the_process(settings, make_task)
         state.request_cancel(c, tasks[0][1], tasks[0][0])
     time.sleep(0.3)
     assert not beats[0].should_cancel()
+
+
+def test_a_lease_that_aged_before_the_work_started_is_renewed_at_the_first_tick(settings, make_task, conn):
+    # A task of a batch was claimed with the others and waited for the cores before it.
+    s = settings.replace(lease_s=30)
+    tid, _ = claimed(s, make_task, lease_s=12)
+    clock = Clock()
+    hb = Heartbeat(s, tid, "w", lambda rows: None, clock=clock, leased_at=clock.now - 11)
+    hb.tick()
+    assert lease_left(conn, tid) > 25

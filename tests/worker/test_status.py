@@ -170,6 +170,30 @@ def test_marks_and_mark_queued_lock_rows_in_one_order(settings, make_task, make_
                         (uid,)).fetchone()["v"] == 17
 
 
+def test_a_mark_another_process_already_passed_takes_no_row_lock(settings, make_task, conn, caplog):
+    """The relay's mark for ``queued`` often lands after a worker marked a later change:
+    it has nothing to write, so it must not take (or wait for) the row's lock."""
+    import threading
+
+    import psycopg
+
+    t = make_task(status="pending")
+    conn.execute("UPDATE tasks SET published_version = status_version + 5 WHERE id = %s", (t["id"],))
+    with psycopg.connect(settings.database_url) as holder:  # a worker's open transaction holds the row
+        holder.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (t["id"],))
+        mark = threading.Thread(target=status._write_marks, args=(settings, {str(t["id"]): 1}), daemon=True)
+        mark.start()
+        mark.join(10)
+        finished_while_locked = not mark.is_alive()  # a mark waiting for the lock would still be here
+        holder.rollback()
+    mark.join(10)
+    assert finished_while_locked
+    # ... and not because it gave up waiting (the pool's lock timeout): it never asked
+    assert "could not record published status versions" not in caplog.text
+    row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s", (t["id"],)).fetchone()
+    assert row["published_version"] == row["status_version"] + 5  # untouched
+
+
 # --- the fan-out thread (status.submit, what every committed unit of work calls) ---------
 def _queued_then_running(settings, task_id):
     with db.connection(settings) as c:

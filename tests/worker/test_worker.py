@@ -339,3 +339,28 @@ def test_a_claim_lost_to_a_database_restart_keeps_the_event(wsettings, make_task
     assert task_row(conn, t["id"])["status"] == "queued"
     again = Worker("resize-image", Core()).handle(*requested_event(t), wsettings)  # the redelivery
     assert again.status == 200 and task_row(conn, t["id"])["status"] == "succeeded"
+
+
+def test_small_work_goes_to_the_tmpfs_while_it_has_room(wsettings, make_task, tmp_path):
+    import tempfile
+
+    seen: list[Path] = []
+
+    def core(job: Job) -> Output:
+        seen.append(job.workdir.parent)
+        return Core()(job)
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    roomy = wsettings.replace(work_tmpfs_dir=str(shm), work_tmpfs_min_free_bytes=1)
+    small = Worker("resize-image", core, small_work=True)
+    assert small.handle(*requested_event(make_task(status="queued")), roomy).status == 200
+    full = roomy.replace(work_tmpfs_min_free_bytes=1 << 62)  # not that much room anywhere
+    assert small.handle(*requested_event(make_task(status="queued")), full).status == 200
+    gone = roomy.replace(work_tmpfs_dir=str(tmp_path / "missing"))
+    assert small.handle(*requested_event(make_task(status="queued")), gone).status == 200
+    large = Worker("resize-image", core)  # other work keeps the default temporary directory
+    assert large.handle(*requested_event(make_task(status="queued")), roomy).status == 200
+    default = Path(tempfile.gettempdir())
+    assert seen == [shm, default, default, default]
+    assert list(shm.iterdir()) == []  # removed after the attempt
