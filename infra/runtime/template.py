@@ -33,6 +33,12 @@ and the supervisor restarts them as after any crash. A function start at least
 A function whose interpreter-level variables (``PYTHON*``, ``LANG``, ``LC_*``, ``LD_*``)
 differ from the template's always starts the plain way: those take effect when an
 interpreter starts, and a forked child keeps its parent's.
+
+Edited code: the template remembers the modification time of every project source file
+it imported. Once one has changed (a developer edited it while ``taskforge dev`` runs),
+the template answers a start with ``stale`` instead of forking a child that would mix the
+old module with new ones, and functions start the plain way, on the new code, until the
+stack is restarted. The template itself stays up: the functions it forked die with it.
 """
 from __future__ import annotations
 
@@ -120,6 +126,36 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     return skipped
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def source_stamps() -> dict[str, int]:
+    """The modification time (ns) of every project source file imported so far (the
+    project's own modules, not the installed packages)."""
+    stamps = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path or not path.startswith(_ROOT + os.sep) or "site-packages" in path:
+            continue
+        try:
+            stamps[path] = os.stat(path).st_mtime_ns
+        except OSError:
+            continue
+    return stamps
+
+
+def changed_source(stamps: Mapping[str, int]) -> str | None:
+    """The first of those files that changed (or vanished) since, relative to the project."""
+    for path, stamp in stamps.items():
+        try:
+            if os.stat(path).st_mtime_ns == stamp:
+                continue
+        except OSError:
+            pass
+        return os.path.relpath(path, _ROOT)
+    return None
+
+
 def check_clean() -> list[str]:
     """What would make forked children wrong (empty when the template is safe to fork)."""
     problems = [f"{m} imported" for m in FORBIDDEN if m in sys.modules]
@@ -152,9 +188,10 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ())
         sock.send(data)
 
 
-def _serve_requests(sock: socket.socket) -> dict[str, Any] | None:
+def _serve_requests(sock: socket.socket, stamps: Mapping[str, int]) -> dict[str, Any] | None:
     """The template's loop: answer requests until the supervisor closes the socket
-    (``None``). Returns the request in a forked child, which then becomes the function."""
+    (``None``). Returns the request in a forked child, which then becomes the function.
+    A start after a source file changed is answered ``stale`` (see the module docstring)."""
     my_pid = os.getpid()
     while True:
         request, fds = _recv(sock)
@@ -171,6 +208,12 @@ def _serve_requests(sock: socket.socket) -> dict[str, Any] | None:
             continue
         if op != "spawn":
             _send(sock, {"error": f"unknown request {op!r}"})
+            continue
+        changed = changed_source(stamps)
+        if changed is not None:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"stale": changed})
             continue
         sys.stdout.flush()
         sys.stderr.flush()
@@ -227,10 +270,11 @@ def main(argv: list[str]) -> None:
     if problems:
         _send(sock, {"error": "template not safe to fork: " + ", ".join(problems)})
         sys.exit(1)
+    stamps = source_stamps()
     gc.collect()
     gc.freeze()  # children share these objects' pages instead of copying them on the first collection
     _send(sock, {"ready": True, "pid": os.getpid(), "skipped": skipped, "modules": len(sys.modules)})
-    request = _serve_requests(sock)
+    request = _serve_requests(sock, stamps)
     if request is None:
         return
     serve_argv = _become(request, sock)
@@ -303,6 +347,7 @@ class Template:
         self._closed = False
         self.restarts = 0
         self.restart_after_s = RESTART_AFTER_S
+        self.stale: str | None = None  # a source file the template imported has changed since
 
     @property
     def alive(self) -> bool:
@@ -402,13 +447,18 @@ class Template:
                      extra={"function": name, "variables": ",".join(sorted({k for k, _ in differing}))})
             return None
         with self._lock:
-            if not self._wait_ready_locked() or self._sock is None:
+            if self.stale is not None or not self._wait_ready_locked() or self._sock is None:
                 return None
             try:
                 reply, fds = self._call({"op": "spawn", "name": name, "argv": list(argv), "env": dict(env),
                                          "cwd": cwd}, [stdout, stderr])
             except OSError as exc:
                 self._fail(f"spawn failed: {exc}")
+                return None
+            if "stale" in reply:
+                self.stale = str(reply["stale"])
+                log.warning("project code changed since the template process started: functions start the "
+                            "plain way (on the new code) until the stack restarts", extra={"file": self.stale})
                 return None
             if len(fds) != 1:
                 for fd in fds:

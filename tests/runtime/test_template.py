@@ -210,6 +210,33 @@ def test_a_function_with_other_interpreter_variables_starts_the_plain_way(tmp_pa
     assert template.spawned == 0
 
 
+def test_after_the_code_changed_functions_start_the_plain_way_on_the_new_code(tmp_path: Path,
+                                                                             template: Template) -> None:
+    """A source file the template imported changes while the stack runs (a developer's
+    edit): a later start must not fork old modules under new ones, so it goes plain."""
+    config = parse_config(graph_doc(free_ports(3), tmp_path))
+    env = function_env(config, "scripted", plain_env())
+    first = FunctionProcess(config.function("scripted"), env, cwd=str(PROJECT_ROOT), template=template)
+    second = FunctionProcess(config.function("scripted"), env, cwd=str(PROJECT_ROOT), template=template)
+    edited = PROJECT_ROOT / "shared" / "pagination.py"  # imported by the template
+    before = edited.stat()
+    try:
+        first.ensure_running(30)
+        assert first.from_template and template.stale is None
+        os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # "edited"
+        second.spec = dataclasses.replace(second.spec, port=free_ports(1)[0])
+        second.ensure_running(30)
+        assert not second.from_template and ppid(second.pid) == os.getpid()
+        assert template.stale == "shared/pagination.py" and template.alive
+        assert first.is_running()  # what the template forked earlier keeps running
+        assert httpx.post(second.spec.url, json={}, headers={"ce-id": "z"}, timeout=5).status_code == 200
+    finally:
+        os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+        first.stop(grace_s=3)
+        second.stop(grace_s=3)
+    assert template.spawned == 1
+
+
 def test_the_template_imports_nothing_that_reads_the_environment() -> None:
     code = ("from infra.runtime.template import preload, check_clean; import sys; s = preload();"
             "print(check_clean(), s, 'psycopg' in sys.modules, 'gunicorn.arbiter' in sys.modules)")
