@@ -76,6 +76,19 @@ def connection(settings: Settings) -> Iterator[Conn]:
         raise ServiceUnavailable("database pool exhausted") from exc
 
 
+@contextmanager
+def autocommit(settings: Settings) -> Iterator[Conn]:
+    """A pooled connection in autocommit mode, for work of one statement: the statement
+    is its own transaction, so BEGIN and COMMIT cost no round trips of their own.
+    Connection failures surface as ``ServiceUnavailable`` (retryable)."""
+    with connection(settings) as conn:
+        conn.autocommit = True
+        try:
+            yield conn
+        finally:
+            conn.autocommit = False  # the pool hands out transactional connections
+
+
 def close_pools() -> None:
     with _lock:
         for pool in _pools.values():

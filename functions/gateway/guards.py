@@ -11,45 +11,25 @@ credential verified in the last ``principal_cache.CACHE_S`` seconds (``auth.auth
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-import psycopg
 from flask import g, request
-from psycopg_pool import PoolTimeout
 
 from functions.gateway.web import settings
 from shared import auth, db
-from shared.errors import AuthError, Forbidden, ServiceUnavailable
-from shared.settings import Settings
+from shared.errors import AuthError, Forbidden
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextmanager
-def autocommit(s: Settings) -> Iterator[psycopg.Connection]:
-    """A pooled connection in autocommit mode, for work of one statement at a time:
-    authentication only reads (the API-key ``last_used_at`` touch is a single statement)
-    and so do the task reads, so BEGIN/COMMIT would be two wasted round trips."""
-    try:
-        with db.get_pool(s).connection() as conn:
-            conn.autocommit = True
-            try:
-                yield conn
-            finally:
-                conn.autocommit = False  # the pool hands out transactional connections
-    except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
 
 def _authenticate(cached: bool = True) -> auth.Principal:
     s = settings()
     if cached:
-        p = auth.authenticate_cached(s, lambda: autocommit(s), request.headers)
+        p = auth.authenticate_cached(s, lambda: db.autocommit(s), request.headers)
     else:
-        with autocommit(s) as conn:
+        with db.autocommit(s) as conn:
             p = auth.authenticate(s, conn, request.headers)
     g.principal = p
     return p

@@ -51,11 +51,8 @@ _CLAIM = (
 )
 # Rows the eager relay holds (it publishes them without a claim) are not the sweeper's.
 _NOT_RELAYS = " AND (relay_until IS NULL OR relay_until < now())"
-# The eager relay's mark of events it published without claiming their rows: a row the
-# sweeper marked (or parked) meanwhile is left as it is.
-_MARK_WRITTEN = ("UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
-                 " WHERE event_id = ANY(%s::uuid[]) AND dispatched_at IS NULL AND parked_at IS NULL")
-# ... and its hand-back of rows it could not publish: the sweeper may take them at once.
+# The eager relay's hand-back of rows it published without a claim but could not publish:
+# the sweeper may take them at once.
 _RELEASE_WRITTEN = ("UPDATE outbox SET relay_until = NULL, attempts = attempts + 1, last_error = %s"
                     " WHERE event_id = ANY(%s::uuid[]) AND dispatched_at IS NULL AND parked_at IS NULL")
 
@@ -175,8 +172,9 @@ def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
 def publish_written(conn: Conn, broker: Broker, written: Sequence[Written], *, via: str = "relay") -> Outcome:
     """Publish events whose rows the caller's process has just committed, straight from
     what it wrote (no claim, no read of the rows), then mark the confirmed ones
-    dispatched and their tasks queued in the caller's transaction (one round trip; the
-    commit is asynchronous, as the relay's always is).
+    dispatched and their tasks queued in one statement (``state.mark_published``; the
+    caller's connection is in autocommit mode, so that is one round trip, and the commit
+    is asynchronous, as the relay's always is).
 
     Without a claim, a sweeper may publish the same row meanwhile: it leaves a row to
     the relay until the row's ``relay_until`` (set by the submission, ``relay_window_s``
@@ -213,10 +211,7 @@ def publish_written(conn: Conn, broker: Broker, written: Sequence[Written], *, v
     ok = sendable
     if not ok:
         return out
-    with conn.pipeline():
-        conn.execute(f"SELECT {state.RELAXED}")
-        conn.execute(_MARK_WRITTEN, ([w.event_id for w in ok],))
-        out.task_rows.extend(state.mark_queued(conn, [w.task_id for w in ok if w.task_id]))
+    out.task_rows.extend(state.mark_published(conn, [w.event_id for w in ok], [w.task_id for w in ok if w.task_id]))
     out.published = len(ok)
     metrics.OUTBOX_PUBLISHED.labels(via).inc(len(ok))
     return out

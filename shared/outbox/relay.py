@@ -135,7 +135,7 @@ class Relay:
     def relay_written(self, written: Sequence[Written]) -> int:
         """Publish events just committed by this process from what it wrote (no claim),
         and mark them (one round trip). Returns the number published."""
-        with db.connection(self.settings) as conn:
+        with db.autocommit(self.settings) as conn:
             out = publish_written(conn, self.broker, written)
         return self._done(out)
 

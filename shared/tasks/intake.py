@@ -26,12 +26,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
-from psycopg_pool import PoolTimeout
 
 from events import catalog, payloads
 from events import validate as compiled
 from shared import db, tracing
-from shared.errors import AuthError, Conflict, RateLimited, ServiceUnavailable, TooLarge, ValidationError
+from shared.errors import AuthError, Conflict, RateLimited, TooLarge, ValidationError
 from shared.outbox.writer import Written
 from shared.settings import Settings
 from shared.tasks import repository as tasks
@@ -98,19 +97,11 @@ def submit(settings: Settings, caller: Caller, task_type: Any, payload: Any, *,
               tracing.trace_id_of(span), callback_url or None, event_id, event_type, json.dumps(headers),
               settings.max_body_bytes, cap, settings.relay_window_s if settings.eager_relay else None)
     try:
-        with db.get_pool(settings).connection() as conn:
-            conn.autocommit = True  # the statement is its own transaction: no BEGIN, no COMMIT
-            try:
-                found = conn.execute(_SQL, params).fetchone()
-            finally:
-                conn.autocommit = False  # the pool hands out transactional connections
-    except psycopg.Error as exc:
+        with db.autocommit(settings) as conn:  # the statement is its own transaction: no BEGIN, no COMMIT
+            found = conn.execute(_SQL, params).fetchone()
+    except psycopg.Error as exc:  # a refusal (its own SQLSTATE); connection failures are ServiceUnavailable
         _refusal(exc, settings)
-        if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown):
-            raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
         raise
-    except PoolTimeout as exc:
-        raise ServiceUnavailable("database pool exhausted") from exc
     if found is None:  # pragma: no cover - the function always returns one row
         raise RuntimeError("taskforge_submit_task returned nothing")
     outcome = found["outcome"] if isinstance(found, dict) else found[0]

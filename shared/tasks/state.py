@@ -171,6 +171,29 @@ def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
     ).fetchall()
 
 
+def mark_published(conn: Conn, event_ids: Sequence[str], task_ids: Iterable[str]) -> list[Row]:
+    """The eager relay's mark after a publish without a claim, in one statement: the
+    outbox rows of ``event_ids`` dispatched (those a sweeper marked or parked meanwhile
+    are left as they are) and ``mark_queued`` for ``task_ids``, with an asynchronous
+    commit (``RELAXED``). Run it in autocommit mode: the statement is the transaction.
+
+    Lock order is the sweeper's, outbox rows before task rows (the one-time filter on
+    ``marked`` runs the outbox update before the task rows are locked, in id order), so
+    a relay that runs late and meets a sweeper on the same rows never deadlocks with it.
+    Returns the changed task rows (``WATCHED_COLUMNS``).
+    """
+    ids = sorted({str(t) for t in task_ids})
+    return conn.execute(
+        "WITH marked AS (UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
+        " WHERE event_id = ANY(%s::uuid[]) AND dispatched_at IS NULL AND parked_at IS NULL RETURNING 1),"
+        f" {LOCK_IN_ID_ORDER[len('WITH '):]}"
+        f" UPDATE tasks SET status = 'queued', {_BUMP} FROM locked"
+        " WHERE tasks.id = locked.id AND tasks.status = 'pending' AND (SELECT count(*) FROM marked) >= 0"
+        f" RETURNING {WATCHED_COLUMNS}, {RELAXED} AS relaxed",
+        (list(event_ids), ids),
+    ).fetchall()
+
+
 def request_cancel(conn: Conn, user_id: str, task_id: str) -> Row:
     """Cancel a task on behalf of its owner.
 

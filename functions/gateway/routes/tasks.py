@@ -9,7 +9,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from events import completions
 from functions.gateway import schemas
-from functions.gateway.guards import autocommit, require_auth
+from functions.gateway.guards import require_auth
 from functions.gateway.routes import webhooks
 from functions.gateway.submit import submit_as, submit_batch
 from functions.gateway.web import json_body, json_text_response, principal, settings
@@ -69,7 +69,7 @@ def create_batch() -> Response:
 @bp.get("/tasks/<task_id>")
 @require_auth
 def get(task_id: str) -> Response:
-    with autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
+    with db.autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
         doc = tasks.get_task_json(conn, principal().user_id, task_id)
     return json_text_response(doc)
 
@@ -85,7 +85,7 @@ def list_() -> Response:
     raw_limit = args.get("limit", "20")
     if not raw_limit.isdigit() or len(raw_limit) > 6:
         raise ValidationError("invalid query", details=[{"field": "limit", "message": "must be an integer"}])
-    with autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
+    with db.autocommit(settings()) as conn:  # one statement: no BEGIN/COMMIT round trips
         docs, cursor = tasks.list_tasks(conn, principal().user_id, status=args.get("status") or None,
                                         task_type=args.get("type") or None, limit=int(raw_limit),
                                         cursor=args.get("cursor") or None)
