@@ -45,7 +45,7 @@ Row = dict[str, Any]
 # The payload comes back as JSON text: it is sent as the body as is, so the sweeper never
 # parses and re-serialises it (a sizeable share of its CPU per row).
 _CLAIM = (
-    "SELECT id, event_id, type, headers, payload::text AS payload, attempts{relaxed} FROM outbox"
+    "SELECT id, event_id::text AS event_id, type, headers, payload::text AS payload, attempts{relaxed} FROM outbox"
     " WHERE dispatched_at IS NULL AND parked_at IS NULL{only}"
     " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
@@ -149,16 +149,17 @@ def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
         )
         sendable = []
     to_park = [(r, poison[r["id"]]) for r in rows if r["id"] in poison]
-    to_park += [(r, rejected[str(r["event_id"])]) for r in sendable if str(r["event_id"]) in rejected]
-    ok = [r for r in sendable if str(r["event_id"]) not in rejected]
+    if rejected:
+        to_park += [(r, rejected[str(r["event_id"])]) for r in sendable if str(r["event_id"]) in rejected]
+    ok = [r for r in sendable if str(r["event_id"]) not in rejected] if rejected else sendable
     if ok:
         task_ids = [t for t in map(task_id_of, ok) if t]
         # One round trip for both statements: the outbox mark is queued in the pipeline and
         # sent with the tasks' update, whose rows are the first result read back.
         with conn.pipeline():
-            conn.execute(
+            conn.execute(  # the ids as one array literal: psycopg dumps a list element by element
                 "UPDATE outbox SET dispatched_at = now(), attempts = attempts + 1, last_error = NULL"
-                " WHERE id = ANY(%s)", ([r["id"] for r in ok],),
+                " WHERE id = ANY(%s::bigint[])", ("{" + ",".join(str(r["id"]) for r in ok) + "}",),
             )
             out.task_rows.extend(state.mark_queued(conn, task_ids))
         out.published = len(ok)

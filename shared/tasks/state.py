@@ -19,6 +19,7 @@ lease was taken over can no longer write (``LeaseLost``). Every change bumps
 """
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,17 @@ _FINAL = f"status_version = status_version + {VERSION_LEAP}, updated_at = now()"
 # the reaper recover if a crash loses them (docs/architecture.md, durability classes).
 RELAXED = "set_config('synchronous_commit', 'off', true)"
 
+_UUID_SHAPE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def uuid_array(ids: Iterable[str]) -> str:
+    """PostgreSQL's text of a ``uuid[]`` holding ``ids`` in order (bound as one text
+    parameter and cast: psycopg dumps a Python list element by element, a sizeable part
+    of the relay's and the sweeper's CPU). Strings that are not UUIDs are left out: they
+    name no task."""
+    return "{" + ",".join(i for i in ids if _UUID_SHAPE.fullmatch(i)) + "}"
+
+
 # What a claim returns beside the task row: the upload its payload names (the owner's
 # only), so the worker needs no lookup of its own. NULLs when there is none.
 _UPLOAD_COLUMNS = ("upload_key", "upload_content_type", "upload_size", "upload_filename")
@@ -167,7 +179,7 @@ def mark_queued(conn: Conn, task_ids: Iterable[str]) -> list[Row]:
     return conn.execute(
         f"{LOCK_IN_ID_ORDER} UPDATE tasks SET status = 'queued', {_BUMP}"
         f" FROM locked WHERE tasks.id = locked.id AND tasks.status = 'pending' RETURNING {WATCHED_COLUMNS}",
-        (ids,),
+        (uuid_array(ids),),
     ).fetchall()
 
 
@@ -190,7 +202,7 @@ def mark_published(conn: Conn, event_ids: Sequence[str], task_ids: Iterable[str]
         f" UPDATE tasks SET status = 'queued', {_BUMP} FROM locked"
         " WHERE tasks.id = locked.id AND tasks.status = 'pending' AND (SELECT count(*) FROM marked) >= 0"
         f" RETURNING {WATCHED_COLUMNS}, {RELAXED} AS relaxed",
-        (list(event_ids), ids),
+        (uuid_array(event_ids), uuid_array(ids)),
     ).fetchall()
 
 

@@ -18,6 +18,21 @@ def tx(settings):
     return db.connection(settings)
 
 
+def test_a_subject_that_is_not_a_task_id_names_no_task(settings, make_task, make_user):
+    """The ids go to PostgreSQL as one array literal: anything but a UUID (a forged
+    subject "a,b", a brace) is left out, never read as more elements."""
+    uid = make_user()
+    a, b = make_task(uid), make_task(uid)
+    forged = f"{b['id']}}},{{{a['id']}"
+    assert state.uuid_array([str(a["id"]), forged, "x", str(b["id"]).upper()]) == \
+        "{" + f"{a['id']},{str(b['id']).upper()}" + "}"
+    with tx(settings) as c:
+        rows = state.mark_queued(c, [forged, f"{a['id']},{b['id']}"])
+    assert rows == []  # neither task was named by a well-formed id
+    with tx(settings) as c:
+        assert {state.get(c, str(t["id"]))["status"] for t in (a, b)} == {"pending"}
+
+
 def test_mark_queued_moves_only_pending_tasks(settings, make_task, make_user):
     uid = make_user()
     a, b = make_task(uid), make_task(uid)
