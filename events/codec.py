@@ -296,15 +296,21 @@ def to_amqp(event: CloudEvent) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     ``properties`` holds keyword arguments for ``pika.BasicProperties`` without the
     headers: ``message_id``, ``content_type`` (if any), ``delivery_mode`` (persistent).
     """
+    return amqp_of(attributes_of(event), encode_data(event))
+
+
+def amqp_of(attributes: Mapping[str, Any], body: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """``to_amqp`` for an event given as its (checked) attributes and its body bytes, with
+    no CloudEvent built: what an outbox row already holds."""
     headers: dict[str, Any] = {}
-    for name, value in attributes_of(event).items():
+    for name, value in attributes.items():
         key = "content-type" if name == "datacontenttype" else name
         headers[key] = value if isinstance(value, (str, int, bool)) else _attr_str(name, value)
-    props: dict[str, Any] = {"message_id": str(event["id"]), "delivery_mode": PERSISTENT}
-    ct = event.get("datacontenttype")
+    props: dict[str, Any] = {"message_id": str(attributes["id"]), "delivery_mode": PERSISTENT}
+    ct = attributes.get("datacontenttype")
     if ct:
         props["content_type"] = str(ct)
-    return headers, props, encode_data(event)
+    return headers, props, body
 
 
 def _header_value(name: str, value: Any) -> Any:

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from cloudevents.http import CloudEvent
-
 from shared import breakers, metrics
 from shared.broker.base import (
     Broker,
+    Event,
+    Prepared,
     Rejected,
     Unroutable,
     dead_letter_queue,
@@ -98,7 +98,7 @@ def close_brokers() -> None:
         b.close()
 
 
-def publish_timed(broker: Broker, events: Sequence[CloudEvent],
+def publish_timed(broker: Broker, events: Sequence[Event],
                   clock: Callable[[], float] = time.perf_counter) -> float:
     """Publish and record the publish-to-confirm latency metric. Returns seconds."""
     start = clock()
@@ -108,6 +108,6 @@ def publish_timed(broker: Broker, events: Sequence[CloudEvent],
     return elapsed
 
 
-__all__ = ["Broker", "HttpSinkBroker", "InMemoryBroker", "Rejected",
+__all__ = ["Broker", "Event", "HttpSinkBroker", "InMemoryBroker", "Prepared", "Rejected",
            "RetryableError", "Unroutable", "build_broker", "close_brokers", "dead_letter_queue", "dlx_name",
            "exchange_name", "get_broker", "publish_timed", "trigger_queue", "unroutable_name"]

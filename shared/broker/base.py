@@ -10,11 +10,12 @@ The names follow the eventing-rabbitmq layout (see ``docs/architecture.md``, "De
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from cloudevents.http import CloudEvent
 
+from events import codec
 from shared.errors import PermanentError
 from shared.settings import Settings
 
@@ -59,10 +60,40 @@ class Unroutable(Rejected):
     code = "unroutable"
 
 
+# --- what is published --------------------------------------------------------------
+class Prepared(NamedTuple):
+    """An event as an outbox row holds it: its checked attributes (``codec.checked_attributes``)
+    and its body bytes. Publishing it builds no CloudEvent on the way to RabbitMQ."""
+
+    attributes: Mapping[str, Any]
+    body: bytes
+
+    @property
+    def id(self) -> str:
+        return str(self.attributes["id"])
+
+
+Event = CloudEvent | Prepared
+
+
+def event_id(event: Event) -> str:
+    return event.id if isinstance(event, Prepared) else str(event["id"])
+
+
+def amqp_parts(event: Event) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """``codec.to_amqp`` of an event, prepared or not."""
+    return codec.amqp_of(event.attributes, event.body) if isinstance(event, Prepared) else codec.to_amqp(event)
+
+
+def as_cloudevent(event: Event) -> CloudEvent:
+    """The CloudEvent of an event (a prepared one is built: the brokers other than RabbitMQ)."""
+    return codec.make_event(event.attributes, event.body) if isinstance(event, Prepared) else event
+
+
 # --- protocol ----------------------------------------------------------------------
 @runtime_checkable
 class Broker(Protocol):
-    def publish(self, events: Sequence[CloudEvent]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         """Publish and return once every event is confirmed (see module docstring)."""
 
     def close(self) -> None:

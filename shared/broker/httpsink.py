@@ -6,11 +6,9 @@ import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from cloudevents.http import CloudEvent
-
 from events import codec
 from shared import httppost
-from shared.broker.base import Rejected
+from shared.broker.base import Event, Rejected, as_cloudevent, event_id
 from shared.errors import ServiceUnavailable
 
 
@@ -32,16 +30,16 @@ class HttpSinkBroker:
         self._timeout = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="k-sink")
 
-    def _post(self, event: CloudEvent) -> int:
+    def _post(self, event: Event) -> int:
         """POST one event; its status, or 0 for no answer (timeout, connection error)."""
-        headers, body = codec.to_binary_http(event)
+        headers, body = codec.to_binary_http(as_cloudevent(event))
         return httppost.post(self._url, headers, body, self._timeout).status or 0
 
-    def publish(self, events: Sequence[CloudEvent]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         if not events:
             return
         statuses = list(self._pool.map(self._post, events))
-        rejected = [e["id"] for e, s in zip(events, statuses, strict=True) if s in self.PERMANENT]
+        rejected = [event_id(e) for e, s in zip(events, statuses, strict=True) if s in self.PERMANENT]
         failed = [s for s in statuses if not (200 <= s < 300) and s not in self.PERMANENT]
         if failed:
             raise ServiceUnavailable(f"broker ingress failed {len(failed)} of {len(events)} events "

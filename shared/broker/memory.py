@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from cloudevents.http import CloudEvent
 
 from events import codec
-from shared.broker.base import Unroutable
+from shared.broker.base import Event, Unroutable, amqp_parts
 from shared.errors import ServiceUnavailable
 
 
@@ -34,7 +34,7 @@ class InMemoryBroker:
         with self._lock:
             self._fail += n
 
-    def publish(self, events: Sequence[CloudEvent]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         returned: list[str] = []
         with self._lock:
             self.calls += 1
@@ -42,7 +42,7 @@ class InMemoryBroker:
                 self._fail -= 1
                 raise ServiceUnavailable("in-memory broker: injected failure")
             for event in events:
-                wire = codec.from_amqp(*codec.to_amqp(event))  # exercise the real wire format
+                wire = codec.from_amqp(*amqp_parts(event))  # exercise the real wire format
                 queues = ["all"] if self.routes is None else self.routes.get(wire["type"], [])
                 self.published.append(wire)
                 if not queues:

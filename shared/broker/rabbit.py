@@ -28,12 +28,10 @@ from typing import Any, NamedTuple
 
 import pika
 import pika.exceptions
-from cloudevents.http import CloudEvent
 from pika.channel import Channel
 from pika.spec import Basic
 
-from events import codec
-from shared.broker.base import Unroutable, exchange_name, unroutable_name
+from shared.broker.base import Event, Unroutable, amqp_parts, exchange_name, unroutable_name
 from shared.errors import ServiceUnavailable
 from shared.settings import Settings
 
@@ -286,14 +284,14 @@ class RabbitBroker:
             return link
 
     @staticmethod
-    def encode(events: Sequence[CloudEvent]) -> list[Message]:
+    def encode(events: Sequence[Event]) -> list[Message]:
         out: list[Message] = []
         for event in events:
-            headers, props, body = codec.to_amqp(event)
-            out.append(Message(str(event["id"]), pika.BasicProperties(headers=headers, **props), body))
+            headers, props, body = amqp_parts(event)
+            out.append(Message(props["message_id"], pika.BasicProperties(headers=headers, **props), body))
         return out
 
-    def publish(self, events: Sequence[CloudEvent]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         if events:
             self.send(self.encode(events))  # encoding stays on the caller's thread
 

@@ -31,7 +31,8 @@ from cloudevents.http import CloudEvent
 
 from events import catalog, codec
 from shared import metrics
-from shared.broker import Broker, Rejected, publish_timed
+from shared.broker import Broker, Event, Prepared, Rejected, publish_timed
+from shared.broker.base import as_cloudevent
 from shared.db import Conn
 from shared.errors import TaskForgeError
 from shared.outbox.writer import Written
@@ -84,8 +85,12 @@ def claim(conn: Conn, *, limit: int, event_ids: Sequence[str] | None = None, rel
     return conn.execute(sql.format(only=_NOT_RELAYS), {"limit": limit}).fetchall()
 
 
-def event_of(row: Row) -> CloudEvent:
-    """The CloudEvent an outbox row describes. Raises ``EventDecodeError`` for a bad row."""
+def event_of(row: Row) -> Event:
+    """The event an outbox row describes. Raises ``EventDecodeError`` for a bad row.
+
+    JSON data (every event TaskForge writes) is published as the row's text, prepared
+    (``broker.Prepared``: checked attributes and body bytes, no CloudEvent built, a
+    third of the sweeper's time otherwise); other data goes through a CloudEvent."""
     headers = row["headers"]
     if not isinstance(headers, dict):
         raise codec.EventDecodeError("outbox headers are not a JSON object")
@@ -93,8 +98,15 @@ def event_of(row: Row) -> CloudEvent:
     attrs["id"] = str(row["event_id"])  # the row's event id is the truth (stable across re-publishing)
     data = row["payload"]
     if isinstance(data, str):  # JSON text from the claim: pre-encoded data
-        data = data.encode("utf-8") if codec.is_json(attrs.get("datacontenttype")) else json.loads(data)
+        if codec.is_json(attrs.get("datacontenttype")):
+            return Prepared(codec.checked_attributes(attrs), data.encode("utf-8"))
+        data = json.loads(data)
     return codec.make_event(attrs, data)
+
+
+def cloudevent_of(row: Row) -> CloudEvent:
+    """The CloudEvent an outbox row describes, as a consumer receives it."""
+    return as_cloudevent(event_of(row))
 
 
 def task_id_of(row: Row) -> str | None:
@@ -126,7 +138,7 @@ def claim_and_publish(conn: Conn, broker: Broker, *, limit: int,
     out = Outcome(claimed=len(rows))
     if not rows:
         return out
-    events: list[CloudEvent] = []
+    events: list[Event] = []
     sendable: list[Row] = []
     poison: dict[int, str] = {}
     for row in rows:

@@ -13,7 +13,7 @@ from events import codec
 from functions.gateway.app import create_app
 from shared import tracing
 from shared.logging import JsonFormatter
-from shared.outbox.publish import event_of
+from shared.outbox.publish import cloudevent_of
 from shared.worker import Job, Output, Worker
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -34,7 +34,7 @@ def test_traceparent_travels_from_the_request_to_the_worker(settings, conn, tmp_
 
     # 1. the outbox row, committed with the task
     row = conn.execute("SELECT * FROM outbox WHERE headers->>'subject' = %s", (task_id,)).fetchone()
-    event = event_of(row)
+    event = cloudevent_of(row)
     assert tracing.trace_id_of(event["traceparent"]) == TRACE
 
     # 2. the broker's AMQP message, then the dispatcher's binary-mode HTTP request

@@ -28,7 +28,7 @@ def test_requested_events_from_the_outbox_validate(settings: Settings, task_type
     user = h.make_user(settings)
     (sub,) = h.make_tasks(settings, user, 1, task_type=task_type)
     (row,) = [r for r in h.outbox_rows(settings) if str(r["event_id"]) == sub.event_ids[0]]
-    validate.validate_event(outbox_publish.event_of(row))
+    validate.validate_event(outbox_publish.cloudevent_of(row))
 
 
 def test_requested_data_embeds_the_payload_schema() -> None:

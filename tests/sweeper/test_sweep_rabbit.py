@@ -25,6 +25,27 @@ from tests.sweeper import helpers as h
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_a_prepared_row_goes_on_the_wire_exactly_as_its_cloudevent_would(rabbit: Settings) -> None:
+    """The sweeper publishes JSON rows prepared (no CloudEvent built): the AMQP message is
+    the one the CloudEvent route gives, byte for byte; other data still goes that route."""
+    from shared.broker.base import Prepared, amqp_parts
+    from shared.outbox.publish import cloudevent_of, event_of
+
+    user = h.make_user(rabbit)
+    h.make_tasks(rabbit, user, 1)
+    with db.connection(rabbit) as conn:
+        outbox.add_event(conn, type="com.taskforge.tests.note", source="/tests", data="ünïcode text",
+                         extensions={"datacontenttype": "text/plain"})
+        rows = conn.execute("SELECT id, event_id::text AS event_id, type, headers, payload::text AS payload"
+                            " FROM outbox ORDER BY id").fetchall()
+    json_row, text_row = rows
+    prepared = event_of(json_row)
+    assert isinstance(prepared, Prepared) and prepared.body == json_row["payload"].encode()
+    assert amqp_parts(prepared) == amqp_parts(cloudevent_of(json_row))
+    assert not isinstance(event_of(text_row), Prepared)
+    assert amqp_parts(event_of(text_row))[2] == "ünïcode text".encode()
+
+
 def test_sweep_publishes_pending_rows_in_the_eventing_rabbitmq_format(rabbit: Settings, topo: topology.Topology) -> None:
     user = h.make_user(rabbit)
     subs = h.make_tasks(rabbit, user, 3)

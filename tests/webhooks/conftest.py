@@ -173,8 +173,8 @@ def finished_task(wh_settings: Settings) -> Callable[..., tuple[dict[str, Any], 
 
 def event_of_outbox(settings: Settings, event_type: str) -> list[tuple[dict[str, str], bytes]]:
     """The outbox's events of ``event_type`` as binary-mode HTTP deliveries."""
-    from shared.outbox.publish import event_of
+    from shared.outbox.publish import cloudevent_of
 
     with db.connection(settings) as conn:
         rows = conn.execute("SELECT * FROM outbox WHERE type = %s ORDER BY id", (event_type,)).fetchall()
-    return [codec.to_binary_http(event_of(r)) for r in rows]
+    return [codec.to_binary_http(cloudevent_of(r)) for r in rows]
