@@ -353,7 +353,7 @@ def run(ctx: BenchContext) -> list[Figure]:
     s = ctx.settings
     topo = topology.declare(s, load_config())  # the relay publishes for real: routes must exist
     try:
-        r = measure(s, rounds=3 if ctx.full else 2, seconds=10.0 if ctx.full else 5.0)
+        r = measure(s, rounds=5 if ctx.full else 3, seconds=10.0 if ctx.full else 5.0)
     finally:
         topology.delete(s, load_config())
         del topo
