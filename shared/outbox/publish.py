@@ -200,11 +200,11 @@ def publish_written(conn: Conn, broker: Broker, written: Sequence[Written], *, v
     out = Outcome(claimed=len(written))
     if not written:
         return out
-    events: list[CloudEvent] = []
+    events: list[Event] = []
     sendable: list[Written] = []
     for w in written:
-        try:
-            events.append(codec.make_event(w.attributes, w.data.encode("utf-8")))
+        try:  # prepared, as the sweeper publishes a row: no CloudEvent built (see ``event_of``)
+            events.append(Prepared(codec.checked_attributes(w.attributes), w.data.encode("utf-8")))
             sendable.append(w)
         except TaskForgeError as exc:  # cannot happen for what intake writes; the sweeper parks it
             conn.execute(_RELEASE_WRITTEN, (f"not a valid CloudEvent: {exc.message}"[:500], [w.event_id]))
