@@ -33,6 +33,7 @@ test: $(STAMP) system-deps services
 
 ## Benchmarks vs their baselines (BENCH=full for longer runs): bench/results/latest.{json,png}.
 bench: $(STAMP) system-deps services
+	bash infra/system-deps.sh --bench
 	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python -m bench $(if $(BENCH),--mode $(BENCH),)
 

@@ -2,9 +2,11 @@
 # Install the Debian packages TaskForge's functions and tests use, if they are missing:
 # wkhtmltopdf (PDF engine), chromium (second PDF engine, browser tests), poppler-utils
 # (pdftotext in tests), prometheus (promtool for rule checks), prometheus-alertmanager
-# (amtool, checks infra/alertmanager).
+# (amtool, checks infra/alertmanager). With --bench also wrk, the load generator of the
+# gateway's figures (bench/submit.py; without it a Python client shares the cores).
 set -euo pipefail
 need=()
+[ "${1:-}" = "--bench" ] && { command -v wrk >/dev/null || need+=(wrk); }
 command -v wkhtmltopdf >/dev/null || need+=(wkhtmltopdf)
 command -v pdftotext >/dev/null || need+=(poppler-utils)
 command -v chromium >/dev/null || need+=(chromium)
