@@ -221,12 +221,12 @@ def publish_written(conn: Conn, broker: Broker, written: Sequence[Written], *, v
         metrics.OUTBOX_PUBLISH_ERRORS.labels(via).inc()
         conn.execute(_RELEASE_WRITTEN, (out.error, [w.event_id for w in sendable]))
         return out
-    ok = sendable
-    if not ok:
+    if not sendable:
         return out
-    out.task_rows.extend(state.mark_published(conn, [w.event_id for w in ok], [w.task_id for w in ok if w.task_id]))
-    out.published = len(ok)
-    metrics.OUTBOX_PUBLISHED.labels(via).inc(len(ok))
+    out.task_rows.extend(state.mark_published(conn, [w.event_id for w in sendable],
+                                              [w.task_id for w in sendable if w.task_id]))
+    out.published = len(sendable)
+    metrics.OUTBOX_PUBLISHED.labels(via).inc(len(sendable))
     return out
 
 

@@ -111,7 +111,11 @@ _FINAL = f"status_version = status_version + {VERSION_LEAP}, updated_at = now()"
 # the reaper recover if a crash loses them (docs/architecture.md, durability classes).
 RELAXED = "set_config('synchronous_commit', 'off', true)"
 
-_UUID_SHAPE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# What a claim returns beside the task row: the upload its payload names (the owner's
+# only), so the worker needs no lookup of its own. NULLs when there is none.
+_UPLOAD_COLUMNS = ("upload_key", "upload_content_type", "upload_size", "upload_filename")
+_UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID_SHAPE = re.compile(_UUID_RE)  # the same shape, checked in Python (``uuid_array``)
 
 
 def uuid_array(ids: Iterable[str]) -> str:
@@ -120,12 +124,6 @@ def uuid_array(ids: Iterable[str]) -> str:
     of the relay's and the sweeper's CPU). Strings that are not UUIDs are left out: they
     name no task."""
     return "{" + ",".join(i for i in ids if _UUID_SHAPE.fullmatch(i)) + "}"
-
-
-# What a claim returns beside the task row: the upload its payload names (the owner's
-# only), so the worker needs no lookup of its own. NULLs when there is none.
-_UPLOAD_COLUMNS = ("upload_key", "upload_content_type", "upload_size", "upload_filename")
-_UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 # Whether anyone listens for a task's completion: its one-off callback, or an endpoint of

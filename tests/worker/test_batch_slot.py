@@ -19,14 +19,20 @@ def core(job: Job) -> Output:
     return Output(out, "text/plain", "out.txt", {})
 
 
+def make_batch(settings, user_id: str, n: int, max_in_flight: int) -> str:
+    """A batch of ``n`` resize lines (a manifest), committed; returns its id."""
+    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
+        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(n))
+    with db.connection(settings) as c:
+        row, _ = batches.create(c, user_id=user_id, parsed=manifest.parse(text.encode(), max_items=10),
+                                max_in_flight=max_in_flight)
+    return str(row["id"])
+
+
 def test_finishing_a_batch_task_releases_and_publishes_the_next_item(settings, make_user, conn):
     s = settings.replace(claim_wait_s=0.0, broker_backend="memory")
     user = make_user()
-    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
-        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(3))
-    with db.connection(s) as c:
-        row, _ = batches.create(c, user_id=user, parsed=manifest.parse(text.encode(), max_items=10), max_in_flight=1)
-    bid = str(row["id"])
+    bid = make_batch(s, user, 3, max_in_flight=1)
     assert len(batch_release.release(s).rows) == 1
     first = conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchone()
     mem = broker.get_broker(s)
@@ -51,12 +57,7 @@ def test_finishing_a_batch_task_releases_and_publishes_the_next_item(settings, m
 
 def test_a_cold_start_is_charged_to_the_batch_of_the_first_task(settings, make_user, conn):
     s = settings.replace(claim_wait_s=0.0, broker_backend="memory")
-    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
-        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(2))
-    with db.connection(s) as c:
-        row, _ = batches.create(c, user_id=make_user(), parsed=manifest.parse(text.encode(), max_items=10),
-                                max_in_flight=2)
-    bid = str(row["id"])
+    bid = make_batch(s, make_user(), 2, max_in_flight=2)
     batch_release.release(s)
     worker = Worker("resize-image", core)  # a fresh process, as far as the worker knows
     for task in conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchall():
@@ -72,12 +73,7 @@ def test_a_dead_lettered_batch_task_frees_its_slot_at_once(settings, make_user, 
 
     s = settings.replace(broker_backend="memory")
     set_settings(s)
-    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
-        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(2))
-    with db.connection(s) as c:
-        row, _ = batches.create(c, user_id=make_user(), parsed=manifest.parse(text.encode(), max_items=10),
-                                max_in_flight=1)
-    bid = str(row["id"])
+    bid = make_batch(s, make_user(), 2, max_in_flight=1)
     batch_release.release(s)
     first = conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchone()
     headers, body = requested_event(first)
@@ -96,12 +92,7 @@ def test_a_delivered_batch_of_batch_tasks_releases_a_slot_per_task_and_charges_o
     from events import codec
 
     s = settings.replace(claim_wait_s=0.0, broker_backend="memory")
-    text = "\n".join(json.dumps({"type": "resize-image", "payload": {
-        "source": {"url": f"https://example.com/{i}.png"}, "width": 10}}) for i in range(4))
-    with db.connection(s) as c:
-        row, _ = batches.create(c, user_id=make_user(), parsed=manifest.parse(text.encode(), max_items=10),
-                                max_in_flight=2)
-    bid = str(row["id"])
+    bid = make_batch(s, make_user(), 4, max_in_flight=2)
     assert len(batch_release.release(s).rows) == 2
     first = conn.execute("SELECT * FROM tasks WHERE batch_id = %s", (bid,)).fetchall()
     bodies = [codec.to_structured_http(codec.from_http(*requested_event(t)))[1] for t in first]
