@@ -53,7 +53,7 @@ def get_pool(settings: Settings) -> ConnectionPool:
                     max_size=settings.db_pool_max,
                     kwargs={"row_factory": dict_row, "autocommit": False},
                     open=True,
-                    timeout=10.0,
+                    timeout=settings.db_pool_timeout_s,
                     reconnect_timeout=RECONNECT_GIVE_UP_S,
                     name=f"taskforge-{settings.function_name}",
                 )

@@ -33,6 +33,7 @@ class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/taskforge"
     db_pool_min: int = 1
     db_pool_max: int = 10
+    db_pool_timeout_s: float = 10.0  # a request's longest wait for a pooled connection, then 503
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "taskforge"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -73,6 +73,8 @@ def lossy(base_settings: Settings, tmp_path: Path) -> Iterator[Stack]:
         redis_prefix=f"{base_settings.redis_prefix}:lossy", storage_dir=str(tmp_path / "storage"),
         submit_rate_per_min=0, max_tasks_in_flight=0, login_rate_per_min=0,
         lease_s=10, claim_wait_s=2.0, task_stale_s=STALE_S, max_rescues=MAX_RESCUES,
+        # While PostgreSQL is down a request gives up on the pool after 2 s (503), not 10.
+        db_pool_timeout_s=2.0,
     )
     stack = ChaosStack(settings, tmp_path)
     raw = yaml.safe_load(stack.config_path.read_text(encoding="utf-8"))

@@ -74,7 +74,8 @@ def test_anything_else_is_400_so_the_dispatcher_drops_it(client: flask.testing.F
 
 def test_a_database_outage_is_503_so_the_tick_is_retried(client: flask.testing.FlaskClient, settings: Settings) -> None:
     set_settings(settings.replace(broker_backend="memory",
-                                  database_url="postgresql://postgres@127.0.0.1:1/nothing?connect_timeout=1"))
+                                  database_url="postgresql://postgres@127.0.0.1:1/nothing?connect_timeout=1",
+                                  db_pool_timeout_s=1.0))
     resp = client.post("/", headers=codec.to_binary_http(tick(catalog.OUTBOX_SWEEP))[0], data=b"")
     assert resp.status_code == 503 and "Traceback" not in resp.get_data(as_text=True)
 
