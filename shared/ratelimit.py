@@ -19,7 +19,10 @@ processes a user never gets more than the limit; the cost is that tokens a proce
 reserved and did not spend within ``RESERVE_S`` are lost, so a user may be refused up
 to ``block - 1`` submissions early per process. The block adapts: it starts at one
 (exact, one round trip per request, as before) and doubles while a user spends whole
-blocks within ``RESERVE_S``, up to ``limit // 100`` (1% of the limit per process);
+blocks within ``RESERVE_S``, up to ``limit // 100`` (1% of the limit per process); after
+a block that ran out of time the next one is as large as the part of it that was spent,
+so a steady user's blocks stay near their rate instead of starting over at one (after
+a pause longer than ``RESERVE_S`` it does start over);
 when a block no longer fits under the limit the process asks for one token at a time,
 so the last submissions of a window are decided exactly.
 
@@ -253,7 +256,7 @@ MAX_BLOCK_SHARE = 100  # a block is at most limit // MAX_BLOCK_SHARE tokens
 class _Block:
     left: int = 0  # tokens reserved and not spent yet
     until: float = 0.0  # monotonic deadline to spend them
-    size: int = 1  # the next block's size
+    size: int = 1  # tokens in this block (the next one is sized from it)
 
 
 class Reservations:
@@ -277,14 +280,18 @@ class Reservations:
             return True
 
     def next_size(self, key: str, limit: int, now: float) -> int:
-        """How many tokens to reserve now: double after a block spent in time, else start over."""
+        """How many tokens to reserve now: double after a block spent in time; after one
+        that ran out of time, as many as it saw spent (the user's rate per ``RESERVE_S``)."""
         cap = max(1, limit // MAX_BLOCK_SHARE)
         with self._lock:
             b = self._blocks.get(key)
             if b is None:
                 return 1
-            spent_in_time = b.left <= 0 and b.until > now
-            return min(cap, b.size * 2) if spent_in_time else 1
+            if b.left <= 0 and b.until > now:  # spent in time: the user is faster than the block
+                return min(cap, b.size * 2)
+            if now - b.until > RESERVE_S:  # idle since: start over, exactly
+                return 1
+            return max(1, min(cap, b.size - b.left))
 
     def grant(self, key: str, size: int, now: float) -> None:
         """Record a block of ``size`` tokens reserved in Redis, one of which is spent at once."""

@@ -136,3 +136,32 @@ def test_the_last_tokens_of_a_window_are_decided_one_by_one(gw_settings, r):
             results.append(False)
     assert sum(results) >= 300 - 2 and results[-5:] == [False] * 5
     assert _redis_count(r, s, user_id) <= 300
+
+
+def test_a_steady_user_keeps_blocks_near_its_rate(gw_settings, r, monkeypatch):
+    """Ten submissions a second: blocks grow to the rate and stay there. They used to
+    start over at one token each time a block ran out of time (1, 2, 4, 8, 16, 1, ...),
+    one Redis call for every five or so submissions."""
+    s = gw_settings.replace(submit_rate_per_min=100_000)
+    user_id = str(uuid.uuid4())
+    book = ratelimit.Reservations()
+    calls = []
+    real = ratelimit.sliding_window
+    monkeypatch.setattr(ratelimit, "sliding_window", lambda *a, **k: calls.append(k.get("cost")) or real(*a, **k))
+    for i in range(200):  # 20 s at 10/s
+        ratelimit.check_submit(s, user_id, now=30.0 + i * 0.1, book=book)
+    assert calls[:4] == [1, 2, 4, 8]  # doubling while each block is spent in time
+    assert len(calls) <= 25, calls
+    assert all(c >= 8 for c in calls[4:]), calls  # never back to one token at a time
+    assert _redis_count(r, s, user_id) <= 200 + ratelimit.MAX_BLOCK_SHARE  # at most one block's rest lost
+
+
+def test_after_a_pause_a_user_starts_over_at_one_token(gw_settings, r):
+    s = gw_settings.replace(submit_rate_per_min=100_000)
+    user_id = str(uuid.uuid4())
+    book = ratelimit.Reservations()
+    for i in range(50):
+        ratelimit.check_submit(s, user_id, now=5.0 + i * 0.05, book=book)
+    before = _redis_count(r, s, user_id)
+    ratelimit.check_submit(s, user_id, now=5.0 + 50 * 0.05 + 3 * ratelimit.RESERVE_S, book=book)
+    assert _redis_count(r, s, user_id) == before + 1
