@@ -123,8 +123,13 @@ class _Beats:
                 self._pid = os.getpid()
                 self._beats.clear()
                 threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
+            earliest = min((b._due for b in self._beats.values()), default=None)
             self._beats[id(hb)] = hb
-            self._cond.notify_all()
+            # The thread sleeps until the earliest beat is due (or, with none, until woken):
+            # a beat due no earlier needs no wake-up. Waking it for every task started cost
+            # the worker a thread switch per task.
+            if earliest is None or hb._due < earliest:
+                self._cond.notify_all()
 
     def remove(self, hb: Heartbeat) -> None:
         with self._cond:

@@ -135,3 +135,35 @@ def test_a_lease_that_aged_before_the_work_started_is_renewed_at_the_first_tick(
     hb = Heartbeat(s, tid, "w", lambda rows: None, clock=clock, leased_at=clock.now - 11)
     hb.tick()
     assert lease_left(conn, tid) > 25
+
+
+def test_the_thread_is_woken_only_for_a_beat_due_before_the_others(settings, monkeypatch):
+    """Starting a task registers its heartbeat; the process's heartbeat thread sleeps until
+    the earliest beat is due, so only a beat due earlier than every other one (or the first
+    one) needs to wake it: no thread switch per task started."""
+    import threading
+
+    from shared.tasks import heartbeat
+
+    class Counting(threading.Condition):
+        wakes = 0
+
+        def notify_all(self) -> None:
+            Counting.wakes += 1
+            super().notify_all()
+
+    beats = heartbeat._Beats()
+    beats._cond = Counting()
+    monkeypatch.setattr(heartbeat, "_beats", beats)
+    clock = Clock()
+    s = settings.replace(progress_interval_s=10.0, cancel_poll_s=10.0)
+    first = Heartbeat(s, "t1", "w", lambda rows: None, clock=clock)
+    later = Heartbeat(s, "t2", "w", lambda rows: None, clock=clock)
+    sooner = Heartbeat(s.replace(cancel_poll_s=1.0), "t3", "w", lambda rows: None, clock=clock)
+    with first:
+        assert Counting.wakes == 1  # the thread had nothing to wait for
+        clock.now += 1
+        with later:  # due after the first: the thread's sleep already ends in time
+            assert Counting.wakes == 1
+            with sooner:  # due before every other beat: wake the thread to sleep less
+                assert Counting.wakes == 2
