@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import itertools
 import os
 import shutil
 import stat
@@ -58,6 +59,21 @@ def check_key(key: str) -> str:
     return key
 
 
+_temporaries = itertools.count()
+
+
+def _create_temporary(directory: Path) -> tuple[int, str]:
+    """A new ``.tmp-*`` file in ``directory``, open for writing, and its path. Its name is
+    unique in this process by construction (pid and a counter), so the usual case needs no
+    random name; one that exists already (left by a dead process of the same pid) falls
+    back to ``tempfile.mkstemp``."""
+    name = os.path.join(directory, f".tmp-{os.getpid()}-{next(_temporaries)}")
+    try:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), name
+    except FileExistsError:
+        return tempfile.mkstemp(dir=directory, prefix=".tmp-")
+
+
 class LocalStorage:
     """Objects as files under ``root``.
 
@@ -80,10 +96,10 @@ class LocalStorage:
         tmp = ""
         try:
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                fd, tmp = _create_temporary(path.parent)
             except FileNotFoundError:  # the first object under this prefix
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                fd, tmp = _create_temporary(path.parent)
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(fileobj, out, 1024 * 1024)
                 size = out.tell()

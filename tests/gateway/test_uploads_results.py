@@ -242,3 +242,21 @@ def test_a_body_shorter_than_its_content_length_is_refused_by_the_running_gatewa
         assert _files_under(gw_settings.storage_dir) == before
     finally:
         stop_functions(running.values())
+
+
+def test_local_writes_step_around_a_temporary_file_left_by_a_dead_process(tmp_path):
+    """Temporary names come from the pid and a counter; a file of that name left by an
+    earlier process with the same pid is not overwritten: the write takes another name,
+    and the object is stored whole."""
+    import os
+
+    from shared import storage as store
+
+    local = store.LocalStorage(tmp_path)
+    local.put_bytes("a/first", b"one", "text/plain")  # creates the prefix
+    upcoming = tmp_path / "a" / f".tmp-{os.getpid()}-{next(store._temporaries) + 1}"
+    upcoming.write_bytes(b"left over")
+    local.put_bytes("a/second", b"two", "text/plain")
+    assert (tmp_path / "a" / "second").read_bytes() == b"two"
+    assert upcoming.read_bytes() == b"left over"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(["first", "second", upcoming.name])
