@@ -19,6 +19,8 @@ lease was taken over can no longer write (``LeaseLost``). Every change bumps
 """
 from __future__ import annotations
 
+import json
+
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -284,8 +286,7 @@ _CLAIMABLE = ("NOT (locked.task).cancel_requested AND ((locked.task).status IN (
               " OR ((locked.task).status = 'running'"
               "     AND ((locked.task).lease_until IS NULL OR (locked.task).lease_until < now())))")
 _CLAIM_MANY = (
-    "WITH req AS (SELECT * FROM unnest(%(ids)s::uuid[], %(owners)s::text[], %(users)s::uuid[], %(types)s::text[])"
-    "   AS r(id, owner, user_id, type)),"
+    "WITH req AS (SELECT * FROM jsonb_to_recordset(%(req)s::jsonb) AS r(id uuid, owner text, user_id uuid, type text)),"
     " locked AS MATERIALIZED (SELECT tasks AS task, req.owner,"
     "   coalesce(tasks.status = 'running' AND tasks.lease_until > now(), false) AS lease_live"
     "   FROM tasks JOIN req ON tasks.id = req.id"
@@ -328,9 +329,12 @@ def claim_many(conn: Conn, requests: Sequence[ClaimRequest], lease_s: float) -> 
     for r in requests:
         if (r.user_id is None) != (r.task_type is None):
             raise ValueError("pass both user_id and task_type, or neither")
+    # The requests go as one JSON document and the ids as an array literal: two texts, where
+    # psycopg would dump four Python lists element by element.
     rows = conn.execute(_CLAIM_MANY, {
-        "ids": ids, "owners": [r.owner for r in requests], "users": [r.user_id for r in requests],
-        "types": [r.task_type for r in requests], "lease": float(lease_s),
+        "req": json.dumps([{"id": i, "owner": r.owner, "user_id": r.user_id, "type": r.task_type}
+                           for i, r in zip(ids, requests)]),
+        "ids": uuid_array(ids), "lease": float(lease_s),
     }).fetchall()
     by_id = {str(row["id"]): _claim_of(conn, row) for row in rows}
     return [by_id.get(i) or Claim(ClaimOutcome.MISSING, None) for i in ids]
@@ -451,14 +455,17 @@ def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, str, dict[str, Any]]]
     ids = [str(t) for t, _o, _r in outcomes]
     if len(set(ids)) != len(ids):
         raise ValueError("succeed_many takes each task once")
+    # Bound as two texts (the ids' array literal, the outcomes as one JSON document): psycopg
+    # dumps a Python list element by element, and one batch has three of them.
     return conn.execute(
-        f"{LOCK_IN_ID_ORDER}, v AS (SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[]) AS v(id, owner, result))"
+        f"{LOCK_IN_ID_ORDER}, v AS (SELECT * FROM jsonb_to_recordset(%s::jsonb) AS v(id uuid, owner text, result jsonb))"
         " UPDATE tasks SET status = 'succeeded', progress = 100, result = v.result, error = NULL,"
         f" finished_at = now(), lease_owner = NULL, lease_until = NULL, {_FINAL}"
         " FROM locked JOIN v ON v.id = locked.id"
         " WHERE tasks.id = locked.id AND tasks.status = 'running' AND tasks.lease_owner = v.owner"
         f" RETURNING tasks.*, {_NOTIFY}",
-        (ids, ids, [o for _t, o, _r in outcomes], [Jsonb(r) for _t, _o, r in outcomes]),
+        (uuid_array(ids),
+         json.dumps([{"id": t, "owner": o, "result": r} for t, (_t, o, r) in zip(ids, outcomes)])),
     ).fetchall()
 
 

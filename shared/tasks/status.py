@@ -341,11 +341,12 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
             # already passed (a worker's, for the change after the relay's) costs no lock.
             conn.execute(
                 "WITH locked AS MATERIALIZED (SELECT t.id, v.ver FROM tasks t"
-                " JOIN unnest(%s::uuid[], %s::bigint[]) AS v(id, ver) ON t.id = v.id"
+                " JOIN jsonb_to_recordset(%s::jsonb) AS v(id uuid, ver bigint) ON t.id = v.id"
                 " WHERE t.published_version < v.ver ORDER BY t.id FOR UPDATE OF t)"
                 " UPDATE tasks t SET published_version = locked.ver FROM locked"
                 " WHERE t.id = locked.id AND t.published_version < locked.ver",
-                (ids, [tasks[i] for i in ids]),
+                # one JSON text: psycopg dumps Python lists element by element
+                (json.dumps([{"id": i, "ver": tasks[i]} for i in ids]),),
             )
     except Exception as exc:  # harmless: a later catch_up re-appends, the script dedupes
         log.warning("could not record published status versions",
