@@ -20,7 +20,6 @@ lease was taken over can no longer write (``LeaseLost``). Every change bumps
 from __future__ import annotations
 
 import json
-
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -333,7 +332,7 @@ def claim_many(conn: Conn, requests: Sequence[ClaimRequest], lease_s: float) -> 
     # psycopg would dump four Python lists element by element.
     rows = conn.execute(_CLAIM_MANY, {
         "req": json.dumps([{"id": i, "owner": r.owner, "user_id": r.user_id, "type": r.task_type}
-                           for i, r in zip(ids, requests)]),
+                           for i, r in zip(ids, requests, strict=True)]),
         "ids": uuid_array(ids), "lease": float(lease_s),
     }).fetchall()
     by_id = {str(row["id"]): _claim_of(conn, row) for row in rows}
@@ -465,7 +464,7 @@ def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, str, dict[str, Any]]]
         " WHERE tasks.id = locked.id AND tasks.status = 'running' AND tasks.lease_owner = v.owner"
         f" RETURNING tasks.*, {_NOTIFY}",
         (uuid_array(ids),
-         json.dumps([{"id": t, "owner": o, "result": r} for t, (_t, o, r) in zip(ids, outcomes)])),
+         json.dumps([{"id": t, "owner": o, "result": r} for t, (_t, o, r) in zip(ids, outcomes, strict=True)])),
     ).fetchall()
 
 
