@@ -5,9 +5,9 @@ Each worker thread takes a message, then whatever else is already waiting (or ar
 within ``batch.wait``) up to ``batch.maxEvents``, and POSTs the plain first attempts
 among them as one CloudEvents batch. The function answers every event as if it had come
 alone; from there each event continues by itself under the trigger's rules
-(``Dispatcher._attempts``): a 2xx is acked (its reply published first), a retryable
-answer is retried alone with the spec's backoff and then dead-lettered, any other answer
-drops it. Its answer in the batch counts as its first attempt.
+(``infra.runtime.retries.attempts``): a 2xx is acked (its reply published first), a
+retryable answer is retried alone with the spec's backoff and then dead-lettered, any
+other answer drops it. Its answer in the batch counts as its first attempt.
 
 What cannot go in a batch is delivered alone, as by the plain dispatcher: hand-offs
 (they carry an attempt number or a not-before time), messages that waited in the
@@ -31,17 +31,12 @@ from typing import Any
 
 from events import batch as eventbatch
 from events import codec
+from infra.runtime import retries
 from infra.runtime.config import BatchSpec
 from infra.runtime.delivery import Attempt, Outcome
-from infra.runtime.dispatcher import (
-    ATTEMPT_HEADER,
-    LOCAL_WAIT_HAND_OFF_S,
-    NOT_BEFORE_HEADER,
-    PREFETCH_FACTOR,
-    Dispatcher,
-    _Msg,
-    _Session,
-)
+from infra.runtime.dispatcher import PREFETCH_FACTOR, Dispatcher
+from infra.runtime.retries import ATTEMPT_HEADER, LOCAL_WAIT_HAND_OFF_S, NOT_BEFORE_HEADER
+from infra.runtime.session import _Msg, _Session
 from shared import metrics
 from shared.errors import BadRequest
 
@@ -102,10 +97,10 @@ class BatchingDispatcher(Dispatcher):
         answered = [(m, Attempt(a.status, a.headers, a.body)) for (m, _), a in zip(fresh, answers or [], strict=True)]
         answered.sort(key=lambda ma: ma[1].outcome is Outcome.RETRY)  # stable: settled ones first
         for m, attempt in answered:
-            self._run_one(m, partial(self._attempts, m, 1, m.received, attempt))
+            self._run_one(m, partial(retries.attempts, self, m, 1, m.received, attempt))
         for m in msgs:
             if id(m) not in in_batch:
-                self._run_one(m, partial(self._deliver, m))
+                self._run_one(m, partial(retries.deliver, self, m))
 
     def _batchable(self, msg: _Msg) -> bytes | None:
         """The structured-mode event of a message that may go in a batch: decodable, a
@@ -114,7 +109,7 @@ class BatchingDispatcher(Dispatcher):
             return None
         if time.monotonic() - msg.received > LOCAL_WAIT_HAND_OFF_S:  # the single path weighs its hold
             return None
-        if self._is_dead_lettered_copy(msg):
+        if retries.is_dead_lettered_copy(self, msg):
             return None
         try:  # straight from the message, no CloudEvent in between
             return codec.amqp_to_structured(self._event_headers(msg), msg.props, msg.body)

@@ -1,6 +1,13 @@
 """One dispatcher per trigger: consume its queue, POST each event to the subscriber in
 binary mode, and settle the message by Knative's rules (``infra.runtime.delivery``).
 
+This module owns the consumer: the AMQP connection and its loop, the worker threads,
+the hand-over of settlements to the connection's thread, the publisher, and one POST.
+What a delivery does with each answer — retries with backoff, hand-offs under the
+consumer timeout, replies, dead letters — is ``infra.runtime.retries``; the state held
+per connection and per message is ``infra.runtime.session``; batched delivery is
+``infra.runtime.batching``, a subclass.
+
 * ``parallelism`` worker threads POST over their own keep-alive connections: that many
   deliveries in flight. The prefetch is larger (``PREFETCH_FACTOR`` x parallelism), so the
   next messages are already here when a delivery ends (no round trip to RabbitMQ between
@@ -8,25 +15,14 @@ binary mode, and settle the message by Knative's rules (``infra.runtime.delivery
 * Acks are batched: workers hand their settlements to the connection's thread, which
   sends them in bursts (``infra.runtime.acks``: one ``multiple=True`` ack for a run of
   consecutive tags), without the worker waiting for it.
-* Each attempt has the spec's per-request ``timeout``; retries run inline with linear or
-  exponential backoff (attempts = retry + 1), as the upstream dispatcher does, so with
-  parallelism 1 a failing event holds up the queue behind it.
-* Exhausted: the event, with ``knativeerrordest``/``knativeerrorcode``/``knativeerrordata``,
-  is published (with a confirm) to the dead-letter queue, whose own dispatcher delivers it
-  to the dead-letter function with that function's generous delivery spec.
 * Every POST carries ``X-TaskForge-Signature`` (``shared.delivery_auth``) when a delivery
   secret is configured: internal functions refuse requests without it.
-* A 2xx answer carrying a CloudEvent is a reply: published (confirmed) into the broker.
-  Replies, dead letters and hand-offs go through one publisher per dispatcher with
+* Replies, dead letters and hand-offs go through one publisher per dispatcher with
   pipelined confirms (``shared.broker.rabbit``): concurrent workers wait for their own
   confirms without serialising on one another's.
 * A message is acked only after its outcome is settled (and anything it produced is
   confirmed): a crashed dispatcher loses nothing, RabbitMQ redelivers; a batch of acks
   lost with it means redeliveries, which the functions absorb (exactly-once effect).
-* RabbitMQ closes a consumer that holds a delivery past ``consumer_timeout``. When the
-  next attempt could cross that line (long timeouts times several attempts), or when the
-  dispatcher stops mid-backoff, the message is handed off: re-queued (confirmed) with its
-  attempt number and not-before time in private headers, then acked.
 
 ``Dispatcher.drain()`` is the run-once form for tests; ``start()``/``stop()`` the loop.
 """
@@ -34,37 +30,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import pika
 from cloudevents.http import CloudEvent
 
-from events import catalog, codec
-from infra.runtime.acks import AckBook, Op
+from events import codec
+from infra.runtime import retries
+from infra.runtime.acks import Op
 from infra.runtime.config import DeliverySpec, RuntimeConfig
-from infra.runtime.delivery import Attempt, Outcome, dead_letter_event, reply_of
+from infra.runtime.delivery import Attempt
 from infra.runtime.process import ColdStartError, FunctionProcess
+from infra.runtime.session import _Msg, _Session, _Settle
 from shared import delivery_auth, httppost, metrics
-from shared.broker import dead_letter_queue, exchange_name, trigger_queue
+from shared.broker import dead_letter_queue, trigger_queue
 from shared.broker.rabbit import Message, RabbitBroker
-from shared.errors import BadRequest, TaskForgeError
 from shared.settings import Settings
 
 log = logging.getLogger("taskforge.runtime.dispatcher")
 
-ATTEMPT_HEADER = "x-taskforge-attempt"  # not a CloudEvents attribute name: never decoded as one
-NOT_BEFORE_HEADER = "x-taskforge-not-before"  # epoch seconds
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 PREFETCH_FACTOR = 2  # messages held per worker thread: one in delivery, one ready behind it
 IDLE_POLL_S = 0.25  # a running dispatcher's loop wakes at least this often (to see a stop)
-LOCAL_WAIT_HAND_OFF_S = 1.0  # below this, time spent in the prefetch never forces a hand-off
 Activate = Callable[[], AbstractContextManager[Any]]
 Poster = Callable[[str, Mapping[str, str], bytes, float], Attempt]
 
@@ -74,38 +66,6 @@ def post(url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) ->
     never raises for network trouble (it becomes an answer-less Attempt)."""
     reply = httppost.post(url, headers, body, timeout_s, MAX_RESPONSE_BYTES)
     return Attempt(reply.status, reply.headers, reply.body, reply.error)
-
-
-class _Session:
-    """One AMQP connection's state; messages remember theirs, so a delivery tag is never
-    settled on a later connection (where it would mean another message)."""
-
-    def __init__(self, conn: pika.BlockingConnection) -> None:
-        self.conn = conn
-        self.consume_ch: Any = None
-        self.work: queue.Queue[_Msg | None] = queue.Queue()
-        self.open = True
-        self.book = AckBook()  # the connection thread's alone
-        self.settled: deque[tuple[int, Op]] = deque()  # from the workers, not yet applied
-        self.flush_due = False  # a flush is scheduled on the connection thread
-        self.lock = threading.Lock()
-
-
-@dataclass
-class _Msg:
-    session: _Session
-    tag: int
-    headers: dict[str, Any]
-    props: pika.BasicProperties
-    body: bytes
-    received: float  # time.monotonic() when it arrived: its hold time starts here
-    # Decoded on demand, at most once (``Dispatcher._request_of``, ``Dispatcher._event_of``):
-    request: tuple[dict[str, str], bytes] | None = None  # the binary-mode POST
-    event: CloudEvent | None = None  # only the rare paths (hand-off, reply, dead letter) need it
-
-
-class _Settle(Exception):
-    """Internal: the dispatcher is stopping or its channel died; leave the message unacked."""
 
 
 class Dispatcher:
@@ -315,7 +275,7 @@ class Dispatcher:
     def _take(self, session: _Session, msg: _Msg) -> bool:
         """Deliver ``msg`` (a batching dispatcher takes what waits behind it too). Returns
         False when the stop sentinel was taken meanwhile."""
-        self._run_one(msg, lambda: self._deliver(msg))
+        self._run_one(msg, lambda: retries.deliver(self, msg))
         return True
 
     def _run_one(self, msg: _Msg, deliver: Callable[[], str]) -> None:
@@ -345,10 +305,6 @@ class Dispatcher:
             self.stats[outcome] += 1
         metrics.DELIVERIES.labels(self.name, outcome).inc()
 
-    def _is_dead_lettered_copy(self, msg: _Msg) -> bool:
-        """A trigger's message that already carries Knative's error attributes."""
-        return self.dead_letter is not None and "knativeerrordest" in msg.headers
-
     @staticmethod
     def _event_headers(msg: _Msg) -> dict[str, Any]:
         """The message's headers without the private ``x-`` ones (never attributes)."""
@@ -369,58 +325,8 @@ class Dispatcher:
             msg.request = codec.amqp_to_binary_http(cls._event_headers(msg), msg.props, msg.body)
         return msg.request
 
-    def _deliver(self, msg: _Msg) -> str:
-        if self._is_dead_lettered_copy(msg):
-            self._ack(msg)  # an already dead-lettered copy: upstream skips these too
-            return "skipped"
-        try:
-            self._request_of(msg)
-        except BadRequest as exc:
-            log.error("undecodable message rejected", extra=({"trigger": self.name, "error": str(exc)}))
-            self._nack(msg, requeue=False)  # to the DLX, as upstream does
-            return "undecodable"
-        # A hand-off's attempt number, clamped: the spec may have shrunk since it was queued.
-        first = min(_int(msg.headers.get(ATTEMPT_HEADER), 1), self.delivery.attempts)
-        not_before = _float(msg.headers.get(NOT_BEFORE_HEADER), 0.0)
-        held_since = msg.received  # waiting behind other deliveries counts toward the hold
-        waited = time.monotonic() - held_since
-        if waited > LOCAL_WAIT_HAND_OFF_S and waited + self.delivery.timeout_s > self.hold_budget_s:
-            # It sat in the prefetch behind slow deliveries: its attempt could cross the
-            # consumer timeout, so it goes back to the queue unattempted.
-            return self._hand_off(msg, first, max(not_before, time.time()))
-        wait = min(not_before - time.time(), self.hold_budget_s - self.delivery.timeout_s - waited)
-        if wait > 0 and self._stop.wait(wait):  # a handed-off message still in its backoff
-            return self._hand_off(msg, first, not_before)
-        return self._attempts(msg, first, held_since)
-
-    def _attempts(self, msg: _Msg, first: int, held_since: float, answered: Attempt | None = None) -> str:
-        """Attempts ``first``.. of the delivery spec (the first already made and ``answered``,
-        when given: a batch's answer for this event)."""
-        for n in range(first, self.delivery.attempts + 1):
-            attempt = answered if answered is not None and n == first else self._attempt(*self._request_of(msg))
-            outcome = attempt.outcome
-            if outcome is Outcome.SUCCESS:
-                return self._succeeded(msg, attempt)
-            if outcome is Outcome.DROP:
-                log.warning("delivery refused, dropped", extra=({
-                    "trigger": self.name, "event_id": self._event_of(msg)["id"], "status": attempt.status}))
-                self._ack(msg)
-                return "dropped"
-            self._count("retry")
-            if n == self.delivery.attempts:
-                return self._exhausted(msg, attempt)
-            delay = self.delivery.backoff_s(n)
-            held = time.monotonic() - held_since
-            if held + delay + self.delivery.timeout_s > self.hold_budget_s or self._stop.is_set():
-                return self._hand_off(msg, n + 1, time.time() + delay)
-            log.info("delivery failed, retrying", extra=({
-                "trigger": self.name, "event_id": self._event_of(msg)["id"], "attempt": n,
-                "answer": attempt.describe(), "backoff_s": delay}))
-            if self._stop.wait(delay):
-                return self._hand_off(msg, n + 1, time.time())
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _attempt(self, headers: Mapping[str, str], body: bytes) -> Attempt:
+        """One signed POST to the subscriber (activating its function first, if need be)."""
         try:
             with self.activate() if self.activate else contextlib.nullcontext():
                 # Signed per attempt (fresh timestamp): the function refuses unsigned requests.
@@ -428,83 +334,6 @@ class Dispatcher:
                 return self.poster(self.url, signed, body, self.delivery.timeout_s)
         except ColdStartError as exc:
             return Attempt(None, {}, b"", f"cold start failed: {exc}")
-
-    def _succeeded(self, msg: _Msg, attempt: Attempt) -> str:
-        try:
-            reply = reply_of(attempt)
-        except BadRequest as exc:
-            log.warning("answer claims to be a CloudEvent but is not; ignored", extra=({
-                "trigger": self.name, "event_id": self._event_of(msg)["id"], "error": str(exc)}))
-            reply = None
-        if reply is None:
-            self._ack(msg)
-            return "delivered"
-        if self.loop_guard_type and reply["type"] == self.loop_guard_type:
-            log.error("reply has the trigger's own type (would loop); dropped", extra=({
-                "trigger": self.name, "event_id": self._event_of(msg)["id"], "reply_type": reply["type"]}))
-            self._ack(msg)
-            return "reply_loop"
-        try:
-            self._publish(msg, exchange_name(self.settings), "", reply)
-        except (TaskForgeError, _Settle) as exc:
-            # Upstream dead-letters the original when its reply cannot be sent.
-            log.error("reply could not be published", extra=({"trigger": self.name, "error": repr(exc)}))
-            failed = Attempt(attempt.status, attempt.headers, f"reply not published: {exc!r}".encode())
-            return self._exhausted(msg, failed)
-        self._ack(msg)
-        return "replied"
-
-    def _exhausted(self, msg: _Msg, attempt: Attempt) -> str:
-        event = self._event_of(msg)
-        if self.dead_letter is None:
-            # The dead-letter sink itself failed: like Knative, the event is lost — say so loudly
-            # (the whole event, for an operator to recover, minus any credential it carries).
-            shown = codec.make_event(catalog.without_secrets(codec.attributes_of(event)), event.get_data())
-            log.error("dead-letter delivery exhausted; event lost", extra=({
-                "trigger": self.name, "event_id": event["id"], "event_type": event["type"],
-                "answer": attempt.describe(), "event": codec.to_structured_http(shown)[1].decode("utf-8", "replace")}))
-            self._ack(msg)
-            return "lost"
-        try:
-            self._publish(msg, "", self.dead_letter, dead_letter_event(event, self.url, attempt))
-        except (TaskForgeError, _Settle) as exc:
-            log.error("dead-letter publish failed; message requeued", extra=({
-                "trigger": self.name, "event_id": event["id"], "error": repr(exc)}))
-            self._stop.wait(1.0)
-            self._nack(msg, requeue=True)
-            return "requeued"
-        log.warning("delivery exhausted, dead-lettered", extra=({
-            "trigger": self.name, "event_id": event["id"], "answer": attempt.describe(),
-            "attempts": self.delivery.attempts}))
-        self._ack(msg)
-        return "dead_lettered"
-
-    def _hand_off(self, msg: _Msg, next_attempt: int, not_before: float) -> str:
-        """Re-queue the message to continue at ``next_attempt`` after ``not_before``."""
-        try:
-            self._publish(msg, "", self.queue_name, self._event_of(msg),
-                          {ATTEMPT_HEADER: next_attempt, NOT_BEFORE_HEADER: f"{not_before:.3f}"})
-        except (TaskForgeError, _Settle) as exc:
-            # Give it back as it came (its own attempt number) rather than hold it unacked.
-            log.warning("hand-off failed, message requeued", extra=({"trigger": self.name, "error": repr(exc)}))
-            self._nack(msg, requeue=True)
-            return "requeued"
-        self._ack(msg)
-        return "handed_off"
-
-
-def _int(v: Any, default: int) -> int:
-    try:
-        return max(1, int(v))
-    except (TypeError, ValueError):
-        return default
-
-
-def _float(v: Any, default: float) -> float:
-    try:
-        return float(v.decode() if isinstance(v, bytes) else v)
-    except (TypeError, ValueError, AttributeError):
-        return default
 
 
 def for_config(config: RuntimeConfig, settings: Settings,
