@@ -11,7 +11,8 @@ Why not functions-framework's own server (docs/architecture.md §6): it wraps th
 in a second Flask app of its own, and its import (Flask, click, the CloudEvents SDK's
 Flask glue) is a large part of a cold start. Every function's ``main.py`` exposes
 ``application``, the same WSGI app functions-framework's target routes through; this
-module serves that directly with gunicorn (``gthread`` workers). A source without
+module serves that directly with gunicorn (``gthread`` workers that serve a busy kept-alive
+connection's next request in the same thread: ``infra/runtime/lingering.py``). A source without
 ``application`` (and every ASGI function) is still served through functions-framework,
 exactly as before, so ``functions-framework --target <target>`` and ``func`` keep working.
 
@@ -129,7 +130,7 @@ class Server(BaseApplication):
         a = self.args
         options: dict[str, Any] = {
             "bind": f"{a.host}:{a.port}", "workers": a.workers, "threads": a.threads,
-            "worker_class": "gthread", "timeout": 0, "graceful_timeout": 10,
+            "worker_class": "infra.runtime.lingering.LingeringThreadWorker", "timeout": 0, "graceful_timeout": 10,
             # Imported once, in the master, before the workers fork (as functions-framework
             # does): a second worker costs a fork, not a second import.
             "preload_app": True,

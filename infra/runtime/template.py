@@ -65,6 +65,7 @@ log = logging.getLogger("taskforge.runtime.template")
 PRELOAD = (
     # the server and the framework around ASGI/legacy targets
     "gunicorn.app.base", "gunicorn.arbiter", "gunicorn.workers.gthread", "gunicorn.glogging",
+    "infra.runtime.lingering",
     "functions_framework", "uvicorn", "uvicorn_worker", "starlette.applications",
     # PostgreSQL, Redis, outgoing HTTP
     "psycopg", "psycopg.rows", "psycopg.types.json", "psycopg_pool", "redis", "redis.asyncio", "urllib3",

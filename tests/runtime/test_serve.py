@@ -158,3 +158,47 @@ def test_metrics_aggregate_across_two_worker_processes(serve, settings, tmp_path
         lines = [line for line in page.splitlines()
                  if line.startswith('taskforge_dead_letters_total{type="com.taskforge.tests.probe"}')]
         assert lines and float(lines[0].split()[-1]) == 7
+
+
+def test_kept_alive_connections_are_served_back_to_back_without_starving_another(serve):
+    """One thread (``THREADS=1``) and the lingering worker: a client pipelining request after
+    request on one kept-alive connection gets every answer, a second client on its own
+    connection is served meanwhile (the thread lingers only while nobody waits), and a
+    request that comes long after the previous one is still served on the same connection."""
+    import contextlib
+    import re
+    import socket
+    import threading
+
+    url = serve("dead-letter", workers=1, threads=1)
+    stop = threading.Event()
+    busy_answers: list[int] = []
+
+    def busy() -> None:  # pipelines requests without waiting for answers: never quiet
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            def flood() -> None:
+                with contextlib.suppress(OSError):
+                    while not stop.is_set():
+                        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 8)
+            writer = threading.Thread(target=flood)
+            writer.start()
+            seen = b""
+            while not stop.is_set():
+                seen += sock.recv(65536)
+            writer.join(15)
+            busy_answers.extend(int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", seen))
+
+    hog = threading.Thread(target=busy)
+    hog.start()
+    try:
+        time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=10) as other:
+            others = [other.get("/healthz").status_code for _ in range(20)]
+            time.sleep(0.3)  # far longer than the linger: back on the poller, still alive
+            others.append(other.get("/healthz").status_code)
+    finally:
+        stop.set()
+        hog.join(15)
+    assert others == [200] * 21
+    assert len(busy_answers) > 20 and set(busy_answers) == {200}
