@@ -115,6 +115,7 @@ class _Beats:
         self._beats: dict[int, Heartbeat] = {}
         self._cond = threading.Condition()
         self._ticking: Heartbeat | None = None
+        self._wake_at: float | None = None  # when the thread's current sleep ends (None: when woken)
         self._pid = 0
 
     def add(self, hb: Heartbeat) -> None:
@@ -123,12 +124,11 @@ class _Beats:
                 self._pid = os.getpid()
                 self._beats.clear()
                 threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
-            earliest = min((b._due for b in self._beats.values()), default=None)
             self._beats[id(hb)] = hb
-            # The thread sleeps until the earliest beat is due (or, with none, until woken):
-            # a beat due no earlier needs no wake-up. Waking it for every task started cost
-            # the worker a thread switch per task.
-            if earliest is None or hb._due < earliest:
+            # The thread sleeps until ``_wake_at`` (or, with no beats, until woken): a beat
+            # due no earlier needs no wake-up, even when the beats it slept for are gone.
+            # Waking it for every task started cost the worker a thread switch per task.
+            if self._wake_at is None or hb._due < self._wake_at:
                 self._cond.notify_all()
 
     def remove(self, hb: Heartbeat) -> None:
@@ -141,12 +141,15 @@ class _Beats:
         while True:
             with self._cond:
                 if not self._beats:
+                    self._wake_at = None
                     self._cond.wait()
                     continue
                 due = [hb for hb in self._beats.values() if hb._due <= hb.clock()]
                 if not due:
                     nxt = min(hb._due - hb.clock() for hb in self._beats.values())
-                    self._cond.wait(max(0.01, min(nxt, 1.0)))
+                    sleep = max(0.01, min(nxt, 1.0))
+                    self._wake_at = next(iter(self._beats.values())).clock() + sleep
+                    self._cond.wait(sleep)
                     continue
             for hb in due:
                 with self._cond:

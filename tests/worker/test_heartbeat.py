@@ -142,6 +142,7 @@ def test_the_thread_is_woken_only_for_a_beat_due_before_the_others(settings, mon
     the earliest beat is due, so only a beat due earlier than every other one (or the first
     one) needs to wake it: no thread switch per task started."""
     import threading
+    import time
 
     from shared.tasks import heartbeat
 
@@ -156,14 +157,22 @@ def test_the_thread_is_woken_only_for_a_beat_due_before_the_others(settings, mon
     beats._cond = Counting()
     monkeypatch.setattr(heartbeat, "_beats", beats)
     clock = Clock()
-    s = settings.replace(progress_interval_s=10.0, cancel_poll_s=10.0)
-    first = Heartbeat(s, "t1", "w", lambda rows: None, clock=clock)
-    later = Heartbeat(s, "t2", "w", lambda rows: None, clock=clock)
-    sooner = Heartbeat(s.replace(cancel_poll_s=1.0), "t3", "w", lambda rows: None, clock=clock)
-    with first:
+    s = settings.replace(progress_interval_s=100.0, cancel_poll_s=100.0)
+
+    def beat(name: str, settings_=s) -> Heartbeat:
+        return Heartbeat(settings_, name, "w", lambda rows: None, clock=clock)
+
+    with beat("t1"):
         assert Counting.wakes == 1  # the thread had nothing to wait for
-        clock.now += 1
-        with later:  # due after the first: the thread's sleep already ends in time
+        deadline = time.monotonic() + 10
+        while beats._wake_at is None:  # until it sleeps (at most 1 s) for that beat
+            assert time.monotonic() < deadline, "the heartbeat thread never went to sleep"
+            time.sleep(0.01)
+    # The next task of a batch starts while the thread still sleeps: no wake-up, although
+    # the beat the thread slept for is gone.
+    with beat("t2"):
+        assert Counting.wakes == 1
+        with beat("t3"):  # due after the thread's sleep ends: no wake-up either
             assert Counting.wakes == 1
-            with sooner:  # due before every other beat: wake the thread to sleep less
+            with beat("t4", s.replace(cancel_poll_s=0.05)):  # due before it ends: wake it
                 assert Counting.wakes == 2
