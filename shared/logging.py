@@ -57,6 +57,8 @@ def setup(function_name: str, level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The lines carry no thread or process fields: spare every record looking them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _context.set({"function": function_name})
     for noisy in ("pika", "botocore", "urllib3", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
