@@ -26,9 +26,15 @@ _SECRET_KEYS = frozenset({"password", "token", "access_token", "refresh_token", 
 
 
 class JsonFormatter(logging.Formatter):
+    _second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:  # strftime once a second, not once a line
+            cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{cached[1]}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -51,6 +57,8 @@ def setup(function_name: str, level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The lines carry no thread or process fields: spare every record looking them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _context.set({"function": function_name})
     for noisy in ("pika", "botocore", "urllib3", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

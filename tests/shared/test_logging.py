@@ -71,3 +71,20 @@ def test_the_runtime_logs_fields_not_text() -> None:
     line = _line("taskforge.runtime.ticker", run)
     assert line["msg"] == "tick not published"
     assert "injected failure" in line["error"]
+
+
+def test_timestamps_are_exact_across_a_second_boundary():
+    """The formatter formats each whole second once and reuses it: lines on both sides of
+    a second boundary carry their own second and milliseconds."""
+    import json
+    import logging
+
+    from shared.logging import JsonFormatter
+
+    fmt = JsonFormatter()
+    stamps = []
+    for created in (1_700_000_000.998, 1_700_000_001.002, 1_700_000_000.5):
+        record = logging.makeLogRecord({"msg": "x", "name": "t", "levelname": "INFO"})
+        record.created, record.msecs = created, round((created - int(created)) * 1000)
+        stamps.append(json.loads(fmt.format(record))["ts"])
+    assert stamps == ["2023-11-14T22:13:20.998Z", "2023-11-14T22:13:21.002Z", "2023-11-14T22:13:20.500Z"]
