@@ -337,14 +337,19 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
             conn.execute("SET LOCAL synchronous_commit = off")
             ids = sorted(tasks)
             # Rows are locked in id order, as every multi-row update of tasks does (no
-            # deadlock between them), and only those still behind: a mark another process
-            # already passed (a worker's, for the change after the relay's) costs no lock.
+            # deadlock between them), and only those still behind and still at that
+            # version. A mark another process already passed costs no lock, and neither
+            # does one for a change a newer one has followed (the relay's "queued" once a
+            # worker has claimed the task): that newer change is marked when it is
+            # published, and if it never is, catch_up replays the row's current state
+            # whatever was marked before. Each mark is a whole new version of a wide,
+            # much-indexed row: skipping the superseded ones halves them in a busy stack.
             conn.execute(
                 "WITH locked AS MATERIALIZED (SELECT t.id, v.ver FROM tasks t"
                 " JOIN jsonb_to_recordset(%s::jsonb) AS v(id uuid, ver bigint) ON t.id = v.id"
-                " WHERE t.published_version < v.ver ORDER BY t.id FOR UPDATE OF t)"
+                " WHERE t.published_version < v.ver AND t.status_version = v.ver ORDER BY t.id FOR UPDATE OF t)"
                 " UPDATE tasks t SET published_version = locked.ver FROM locked"
-                " WHERE t.id = locked.id AND t.published_version < locked.ver",
+                " WHERE t.id = locked.id AND t.published_version < locked.ver AND t.status_version = locked.ver",
                 # one JSON text: psycopg dumps Python lists element by element
                 (json.dumps([{"id": i, "ver": tasks[i]} for i in ids]),),
             )

@@ -144,7 +144,10 @@ def test_marks_and_mark_queued_lock_rows_in_one_order(settings, make_task, make_
     ids = [str(r["id"]) for r in conn.execute("SELECT id FROM tasks WHERE user_id = %s", (uid,))]
     failures: list[BaseException] = []
     for round_ in range(8):
-        conn.execute("UPDATE tasks SET status = 'pending' WHERE user_id = %s", (uid,))
+        # The marks are for the rows' current version, as the fan-out's are; mark_queued
+        # makes a newer one (a row it changes first is no longer the marks' to write).
+        conn.execute("UPDATE tasks SET status = 'pending', status_version = %s, published_version = 0"
+                     " WHERE user_id = %s", (10 + round_, uid))
         start = threading.Barrier(2)
 
         def queue(start: threading.Barrier = start) -> None:
@@ -166,8 +169,10 @@ def test_marks_and_mark_queued_lock_rows_in_one_order(settings, make_task, make_
             t.join()
     assert not failures
     assert "could not record published status versions" not in caplog.text
-    assert conn.execute("SELECT min(published_version) AS v FROM tasks WHERE user_id = %s",
-                        (uid,)).fetchone()["v"] == 17
+    rows = conn.execute("SELECT published_version, status_version FROM tasks WHERE user_id = %s", (uid,)).fetchall()
+    assert {r["status_version"] for r in rows} == {18}  # every row queued
+    # marked before it was queued (17), or queued first and the mark superseded (0)
+    assert {r["published_version"] for r in rows} <= {0, 17}
 
 
 def test_a_mark_another_process_already_passed_takes_no_row_lock(settings, make_task, conn, caplog):
@@ -279,3 +284,18 @@ def test_a_full_fan_out_queue_leaves_changes_to_the_catch_up(settings, make_task
     conn.execute("UPDATE tasks SET updated_at = now() - interval '5 seconds' WHERE id = %s", (rows[1]["id"],))
     assert status.catch_up(settings) == 1
     assert {e[0]["id"] for e in entries(redis_client, settings, uid)} == {str(first["id"]), str(second["id"])}
+
+
+def test_a_mark_for_a_superseded_change_writes_nothing(settings, make_task, conn):
+    """A mark is written only while the row is still at that version: once a newer change
+    is committed, that change's own mark (or catch_up, with the row's current state) is
+    what counts, and the row is not rewritten for the older one."""
+    t = make_task(status="pending")
+    tid = str(t["id"])
+    conn.execute("UPDATE tasks SET status_version = 5, published_version = 1 WHERE id = %s", (tid,))
+    before = conn.execute("SELECT xmin::text AS x FROM tasks WHERE id = %s", (tid,)).fetchone()["x"]
+    status._write_marks(settings, {tid: 3})
+    row = conn.execute("SELECT xmin::text AS x, published_version FROM tasks WHERE id = %s", (tid,)).fetchone()
+    assert row["published_version"] == 1 and row["x"] == before  # no new row version
+    status._write_marks(settings, {tid: 5})
+    assert conn.execute("SELECT published_version FROM tasks WHERE id = %s", (tid,)).fetchone()["published_version"] == 5
