@@ -283,8 +283,9 @@ class Worker:
                   after: list[tuple[int, Delivery]]) -> None:
         """Claim the tasks of ``run`` in one statement, run each claimed core, record the
         successes in one statement; fill in ``answers``. Events that must wait for a live
-        lease elsewhere go to ``after`` (the single path waits it out). Every change of
-        the batch is handed to the status fan-out once, at the end."""
+        lease elsewhere go to ``after`` (the single path waits it out). The batch's changes
+        are handed to the status fan-out at the end; a batch that runs longer than
+        ``batch_flush_s`` records and publishes each outcome as it comes."""
         changed: list[dict[str, Any]] = []
         try:
             with unit.changes(settings, changed.extend) as ch:
@@ -318,6 +319,16 @@ class Worker:
                             answers[i] = done
                 except Exception as exc:
                     answers[i] = _state_failed(settings, d, exc)
+            # Slow cores do not hold back what is done: once the batch has run for
+            # ``batch_flush_s`` it records each success as it comes (with the changes so far,
+            # its claims' "running" among them), as the tasks would alone. A batch of small
+            # tasks ends sooner and keeps its one statement for all.
+            if time.monotonic() - leased_at >= settings.batch_flush_s:
+                if worked:
+                    self._record_successes(settings, worked, answers, changed.extend)
+                    worked = []
+                status.submit(settings, changed)
+                changed.clear()
         if worked:
             self._record_successes(settings, worked, answers, changed.extend)
         status.submit(settings, changed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from shared.worker import Job, Output, Worker
 from .helpers import listened, requested_event
 
 # What a task's payload width makes the core below do (every width is a valid payload).
-OK, PERMANENT, RETRYABLE, STOLEN, FORGOTTEN = 10, 13, 15, 14, 16
+OK, PERMANENT, RETRYABLE, STOLEN, FORGOTTEN, SLOW = 10, 13, 15, 14, 16, 17
 
 
 class Core:
@@ -51,6 +52,8 @@ class Core:
         if width == FORGOTTEN:  # a database crash forgot the (asynchronous) claim
             self.conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_until = NULL,"
                               " attempts = 0 WHERE id = %s", (job.task_id,))
+        if width == SLOW:
+            time.sleep(0.2)
         out = job.workdir / "out.txt"
         out.write_text(f"width={width}")
         return Output(out, "text/plain", "out.txt", {"w": width})
@@ -343,3 +346,30 @@ def test_the_envelope_hands_a_batched_request_to_the_workers_batch_entry(wsettin
     items = eventbatch.decode_answer(out, 3)
     assert items is not None and [(i.status, json.loads(i.body)) for i in items] == [(200, {"outcome": "succeeded"})] * 3
     assert [len(t) for t in transactions] == [1, 1]  # the batch entry ran: one claim, one outcome
+
+
+def test_a_slow_batch_records_each_success_as_it_comes(wsettings, make_task, make_user, conn, transactions):
+    """Once a batch has run for ``batch_flush_s`` it records each success as it comes, with
+    the changes so far (every claimed task shows running): the tasks before a slow core are
+    succeeded while it still runs."""
+    user = make_user()
+    tasks = [listened(conn, make_task(user, status="queued", payload=_payload(w))) for w in (SLOW, OK, SLOW)]
+    ids = [str(t["id"]) for t in tasks]
+    seen_during: dict[str, str] = {}
+    core = Core(conn)
+
+    def watching(job: Job) -> Output:
+        if job.task_id == ids[-1]:  # the last core: what do others see of the batch meanwhile?
+            with psycopg.connect(wsettings.database_url, row_factory=dict_row) as other:
+                seen_during.update({str(r["id"]): r["status"] for r in other.execute(
+                    "SELECT id, status FROM tasks WHERE id = ANY(%s)", (ids,))})
+        return core(job)
+
+    answers = Worker("resize-image", watching).handle_batch(
+        {"content-type": codec.STRUCTURED_CT}, [_structured(requested_event(t)) for t in tasks],
+        wsettings.replace(batch_flush_s=0.1))
+    assert [a.headers.get("ce-type") for a in answers] == [catalog.TASK_SUCCEEDED] * 3
+    assert [seen_during[i] for i in ids] == ["succeeded", "succeeded", "running"]
+    assert [len(t) for t in transactions] == [1, 1, 1, 1]  # the claim, then each success
+    assert {r["status"] for r in conn.execute("SELECT status FROM tasks WHERE id = ANY(%s)", (ids,))} == {"succeeded"}
+    assert status.flush()
