@@ -16,14 +16,15 @@ import json
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError as SchemaError
-from referencing import Registry, Resource
+from typing import TYPE_CHECKING, Any
 
 from events.catalog import TASK_TYPES
 from events.errors import ValidationError
+
+if TYPE_CHECKING:  # jsonschema loads only to word a refusal (the compiled validators decide first)
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError as SchemaError
+    from referencing import Registry
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas" / "payloads"
 COMMON = "common.json"
@@ -44,6 +45,8 @@ def schema_of(name: str) -> dict[str, Any]:
 
 @cache
 def _registry() -> Registry:
+    from referencing import Registry, Resource
+
     resources = [(f"{n}.json", Resource.from_contents(schema_of(n))) for n in ("common", *TASK_TYPES)]
     # Also register under the absolute $id so relative refs resolve from either base.
     resources += [(schema_of(n)["$id"], Resource.from_contents(schema_of(n))) for n in ("common", *TASK_TYPES)]
@@ -52,6 +55,8 @@ def _registry() -> Registry:
 
 @cache
 def _validator(task_type: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(schema_of(task_type), registry=_registry())
 
 

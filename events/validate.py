@@ -23,16 +23,18 @@ import json
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudevents.http import CloudEvent
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
 
 from events import catalog
 from events.errors import ValidationError
 from events.payloads import SCHEMA_DIR as PAYLOAD_SCHEMA_DIR
 from events.payloads import schema_errors, schema_of
+
+if TYPE_CHECKING:  # loaded only to word a refusal: see events/payloads.py
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
@@ -49,12 +51,16 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
 @cache
 def _registry() -> Registry:
+    from referencing import Registry, Resource
+
     docs = list(_load(SCHEMA_DIR).values()) + list(_load(PAYLOAD_SCHEMA_DIR).values())
     return Registry().with_resources((doc["$id"], Resource.from_contents(doc)) for doc in docs)
 
 
 @cache
 def _validator(event_type: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(schema_for(event_type), registry=_registry())
 
 

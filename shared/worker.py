@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
 from events import catalog, codec, completions, payloads, validate
 from shared import breakers, db, envelope, metrics, storage, tracing
 from shared import logging as logs
@@ -145,7 +143,7 @@ class Worker:
             "properties": {"task_id": _UUID, "user_id": _UUID, "type": {"const": task_type},
                            "payload": {"type": "object"}},
         }
-        self._data = Draft202012Validator(self._data_schema)
+        self._data: Any = None  # the Python validator, made for the first event the compiled one refuses
         self._started = False
         self._cold = False  # set by the first request, cleared by the first claimed task
         self._start_lock = threading.Lock()
@@ -226,6 +224,10 @@ class Worker:
             raise BadEventData("event data must be a JSON object")
         if validate.is_valid(self._data_schema, data):  # compiled; the Python validator words errors
             return data
+        if self._data is None:  # jsonschema is imported only to word a refusal (cold start)
+            from jsonschema import Draft202012Validator
+
+            self._data = Draft202012Validator(self._data_schema)
         errors = sorted(self._data.iter_errors(data), key=lambda e: list(e.path))
         if errors:
             where = "/".join(str(p) for p in errors[0].path) or "data"

@@ -15,10 +15,9 @@ import functools
 import ipaddress
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, g, request
-from jsonschema import Draft202012Validator
 from werkzeug.exceptions import HTTPException
 
 from events import validate as compiled
@@ -36,6 +35,9 @@ from shared.errors import (
     error_document,
 )
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 log = logging.getLogger("taskforge.gateway")
 
@@ -91,6 +93,8 @@ def parse_json(raw: bytes) -> Any:
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     v = _validators.get(id(schema))
     if v is None:
+        from jsonschema import Draft202012Validator  # only to word a refusal (cold start)
+
         v = _validators[id(schema)] = Draft202012Validator(schema)
     return v
 

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GRAPH = load_config()
 
 # Loaded by a first request only when it needs them (or never by that function).
-HEAVY = ("redis", "pybreaker", "flask", "functions_framework", "werkzeug", "jose", "argon2", "boto3")
+HEAVY = ("redis", "pybreaker", "flask", "functions_framework", "werkzeug", "jose", "argon2", "boto3", "jsonschema",
+         "referencing")
 FETCHES_AT_START = {"generate-pdf", "webhook-delivery"}  # their egress proxy / sender is their work
 
 
