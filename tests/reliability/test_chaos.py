@@ -43,6 +43,7 @@ from psycopg.rows import dict_row
 from events import codec
 from infra.runtime import topology
 from infra.runtime.launcher import free_ports
+from infra.runtime.process import RESTART_BACKOFF_MAX_S
 from shared import db, doctor, storage
 from shared.broker import dead_letter_queue
 from shared.settings import Settings
@@ -297,6 +298,23 @@ def wait_settled(c: Chaos, ids: list[str], bound_s: float) -> list[dict[str, Any
         time.sleep(1.0)
 
 
+def wait_answers(c: Chaos, name: str, within_s: float) -> None:
+    """Return once the function's ``/healthz`` answers 200; fail after ``within_s``."""
+    url = f"{c.stack.config.function(name).url}/healthz"
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            last = repr(httpx.get(url, timeout=5).status_code)
+            if last == "200":
+                return
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} did not answer /healthz within {within_s:.0f}s (last: {last})\n"
+                        f"{c.stack.log_tail()}", pytrace=False)
+        time.sleep(0.2)
+
+
 def test_no_task_is_lost_or_doubled_while_everything_breaks(chaos: Chaos, request: pytest.FixtureRequest,
                                                              tmp_path: Path, base_settings: Settings) -> None:
     scale = SCALES[request.config.getoption("--chaos")]
@@ -350,9 +368,10 @@ def test_no_task_is_lost_or_doubled_while_everything_breaks(chaos: Chaos, reques
     assert final.ok, f"doctor at the end:\n{doctor.render(final)}"
     assert all(c.ok for c in final.checks), doctor.render(final)  # no warning either (Redis capped)
 
-    # The stack is whole again: every always-on function answers.
+    # The stack is whole again: every always-on function answers (one killed by the last
+    # fault is back once the supervisor's restart backoff has run out).
     for name in ("gateway", "status-stream"):
-        assert httpx.get(f"{chaos.stack.config.function(name).url}/healthz", timeout=10).status_code == 200
+        wait_answers(chaos, name, within_s=RESTART_BACKOFF_MAX_S + 30)
 
     statuses = Counter(r["status"] for r in rows)
     errors = Counter(r["error"]["code"] for r in rows if r["status"] == "failed")
