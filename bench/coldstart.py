@@ -18,9 +18,9 @@ Two paths, both reported (issue 13: "report both the template path and the plain
   (``python -m infra.runtime.child …``, what container mode and ``TASKFORGE_RUNTIME_TEMPLATE=false``
   do) — median over rounds of (first answer − spawn), ms;
 * the template path, ``cold_start_ms_template_<function>``: what ``make dev``'s scale from
-  zero does by default — the template process (``infra/runtime/template.py``) is already
-  running with its imports done, and the figure is (first answer − the fork request), ms.
-  The template's own start is paid once per stack and is in the details
+  zero does by default — the template process (``infra/runtime/template_process.py``) is
+  already running with its imports done, and the figure is (first answer − the fork
+  request), ms. The template's own start is paid once per stack and is in the details
   (``template_ready_ms``), not in the figure.
 
 ``cold_start_cpu_ms_<function>`` and ``cold_start_cpu_ms_template_<function>`` are the CPU
@@ -108,7 +108,7 @@ def top_imports(module: str, n: int = 8, after_template: bool = False) -> dict[s
     ``after_template``: only what is left to import after the template's modules."""
     code = f"import {module}"
     if after_template:
-        code = f"import sys; from infra.runtime.template import preload; preload(); print({_MARK!r}, " \
+        code = f"import sys; from infra.runtime.template_process import preload; preload(); print({_MARK!r}, " \
                f"file=sys.stderr); {code}"
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
                           cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True,

@@ -5,7 +5,7 @@ foreground (``taskforge dev`` / ``make dev``).
 What ``run_dev`` runs (docs/architecture.md §6), all from the one graph file:
   * one process per function (functions-framework: gunicorn for ``http`` targets,
     gunicorn + uvicorn workers for ``asgi``), ``min_scale >= 1`` ones started at boot,
-    each forked from the template process (``infra/runtime/template.py``) unless
+    each forked from the template process (``infra/runtime/template_process.py``) unless
     ``TASKFORGE_RUNTIME_TEMPLATE=false``;
   * the broker topology (headers exchange, one queue per trigger, dead-letter queue);
   * the HTTP ingress for ``K_SINK`` producers;

@@ -40,7 +40,7 @@ def test_ticks_cold_start_the_outbox_sweeper_through_the_broker(stack: LocalStac
     # ... forked from the runtime's template process (make dev's default), not a new interpreter
     pid = stack.function_pids()["outbox-sweeper"]
     parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    assert "infra.runtime.template" in Path(f"/proc/{parent}/cmdline").read_text()
+    assert "infra.runtime.template_process" in Path(f"/proc/{parent}/cmdline").read_text()
     assert parent in children(stack.pid)
 
 

@@ -1,7 +1,7 @@
-"""The template process (infra/runtime/template.py): functions forked from one
-pre-imported process answer real requests with their own settings, and the supervisor
-starts, stops, scales to zero and restarts them as it does plain processes; without a
-template they start the plain way."""
+"""The template process (infra/runtime/template_process.py, its supervisor's side in
+infra/runtime/template.py): functions forked from one pre-imported process answer real
+requests with their own settings, and the supervisor starts, stops, scales to zero and
+restarts them as it does plain processes; without a template they start the plain way."""
 from __future__ import annotations
 
 import dataclasses
@@ -238,14 +238,14 @@ def test_after_the_code_changed_functions_start_the_plain_way_on_the_new_code(tm
 
 
 def test_the_template_imports_nothing_that_reads_the_environment() -> None:
-    code = ("from infra.runtime.template import preload, check_clean; import sys; s = preload();"
+    code = ("from infra.runtime.template_process import preload, check_clean; import sys; s = preload();"
             "print(check_clean(), s, 'psycopg' in sys.modules, 'gunicorn.arbiter' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
                          timeout=60, check=True, env=plain_env()).stdout.strip()
     assert out == "[] [] True True"
     dirty = subprocess.run([sys.executable, "-c", "import prometheus_client, threading; threading.Thread("
                             "target=threading.Event().wait, daemon=True).start();"
-                            " from infra.runtime.template import check_clean; print(check_clean())"],
+                            " from infra.runtime.template_process import check_clean; print(check_clean())"],
                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True,
                            env=plain_env()).stdout
     assert "prometheus_client imported" in dirty and "2 threads" in dirty
