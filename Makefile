@@ -10,6 +10,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt -e .
+	$(BIN)/python -m compileall -q -j 0 shared events functions infra taskforge bench/bare >/dev/null
 	touch $(STAMP)
 
 services:
