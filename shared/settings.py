@@ -98,6 +98,7 @@ class Settings:
     max_attempts: int = 4  # must match the trigger's retry + 1
     claim_wait_s: float = 75.0  # a duplicate delivery waits this long for a dead worker's lease to expire
     batch_flush_s: float = 0.1  # a worker's batch records the outcomes it has at least this often
+    batch_budget_s: float = 30.0  # a worker's batch claims no further chunk after running this long
     task_stale_s: float = 3600.0  # a pending/queued/retrying task unchanged this long lost its event: re-published
     max_rescues: int = 3  # re-publishes of a stale task before it is failed (stale_<status>)
     cancel_poll_s: float = 1.0  # how often a running worker checks for a cancel request

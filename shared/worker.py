@@ -287,7 +287,13 @@ class Worker:
         successes in one statement; fill in ``answers``. Events that must wait for a live
         lease elsewhere go to ``after`` (the single path waits it out). The batch's changes
         are handed to the status fan-out at the end; a batch that runs longer than
-        ``batch_flush_s`` records and publishes each outcome as it comes."""
+        ``batch_flush_s`` records and publishes each outcome as it comes.
+
+        A batch that has run for ``batch_budget_s`` starts no further core: the tasks it
+        claimed but did not start are handed back unclaimed (``state.release_many``) and
+        their events answered 503, so the dispatcher delivers each alone, and a batch of
+        slow tasks never outlasts the delivery's timeout (which would send every event of
+        it again while the batch still held their claims)."""
         changed: list[dict[str, Any]] = []
         try:
             with unit.changes(settings, changed.extend) as ch:
@@ -302,6 +308,7 @@ class Worker:
             return
         leased_at = time.monotonic()  # the later tasks' leases age while earlier cores run
         worked: list[tuple[int, Delivery, Done]] = []
+        unstarted: list[tuple[int, Delivery]] = []  # claimed, not started within the budget
         claimed: list[tuple[state.Claim, bool]] = []  # batch tasks' slots are released as alone
         for (i, d), claim in zip(run, claims, strict=True):
             with d.bound():
@@ -310,6 +317,8 @@ class Worker:
                         after.append((i, d))
                     elif claim.outcome is not state.ClaimOutcome.CLAIMED:
                         answers[i] = self._unclaimed(settings, claim, d.span)
+                    elif claimed and time.monotonic() - leased_at >= settings.batch_budget_s:
+                        unstarted.append((i, d))  # the first claimed core always runs
                     else:
                         cold, self._cold = self._cold, False
                         claimed.append((claim, cold))
@@ -333,15 +342,31 @@ class Worker:
                 changed.clear()
         if worked:
             self._record_successes(settings, worked, answers, changed.extend)
+        if unstarted:
+            self._hand_back(settings, unstarted, answers, changed.extend)
         status.submit(settings, changed)
         for claim, cold in claimed:
             _release_batch_slot(settings, claim, cold)
+
+    def _hand_back(self, settings: Settings, unstarted: list[tuple[int, Delivery]], answers: list[Answer | None],
+                   publish: unit.Publisher) -> None:
+        """Release the batch's claimed but unstarted tasks (one statement) and answer their
+        events 503: the dispatcher then delivers each alone. If the release fails, the
+        answer is the same; their leases then run out before a redelivery claims them."""
+        try:
+            with unit.changes(settings, publish, one_statement=True) as ch:
+                ch.record(state.release_many(ch.conn, [(d.task_id, d.owner) for _i, d in unstarted]))
+        except Exception:
+            log.exception("could not hand back a batch's unstarted tasks; their leases will run out")
+        for i, d in unstarted:
+            with d.bound():
+                answers[i] = _not_started()
 
     def _record_successes(self, settings: Settings, worked: list[tuple[int, Delivery, Done]],
                           answers: list[Answer | None], publish: unit.Publisher) -> None:
         """Record the batch's successes in one statement and answer each of them."""
         try:
-            with unit.changes(settings, publish) as ch:
+            with unit.changes(settings, publish, one_statement=True) as ch:
                 rows = ch.record(state.succeed_many(
                     ch.conn, [(d.task_id, d.owner, done.result) for _i, d, done in worked]))
         except Exception as exc:
@@ -364,7 +389,7 @@ class Worker:
         done = self._work(settings, row, owner, span, upload)
         if not isinstance(done, Done):
             return done
-        with unit.changes(settings) as ch:
+        with unit.changes(settings, one_statement=True) as ch:
             finished = ch.record(state.succeed(ch.conn, str(row["id"]), owner, done.result))
         return self._succeeded(settings, finished, done, span)
 
@@ -501,6 +526,13 @@ def _malformed(task_type: str, exc: BadRequest) -> Answer:
     log.warning("refused a malformed event: %s", exc.message)
     metrics.TASK_ATTEMPTS.labels(task_type, "malformed").inc()
     return error_answer(exc, 400)
+
+
+def _not_started() -> Answer:
+    """The answer for a batch event whose task was handed back because the batch ran past its budget."""
+    log.info("the batch ran past its budget before this task started: it is handed back for delivery alone")
+    return error_answer(RetryableError("the batch ran out of time before this task started; deliver it alone",
+                                       code="batch_budget"), 503)
 
 
 def _internal_error() -> Answer:

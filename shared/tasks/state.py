@@ -468,6 +468,28 @@ def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, str, dict[str, Any]]]
     ).fetchall()
 
 
+def release_many(conn: Conn, claims: Sequence[tuple[str, str]]) -> list[Row]:
+    """Undo claims whose work never started (``(task_id, owner)``: a worker's batch that ran
+    out of time), in one statement: ``running → queued``, the lease cleared and the
+    attempt the claim counted taken back (with ``started_at`` if it was the first), so the
+    event, delivered again, claims the task as if for the first time. Only rows still
+    leased to ``owner`` with no progress change. Returns the changed rows
+    (``WATCHED_COLUMNS``); the commit is asynchronous (``RELAXED``): a release a crash
+    forgets leaves the lease to run out, which the redelivery waits for."""
+    if not claims:
+        return []
+    ids = [str(t) for t, _o in claims]
+    return conn.execute(
+        f"{LOCK_IN_ID_ORDER}, v AS (SELECT * FROM jsonb_to_recordset(%s::jsonb) AS v(id uuid, owner text))"
+        " UPDATE tasks SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,"
+        f" lease_until = NULL, started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END, {_BUMP}"
+        " FROM locked JOIN v ON v.id = locked.id"
+        " WHERE tasks.id = locked.id AND tasks.status = 'running' AND tasks.lease_owner = v.owner"
+        f" AND tasks.progress = 0 RETURNING {WATCHED_COLUMNS}, {RELAXED} AS relaxed",
+        (uuid_array(ids), json.dumps([{"id": t, "owner": o} for t, o in claims])),
+    ).fetchall()
+
+
 def fail(conn: Conn, task_id: str, owner: str, error: TaskForgeError | dict[str, Any],
          terminal: bool = True, *, announce: bool = False) -> Row:
     """``running → failed`` (terminal) or ``running → retrying`` (``terminal=False``).

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from shared import db
 from shared.settings import Settings
@@ -45,13 +45,44 @@ class Changes:
         return changed
 
 
+class _OneStatement:
+    """A connection in autocommit mode that refuses a second statement: with no
+    transaction around them, two statements would commit apart."""
+
+    def __init__(self, conn: db.Conn) -> None:
+        self._conn = conn
+        self._used = False
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        if self._used:
+            raise RuntimeError("a one-statement unit ran a second statement")
+        self._used = True
+        return self._conn.execute(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # anything but execute: as the connection
+        if name in ("cursor", "pipeline", "transaction"):
+            raise RuntimeError(f"a one-statement unit cannot use {name}()")
+        return getattr(self._conn, name)
+
+
 @contextmanager
-def changes(settings: Settings, publish: Publisher | None = None) -> Iterator[Changes]:
+def changes(settings: Settings, publish: Publisher | None = None, *,
+            one_statement: bool = False) -> Iterator[Changes]:
     """A transaction on the process's pool; its recorded rows are published after commit
-    (by ``publish``, default the status fan-out thread). Raises what the block or the commit raises."""
-    with db.connection(settings) as conn:
-        unit = Changes(conn)
-        yield unit
+    (by ``publish``, default the status fan-out thread). Raises what the block or the commit raises.
+
+    ``one_statement``: the block runs a single statement (a set-based state change), so
+    the statement is its own transaction (autocommit): BEGIN and COMMIT cost no round
+    trips of their own. A second statement in such a block raises ``RuntimeError``.
+    """
+    if one_statement:
+        with db.autocommit(settings) as conn:
+            unit = Changes(cast(db.Conn, _OneStatement(conn)))
+            yield unit
+    else:
+        with db.connection(settings) as conn:
+            unit = Changes(conn)
+            yield unit
     if unit.rows:
         if publish is None:
             status.submit(settings, unit.rows)

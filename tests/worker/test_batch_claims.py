@@ -198,6 +198,49 @@ def test_a_batch_claims_in_one_statement_and_records_its_successes_in_one(
     assert status.flush()
 
 
+def test_a_batch_past_its_budget_hands_back_the_tasks_it_did_not_start(
+        wsettings, make_task, make_user, conn, transactions):
+    """After ``batch_budget_s`` no further core starts (the first always does): the tasks
+    claimed but not started are released in one statement, as if never claimed (queued, no
+    attempt spent, no lease, not started), and their events answered 503, so the
+    dispatcher delivers each alone, which then runs it as usual."""
+    user = make_user()
+    tasks = [listened(conn, make_task(user, status="queued")) for _ in range(4)]
+    core = Core(conn)
+    answers = Worker("resize-image", core).handle_batch(
+        {"content-type": codec.STRUCTURED_CT}, [_structured(requested_event(t)) for t in tasks],
+        wsettings.replace(batch_budget_s=0.0))
+    assert answers[0].headers.get("ce-type") == catalog.TASK_SUCCEEDED
+    for a in answers[1:]:
+        assert a.status == 503 and json.loads(a.body)["error"]["code"] == "batch_budget"
+    left = [str(t["id"]) for t in tasks[1:]]
+    assert not any(core.runs[i] for i in left)
+    rows = conn.execute("SELECT status, attempts, lease_owner, lease_until, started_at, status_version"
+                        " FROM tasks WHERE id = ANY(%s)", (left,)).fetchall()
+    assert [tuple(r.values())[:5] for r in rows] == [("queued", 0, None, None, None)] * 3
+    assert {r["status_version"] for r in rows} == {tasks[1]["status_version"] + 2}  # claimed, handed back
+    assert [len(t) for t in transactions] == [1, 1, 1]  # the claim, the success, the hand-back
+    assert "'queued'" in transactions[2][0]
+    w = Worker("resize-image", core)
+    assert [w.handle(*requested_event(t), wsettings).status for t in tasks[1:]] == [200] * 3
+    assert {(r["status"], r["attempts"]) for r in conn.execute(
+        "SELECT status, attempts FROM tasks WHERE id = ANY(%s)", (left,))} == {("succeeded", 1)}
+    assert status.flush()
+
+
+def test_a_hand_back_leaves_a_task_alone_once_another_worker_has_it(settings, make_task, conn):
+    t = make_task(status="queued")
+    with db.connection(settings) as c:
+        state.claim(c, str(t["id"]), "batch-worker", 60)
+    with db.connection(settings) as c:  # its lease ran out, and a redelivery took it over
+        c.execute("UPDATE tasks SET lease_until = now() - interval '1 s' WHERE id = %s", (t["id"],))
+        state.claim(c, str(t["id"]), "other-worker", 60)
+    with db.connection(settings) as c:
+        assert state.release_many(c, [(str(t["id"]), "batch-worker")]) == []
+    row = conn.execute("SELECT status, lease_owner, attempts FROM tasks WHERE id = %s", (t["id"],)).fetchone()
+    assert tuple(row.values()) == ("running", "other-worker", 2)
+
+
 def test_a_single_event_still_takes_its_own_claim_and_outcome(wsettings, make_task, conn, transactions):
     t = make_task(status="queued")
     assert Worker("resize-image", Core(conn)).handle(*requested_event(t), wsettings).status == 200

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from shared import db
 from shared.tasks import state, status
 
@@ -229,6 +231,28 @@ def test_a_unit_of_work_hands_its_changes_to_the_fan_out_thread(settings, make_t
     status.flush_marks()
     row = conn.execute("SELECT published_version, status_version FROM tasks WHERE id = %s", (t["id"],)).fetchone()
     assert row["published_version"] == row["status_version"]
+
+
+def test_a_one_statement_unit_commits_its_statement_alone_and_refuses_a_second(settings, make_task, conn):
+    """``one_statement``: autocommit, so the statement is its own transaction (no BEGIN or
+    COMMIT round trip); a second statement would commit apart, so it is refused."""
+    from shared.tasks import unit
+
+    t = make_task(status="pending")
+    with unit.changes(settings, one_statement=True) as ch:
+        assert ch.conn.autocommit
+        ch.record(state.mark_queued(ch.conn, [t["id"]]))
+    assert status.flush()
+    assert conn.execute("SELECT status FROM tasks WHERE id = %s", (t["id"],)).fetchone()["status"] == "queued"
+    other = make_task(status="pending")
+    with pytest.raises(RuntimeError, match="second statement"), unit.changes(settings, one_statement=True) as ch:
+        ch.conn.execute("SELECT 1")
+        state.mark_queued(ch.conn, [other["id"]])
+    assert conn.execute("SELECT status FROM tasks WHERE id = %s", (other["id"],)).fetchone()["status"] == "pending"
+    with pytest.raises(RuntimeError, match="pipeline"), unit.changes(settings, one_statement=True) as ch:
+        ch.conn.pipeline()
+    with db.connection(settings) as c:  # the pool's connections are transactional again
+        assert not c.autocommit
 
 
 def test_changes_handed_over_together_go_out_in_order_in_one_script_call(settings, make_task, make_user,
