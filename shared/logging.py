@@ -57,8 +57,10 @@ def setup(function_name: str, level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # The lines carry no thread or process fields: spare every record looking them up.
+    # The lines carry no thread, process or caller fields: spare every record looking them
+    # up (``_srcfile = None`` skips the caller's frame walk: the logging HOWTO's optimisation).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     _context.set({"function": function_name})
     for noisy in ("pika", "botocore", "urllib3", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
