@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 
 from bench.harness import BenchContext, Figure, median, percentile
 from infra.runtime.launcher import free_ports, settings_env
-from shared import auth
+from shared.auth.tokens import issue_access_token
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,7 +264,7 @@ def make_users(settings: Settings, count: int) -> tuple[list[str], list[str]]:
             cur.executemany("INSERT INTO users (id, email, password_hash) VALUES (%s, %s, 'x')",
                             [(i, f"sse-{i}@bench.invalid") for i in ids])
     long_lived = settings.replace(access_token_ttl_s=3600)
-    tokens = [auth.issue_access_token(long_lived, {"id": i, "email": f"sse-{i}@bench.invalid"})[0] for i in ids]
+    tokens = [issue_access_token(long_lived, {"id": i, "email": f"sse-{i}@bench.invalid"})[0] for i in ids]
     return [settings.key("status", i) for i in ids], tokens
 
 

@@ -41,7 +41,7 @@ import psycopg
 from bench.harness import BenchContext, Figure, alternate, median
 from infra.runtime import topology
 from infra.runtime.config import load_config
-from shared import auth
+from shared.auth.tokens import issue_access_token
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def _users(s: Settings) -> list[str]:
         for i in range(USERS):
             row = _one(conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x') RETURNING id, email",
                                     (f"bench{i}-{uuid.uuid4().hex[:6]}@example.com",)))
-            tokens.append(auth.issue_access_token(s, row)[0])
+            tokens.append(issue_access_token(s, row)[0])
     return tokens
 
 

@@ -1,7 +1,7 @@
 """Administrators, granted and revoked by an operator (``taskforge admin ...``).
 
 Admin rights come from two places only, both read on every request
-(``shared.auth.is_admin``): the ``users.is_admin`` flag, which only these operator
+(``shared.auth.principal.is_admin``): the ``users.is_admin`` flag, which only these operator
 functions set, and ``settings.admin_user_ids`` (``TASKFORGE_ADMIN_USER_IDS``). A signup
 never grants anything: emails are not verified, so an address in a configuration file
 would belong to whoever registered it first.

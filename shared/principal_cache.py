@@ -1,12 +1,12 @@
-"""The per-process cache of verified credentials (``shared.auth.authenticate_cached``).
+"""The per-process cache of verified credentials (``shared.auth.requests.authenticate_cached``).
 
 A credential (its sha256, with the database and verifying key it was checked against)
-maps to the :class:`~shared.auth.Principal` it proved, until a monotonic deadline
+maps to the :class:`~shared.auth.principal.Principal` it proved, until a monotonic deadline
 ``CACHE_S`` seconds after the check; a principal whose token expires sooner is dropped
 then. A revocation made in this process (logout, refresh reuse, an API key deleted)
 calls :func:`forget`, so it takes effect here at once and everywhere else within
 ``CACHE_S``. Kept apart from ``shared.auth`` so the modules that revoke credentials
-(``shared.auth``, ``shared.apikeys``) reach it without importing each other.
+(``shared.auth.tokens``, ``shared.apikeys``) reach it without importing each other.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shared.auth import Principal
+    from shared.auth.principal import Principal
 
 CACHE_S = 2.0  # how long a verified credential is trusted without looking again
 CACHE_MAX = 10_000  # entries per process; past it the cache starts over

@@ -13,7 +13,7 @@ import functions_framework
 import redis
 from flask import Request, Response
 
-from shared.auth import decode_access_token
+from shared.auth.tokens import decode_access_token
 from shared.errors import AuthError
 from shared.settings import get_settings
 

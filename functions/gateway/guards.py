@@ -6,7 +6,7 @@
 database by an operator, or whose id is in ``settings.admin_user_ids``; checked live on
 every request) and answers 403 otherwise.
 The caller is ``web.principal()``. ``@require_auth`` and ``@require_bearer`` trust a
-credential verified in the last ``principal_cache.CACHE_S`` seconds (``auth.authenticate_cached``);
+credential verified in the last ``principal_cache.CACHE_S`` seconds (``shared.auth.requests.authenticate_cached``);
 ``@require_admin`` always checks in the database.
 """
 from __future__ import annotations
@@ -18,19 +18,21 @@ from typing import Any, TypeVar
 from flask import g, request
 
 from functions.gateway.web import settings
-from shared import auth, db
+from shared import db
+from shared.auth.principal import Principal
+from shared.auth.requests import authenticate, authenticate_cached
 from shared.errors import AuthError, Forbidden
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _authenticate(cached: bool = True) -> auth.Principal:
+def _authenticate(cached: bool = True) -> Principal:
     s = settings()
     if cached:
-        p = auth.authenticate_cached(s, lambda: db.autocommit(s), request.headers)
+        p = authenticate_cached(s, lambda: db.autocommit(s), request.headers)
     else:
         with db.autocommit(s) as conn:
-            p = auth.authenticate(s, conn, request.headers)
+            p = authenticate(s, conn, request.headers)
     g.principal = p
     return p
 

@@ -29,7 +29,7 @@ _time = {"type": "string", "format": "date-time"}
 _nullable_time = {"type": ["string", "null"], "format": "date-time"}
 
 # --- requests ------------------------------------------------------------------------
-# Credentials are only type-checked here; shared.auth checks email syntax and password
+# Credentials are only type-checked here; shared.auth.accounts checks email syntax and password
 # length with messages that never echo the password.
 SIGNUP = _obj({"email": {"type": "string", "maxLength": 254, "description": "becomes the login name"},
                "password": {"type": "string", "description": "at least 8 characters"}},

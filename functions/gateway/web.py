@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from events import validate as compiled
 from events.payloads import schema_errors
 from shared import jsontext
-from shared.auth import Principal
+from shared.auth.principal import Principal
 from shared.client_address import client_address
 from shared.envelope import json_response
 from shared.errors import (

@@ -1,7 +1,7 @@
 """What the status stream asks PostgreSQL, without blocking the event loop.
 
 Bearer tokens (the common case, and the only credential accepted in the query string)
-are verified in two steps with the same rules as ``shared.auth.authenticate``: the
+are verified in two steps with the same rules as ``shared.auth.requests.authenticate``: the
 signature and claims at once (``decode_access_token``, pure), and the user and the
 token's revocation together with the stream's first snapshot — one
 query per new stream, which matters when thousands of clients reconnect at once. API
@@ -23,7 +23,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from events.sse import TaskEvent, task_event
-from shared import auth, db
+from shared import db
+from shared.auth.principal import Principal
+from shared.auth.requests import authenticate, credentials
+from shared.auth.tokens import decode_access_token, family_of
 from shared.errors import AuthError, NotFound, ServiceUnavailable
 from shared.settings import Settings
 from shared.tasks.repository import parse_uuid, task_summary
@@ -92,7 +95,7 @@ class Store:
         """Who the caller is, or ``AuthError`` (401). For bearer tokens the revocation
         check is still due: pass ``identity.jti`` to :meth:`snapshot`. Query tokens must
         be access tokens (JWT): API keys in URLs would end up in access logs."""
-        found = auth.credentials(headers, query_token)
+        found = credentials(headers, query_token)
         if found is None:
             raise AuthError("missing credentials", headers=CHALLENGE)
         kind, secret = found
@@ -100,15 +103,15 @@ class Store:
             principal = await asyncio.to_thread(self._authenticate_sync, dict(headers))
             return Identity(principal.user_id, None, None, api_key=principal.api_key_id)
         try:
-            claims = auth.decode_access_token(self.settings, secret)
+            claims = decode_access_token(self.settings, secret)
         except AuthError as exc:
             exc.headers = CHALLENGE
             raise
-        return Identity(claims["sub"], claims["jti"], int(claims["exp"]), auth.family_of(claims))
+        return Identity(claims["sub"], claims["jti"], int(claims["exp"]), family_of(claims))
 
-    def _authenticate_sync(self, headers: dict[str, str]) -> auth.Principal:
+    def _authenticate_sync(self, headers: dict[str, str]) -> Principal:
         with db.connection(self.settings) as conn:
-            return auth.authenticate(self.settings, conn, headers)
+            return authenticate(self.settings, conn, headers)
 
     # --- tasks --------------------------------------------------------------------
     async def snapshot(self, user_id: str, task_id: str | None, *, jti: str | None = None,

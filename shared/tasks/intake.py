@@ -41,7 +41,7 @@ _TIMESTAMPS = ("created_at", "updated_at", "started_at", "finished_at", "lease_u
 
 
 class Caller(Protocol):
-    """What the statement re-checks of the caller (``shared.auth.Principal``)."""
+    """What the statement re-checks of the caller (``shared.auth.principal.Principal``)."""
 
     @property
     def user_id(self) -> str: ...

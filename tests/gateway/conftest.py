@@ -1,7 +1,7 @@
 """Fixtures for the gateway tests: an app over the session's database and Redis prefix,
 its test client, and users with ready-made credentials.
 
-Most tests mint access tokens directly (``auth.issue_access_token``) instead of logging
+Most tests mint access tokens directly (``shared.auth.tokens.issue_access_token``) instead of logging
 in, because argon2 costs a few hundred milliseconds per hash by design; the signup and
 login routes have their own tests.
 """
@@ -19,7 +19,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from functions.gateway.app import create_app
-from shared import auth, db, principal_cache, ratelimit
+from shared import db, principal_cache, ratelimit
+from shared.auth.accounts import hash_password
+from shared.auth.tokens import issue_access_token
 from shared.outbox import relay
 from shared.settings import Settings
 from shared.tasks import status
@@ -29,7 +31,7 @@ PASSWORD = "correct horse battery"
 
 @cache
 def _password_hash() -> str:
-    return auth.hash_password(PASSWORD)
+    return hash_password(PASSWORD)
 
 
 @dataclass
@@ -95,7 +97,7 @@ def make_user(gw_settings: Settings) -> Callable[..., User]:
             row = conn.execute(
                 "INSERT INTO users (email, password_hash, is_admin) VALUES (%s, %s, false) RETURNING id, email, is_admin",
                 (email, _password_hash())).fetchone()
-        token, _ = auth.issue_access_token(s, row)
+        token, _ = issue_access_token(s, row)
         return User(str(row["id"]), email, token)
 
     return make

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared import auth, db
+from shared import db
+from shared.auth.accounts import hashing_slot
+from shared.auth.tokens import issue_access_token, sha256_hex
 
 pytestmark = pytest.mark.usefixtures("one_fixed_window")  # limits count in fixed minutes
 
@@ -188,7 +190,7 @@ def test_concurrent_password_hashing_is_bounded(make_app, gw_settings):
     s = gw_settings.replace(hash_concurrency=1, hash_wait_s=0.05)
     client = make_app(hash_concurrency=1, hash_wait_s=0.05).test_client()
     signup(client)
-    with auth.hashing_slot(s):  # another request is hashing
+    with hashing_slot(s):  # another request is hashing
         for r in (signup(client, email="b@example.com"), login(client)):
             assert r.status_code == 503 and r.json["error"]["code"] == "busy"
             assert r.headers["Retry-After"] == "1"
@@ -200,7 +202,7 @@ def test_a_busy_answer_does_not_count_as_a_failed_login(make_app, gw_settings):
     s = gw_settings.replace(hash_concurrency=1, hash_wait_s=0.05)
     client = make_app(hash_concurrency=1, hash_wait_s=0.05, login_rate_per_min=2).test_client()
     signup(client)
-    with auth.hashing_slot(s):
+    with hashing_slot(s):
         assert [login(client).status_code for _ in range(3)] == [503] * 3
     assert login(client).status_code == 200  # the three busy answers spent nothing
 
@@ -253,7 +255,7 @@ def test_refresh_reuse_revokes_the_sessions_access_tokens_on_every_route_at_once
 def test_a_token_with_a_forged_session_claim_is_refused(client, settings):
     signup(client)
     user = {"id": "00000000-0000-0000-0000-000000000000", "email": "x@example.com"}
-    token, _ = auth.issue_access_token(settings, user, family_id="not-a-uuid")
+    token, _ = issue_access_token(settings, user, family_id="not-a-uuid")
     r = client.get("/me", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401 and r.json["error"]["code"] == "invalid_token"
 
@@ -276,7 +278,7 @@ def test_refresh_tokens_are_stored_hashed(client, conn):
     signup(client)
     pair = login(client).json
     stored = [r["token_hash"] for r in conn.execute("SELECT token_hash FROM refresh_tokens")]
-    assert stored == [auth.sha256_hex(pair["refresh_token"])]
+    assert stored == [sha256_hex(pair["refresh_token"])]
 
 
 def test_logout_revokes_the_access_token_and_the_refresh_family(client):

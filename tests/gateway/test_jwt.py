@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
 
 from functions.gateway.app import create_app
-from shared import auth
+from shared.auth.requests import credentials
+from shared.auth.tokens import decode_access_token, issue_access_token
 from shared.errors import AuthError
 
 
@@ -71,8 +72,8 @@ def test_tampered_claims_are_refused(client, gw_settings, user, make_user):
 
 
 def test_expired_token_is_refused(client, gw_settings, user):
-    token, _ = auth.issue_access_token(gw_settings, {"id": user.id, "email": user.email},
-                                       now=time.time() - gw_settings.access_token_ttl_s - 5)
+    token, _ = issue_access_token(gw_settings, {"id": user.id, "email": user.email},
+                                  now=time.time() - gw_settings.access_token_ttl_s - 5)
     r = client.get("/me", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401 and r.json["error"]["code"] == "token_expired"
 
@@ -103,14 +104,14 @@ def test_rs256_accepts_its_own_tokens_and_refuses_hs256_signed_with_the_public_k
     private, public = _rsa_pair()
     rs = gw_settings.replace(jwt_algorithm="RS256", jwt_private_key=private, jwt_public_key=public)
     client = create_app(rs).test_client()
-    good, _ = auth.issue_access_token(rs, {"id": user.id, "email": user.email})
+    good, _ = issue_access_token(rs, {"id": user.id, "email": user.email})
     assert jwt.get_unverified_header(good)["alg"] == "RS256"
     assert client.get("/me", headers={"Authorization": f"Bearer {good}"}).status_code == 200
     # Algorithm confusion: an HS256 token whose HMAC key is the (public) RSA key.
     confused = forge({"alg": "HS256", "typ": "JWT"}, claims_for(rs, user), public.encode())
     assert refused(client, confused)
     with pytest.raises(AuthError):
-        auth.decode_access_token(rs, confused)
+        decode_access_token(rs, confused)
     # An HS256 token made with the HS secret is refused by the RS256 deployment too.
     hs = jwt.encode(claims_for(rs, user), gw_settings.jwt_secret, algorithm="HS256")
     assert refused(client, hs)
@@ -123,8 +124,8 @@ def test_rs256_token_is_refused_by_an_hs256_deployment(client, gw_settings, user
 
 
 def test_query_token_and_header_forms(gw_settings, user):
-    assert auth.credentials({"authorization": f"bearer {user.token}"}) == ("bearer", user.token)
-    assert auth.credentials({}, query_token="t") == ("bearer", "t")
-    assert auth.credentials({"X-Api-Key": "tfk_x"}) == ("apikey", "tfk_x")
-    assert auth.credentials({"Authorization": "ApiKey tfk_y"}) == ("apikey", "tfk_y")
-    assert auth.credentials({"Authorization": "Basic abc"}) is None
+    assert credentials({"authorization": f"bearer {user.token}"}) == ("bearer", user.token)
+    assert credentials({}, query_token="t") == ("bearer", "t")
+    assert credentials({"X-Api-Key": "tfk_x"}) == ("apikey", "tfk_x")
+    assert credentials({"Authorization": "ApiKey tfk_y"}) == ("apikey", "tfk_y")
+    assert credentials({"Authorization": "Basic abc"}) is None

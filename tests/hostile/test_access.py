@@ -22,7 +22,8 @@ import httpx
 import pytest
 from psycopg.types.json import Jsonb
 
-from shared import auth, storage
+from shared import storage
+from shared.auth.tokens import sha256_hex
 from tests.gateway.conftest import pdf_body
 from tests.gateway.test_jwt import b64, claims_for, forge
 from tests.hostile.procs import Running, start_functions, stop_functions
@@ -185,4 +186,4 @@ def test_hashes_never_leave_the_server(client, user, conn):
     listed = client.get("/api-keys", headers=user.headers).get_data(as_text=True)
     assert key["key"] not in listed
     stored = conn.execute("SELECT key_hash FROM api_keys WHERE id = %s", (key["id"],)).fetchone()["key_hash"]
-    assert stored not in listed and stored != key["key"] and auth.sha256_hex(key["key"]) == stored
+    assert stored not in listed and stored != key["key"] and sha256_hex(key["key"]) == stored

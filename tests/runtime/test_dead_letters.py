@@ -21,7 +21,8 @@ from infra.runtime.config import parse_config
 from infra.runtime.dispatcher import for_config
 from infra.runtime.launcher import free_ports, settings_env
 from infra.runtime.supervisor import Supervisor
-from shared import admins, apikeys, auth, db, deadletters
+from shared import admins, apikeys, db, deadletters
+from shared.auth.tokens import issue_access_token
 from shared.broker import dead_letter_queue
 from shared.settings import Settings
 from tests.runtime.conftest import Rig, child_env, graph_doc
@@ -30,7 +31,7 @@ from tests.runtime.conftest import Rig, child_env, graph_doc
 def make_user(conn: psycopg.Connection, settings: Settings, email: str) -> dict:
     row = conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x') RETURNING id, email, is_admin",
                        (email,)).fetchone()
-    token, _ = auth.issue_access_token(settings, row)
+    token, _ = issue_access_token(settings, row)
     return {"id": str(row["id"]), "headers": {"Authorization": f"Bearer {token}"}}
 
 

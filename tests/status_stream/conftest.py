@@ -23,7 +23,8 @@ import uvicorn
 from psycopg.rows import dict_row
 
 from events.sse import Message, Parser
-from shared import auth
+from shared.auth.accounts import create_user
+from shared.auth.tokens import issue_access_token
 from shared.settings import Settings, set_settings
 from shared.tasks import repository as tasks
 from shared.tasks import state, status
@@ -108,8 +109,8 @@ class User:
 def make_user(settings: Settings, email: str | None = None) -> User:
     email = email or f"u{uuid.uuid4().hex[:10]}@example.com"
     with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
-        row = auth.create_user(settings, conn, email, "correct horse battery")
-    token, _ = auth.issue_access_token(settings, row)
+        row = create_user(settings, conn, email, "correct horse battery")
+    token, _ = issue_access_token(settings, row)
     return User(str(row["id"]), email, token)
 
 

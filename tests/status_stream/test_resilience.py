@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from shared import auth
+from shared.auth.tokens import issue_access_token
 from shared.tasks import status
 from tests.status_stream.conftest import PrivateRedis, Tasks, User, serve_status_stream
 
@@ -87,7 +87,7 @@ def test_streams_beyond_the_cap_get_503(settings, user: User, open_stream):
 
 def test_a_stream_ends_when_its_access_token_expires(settings, user: User, open_stream):
     short = settings.replace(access_token_ttl_s=2, sse_heartbeat_s=0.5)
-    token, claims = auth.issue_access_token(short, {"id": user.id, "email": user.email, "is_admin": False})
+    token, claims = issue_access_token(short, {"id": user.id, "email": user.email, "is_admin": False})
     server = serve_status_stream(short)
     try:
         s = open_stream(f"{server.url}/events", params={"access_token": token})

@@ -13,7 +13,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shared import auth
+from shared.auth.principal import Principal
+from shared.auth.tokens import TokenPair, decode_access_token, login, logout, rotate_refresh
+from shared.errors import AuthError
 from shared.settings import Settings
 from tests.status_stream.conftest import Server, Tasks, User, serve_status_stream
 
@@ -27,19 +29,19 @@ def quick_sse(settings: Settings) -> Iterator[Server]:
     server.stop()
 
 
-def _session(settings: Settings, user: User) -> tuple[auth.TokenPair, auth.TokenPair]:
+def _session(settings: Settings, user: User) -> tuple[TokenPair, TokenPair]:
     """A login and one rotation of its refresh token: two access tokens of one session."""
     with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
-        first = auth.login(settings, conn, user.email, PASSWORD)
-        second = auth.rotate_refresh(settings, conn, first.refresh_token)
+        first = login(settings, conn, user.email, PASSWORD)
+        second = rotate_refresh(settings, conn, first.refresh_token)
         conn.commit()
     return first, second
 
 
 def _reuse(settings: Settings, spent: str) -> None:
     with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
-        with pytest.raises(auth.AuthError):
-            auth.rotate_refresh(settings, conn, spent)
+        with pytest.raises(AuthError):
+            rotate_refresh(settings, conn, spent)
 
 
 def test_open_streams_end_when_refresh_reuse_revokes_their_session(settings, quick_sse: Server, user: User,
@@ -69,9 +71,9 @@ def test_logout_ends_the_open_stream_of_the_logged_out_token(settings, quick_sse
     task_id = tasks_driver.create(user)
     s = open_stream(f"{quick_sse.url}/events", headers=user.headers)
     assert s.status == 200 and s.task()[1]["id"] == task_id
-    claims = auth.decode_access_token(settings, user.token)
+    claims = decode_access_token(settings, user.token)
     with psycopg.connect(settings.database_url) as conn:
-        auth.logout(conn, auth.Principal(user.id, user.email, jti=claims["jti"], token_exp=claims["exp"]))
+        logout(conn, Principal(user.id, user.email, jti=claims["jti"], token_exp=claims["exp"]))
     assert s.ended(timeout_s=20)
 
 

@@ -8,7 +8,8 @@ import psycopg
 import redis
 
 from events.sse import parse_id
-from shared import auth
+from shared.auth.principal import Principal
+from shared.auth.tokens import decode_access_token, logout
 from shared.settings import Settings
 from tests.status_stream.conftest import Server, Tasks, User, make_user
 
@@ -171,10 +172,10 @@ def test_missing_or_bad_credentials_are_401(settings, sse: Server, user: User, t
     assert httpx.get(sse.url + "/events", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert httpx.get(sse.url + "/events", params={"access_token": user.token + "x"}).status_code == 401
     # A logged-out (revoked) token is refused although its signature is still valid.
-    principal = auth.Principal(user.id, user.email, jti=auth.decode_access_token(settings, user.token)["jti"],
-                               token_exp=auth.decode_access_token(settings, user.token)["exp"])
+    principal = Principal(user.id, user.email, jti=decode_access_token(settings, user.token)["jti"],
+                          token_exp=decode_access_token(settings, user.token)["exp"])
     with psycopg.connect(settings.database_url) as conn:
-        auth.logout(conn, principal)
+        logout(conn, principal)
     resp = httpx.get(sse.url + "/events", headers=user.headers)
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "token_revoked"
 

@@ -8,7 +8,8 @@ import pytest
 
 from functions.gateway.app import create_app
 from infra.runtime import topology
-from shared import auth, db
+from shared import db
+from shared.auth.tokens import issue_access_token
 from shared.broker.rabbit import RabbitBroker
 from shared.outbox import relay
 from shared.outbox.sweep import sweep_once
@@ -21,7 +22,7 @@ BODY = {"type": "resize-image", "payload": {"source": {"url": "https://example.c
 def bearer(settings: Settings, user_id: str) -> dict[str, str]:
     with db.connection(settings) as conn:
         row = conn.execute("SELECT id, email, is_admin FROM users WHERE id = %s", (user_id,)).fetchone()
-    token, _ = auth.issue_access_token(settings, row)
+    token, _ = issue_access_token(settings, row)
     return {"Authorization": f"Bearer {token}"}
 
 

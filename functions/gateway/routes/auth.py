@@ -6,7 +6,8 @@ from flask import Blueprint, Response
 from functions.gateway import schemas
 from functions.gateway.guards import require_auth, require_bearer
 from functions.gateway.web import client_ip, json_body, principal, settings
-from shared import auth, db, ratelimit
+from shared import db, ratelimit
+from shared.auth import accounts, tokens
 from shared.envelope import json_response
 from shared.errors import AuthError
 
@@ -19,7 +20,7 @@ def signup() -> Response:
     s = settings()
     ratelimit.check_signup(s, client_ip())
     with db.connection(s) as conn:
-        user = auth.create_user(s, conn, body["email"], body["password"])
+        user = accounts.create_user(s, conn, body["email"], body["password"])
     return json_response({"id": str(user["id"]), "email": user["email"]}, 201)
 
 
@@ -33,7 +34,7 @@ def login() -> Response:
     failed = False
     try:
         with db.connection(s) as conn:
-            pair = auth.login(s, conn, body["email"], body["password"])
+            pair = tokens.login(s, conn, body["email"], body["password"])
     except AuthError:
         failed = True
         raise
@@ -48,7 +49,7 @@ def refresh() -> Response:
     body = json_body(schemas.REFRESH)
     s = settings()
     with db.connection(s) as conn:
-        pair = auth.rotate_refresh(s, conn, body["refresh_token"])
+        pair = tokens.rotate_refresh(s, conn, body["refresh_token"])
     return json_response(pair.to_dict(), 200, {"Cache-Control": "no-store"})
 
 
@@ -57,7 +58,7 @@ def refresh() -> Response:
 def logout() -> Response:
     body = json_body(schemas.LOGOUT, optional=True)
     with db.connection(settings()) as conn:
-        auth.logout(conn, principal(), body.get("refresh_token"))
+        tokens.logout(conn, principal(), body.get("refresh_token"))
     return Response(status=204)
 
 

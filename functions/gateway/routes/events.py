@@ -36,7 +36,8 @@ from events import catalog, codec
 from functions.gateway import schemas
 from functions.gateway.submit import submit_one
 from functions.gateway.web import settings, validate
-from shared import auth, db, jsontext
+from shared import db, jsontext
+from shared.auth.requests import authenticate
 from shared.errors import AuthError, BadRequest, Conflict, TooLarge, ValidationError
 from shared.tasks import repository as tasks
 
@@ -81,7 +82,7 @@ def handle(event: CloudEvent) -> tuple[str, dict[str, Any], str]:
         if not isinstance(apikey, str) or not apikey:
             raise AuthError("the apikey extension is required", code="invalid_api_key")
         with db.connection(s) as conn:
-            principal = auth.authenticate(s, conn, {"X-API-Key": apikey})
+            principal = authenticate(s, conn, {"X-API-Key": apikey})
         data = event.get_data()
         jsontext.check(codec.attributes_of(event))  # NUL / lone surrogates: a rejection naming the field
         jsontext.check(data, "data")
