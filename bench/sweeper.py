@@ -23,7 +23,7 @@ import pika
 from cloudevents.http import CloudEvent
 
 from bench.harness import BenchContext, Figure, Timer, alternate, median, percentile
-from events import codec
+from events import amqp, codec
 from infra.runtime import topology
 from infra.runtime.config import load_config
 from shared import broker as broker_mod
@@ -77,7 +77,7 @@ def _messages(n: int) -> list[tuple[dict[str, Any], pika.BasicProperties, bytes]
                          "id": f"b-{i}", "subject": f"t-{i}", "datacontenttype": "application/json",
                          "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
                         {"task_id": f"t-{i}", "user_id": "u", "type": "resize-image", "payload": PAYLOAD})
-        headers, props, body = codec.to_amqp(ev)
+        headers, props, body = amqp.to_amqp(ev)
         out.append((headers, pika.BasicProperties(headers=headers, **props), body))
     return out
 
@@ -202,7 +202,7 @@ def latency_figures(ctx: BenchContext, topo: topology.Topology) -> list[Figure]:
             eid, t0, _sub = submit()
             with db.connection(s) as conn:
                 row = conn.execute("SELECT * FROM outbox WHERE event_id = %s", (eid,)).fetchone()
-            headers, props, body = codec.to_amqp(codec.make_event({**row["headers"], "id": eid}, row["payload"]))
+            headers, props, body = amqp.to_amqp(codec.make_event({**row["headers"], "id": eid}, row["payload"]))
             inline.basic_publish(topo.exchange, "", body, pika.BasicProperties(headers=headers, **props))
             sent[eid] = t0
             time.sleep(gap_s)

@@ -29,8 +29,8 @@ import time
 from functools import partial
 from typing import Any
 
+from events import amqp
 from events import batch as eventbatch
-from events import codec
 from infra.runtime import retries
 from infra.runtime.config import BatchSpec
 from infra.runtime.delivery import Attempt, Outcome
@@ -112,7 +112,7 @@ class BatchingDispatcher(Dispatcher):
         if retries.is_dead_lettered_copy(self, msg):
             return None
         try:  # straight from the message, no CloudEvent in between
-            return codec.amqp_to_structured(self._event_headers(msg), msg.props, msg.body)
+            return amqp.amqp_to_structured(self._event_headers(msg), msg.props, msg.body)
         except BadRequest:
             return None
 

@@ -40,7 +40,7 @@ from typing import Any
 import pika
 from cloudevents.http import CloudEvent
 
-from events import codec
+from events import amqp
 from infra.runtime import retries
 from infra.runtime.acks import Op
 from infra.runtime.config import DeliverySpec, RuntimeConfig
@@ -257,7 +257,7 @@ class Dispatcher:
                  extra_headers: Mapping[str, Any] | None = None) -> None:
         """Publish and wait for RabbitMQ's confirm (pipelined with other workers' publishes).
         Raises ``TaskForgeError`` (``ServiceUnavailable``, ``Unroutable``) when unconfirmed."""
-        headers, props, body = codec.to_amqp(event)
+        headers, props, body = amqp.to_amqp(event)
         headers.update(extra_headers or {})
         message = Message(str(event["id"]), pika.BasicProperties(headers=headers, **props), body,
                           exchange, routing_key)
@@ -314,15 +314,15 @@ class Dispatcher:
     def _event_of(cls, msg: _Msg) -> CloudEvent:
         """The message's CloudEvent; ``BadRequest`` if it is none."""
         if msg.event is None:
-            msg.event = codec.from_amqp(cls._event_headers(msg), msg.props, msg.body)
+            msg.event = amqp.from_amqp(cls._event_headers(msg), msg.props, msg.body)
         return msg.event
 
     @classmethod
     def _request_of(cls, msg: _Msg) -> tuple[dict[str, str], bytes]:
         """The binary-mode POST of the message's event, straight from the message (no
-        CloudEvent in between: ``codec.amqp_to_binary_http``); ``BadRequest`` if it is none."""
+        CloudEvent in between: ``amqp.amqp_to_binary_http``); ``BadRequest`` if it is none."""
         if msg.request is None:
-            msg.request = codec.amqp_to_binary_http(cls._event_headers(msg), msg.props, msg.body)
+            msg.request = amqp.amqp_to_binary_http(cls._event_headers(msg), msg.props, msg.body)
         return msg.request
 
     def _attempt(self, headers: Mapping[str, str], body: bytes) -> Attempt:

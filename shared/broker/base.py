@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from cloudevents.http import CloudEvent
 
-from events import codec
+from events import amqp, codec
 from shared.errors import PermanentError
 from shared.settings import Settings
 
@@ -81,8 +81,8 @@ def event_id(event: Event) -> str:
 
 
 def amqp_parts(event: Event) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """``codec.to_amqp`` of an event, prepared or not."""
-    return codec.amqp_of(event.attributes, event.body) if isinstance(event, Prepared) else codec.to_amqp(event)
+    """``amqp.to_amqp`` of an event, prepared or not."""
+    return amqp.amqp_of(event.attributes, event.body) if isinstance(event, Prepared) else amqp.to_amqp(event)
 
 
 def as_cloudevent(event: Event) -> CloudEvent:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from cloudevents.http import CloudEvent
 
-from events import codec
+from events import amqp
 from shared.broker.base import Event, Unroutable, amqp_parts
 from shared.errors import ServiceUnavailable
 
@@ -42,7 +42,7 @@ class InMemoryBroker:
                 self._fail -= 1
                 raise ServiceUnavailable("in-memory broker: injected failure")
             for event in events:
-                wire = codec.from_amqp(*amqp_parts(event))  # exercise the real wire format
+                wire = amqp.from_amqp(*amqp_parts(event))  # exercise the real wire format
                 queues = ["all"] if self.routes is None else self.routes.get(wire["type"], [])
                 self.published.append(wire)
                 if not queues:

@@ -20,7 +20,7 @@ import pika
 import pytest
 import yaml
 
-from events import catalog, codec
+from events import amqp, catalog, codec
 from infra.openfaas import bridge
 from infra.runtime import topology
 from infra.runtime.config import load_config, parse_config
@@ -289,7 +289,7 @@ def _publish(settings: Settings, *events: Any) -> None:
     with topology.blocking_channel(settings) as ch:
         ch.confirm_delivery()
         for e in events:
-            headers, props, body = codec.to_amqp(e)
+            headers, props, body = amqp.to_amqp(e)
             ch.basic_publish(exchange_name(settings), "", body, pika.BasicProperties(headers=headers, **props),
                              mandatory=True)
 

@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from events import codec
+from events import amqp, codec
 from functions.gateway.app import create_app
 from shared import tracing
 from shared.logging import JsonFormatter
@@ -38,9 +38,9 @@ def test_traceparent_travels_from_the_request_to_the_worker(settings, conn, tmp_
     assert tracing.trace_id_of(event["traceparent"]) == TRACE
 
     # 2. the broker's AMQP message, then the dispatcher's binary-mode HTTP request
-    headers, props, body = codec.to_amqp(event)
+    headers, props, body = amqp.to_amqp(event)
     assert tracing.trace_id_of(headers["traceparent"]) == TRACE
-    delivered = codec.from_amqp(headers, props, body)
+    delivered = amqp.from_amqp(headers, props, body)
     http_headers, http_body = codec.to_binary_http(delivered)
     assert tracing.trace_id_of(http_headers["ce-traceparent"]) == TRACE
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from events import codec
+from events import amqp, codec
 from infra.runtime.launcher import LocalStack, children
 from infra.runtime.process import port_accepts
 
@@ -85,7 +85,7 @@ def test_dead_letter_reaches_the_sink_and_the_admin_can_replay_it(stack: LocalSt
         "knativeerrordata": "c3RpbGwgZG93bg=="}, {"task_id": task_id, "user_id": user_id, "type": "resize-image",
                                                  "payload": {"source": {"url": "http://127.0.0.1:9/x.png"},
                                                              "width": 10}})
-    headers, props, body = codec.to_amqp(event)
+    headers, props, body = amqp.to_amqp(event)
     conn_amqp = pika.BlockingConnection(pika.URLParameters(stack.settings.amqp_url))
     try:
         ch = conn_amqp.channel()

@@ -10,7 +10,7 @@ from cloudevents.conversion import to_structured as sdk_to_structured
 from cloudevents.http import CloudEvent
 from cloudevents.http import from_http as sdk_from_http
 
-from events import catalog, codec
+from events import amqp, catalog, codec
 from shared.errors import BadRequest
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -42,7 +42,7 @@ def same(a: CloudEvent, b: CloudEvent) -> None:
 ENCODINGS = {
     "binary": lambda e: codec.from_http(*codec.to_binary_http(e)),
     "structured": lambda e: codec.from_http(*codec.to_structured_http(e)),
-    "amqp": lambda e: codec.from_amqp(*codec.to_amqp(e)),
+    "amqp": lambda e: amqp.from_amqp(*amqp.to_amqp(e)),
 }
 
 
@@ -82,7 +82,7 @@ def test_binary_http_shape_is_what_knative_sends() -> None:
 
 def test_amqp_shape_is_the_eventing_rabbitmq_format() -> None:
     event = requested_event()
-    headers, props, body = codec.to_amqp(event)
+    headers, props, body = amqp.to_amqp(event)
     assert headers["type"] == event["type"] and headers["source"] == event["source"]
     assert headers["traceparent"] == TRACEPARENT and headers["subject"] == event["subject"]
     assert headers["content-type"] == "application/json"
@@ -94,18 +94,18 @@ def test_amqp_shape_is_the_eventing_rabbitmq_format() -> None:
 
 def test_amqp_reader_accepts_ce_prefixed_headers_and_pika_properties_and_ignores_x_headers() -> None:
     event = requested_event()
-    headers, props, body = codec.to_amqp(event)
+    headers, props, body = amqp.to_amqp(event)
     prefixed = {f"ce-{k}": v.encode() for k, v in headers.items() if k != "content-type"}
     prefixed["x-death"] = [{"count": 1, "reason": "rejected"}]
-    back = codec.from_amqp(prefixed, pika.BasicProperties(**props), body)
+    back = amqp.from_amqp(prefixed, pika.BasicProperties(**props), body)
     same(event, back)
 
 
 def test_amqp_reader_accepts_a_structured_body() -> None:
     event = requested_event()
     _, body = codec.to_structured_http(event)
-    same(event, codec.from_amqp({}, {"content_type": "application/cloudevents+json"}, body))
-    same(event, codec.from_amqp(None, {}, body))  # no content type, no attribute headers
+    same(event, amqp.from_amqp({}, {"content_type": "application/cloudevents+json"}, body))
+    same(event, amqp.from_amqp(None, {}, body))  # no content type, no attribute headers
 
 
 def test_interoperates_with_the_sdk_both_ways() -> None:
@@ -161,18 +161,18 @@ def test_http_decode_errors_are_bad_requests(headers: dict, body: bytes, why: st
 ])
 def test_amqp_decode_errors_are_bad_requests(headers: dict, props: dict, body: bytes) -> None:
     with pytest.raises(codec.EventDecodeError):
-        codec.from_amqp(headers, props, body)
+        amqp.from_amqp(headers, props, body)
 
 
 def test_amqp_reader_takes_the_id_from_message_id_when_the_header_is_missing() -> None:
-    event = codec.from_amqp({"type": "t", "source": "/s"}, {"message_id": "m-1"}, b"")
+    event = amqp.from_amqp({"type": "t", "source": "/s"}, {"message_id": "m-1"}, b"")
     assert event["id"] == "m-1" and event["specversion"] == "1.0"
 
 
 def test_pre_encoded_json_bytes_travel_as_is_and_decode_to_the_value() -> None:
     event = CloudEvent({"type": "t", "source": "/s", "id": "1", "time": "2024-01-01T00:00:00Z",
                         "datacontenttype": "application/json"}, b'{"a": [1, 2]}')
-    assert codec.to_amqp(event)[2] == b'{"a": [1, 2]}'
+    assert amqp.to_amqp(event)[2] == b'{"a": [1, 2]}'
     assert codec.to_binary_http(event)[1] == b'{"a": [1, 2]}'
     for mode in ENCODINGS.values():
         assert mode(event).get_data() == {"a": [1, 2]}
@@ -182,8 +182,8 @@ def test_pre_encoded_json_bytes_travel_as_is_and_decode_to_the_value() -> None:
 # AMQP messages as producers send them: the eventing-rabbitmq format, ce- prefixed
 # headers, structured bodies with and without their content type, other data.
 AMQP_MESSAGES = {
-    "eventing-rabbitmq": codec.to_amqp(requested_event()),
-    "quoted values": codec.to_amqp(requested_event(note='a "quoted" 100% ✓ value')),
+    "eventing-rabbitmq": amqp.to_amqp(requested_event()),
+    "quoted values": amqp.to_amqp(requested_event(note='a "quoted" 100% ✓ value')),
     "ce- prefixed, int and bool": ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t", "ce-source": "/s",
                                     "ce-count": 3, "ce-flag": True, "x-death": [{"count": 1}]},
                                    {"content_type": "application/json"}, b' {"a": [1, 2]} '),
@@ -203,16 +203,16 @@ AMQP_MESSAGES = {
 def test_amqp_straight_to_http_matches_the_decoded_event(name: str) -> None:
     headers, props, body = AMQP_MESSAGES[name]
     props = pika.BasicProperties(**props) if isinstance(props, dict) else props
-    event = codec.from_amqp(headers, props, body)
+    event = amqp.from_amqp(headers, props, body)
     want_headers, want_body = codec.to_binary_http(event)
-    got_headers, got_body = codec.amqp_to_binary_http(headers, props, body)
+    got_headers, got_body = amqp.amqp_to_binary_http(headers, props, body)
     assert got_headers == want_headers
     same(codec.from_http(got_headers, got_body), codec.from_http(want_headers, want_body))
     if "structured" in name or not want_body:
         assert got_body == want_body
     else:  # the message's own bytes: JSON data is not re-encoded
         assert got_body == body
-    structured = codec.amqp_to_structured(headers, props, body)
+    structured = amqp.amqp_to_structured(headers, props, body)
     assert json.loads(structured) == json.loads(codec.to_structured_http(event)[1])
     same(codec.from_http({"content-type": codec.STRUCTURED_CT}, structured), event)
 
@@ -229,7 +229,7 @@ def test_amqp_straight_to_http_matches_the_decoded_event(name: str) -> None:
     ({}, {"content_type": codec.STRUCTURED_CT}, b"[]"),
 ])
 def test_amqp_straight_to_http_refuses_what_the_decoder_refuses(headers: dict, props: dict, body: bytes) -> None:
-    for convert in (codec.from_amqp, codec.amqp_to_binary_http, codec.amqp_to_structured):
+    for convert in (amqp.from_amqp, amqp.amqp_to_binary_http, amqp.amqp_to_structured):
         with pytest.raises(codec.EventDecodeError):
             convert(headers, props, body)
 

@@ -41,6 +41,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from events import codec
+from events.amqp import to_amqp
 from infra.runtime import topology
 from infra.runtime.launcher import free_ports
 from infra.runtime.process import RESTART_BACKOFF_MAX_S
@@ -223,7 +224,7 @@ def wake_dead_letter(c: Chaos, base_amqp_url: str) -> None:
     attrs = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/chaos/probe", "type": "com.taskforge.chaos.probe",
              "datacontenttype": "application/json", "knativeerrordest": "http://127.0.0.1:9/",
              "knativeerrorcode": "500"}
-    headers, props, body = codec.to_amqp(codec.make_event(attrs, {"probe": True}))
+    headers, props, body = to_amqp(codec.make_event(attrs, {"probe": True}))
     conn = pika.BlockingConnection(pika.URLParameters(base_amqp_url))
     try:
         ch = conn.channel()

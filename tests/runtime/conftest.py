@@ -19,7 +19,7 @@ import pika
 import pytest
 from cloudevents.http import CloudEvent
 
-from events import codec
+from events import amqp, codec
 from infra.runtime import dispatcher as dispatch
 from infra.runtime import topology
 from infra.runtime.config import PROJECT_ROOT, RuntimeConfig, parse_config
@@ -85,7 +85,7 @@ class Rig:
         with self.channel() as ch:
             ch.confirm_delivery()
             for e in events:
-                headers, props, body = codec.to_amqp(e)
+                headers, props, body = amqp.to_amqp(e)
                 ch.basic_publish(f"{self.settings.broker_name}.broker", "", body,
                                  pika.BasicProperties(headers=headers, **props), mandatory=True)
 

@@ -14,7 +14,7 @@ import pytest
 from cloudevents.http import CloudEvent
 from flask import Flask
 
-from events import catalog, codec
+from events import amqp, catalog, codec
 from functions.gateway.app import create_app
 from infra.runtime import topology
 from infra.runtime.config import parse_config
@@ -133,7 +133,7 @@ def test_exhausted_delivery_ends_failed_with_its_dead_letter(rig: Rig, settings:
         assert ds["dead-letter"].drain()["delivered"] == 1
         # a redelivered dead letter is recorded once
         with rig.channel() as ch:  # straight into the dead-letter queue
-            headers, props, body = codec.to_amqp(dead(e, "500", b'{"attempt": 3}'))
+            headers, props, body = amqp.to_amqp(dead(e, "500", b'{"attempt": 3}'))
             ch.basic_publish("", f"{settings.broker_name}.dead-letter", body,
                              pika.BasicProperties(headers=headers, **props))
         assert ds["dead-letter"].drain()["delivered"] == 1
@@ -312,7 +312,7 @@ def test_the_event_lost_log_line_carries_no_secret(rig: Rig, settings: Settings,
     import logging
 
     secret = "tfk_" + "s" * 43
-    headers, props, body = codec.to_amqp(codec.make_event(
+    headers, props, body = amqp.to_amqp(codec.make_event(
         {"specversion": "1.0", "id": str(uuid.uuid4()), "type": catalog.TASK_SUBMITTED, "source": "/producer",
          "datacontenttype": "application/json", "apikey": secret, "knativeerrordest": "http://x",
          "knativeerrorcode": "503"}, {"type": "resize-image", "payload": {"width": 1}, "dl_codes": [503]}))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from events import codec
+from events import amqp, codec
 from infra.runtime import dispatcher as dispatch
 from infra.runtime.delivery import Attempt, classify
 from tests.runtime.conftest import Rig, event
@@ -277,7 +277,7 @@ def test_post_survives_connections_the_function_closed_in_between(rig: Rig) -> N
 def test_the_post_carries_the_message_body_as_published(rig: Rig) -> None:
     raw = b'{ "codes": [200],  "note": "caf\xc3\xa9" }'  # not how json.dumps would write it
     e = codec.make_event(codec.attributes_of(event("test.codes")), raw)
-    headers, props, body = codec.to_amqp(e)
+    headers, props, body = amqp.to_amqp(e)
     assert body == raw
     seen: list[tuple[dict[str, str], bytes]] = []
 

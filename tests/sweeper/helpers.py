@@ -7,7 +7,7 @@ from typing import Any
 import pika
 from cloudevents.http import CloudEvent
 
-from events import codec
+from events import amqp
 from infra.runtime import topology
 from shared import db
 from shared.settings import Settings
@@ -65,14 +65,14 @@ def bulk_tasks(settings: Settings, user_id: str, n: int) -> None:
 
 
 def drain_queue(settings: Settings, queue: str) -> list[CloudEvent]:
-    """Take every message from ``queue`` (acked) and decode it with the codec."""
+    """Take every message from ``queue`` (acked) and decode it with the AMQP codec."""
     events: list[CloudEvent] = []
     with topology.blocking_channel(settings) as ch:
         while True:
             method, props, body = ch.basic_get(queue, auto_ack=True)
             if method is None:
                 return events
-            events.append(codec.from_amqp(props.headers, props, body))
+            events.append(amqp.from_amqp(props.headers, props, body))
 
 
 def queue_depth(settings: Settings, queue: str) -> int:
@@ -91,6 +91,6 @@ def task_statuses(settings: Settings) -> dict[str, str]:
 
 
 def publish_raw(settings: Settings, exchange: str, event: CloudEvent) -> None:
-    headers, props, body = codec.to_amqp(event)
+    headers, props, body = amqp.to_amqp(event)
     with topology.blocking_channel(settings) as ch:
         ch.basic_publish(exchange, "", body, pika.BasicProperties(headers=headers, **props))
