@@ -358,6 +358,7 @@ class Worker:
                 ch.record(state.release_many(ch.conn, [(d.task_id, d.owner) for _i, d in unstarted]))
         except Exception:
             log.exception("could not hand back a batch's unstarted tasks; their leases will run out")
+        metrics.TASK_ATTEMPTS.labels(self.task_type, "handed_back").inc(len(unstarted))
         for i, d in unstarted:
             with d.bound():
                 answers[i] = _not_started()

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 
 from events import catalog, codec
@@ -207,6 +208,8 @@ def test_a_batch_past_its_budget_hands_back_the_tasks_it_did_not_start(
     user = make_user()
     tasks = [listened(conn, make_task(user, status="queued")) for _ in range(4)]
     core = Core(conn)
+    handed_back_before = REGISTRY.get_sample_value("taskforge_task_attempts_total",
+                                                   {"type": "resize-image", "result": "handed_back"}) or 0.0
     answers = Worker("resize-image", core).handle_batch(
         {"content-type": codec.STRUCTURED_CT}, [_structured(requested_event(t)) for t in tasks],
         wsettings.replace(batch_budget_s=0.0))
@@ -220,6 +223,8 @@ def test_a_batch_past_its_budget_hands_back_the_tasks_it_did_not_start(
     assert [tuple(r.values())[:5] for r in rows] == [("queued", 0, None, None, None)] * 3
     assert {r["status_version"] for r in rows} == {tasks[1]["status_version"] + 2}  # claimed, handed back
     assert [len(t) for t in transactions] == [1, 1, 1]  # the claim, the success, the hand-back
+    assert REGISTRY.get_sample_value("taskforge_task_attempts_total",
+                                     {"type": "resize-image", "result": "handed_back"}) - handed_back_before == 3
     assert "'queued'" in transactions[2][0]
     w = Worker("resize-image", core)
     assert [w.handle(*requested_event(t), wsettings).status for t in tasks[1:]] == [200] * 3
