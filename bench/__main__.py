@@ -20,7 +20,7 @@ import psycopg.conninfo
 import psycopg.sql
 
 from bench.harness import BenchContext, Figure, table, write_results
-from shared import db
+from shared import db, redisclient
 from shared.settings import load_settings
 
 SKIP = {"harness", "__main__", "chart", "stackproc", "peers", "ledger"}
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(psycopg.conninfo.make_conninfo(base.database_url, dbname="postgres"),
                              autocommit=True) as conn:
             conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
+        redisclient.drop_prefix(settings.redis_url, settings.redis_prefix)  # the run's own keys
     path = write_results(figures, args.mode)
     print(table(figures))
     print(f"\nwritten to {path}")

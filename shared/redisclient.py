@@ -50,3 +50,26 @@ def reset() -> None:
         _clients.clear()
     for c in clients:
         c.close()
+
+
+def drop_prefix(url: str, prefix: str, chunk: int = 5000) -> int:
+    """Delete every key under ``prefix:`` (a finished test session's or bench run's own
+    prefix; status streams and week-long version keys would otherwise pile up run after
+    run until a Redis with a memory limit refuses writes). Returns how many went."""
+    import redis
+
+    if not prefix:
+        raise ValueError("drop_prefix needs a prefix: it never empties a whole database")
+    c = redis.Redis.from_url(url)
+    dropped, batch = 0, []
+    try:
+        for key in c.scan_iter(match=f"{prefix}:*", count=chunk):
+            batch.append(key)
+            if len(batch) >= chunk:
+                dropped += int(c.unlink(*batch))  # type: ignore[arg-type]
+                batch = []
+        if batch:
+            dropped += int(c.unlink(*batch))  # type: ignore[arg-type]
+    finally:
+        c.close()
+    return dropped

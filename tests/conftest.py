@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from shared import db
+from shared import db, redisclient
 from shared.settings import Settings, load_settings, set_settings
 
 RUN_ID = uuid.uuid4().hex[:10]
@@ -49,11 +49,11 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def base_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def base_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     _require("127.0.0.1", 6379, "Redis")
     _require("127.0.0.1", 5672, "RabbitMQ")
     storage = tmp_path_factory.mktemp("storage")
-    return load_settings(
+    settings = load_settings(
         {},
         env="test",
         database_url=database_url,
@@ -63,6 +63,8 @@ def base_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         login_rate_per_min=1000,
         signup_rate_per_min=1000,
     )
+    yield settings
+    redisclient.drop_prefix(settings.redis_url, settings.redis_prefix)  # the session's own keys
 
 
 TABLES = ("dead_letters", "outbox", "tasks", "uploads", "api_keys", "revoked_access_tokens",
