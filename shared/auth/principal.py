@@ -32,5 +32,6 @@ def is_admin(settings: Settings, user_id: Any, granted: Any = False) -> bool:
     return bool(granted) or str(user_id) in {u.strip().lower() for u in settings.admin_user_ids}
 
 
-def _admin(settings: Settings, user: Mapping[str, Any]) -> bool:
+def admin_of(settings: Settings, user: Mapping[str, Any]) -> bool:
+    """``is_admin`` of a user row (``user_id`` or ``id``, and its ``is_admin`` flag)."""
     return is_admin(settings, user.get("user_id", user.get("id")), user.get("is_admin"))

@@ -17,8 +17,8 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from shared import apikeys, principal_cache
-from shared.auth.principal import Principal, _admin
-from shared.auth.tokens import _verifying_key, decode_access_token, family_of, sha256_hex
+from shared.auth.principal import Principal, admin_of
+from shared.auth.tokens import decode_access_token, family_of, sha256_hex, verifying_key
 from shared.db import Conn
 from shared.errors import AuthError
 from shared.settings import Settings
@@ -74,7 +74,7 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
         key = apikeys.lookup(conn, secret)
         if key is None:
             raise AuthError("invalid API key", code="invalid_api_key", headers=challenge)
-        return Principal(str(key["user_id"]), key["email"], _admin(settings, key), "apikey",
+        return Principal(str(key["user_id"]), key["email"], admin_of(settings, key), "apikey",
                          api_key_id=str(key["id"]))
     try:
         claims = decode_access_token(settings, secret)
@@ -88,7 +88,7 @@ def authenticate(settings: Settings, conn: Conn, headers: HeaderSource,
         " FROM users u WHERE u.id = %s", (claims["jti"], family, claims["sub"])).fetchone()
     if row is None or row["revoked"]:
         raise AuthError("token revoked", code="token_revoked", headers=challenge)
-    return Principal(claims["sub"], row["email"], _admin(settings, row), "bearer",
+    return Principal(claims["sub"], row["email"], admin_of(settings, row), "bearer",
                      jti=claims["jti"], token_exp=int(claims["exp"]), family_id=family)
 
 
@@ -103,7 +103,7 @@ def authenticate_cached(settings: Settings, connect: Callable[[], AbstractContex
         raise AuthError("missing credentials", code="unauthorized",
                         headers={"WWW-Authenticate": 'Bearer realm="taskforge"'})
     now = time.monotonic() if now is None else now
-    key = (settings.database_url + "\0" + _verifying_key(settings), sha256_hex(found[0] + ":" + found[1]))
+    key = (settings.database_url + "\0" + verifying_key(settings), sha256_hex(found[0] + ":" + found[1]))
     p = principal_cache.principals.get(key, now)
     if p is None:
         with connect() as conn:

@@ -28,7 +28,7 @@ from jose.exceptions import JOSEError
 
 from shared import principal_cache
 from shared.auth.accounts import check_login, hashing_slot
-from shared.auth.principal import Principal, _admin
+from shared.auth.principal import Principal, admin_of
 from shared.db import Conn
 from shared.errors import AuthError
 from shared.settings import Settings
@@ -56,7 +56,8 @@ def _signing_key(settings: Settings) -> str:
     return settings.jwt_private_key if settings.jwt_algorithm == "RS256" else settings.jwt_secret
 
 
-def _verifying_key(settings: Settings) -> str:
+def verifying_key(settings: Settings) -> str:
+    """The key access tokens are checked with (the public key for RS256, else the secret)."""
     return settings.jwt_public_key if settings.jwt_algorithm == "RS256" else settings.jwt_secret
 
 
@@ -87,7 +88,7 @@ def decode_access_token(settings: Settings, token: str) -> dict[str, Any]:
         if header.get("alg") != settings.jwt_algorithm:  # pinned: refuse none and confusion early
             raise AuthError("invalid token", code="invalid_token")
         claims = jwt.decode(
-            token, _verifying_key(settings), algorithms=[settings.jwt_algorithm],
+            token, verifying_key(settings), algorithms=[settings.jwt_algorithm],
             audience=settings.jwt_audience, issuer=settings.jwt_issuer,
             options={"require_exp": True, "require_iat": True, "require_sub": True, "require_jti": True,
                      "require_aud": True, "require_iss": True, "leeway": 0},
@@ -123,7 +124,7 @@ def _new_refresh(settings: Settings, conn: Conn, user_id: str, family_id: str) -
 
 
 def _pair(settings: Settings, conn: Conn, user: Mapping[str, Any], family_id: str) -> TokenPair:
-    access, _ = issue_access_token(settings, {**user, "is_admin": _admin(settings, user)}, family_id=family_id)
+    access, _ = issue_access_token(settings, {**user, "is_admin": admin_of(settings, user)}, family_id=family_id)
     refresh = _new_refresh(settings, conn, str(user["id"]), family_id)
     return TokenPair(access, refresh, settings.access_token_ttl_s)
 
