@@ -83,6 +83,12 @@ def _redis_count(r, s, user_id) -> int:
     return sum(int(r.get(k) or 0) for k in r.scan_iter(f"{base}:*", count=10_000))  # Redis holds many keys
 
 
+def _paced(s, user_id, book, n: int, start: float, step: float) -> None:
+    """``n`` submissions of one user, ``step`` seconds apart from ``start``, all allowed."""
+    for i in range(n):
+        ratelimit.check_submit(s, user_id, now=start + i * step, book=book)
+
+
 def test_submissions_reserve_growing_blocks_and_never_exceed_the_limit_across_processes(gw_settings, r):
     s = gw_settings.replace(submit_rate_per_min=1000)  # blocks of at most 1000 // 100 = 10
     user_id = str(uuid.uuid4())
@@ -106,8 +112,7 @@ def test_a_busy_user_costs_one_redis_call_per_block(gw_settings, r):
     s = gw_settings.replace(submit_rate_per_min=100_000)
     user_id = str(uuid.uuid4())
     book = ratelimit.Reservations()
-    for i in range(200):
-        ratelimit.check_submit(s, user_id, now=50.0 + i * 0.001, book=book)
+    _paced(s, user_id, book, 200, start=50.0, step=0.001)
     key = s.key("rl", "submit", user_id)
     assert book._blocks[key].size == 128  # doubling (the cap, limit // 100, is 1000)
     # 1 + 2 + 4 + ... + 128 = 255 tokens reserved in 8 calls for the 200 submissions
@@ -118,8 +123,7 @@ def test_a_sparse_user_is_counted_exactly(gw_settings, r):
     s = gw_settings.replace(submit_rate_per_min=100_000)
     user_id = str(uuid.uuid4())
     book = ratelimit.Reservations()
-    for i in range(5):  # further apart than RESERVE_S: every block is one token
-        ratelimit.check_submit(s, user_id, now=10.0 + i * (ratelimit.RESERVE_S + 0.5), book=book)
+    _paced(s, user_id, book, 5, start=10.0, step=ratelimit.RESERVE_S + 0.5)  # every block is one token
     assert _redis_count(r, s, user_id) == 5
 
 
@@ -148,8 +152,7 @@ def test_a_steady_user_keeps_blocks_near_its_rate(gw_settings, r, monkeypatch):
     calls = []
     real = ratelimit.sliding_window
     monkeypatch.setattr(ratelimit, "sliding_window", lambda *a, **k: calls.append(k.get("cost")) or real(*a, **k))
-    for i in range(200):  # 20 s at 10/s
-        ratelimit.check_submit(s, user_id, now=30.0 + i * 0.1, book=book)
+    _paced(s, user_id, book, 200, start=30.0, step=0.1)  # 20 s at 10/s
     assert calls[:4] == [1, 2, 4, 8]  # doubling while each block is spent in time
     assert len(calls) <= 25, calls
     assert all(c >= 8 for c in calls[4:]), calls  # never back to one token at a time
@@ -161,8 +164,7 @@ def test_after_a_pause_a_user_starts_over_at_one_token(gw_settings, r):
     s = gw_settings.replace(submit_rate_per_min=100_000)
     user_id = str(uuid.uuid4())
     book = ratelimit.Reservations()
-    for i in range(50):
-        ratelimit.check_submit(s, user_id, now=5.0 + i * 0.05, book=book)
+    _paced(s, user_id, book, 50, start=5.0, step=0.05)
     before = _redis_count(r, s, user_id)
     ratelimit.check_submit(s, user_id, now=5.0 + 50 * 0.05 + 3 * ratelimit.RESERVE_S, book=book)
     assert _redis_count(r, s, user_id) == before + 1
