@@ -76,6 +76,13 @@ class Settings:
     delivery_secret: str = ""  # HMAC key the dispatcher signs deliveries with
     delivery_auth: str = "auto"  # "auto" | "signature" | "none" (see shared.delivery_auth)
     delivery_signature_max_age_s: int = 300
+    # How long a function's server keeps an idle connection open (gunicorn's keepalive,
+    # 2 s by default; 75 s is nginx's). Functions are reached through the dispatcher,
+    # Knative's queue-proxy or the OpenFaaS gateway, which reuse their connections: a
+    # delivery after a quiet spell finds its connection open instead of trying a closed
+    # one and reconnecting. Keep it above shared.httppost.MAX_IDLE_S (50 s), so the
+    # dispatcher lets go of a connection first.
+    http_keepalive_s: int = 75
     dead_letter_retention_s: int = 30 * 24 * 3600  # recorded dead letters older than this are purged
     # --- storage ---
     storage_backend: str = "local"  # "local" | "s3"
@@ -252,6 +259,8 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"TASKFORGE_TRUSTED_PROXY_CIDRS: {cidr!r} is not a network") from exc
     if s.delivery_auth not in {"auto", "signature", "none"}:
         raise SettingsError("TASKFORGE_DELIVERY_AUTH must be auto, signature or none")
+    if s.http_keepalive_s < 1:
+        raise SettingsError("TASKFORGE_HTTP_KEEPALIVE_S must be a whole number of seconds above 0")
     if s.delivery_auth == "signature" and not s.delivery_secret:
         raise SettingsError("TASKFORGE_DELIVERY_AUTH=signature needs TASKFORGE_DELIVERY_SECRET(_FILE)")
     if s.runtime not in {"processes", "containers"}:

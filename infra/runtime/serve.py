@@ -41,6 +41,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from shared.settings import get_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -135,6 +137,10 @@ class Server(BaseApplication):
             # does): a second worker costs a fork, not a second import.
             "preload_app": True,
             "loglevel": os.environ.get("GUNICORN_LOG_LEVEL", "error"), "limit_request_line": 0,
+            # Idle connections stay open this long (gunicorn's default is 2 s), so a
+            # delivery after a quiet spell reuses its connection: with 2 s every one of a
+            # few tasks a minute met a closed connection, tried, failed and reconnected.
+            "keepalive": get_settings().http_keepalive_s,
         }
         if self.metrics_dir is not None:
             options["child_exit"] = _child_exit

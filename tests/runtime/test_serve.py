@@ -203,3 +203,28 @@ def test_kept_alive_connections_are_served_back_to_back_without_starving_another
         hog.join(15)
     assert others == [200] * 21
     assert len(busy_answers) > 20 and set(busy_answers) == {200}
+
+
+def test_an_idle_kept_alive_connection_stays_open_past_gunicorns_default(serve, settings):
+    """gunicorn closes idle connections after 2 s by default; a function's server keeps
+    them for ``settings.http_keepalive_s``, so a delivery after a quiet spell reuses its
+    connection (the same socket answers, no reconnect)."""
+    import http.client
+
+    assert settings.http_keepalive_s > 5
+    url = serve("dead-letter", workers=1, threads=1)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        time.sleep(3.0)  # past gunicorn's default keep-alive of 2 s
+        conn.request("GET", "/healthz")
+        second = conn.getresponse()
+        second.read()
+        assert (first.status, second.status) == (200, 200)
+        assert conn.sock is sock  # answered on the connection kept open
+    finally:
+        conn.close()

@@ -25,6 +25,13 @@ def test_unreadable_value_is_a_clear_error():
         load_settings({"TASKFORGE_DB_POOL_MAX": "many"})
 
 
+def test_a_keepalive_below_one_second_is_refused():
+    assert load_settings({"TASKFORGE_HTTP_KEEPALIVE_S": "30"}).http_keepalive_s == 30
+    for bad in ("0", "-5"):
+        with pytest.raises(SettingsError, match="TASKFORGE_HTTP_KEEPALIVE_S"):
+            load_settings({"TASKFORGE_HTTP_KEEPALIVE_S": bad})
+
+
 def test_production_refuses_default_secrets():
     with pytest.raises(SettingsError, match="JWT_SECRET"):
         load_settings({"TASKFORGE_ENV": "production", "TASKFORGE_AMQP_URL": "amqp://u:p@mq/"})
