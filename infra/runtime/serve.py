@@ -42,7 +42,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from shared.settings import get_settings
+from shared.settings import Settings, SettingsError, get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -141,7 +141,7 @@ class Server(BaseApplication):
             # Idle connections stay open this long (gunicorn's default is 2 s), so a
             # delivery after a quiet spell reuses its connection: with 2 s every one of a
             # few tasks a minute met a closed connection, tried, failed and reconnected.
-            "keepalive": get_settings().http_keepalive_s,
+            "keepalive": _keepalive_s(),
         }
         if self.metrics_dir is not None:
             options["child_exit"] = _child_exit
@@ -162,6 +162,16 @@ class Server(BaseApplication):
     def _remove_dir(self, _server: Any) -> None:
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _keepalive_s() -> int:
+    """``settings.http_keepalive_s``; its default when the settings are refused, so the
+    server still starts and ``/readyz`` names the refusal (the functions that read their
+    settings while loading exit on it anyway)."""
+    try:
+        return get_settings().http_keepalive_s
+    except SettingsError:
+        return Settings.http_keepalive_s
 
 
 def _child_exit(_server: Any, worker: Any) -> None:

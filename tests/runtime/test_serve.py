@@ -50,7 +50,8 @@ def serve(settings, tmp_path) -> Iterator:
     """Start function ``name`` exactly as the supervisor does, with ``workers`` processes."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, workers: int, threads: int = 2, metrics_dir: Path | None = None) -> str:
+    def start(name: str, workers: int, threads: int = 2, metrics_dir: Path | None = None,
+              extra_env: dict[str, str] | None = None) -> str:
         spec = GRAPH.functions[name]
         port = free_ports(1)[0]
         spec = type(spec)(**{**spec.__dict__, "port": port})
@@ -58,6 +59,7 @@ def serve(settings, tmp_path) -> Iterator:
         env.update(settings_env(settings), PYTHONPATH=str(ROOT), WORKERS=str(workers), THREADS=str(threads))
         if metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        env.update(extra_env or {})
         log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(function_command(spec, os.getpid()), cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -246,3 +248,17 @@ def test_the_master_freezes_what_loading_the_function_made(source):
     frozen, tracked = json.loads(proc.stdout.strip().splitlines()[-1])
     assert frozen > 20_000  # the interpreter, the libraries and the function
     assert tracked < 100  # only what was made after the load
+
+
+def test_a_function_whose_settings_are_refused_still_starts_and_says_so(serve):
+    """The server reads its keep-alive from the settings; refused settings (production
+    mode with RabbitMQ's guest account) must not stop a broker function from starting:
+    it answers /healthz and names the refusal on /readyz, as in its container."""
+    long_secret = "s" * 48
+    url = serve("resize-image", workers=1, threads=1, extra_env={
+        "TASKFORGE_ENV": "production", "TASKFORGE_JWT_SECRET": long_secret,
+        "TASKFORGE_DELIVERY_SECRET": long_secret, "TASKFORGE_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/%2F"})
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    r = httpx.get(f"{url}/readyz", timeout=15)
+    assert r.status_code == 503, r.text
+    assert r.json()["checks"]["settings"] == "refused"
