@@ -28,6 +28,7 @@ from shared import delivery_auth
 from shared.broker import exchange_name
 from shared.settings import Settings
 from tests.deploy.k8s import ROOT, kustomize
+from tests.threaded_server import serving
 
 SCHEMA = json.loads((ROOT / "tests" / "deploy" / "schemas" / "openfaas-stack.schema.json").read_text())
 SCALE_KEYS = ("com.openfaas.scale.min", "com.openfaas.scale.type", "com.openfaas.scale.target", "com.openfaas.scale.max", "com.openfaas.scale.zero",
@@ -277,12 +278,8 @@ class _GatewayHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def gateway() -> Iterator[_Gateway]:
-    server = _Gateway()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(_Gateway()) as server:
+        yield server
 
 
 def _publish(settings: Settings, *events: Any) -> None:

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from shared import httppost
+from tests.threaded_server import serving
 
 
 class Server(ThreadingHTTPServer):
@@ -47,12 +48,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server() -> Iterator[Server]:
-    srv = Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(Server()) as srv:
+        yield srv
 
 
 def _post(srv: Server, body: bytes) -> httppost.Reply:

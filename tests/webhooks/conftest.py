@@ -33,6 +33,7 @@ from tests.gateway.conftest import (  # noqa: F401  (fixtures)
     make_user,
     user,
 )
+from tests.threaded_server import serving
 
 # Stub DNS: names the tests use and where they "resolve".
 ZONE = {"hooks.example.com": ["93.184.216.34"], "internal.example.com": ["10.0.0.7"],
@@ -97,11 +98,8 @@ def receiver() -> Iterator[Receiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     rec.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield rec
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield rec
 
 
 @pytest.fixture(autouse=True)
