@@ -240,14 +240,24 @@ class Worker:
         if that worker died, its lease runs out and this delivery takes the task over."""
         deadline = time.monotonic() + settings.claim_wait_s
         while True:
-            with unit.changes(settings) as ch:
-                claim = state.claim(ch.conn, d.task_id, d.owner, settings.lease_s,
-                                    user_id=d.data["user_id"], task_type=self.task_type)
-                if claim.changed:
-                    ch.record(claim.row)
+            claim = self._claim_once(settings, d, cancel=False)
+            if claim.outcome is state.ClaimOutcome.CANCEL_PENDING:
+                claim = self._claim_once(settings, d, cancel=True)
             if claim.outcome is not state.ClaimOutcome.BUSY or time.monotonic() >= deadline:
                 return claim
             time.sleep(BUSY_POLL_S)
+
+    def _claim_once(self, settings: Settings, d: Delivery, *, cancel: bool) -> state.Claim:
+        """One claim statement. Without ``cancel`` it is its own transaction (no BEGIN and
+        COMMIT round trips on every event's way to its work) and leaves a task whose
+        cancel came first as it is (``CANCEL_PENDING``); with it, such a task is cancelled
+        and its completion event written in the same transaction (``state.claim_many``)."""
+        with unit.changes(settings, one_statement=not cancel) as ch:
+            claim = state.claim(ch.conn, d.task_id, d.owner, settings.lease_s,
+                                user_id=d.data["user_id"], task_type=self.task_type, cancel=cancel)
+            if claim.changed:
+                ch.record(claim.row)
+        return claim
 
     def _process(self, settings: Settings, d: Delivery) -> Answer:
         claim = self._claim(settings, d)
@@ -285,7 +295,8 @@ class Worker:
                   after: list[tuple[int, Delivery]]) -> None:
         """Claim the tasks of ``run`` in one statement, run each claimed core, record the
         successes in one statement; fill in ``answers``. Events that must wait for a live
-        lease elsewhere go to ``after`` (the single path waits it out). The batch's changes
+        lease elsewhere go to ``after`` (the single path waits it out), and so do tasks
+        whose cancel came first (the single path cancels them). The batch's changes
         are handed to the status fan-out at the end; a batch that runs longer than
         ``batch_flush_s`` records and publishes each outcome as it comes.
 
@@ -296,10 +307,12 @@ class Worker:
         it again while the batch still held their claims)."""
         changed: list[dict[str, Any]] = []
         try:
-            with unit.changes(settings, changed.extend) as ch:
+            # One statement, its own transaction; a task whose cancel came first is left
+            # to the single path, which cancels it with its completion event (``_claim``).
+            with unit.changes(settings, changed.extend, one_statement=True) as ch:
                 claims = state.claim_many(ch.conn, [
                     state.ClaimRequest(d.task_id, d.owner, d.data["user_id"], self.task_type) for _i, d in run],
-                    settings.lease_s)
+                    settings.lease_s, cancel=False)
                 ch.record([c.row for c in claims if c.changed])
         except Exception as exc:
             for i, d in run:
@@ -313,7 +326,8 @@ class Worker:
         for (i, d), claim in zip(run, claims, strict=True):
             with d.bound():
                 try:
-                    if claim.outcome is state.ClaimOutcome.BUSY and settings.claim_wait_s > 0:
+                    if claim.outcome is state.ClaimOutcome.CANCEL_PENDING or (
+                            claim.outcome is state.ClaimOutcome.BUSY and settings.claim_wait_s > 0):
                         after.append((i, d))
                     elif claim.outcome is not state.ClaimOutcome.CLAIMED:
                         answers[i] = self._unclaimed(settings, claim, d.span)

@@ -61,6 +61,9 @@ class ClaimOutcome(StrEnum):
     CANCELLED = "cancelled"  # cancel was requested before the work started; now terminal
     BUSY = "busy"  # another worker holds a live lease
     MISSING = "missing"  # no such task (deleted with its user, or a forged event)
+    # Only from a claim with ``cancel=False``: cancel was requested before the work
+    # started, and the row was left as it is; claim it again with ``cancel=True``.
+    CANCEL_PENDING = "cancel_pending"
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ class ClaimRequest:
 
 
 def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
-          user_id: str | None = None, task_type: str | None = None) -> Claim:
+          user_id: str | None = None, task_type: str | None = None, cancel: bool = True) -> Claim:
     """Try to become the task's runner: ``pending/queued/retrying → running``.
 
     A ``running`` task whose lease expired (its worker died) is taken over. On success
@@ -258,11 +261,12 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
     it becomes ``cancelled`` (``CANCELLED``); a live lease elsewhere is ``BUSY``.
     With ``user_id`` and ``task_type`` (from the event), a task of another user or type is
     ``MISSING``: an event that does not match its row never touches it.
-    The single-task case of :func:`claim_many` (one statement, the same rules).
+    The single-task case of :func:`claim_many` (one statement, the same rules; ``cancel``
+    as there).
     """
     if (user_id is None) != (task_type is None):
         raise ValueError("pass both user_id and task_type, or neither")
-    return claim_many(conn, [ClaimRequest(task_id, owner, user_id, task_type)], lease_s)[0]
+    return claim_many(conn, [ClaimRequest(task_id, owner, user_id, task_type)], lease_s, cancel=cancel)[0]
 
 
 # The set-based claim, one statement for any number of tasks (``claim_many``):
@@ -273,7 +277,9 @@ def claim(conn: Conn, task_id: str, owner: str, lease_s: float, *,
 #              decided on the row as it is now, not as the statement's snapshot saw it;
 #   claimed    the conditional claim (the single-task rule, row by row);
 #   cancelled  a task whose cancel arrived before any live worker had it becomes
-#              cancelled (terminal: the transaction then commits durably);
+#              cancelled (terminal: the transaction then commits durably), unless the
+#              caller asked for no cancels (``cancel``: false), when it is left as it is
+#              and answered ``cancel_pending``;
 # and the answer: the claimed rows with the upload their payload names (the owner's only;
 # a malformed id matches nothing), the cancelled rows, and every other locked row as a
 # duplicate of finished work (with whether anyone listens for its completion) or busy.
@@ -298,7 +304,8 @@ _CLAIM_MANY = (
     f"   FROM locked WHERE tasks.id = (locked.task).id AND {_CLAIMABLE} RETURNING tasks.*),"
     " cancelled AS (UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_owner = NULL,"
     f"   lease_until = NULL, {_FINAL}"
-    "   FROM locked WHERE tasks.id = (locked.task).id AND (locked.task).cancel_requested AND NOT locked.lease_live"
+    "   FROM locked WHERE %(cancel)s AND tasks.id = (locked.task).id AND (locked.task).cancel_requested"
+    "     AND NOT locked.lease_live"
     f"     AND (locked.task).status NOT IN ({_TERMINAL}) RETURNING tasks.*)"
     " SELECT 'claimed' AS outcome, c.*, NULL::boolean AS notify, u.storage_key AS upload_key,"
     " u.content_type AS upload_content_type, u.size AS upload_size, u.filename AS upload_filename,"
@@ -307,19 +314,28 @@ _CLAIM_MANY = (
     f"   WHEN c.payload->'source'->>'upload_id' ~ '{_UUID_RE}'"
     "   THEN (c.payload->'source'->>'upload_id')::uuid END"
     " UNION ALL SELECT 'cancelled', x.*, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cancelled x"
-    f" UNION ALL SELECT CASE WHEN t.status IN ({_TERMINAL}) THEN 'finished' ELSE 'busy' END, t.*, {_notify('t')},"
+    f" UNION ALL SELECT CASE WHEN t.status IN ({_TERMINAL}) THEN 'finished' WHEN t.cancel_requested"
+    "   AND NOT coalesce(t.status = 'running' AND t.lease_until > now(), false) THEN 'cancel_pending'"
+    f"   ELSE 'busy' END, t.*, {_notify('t')},"
     " NULL, NULL, NULL, NULL, NULL, NULL"
     " FROM (SELECT (l.task).* FROM locked l WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = (l.task).id)"
     "   AND NOT EXISTS (SELECT 1 FROM cancelled x WHERE x.id = (l.task).id)) t"
 )
 
 
-def claim_many(conn: Conn, requests: Sequence[ClaimRequest], lease_s: float) -> list[Claim]:
+def claim_many(conn: Conn, requests: Sequence[ClaimRequest], lease_s: float, *,
+               cancel: bool = True) -> list[Claim]:
     """:func:`claim` for several tasks in one statement (a worker's batch of events):
     the claims, in the order of ``requests``, are what as many single claims would
     return. Task ids must be distinct (a second event for the same task is handled after
     the first's outcome, as it would be alone). Cancelled-before-start tasks get their
-    completion event in the same transaction."""
+    completion event in the same transaction, a second statement.
+
+    ``cancel=False`` never runs that second statement, so the claim can be its own
+    transaction (autocommit: no BEGIN and COMMIT round trips, what a worker does for
+    every event): such tasks are left unchanged and answered ``CANCEL_PENDING``, for the
+    caller to claim again with ``cancel=True`` in a transaction (rare: a cancel that
+    arrived while the event was on its way)."""
     ids = [str(r.task_id) for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("claim_many takes each task once")
@@ -333,7 +349,7 @@ def claim_many(conn: Conn, requests: Sequence[ClaimRequest], lease_s: float) -> 
     rows = conn.execute(_CLAIM_MANY, {
         "req": json.dumps([{"id": i, "owner": r.owner, "user_id": r.user_id, "type": r.task_type}
                            for i, r in zip(ids, requests, strict=True)]),
-        "ids": uuid_array(ids), "lease": float(lease_s),
+        "ids": uuid_array(ids), "lease": float(lease_s), "cancel": cancel,
     }).fetchall()
     by_id = {str(row["id"]): _claim_of(conn, row) for row in rows}
     return [by_id.get(i) or Claim(ClaimOutcome.MISSING, None) for i in ids]

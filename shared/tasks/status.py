@@ -330,11 +330,14 @@ class _Marks:
 def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
     if not tasks:
         return
+    from shared.tasks.state import RELAXED  # loaded already wherever task rows change
+
     try:
-        with db.connection(settings) as conn:
-            # Asynchronous commit: a mark a crash forgets only makes catch_up re-append
-            # that change, and the script's version guard drops the duplicate.
-            conn.execute("SET LOCAL synchronous_commit = off")
+        # One statement, its own transaction (no BEGIN, SET and COMMIT round trips), with
+        # an asynchronous commit (``RELAXED``, evaluated by its SELECT list): a mark a
+        # crash forgets only makes catch_up re-append that change, and the script's
+        # version guard drops the duplicate.
+        with db.autocommit(settings) as conn:
             ids = sorted(tasks)
             # Rows are locked in id order, as every multi-row update of tasks does (no
             # deadlock between them), and only those still behind and still at that
@@ -347,9 +350,10 @@ def _write_marks(settings: Settings, tasks: dict[str, int]) -> None:
             conn.execute(
                 "WITH locked AS MATERIALIZED (SELECT t.id, v.ver FROM tasks t"
                 " JOIN jsonb_to_recordset(%s::jsonb) AS v(id uuid, ver bigint) ON t.id = v.id"
-                " WHERE t.published_version < v.ver AND t.status_version = v.ver ORDER BY t.id FOR UPDATE OF t)"
-                " UPDATE tasks t SET published_version = locked.ver FROM locked"
-                " WHERE t.id = locked.id AND t.published_version < locked.ver AND t.status_version = locked.ver",
+                " WHERE t.published_version < v.ver AND t.status_version = v.ver ORDER BY t.id FOR UPDATE OF t),"
+                " marked AS (UPDATE tasks t SET published_version = locked.ver FROM locked"
+                " WHERE t.id = locked.id AND t.published_version < locked.ver AND t.status_version = locked.ver"
+                f" RETURNING 1) SELECT count(*) AS n, {RELAXED} AS relaxed FROM marked",
                 # one JSON text: psycopg dumps Python lists element by element
                 (json.dumps([{"id": i, "ver": tasks[i]} for i in ids]),),
             )

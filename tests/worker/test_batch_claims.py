@@ -252,6 +252,59 @@ def test_a_single_event_still_takes_its_own_claim_and_outcome(wsettings, make_ta
     assert [len(t) for t in transactions] == [1, 1]
 
 
+def test_a_claim_is_its_own_transaction_unless_a_cancel_came_first(wsettings, make_task, make_user, conn,
+                                                                    monkeypatch):
+    """Every event's claim runs in autocommit (no BEGIN and COMMIT round trips on its way
+    to the work), alone or in a batch; a task whose cancel came first (its worker died
+    mid-cancel) is claimed again in a transaction, which cancels it with its completion
+    event."""
+    calls: list[tuple[bool, bool]] = []  # (cancel, autocommit) of each claim statement
+    real = state.claim_many
+
+    def spy(c: Any, requests: Any, lease_s: float, *, cancel: bool = True) -> list[state.Claim]:
+        calls.append((cancel, c.autocommit))
+        return real(c, requests, lease_s, cancel=cancel)
+
+    monkeypatch.setattr(state, "claim_many", spy)
+    user = make_user()
+
+    def dying_cancel() -> dict[str, Any]:
+        t = listened(conn, make_task(user, status="queued"))
+        with db.connection(wsettings) as c:
+            state.claim(c, str(t["id"]), "dead", 30)
+            state.request_cancel(c, user, str(t["id"]))
+        conn.execute("UPDATE tasks SET lease_until = now() - interval '1 second' WHERE id = %s", (t["id"],))
+        return t
+
+    core = Core(conn)
+    fresh = make_task(user, status="queued")
+    calls.clear()
+    assert Worker("resize-image", core).handle(*requested_event(fresh), wsettings).status == 200
+    assert calls == [(False, True)]
+
+    doomed = dying_cancel()
+    calls.clear()
+    answer = Worker("resize-image", core).handle(*requested_event(doomed), wsettings)
+    assert answer.status == 200 and json.loads(answer.body) == {"outcome": "cancelled"}
+    assert calls == [(False, True), (True, False)]
+
+    ok, doomed = listened(conn, make_task(user, status="queued")), dying_cancel()
+    calls.clear()
+    answers = Worker("resize-image", core).handle_batch(
+        {"content-type": codec.STRUCTURED_CT}, [_structured(requested_event(t)) for t in (ok, doomed)], wsettings)
+    assert [a.status for a in answers] == [200, 200]
+    assert answers[0].headers["ce-type"] == catalog.TASK_SUCCEEDED
+    assert json.loads(answers[1].body) == {"outcome": "cancelled"}
+    assert calls == [(False, True), (False, True), (True, False)]  # the batch, then the cancel alone
+    for t, status_ in ((ok, "succeeded"), (doomed, "cancelled")):
+        row = conn.execute("SELECT status, (SELECT count(*) FROM outbox o WHERE o.type = %s"
+                           " AND o.headers->>'subject' = tasks.id::text) AS n FROM tasks WHERE id = %s",
+                           (catalog.TASK_CANCELLED, t["id"])).fetchone()
+        assert (row["status"], row["n"]) == (status_, 1 if status_ == "cancelled" else 0)
+    assert core.runs[str(ok["id"])] == 1 and str(doomed["id"]) not in core.runs
+    assert status.flush()
+
+
 def test_claim_many_answers_what_single_claims_would(settings, make_task, make_user, conn):
     user = make_user()
     ready, finished, dead = (make_task(user, status="queued") for _ in range(3))

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from events import catalog
 from shared import db
 from shared.errors import Conflict, NotFound, PermanentError, RetryableError
 from shared.tasks import state
@@ -236,6 +237,35 @@ def test_cancel_requested_before_takeover_finishes_cancelled(settings, make_task
     with tx(settings) as c:
         claim = state.claim(c, tid, "w2", 30)
     assert claim.outcome is ClaimOutcome.CANCELLED and claim.changed and claim.row["status"] == "cancelled"
+
+
+def test_a_claim_without_cancels_leaves_a_task_whose_cancel_came_first_as_it_is(settings, make_task, conn):
+    """``cancel=False`` (the worker's autocommit claim) never cancels: the task is answered
+    ``CANCEL_PENDING`` and left unchanged, with no completion event; the claim with
+    cancels, in a transaction, then cancels it and writes its completion event."""
+    t = make_task(status="queued")
+    tid = str(t["id"])
+    with tx(settings) as c:
+        state.claim(c, tid, "dead", 30)
+        state.request_cancel(c, str(t["user_id"]), tid)  # running: cancel_requested
+    conn.execute("UPDATE tasks SET lease_until = now() - interval '1 second' WHERE id = %s", (tid,))
+
+    def seen() -> tuple:
+        row = conn.execute("SELECT status, status_version, lease_owner FROM tasks WHERE id = %s", (tid,)).fetchone()
+        n = conn.execute("SELECT count(*) AS n FROM outbox WHERE type = %s AND headers->>'subject' = %s",
+                         (catalog.TASK_CANCELLED, tid)).fetchone()["n"]
+        return (*row.values(), n)
+
+    before = seen()
+    assert before[0] == "running" and before[-1] == 0
+    with db.autocommit(settings) as c:
+        claim = state.claim(c, tid, "w2", 30, cancel=False)
+    assert claim.outcome is ClaimOutcome.CANCEL_PENDING and not claim.changed
+    assert seen() == before
+    with tx(settings) as c:
+        claim = state.claim(c, tid, "w2", 30)
+    assert claim.outcome is ClaimOutcome.CANCELLED and claim.changed
+    assert seen()[0] == "cancelled" and seen()[-1] == 1
 
 
 def test_dead_letter_fails_active_tasks_but_not_live_or_finished_ones(settings, make_task, make_user):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -323,3 +324,37 @@ def test_a_mark_for_a_superseded_change_writes_nothing(settings, make_task, conn
     assert row["published_version"] == 1 and row["x"] == before  # no new row version
     status._write_marks(settings, {tid: 5})
     assert conn.execute("SELECT published_version FROM tasks WHERE id = %s", (tid,)).fetchone()["published_version"] == 5
+
+
+def test_marks_are_one_statement_with_an_asynchronous_commit(settings, make_task, conn, monkeypatch):
+    """A batch of marks is its own transaction (autocommit: no BEGIN, SET and COMMIT round
+    trips) whose commit does not wait for the WAL flush; the setting ends with it."""
+    t = make_task(status="pending")
+    tid = str(t["id"])
+    conn.execute("UPDATE tasks SET status_version = 2, published_version = 0 WHERE id = %s", (tid,))
+    seen: list[tuple[bool, dict]] = []
+    real = db.autocommit
+
+    class Noting:  # the connection, noting each statement's first row and the mode it ran in
+        def __init__(self, c: db.Conn) -> None:
+            self._c = c
+
+        def execute(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            cur = self._c.execute(*args, **kwargs)
+            seen.append((self._c.autocommit, cur.fetchone()))
+            return cur
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self._c, name)
+
+    @contextmanager
+    def spied(s):  # type: ignore[no-untyped-def]
+        with real(s) as c:
+            yield Noting(c)
+
+    monkeypatch.setattr(db, "autocommit", spied)
+    status._write_marks(settings, {tid: 2})
+    assert seen == [(True, {"n": 1, "relaxed": "off"})]
+    assert conn.execute("SELECT published_version FROM tasks WHERE id = %s", (tid,)).fetchone()["published_version"] == 2
+    with db.connection(settings) as c:  # the pool's connections are as before
+        assert c.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
