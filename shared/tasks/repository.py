@@ -80,17 +80,26 @@ def _iso_sql(column: str) -> str:
             f"::bigint %% 1000000 = 0 THEN '' ELSE to_char({utc}, '.US') END || 'Z'")
 
 
-def _document_sql(with_payload: bool) -> str:
-    payload = """ || ',"payload":' || payload::text""" if with_payload else ""
-    return ("""'{"id":"' || id::text || '","type":' || to_json(type)::text || ',"status":"' || status::text"""
-            f""" || '","progress":' || progress::text{payload}"""
-            """ || ',"result":' || coalesce(result::text, 'null') || ',"error":' || coalesce(error::text, 'null')"""
-            """ || ',"attempts":' || attempts::text || ',"created_at":"' || """ + _iso_sql("created_at")
-            + """ || '","updated_at":"' || """ + _iso_sql("updated_at") + """ || '"}'""")
+def _document_sql(with_payload: bool, table: str = "") -> str:
+    """The document's expression; ``table`` qualifies every column (a statement that
+    names two relations, an ``UPDATE ... FROM``)."""
+    t = f"{table}." if table else ""
+    payload = f""" || ',"payload":' || {t}payload::text""" if with_payload else ""
+    return (f"""'{{"id":"' || {t}id::text || '","type":' || to_json({t}type)::text || ',"status":"'"""
+            f""" || {t}status::text || '","progress":' || {t}progress::text{payload}"""
+            f""" || ',"result":' || coalesce({t}result::text, 'null') || ',"error":'"""
+            f""" || coalesce({t}error::text, 'null') || ',"attempts":' || {t}attempts::text"""
+            """ || ',"created_at":"' || """ + _iso_sql(f"{t}created_at")
+            + """ || '","updated_at":"' || """ + _iso_sql(f"{t}updated_at") + """ || '"}'""")
 
 
 PUBLIC_TASK_SQL = _document_sql(with_payload=True)  # the text of ``public_task(row)``
 TASK_SUMMARY_SQL = _document_sql(with_payload=False)  # the text of ``task_summary(row)``
+
+
+def task_summary_sql(table: str) -> str:
+    """``TASK_SUMMARY_SQL`` with its columns qualified by ``table``."""
+    return _document_sql(with_payload=False, table=table)
 
 
 # --- pure helpers ---------------------------------------------------------------------

@@ -33,6 +33,7 @@ from events.catalog import TERMINAL, TaskStatus
 from shared.db import Conn
 from shared.errors import Conflict, NotFound, TaskForgeError
 from shared.outbox import writer as outbox
+from shared.tasks import repository
 
 Row = dict[str, Any]
 
@@ -96,11 +97,13 @@ class Claim:
 LOCK_IN_ID_ORDER = ("WITH locked AS MATERIALIZED (SELECT id FROM tasks WHERE id = ANY(%s::uuid[])"
                     " ORDER BY id FOR UPDATE)")
 _BUMP = "status_version = status_version + 1, updated_at = now()"
-# What a status entry is made of (``shared.tasks.status``: ``repository.task_summary``,
-# the owner, the version): the columns a change returns when only the fan-out reads it.
-WATCHED_COLUMNS = ", ".join(f"tasks.{c}" for c in (
-    "id", "user_id", "type", "status", "progress", "result", "error", "attempts", "created_at", "updated_at",
-    "status_version"))
+# What a status entry is made of (``shared.tasks.status``): the owner, the version and
+# ``summary``, the text of ``repository.task_summary`` rendered by PostgreSQL, which the
+# fan-out appends as it is. What a change returns when only the fan-out reads it (the
+# relay's and the sweeper's ``queued``, a hand-back): no row becomes Python objects, no
+# timestamps are formatted one by one, no document is encoded again.
+WATCHED_COLUMNS = ("tasks.id, tasks.user_id, tasks.status, tasks.status_version, "
+                   f"{repository.task_summary_sql('tasks')} AS summary")
 # A terminal change leaps the version instead: intermediate changes (claim, progress,
 # lease) commit asynchronously (``RELAXED``), so a PostgreSQL crash can forget a few of
 # them after the stream has shown them; the changes that follow would reuse their

@@ -115,12 +115,14 @@ def publish(settings: Settings, task: Mapping[str, Any], *, user_id: str | None 
     return _append(settings, [(str(uid), str(task["id"]), entry, int(version or 0))]) > 0
 
 
-Item = tuple[str, str, dict[str, Any], int]  # user id, task id, public summary, version
+# user id, task id, public summary (a dict, or its JSON text as a row's ``summary``
+# column holds it: ``state.WATCHED_COLUMNS``), version
+Item = tuple[str, str, dict[str, Any] | str, int]
 
 
 def _items(rows: Iterable[Mapping[str, Any] | None]) -> list[Item]:
-    return [(str(r["user_id"]), str(r["id"]), _public(r), int(r.get("status_version") or 0))
-            for r in rows if r]
+    return [(str(r["user_id"]), str(r["id"]), r["summary"] if isinstance(r.get("summary"), str) else _public(r),
+             int(r.get("status_version") or 0)) for r in rows if r]
 
 
 def submit(settings: Settings, rows: Iterable[Mapping[str, Any] | None]) -> None:
@@ -247,7 +249,8 @@ def _append(settings: Settings, items: list[Item]) -> int:
     args: list[str] = [str(settings.status_stream_maxlen), str(VERSION_TTL_S)]
     for uid, task_id, public, version in items:
         keys += (stream_key(settings, uid), _version_key(settings, task_id))
-        args += (str(version), json.dumps(public, separators=(",", ":"), ensure_ascii=False, default=str))
+        args += (str(version), public if isinstance(public, str)
+                 else json.dumps(public, separators=(",", ":"), ensure_ascii=False, default=str))
 
     def run() -> int:
         import redis

@@ -1,6 +1,7 @@
 """The task state machine (shared/tasks/state.py) against the real PostgreSQL."""
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -11,7 +12,7 @@ from psycopg.rows import dict_row
 from events import catalog
 from shared import db
 from shared.errors import Conflict, NotFound, PermanentError, RetryableError
-from shared.tasks import state
+from shared.tasks import repository, state
 from shared.tasks.state import ClaimOutcome, LeaseLost
 
 
@@ -42,9 +43,15 @@ def test_mark_queued_moves_only_pending_tasks(settings, make_task, make_user):
         rows = state.mark_queued(c, [a["id"], b["id"], running["id"], a["id"]])
     assert sorted(str(r["id"]) for r in rows) == sorted([str(a["id"]), str(b["id"])])
     assert all(r["status"] == "queued" and r["status_version"] == a["status_version"] + 1 for r in rows)
-    # What the status fan-out sends, never the payload (nobody reads it: decoding it was waste).
-    assert all(set(r) == {c.removeprefix("tasks.") for c in state.WATCHED_COLUMNS.split(", ")} for r in rows)
-    assert "payload" not in rows[0] and str(rows[0]["user_id"]) == str(uid)
+    # What the status fan-out sends, never the payload (nobody reads it: decoding it was
+    # waste): the summary as PostgreSQL renders it, the text Python would have made.
+    assert all(set(r) == {"id", "user_id", "status", "status_version", "summary"} for r in rows)
+    assert str(rows[0]["user_id"]) == str(uid)
+    with tx(settings) as c:
+        for r in rows:
+            python = json.dumps(repository.task_summary(state.get(c, str(r["id"]))), separators=(",", ":"),
+                                ensure_ascii=False)
+            assert r["summary"] == python and "payload" not in json.loads(r["summary"])
     with tx(settings) as c:
         assert state.mark_queued(c, [a["id"]]) == []  # already queued: nothing changes
         assert state.get(c, str(running["id"]))["status"] == "running"
