@@ -317,12 +317,11 @@ _CLAIM_MANY = (
     f"   WHEN c.payload->'source'->>'upload_id' ~ '{_UUID_RE}'"
     "   THEN (c.payload->'source'->>'upload_id')::uuid END"
     " UNION ALL SELECT 'cancelled', x.*, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cancelled x"
-    f" UNION ALL SELECT CASE WHEN t.status IN ({_TERMINAL}) THEN 'finished' WHEN t.cancel_requested"
-    "   AND NOT coalesce(t.status = 'running' AND t.lease_until > now(), false) THEN 'cancel_pending'"
-    f"   ELSE 'busy' END, t.*, {_notify('t')},"
-    " NULL, NULL, NULL, NULL, NULL, NULL"
-    " FROM (SELECT (l.task).* FROM locked l WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = (l.task).id)"
-    "   AND NOT EXISTS (SELECT 1 FROM cancelled x WHERE x.id = (l.task).id)) t"
+    f" UNION ALL SELECT CASE WHEN (l.task).status IN ({_TERMINAL}) THEN 'finished'"
+    "   WHEN (l.task).cancel_requested AND NOT l.lease_live THEN 'cancel_pending' ELSE 'busy' END,"
+    f"   (l.task).*, {_notify('(l.task)')}, NULL, NULL, NULL, NULL, NULL, NULL"
+    " FROM locked l WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = (l.task).id)"
+    "   AND NOT EXISTS (SELECT 1 FROM cancelled x WHERE x.id = (l.task).id)"
 )
 
 
