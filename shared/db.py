@@ -38,6 +38,7 @@ RECONNECT_GIVE_UP_S = 5.0
 
 _pools: dict[str, ConnectionPool] = {}
 _lock = threading.Lock()
+_purging: dict[ConnectionPool, threading.Lock] = {}  # held while the pool's check runs
 
 
 def get_pool(settings: Settings) -> ConnectionPool:
@@ -65,15 +66,45 @@ def get_pool(settings: Settings) -> ConnectionPool:
 def connection(settings: Settings) -> Iterator[Conn]:
     """A pooled connection inside a transaction (committed on success, rolled back on error).
 
-    Connection failures surface as ``ServiceUnavailable`` (retryable).
+    Connection failures surface as ``ServiceUnavailable`` (retryable). A connection found
+    broken has the pool check its idle ones (``_purge``).
     """
+    pool = get_pool(settings)
+    held: Conn | None = None
     try:
-        with get_pool(settings).connection() as conn:
+        with pool.connection() as conn:
+            held = conn
             yield conn
     except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+        if held is not None and held.broken:
+            _purge(pool)
         raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
     except PoolTimeout as exc:
         raise ServiceUnavailable("database pool exhausted") from exc
+
+
+def _purge(pool: ConnectionPool) -> None:
+    """Check the pool's idle connections, on a thread of its own, after one of them was
+    found broken. What breaks one (PostgreSQL restarted, backends terminated, a network
+    cut) broke the idle others too, and psycopg_pool notices a dead connection only when
+    it is used and hands idle ones out oldest first: without this, each of the next
+    requests would take a dead one and fail (for a worker, one delivery attempt each,
+    until an event runs out of them). ``ConnectionPool.check`` replaces the dead ones and
+    keeps the live; one check per pool runs at a time."""
+    with _lock:
+        lock = _purging.setdefault(pool, threading.Lock())
+    if not lock.acquire(blocking=False):
+        return
+
+    def run() -> None:
+        try:
+            pool.check()
+        except Exception:  # noqa: BLE001 - closed meanwhile: nothing left to purge
+            log.debug("pool check failed", exc_info=True)
+        finally:
+            lock.release()
+
+    threading.Thread(target=run, name=f"purge-{pool.name}", daemon=True).start()
 
 
 @contextmanager
@@ -86,7 +117,8 @@ def autocommit(settings: Settings) -> Iterator[Conn]:
         try:
             yield conn
         finally:
-            conn.autocommit = False  # the pool hands out transactional connections
+            if not conn.broken:  # a broken one is discarded (and its error is the one to raise)
+                conn.autocommit = False  # the pool hands out transactional connections
 
 
 def close_pools() -> None:
@@ -94,6 +126,7 @@ def close_pools() -> None:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+        _purging.clear()
 
 
 def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:

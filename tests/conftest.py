@@ -26,6 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     # tests/reliability: `make test` runs the short chaos run, `make chaos` the full one.
     parser.addoption("--chaos", choices=("short", "full"), default="short",
                      help="scale of the reliability (chaos) run: short (CI) or full (make chaos)")
+    parser.addoption("--chaos-seed", type=int, default=None,
+                     help="replay a chaos run's fault schedule: the seed its failure message names")
 
 
 def _require(host: str, port: int, name: str) -> None:

@@ -253,6 +253,13 @@ def faults(c: Chaos, rng: random.Random) -> list[tuple[str, Callable[[], Any]]]:
     return out
 
 
+def chaos_seed(request: pytest.FixtureRequest) -> int:
+    """The run's seed: ``--chaos-seed`` replays a failed run's schedule (its fault order,
+    its pauses, its poisoned lines), otherwise a fresh one that the failure message names."""
+    given = request.config.getoption("--chaos-seed")
+    return random.randrange(1 << 30) if given is None else int(given)
+
+
 def run_doctor(c: Chaos, grace_s: float = doctor.DEFAULT_GRACE_S) -> doctor.Report:
     """The doctor's report on the stack's database (directly, not through the proxy),
     storage and private Redis."""
@@ -319,7 +326,7 @@ def wait_answers(c: Chaos, name: str, within_s: float) -> None:
 def test_no_task_is_lost_or_doubled_while_everything_breaks(chaos: Chaos, request: pytest.FixtureRequest,
                                                              tmp_path: Path, base_settings: Settings) -> None:
     scale = SCALES[request.config.getoption("--chaos")]
-    seed = random.randrange(1 << 30)
+    seed = chaos_seed(request)
     rng = random.Random(seed)
     users = [User(chaos.stack.gateway, tmp_path) for _ in range(2)]
     wake_dead_letter(chaos, base_settings.amqp_url)

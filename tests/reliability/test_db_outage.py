@@ -1,4 +1,5 @@
-"""A function's connection pool after a long PostgreSQL outage.
+"""A function's connection pool after PostgreSQL went away: a long outage, and backends
+terminated under an idle pool.
 
 psycopg_pool re-tries a broken connection with a doubling wait (1, 2, 4, 8, 16, 32 s...).
 Left at its default bound, a pool that lost PostgreSQL for a quarter of a minute waits
@@ -8,6 +9,7 @@ re-try bound (``db.RECONNECT_GIVE_UP_S``) keeps that gap to a few seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import psycopg
@@ -50,3 +52,28 @@ def test_the_pool_serves_the_first_request_after_a_long_outage(base_settings):
     finally:
         db.close_pools()
         proxy.close()
+
+
+@pytest.mark.parametrize("opener", [db.connection, db.autocommit], ids=["transaction", "autocommit"])
+def test_one_failed_request_clears_the_pools_dead_connections(base_settings, opener):
+    """Terminated backends leave every idle pooled connection dead, and the pool hands its
+    idle connections out oldest first: without a purge, each of the next requests takes
+    one dead connection and fails, one delivery attempt each, until a redelivered event
+    runs out of attempts. The first failure has the pool check its idle connections, so
+    the request after it is served."""
+    settings = base_settings.replace(db_pool_min=1, db_pool_max=6, function_name="purge")
+    pool = db.get_pool(settings)
+    try:
+        with contextlib.ExitStack() as stack:  # six connections, all idle afterwards
+            pids = [stack.enter_context(db.connection(settings)).info.backend_pid for _ in range(6)]
+        assert pool.get_stats()["pool_available"] == 6
+        with psycopg.connect(base_settings.database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+        with pytest.raises(ServiceUnavailable), opener(settings) as conn:
+            conn.execute("SELECT 1")
+        deadline = time.monotonic() + 10  # the purge runs off the request's path
+        while pool.get_stats().get("connections_lost", 0) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [_select_one(settings) for _ in range(6)] == [1] * 6
+    finally:
+        db.close_pools()
