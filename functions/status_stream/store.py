@@ -14,6 +14,7 @@ module is imported before servers fork, and a pool belongs to one event loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ class Store:
         self._max = max_size or max(2, settings.db_pool_max)
         self._pool: AsyncConnectionPool | None = None
         self._lock: asyncio.Lock | None = None
+        self._purge: asyncio.Task[None] | None = None
 
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:
@@ -77,13 +79,28 @@ class Store:
         return self._pool
 
     async def _fetch(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        held: psycopg.AsyncConnection[Any] | None = None
         try:
             pool = await self.pool()
             async with pool.connection() as conn:
+                held = conn
                 cur = await conn.execute(sql, params)
                 return await cur.fetchall()  # type: ignore[return-value]  # dict_row pool
         except (psycopg.OperationalError, PoolTimeout) as exc:
+            if held is not None and held.broken:
+                self._check_idle(pool)
             raise ServiceUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    def _check_idle(self, pool: AsyncConnectionPool) -> None:
+        """One connection was found broken, so the idle ones likely are too (as in
+        ``shared.db``): the pool checks them in a task of its own, one check at a time,
+        and the streams that reconnect next get live connections."""
+        async def check() -> None:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing left to check
+                await pool.check()
+
+        if self._purge is None or self._purge.done():
+            self._purge = asyncio.get_running_loop().create_task(check())
 
     async def close(self) -> None:
         if self._pool is not None:
