@@ -84,10 +84,12 @@ class BatchingDispatcher(Dispatcher):
         of their acks back."""
         fresh: list[tuple[_Msg, bytes]] = []
         answers: list[eventbatch.ItemAnswer] | None = None
+        answered_at = time.monotonic()
         try:
             fresh = [(m, e) for m in msgs if (e := self._batchable(m)) is not None]
             if len(fresh) > 1:
                 answers = self._post_batch([e for _, e in fresh])
+                answered_at = time.monotonic()  # each retry's backoff counts from here
         except Exception:  # noqa: BLE001 - a bug here must not lose messages: deliver them alone
             log.exception("batched delivery failed; delivering one by one", extra={"trigger": self.name})
             answers = None
@@ -97,7 +99,7 @@ class BatchingDispatcher(Dispatcher):
         answered = [(m, Attempt(a.status, a.headers, a.body)) for (m, _), a in zip(fresh, answers or [], strict=True)]
         answered.sort(key=lambda ma: ma[1].outcome is Outcome.RETRY)  # stable: settled ones first
         for m, attempt in answered:
-            self._run_one(m, partial(retries.attempts, self, m, 1, m.received, attempt))
+            self._run_one(m, partial(retries.attempts, self, m, 1, m.received, attempt, answered_at))
         for m in msgs:
             if id(m) not in in_batch:
                 self._run_one(m, partial(retries.deliver, self, m))

@@ -74,11 +74,20 @@ def deliver(d: Dispatcher, msg: _Msg) -> str:
     return attempts(d, msg, first, held_since)
 
 
-def attempts(d: Dispatcher, msg: _Msg, first: int, held_since: float, answered: Attempt | None = None) -> str:
+def attempts(d: Dispatcher, msg: _Msg, first: int, held_since: float, answered: Attempt | None = None,
+             answered_at: float | None = None) -> str:
     """Attempts ``first``.. of the delivery spec (the first already made and ``answered``,
-    when given: a batch's answer for this event)."""
+    when given: a batch's answer for this event, which came at ``answered_at``, on
+    ``time.monotonic``). Each backoff counts from the end of the attempt before it: the
+    events of a batch that all failed are retried one after another by one thread, and
+    the later ones' backoffs have run out while they waited their turn."""
+    ended = time.monotonic() if answered_at is None else answered_at
     for n in range(first, d.delivery.attempts + 1):
-        attempt = answered if answered is not None and n == first else d._attempt(*d._request_of(msg))
+        if answered is not None and n == first:
+            attempt = answered
+        else:
+            attempt = d._attempt(*d._request_of(msg))
+            ended = time.monotonic()
         outcome = attempt.outcome
         if outcome is Outcome.SUCCESS:
             return succeeded(d, msg, attempt)
@@ -90,14 +99,14 @@ def attempts(d: Dispatcher, msg: _Msg, first: int, held_since: float, answered: 
         d._count("retry")
         if n == d.delivery.attempts:
             return exhausted(d, msg, attempt)
-        delay = d.delivery.backoff_s(n)
+        delay = max(0.0, ended + d.delivery.backoff_s(n) - time.monotonic())  # what is left of it
         held = time.monotonic() - held_since
         if held + delay + d.delivery.timeout_s > d.hold_budget_s or d._stop.is_set():
             return hand_off(d, msg, n + 1, time.time() + delay)
         log.info("delivery failed, retrying", extra=({
             "trigger": d.name, "event_id": d._event_of(msg)["id"], "attempt": n,
-            "answer": attempt.describe(), "backoff_s": delay}))
-        if d._stop.wait(delay):
+            "answer": attempt.describe(), "backoff_s": round(delay, 3)}))
+        if delay > 0 and d._stop.wait(delay):
             return hand_off(d, msg, n + 1, time.time())
     raise AssertionError("unreachable")  # pragma: no cover
 

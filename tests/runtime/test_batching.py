@@ -117,3 +117,29 @@ def test_a_retry_in_a_batch_holds_back_none_of_the_others_acks(rig: Rig) -> None
     # batch's answer settled, before and after it in the batch, were acked first.
     assert sorted(settled[:5]) == [1, 2, 4, 5, 6] and settled[5:] == [3]
     assert rig.ready(rig.queue("batched")) == 0
+
+
+def test_a_failed_batchs_retries_count_their_backoff_from_its_answer(rig: Rig) -> None:
+    """Every event of the batch fails once. One thread retries them one after another, and
+    each retry waits out its backoff from the batch's answer, not from its turn: only the
+    first still has some of it left, so the last is not held back by the backoffs of all
+    the events before it."""
+    flaky = [event("test.batched", {"codes": [503, 200]}) for _ in range(6)]
+    rig.publish(*flaky)
+    d = rig.dispatcher("batched")
+    waits: list[float] = []
+    wait = d._stop.wait
+
+    def recording(timeout: float | None = None) -> bool:
+        waits.append(float(timeout or 0.0))
+        return wait(timeout)
+
+    d._stop.wait = recording  # type: ignore[method-assign]
+    counts = d.drain()
+    assert counts["delivered"] == 6 and counts["retry"] == 6
+    for e in flaky:
+        assert [c["content_type"] for c in rig.calls(event_id=e["id"])][0] == "batch"
+        assert len(rig.calls(event_id=e["id"])) == 2
+    backoff = d.delivery.backoff_s(1)
+    retry_waits = [w for w in waits if 0 < w <= backoff]
+    assert len(retry_waits) <= 1, waits  # before: one full backoff per event, six in a row
